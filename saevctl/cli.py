@@ -1,0 +1,99 @@
+"""The root `saevctl` command: registers each stage's CLI and turns user errors into one line and exit 2.
+
+Importing this module must stay cheap: stage CLIs import torch only inside their commands.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+import click
+import typer
+
+import saevctl
+from saevctl.errors import SaevctlError
+
+class _Group(typer.core.TyperGroup):
+    """Runs subcommands, turning SaevctlError into one stderr line and exit 2 (tracebacks with --debug)."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except SaevctlError as e:
+            if ctx.params.get("debug") or os.environ.get("SAEVCTL_DEBUG") == "1":
+                raise
+            click.echo(f"error: {e.one_line()}", err=True)
+            ctx.exit(2)
+        except MemoryError as e:
+            if ctx.params.get("debug"):
+                raise
+            click.echo("error: out of memory. Use a smaller --batch-size or fewer images per step.", err=True)
+            ctx.exit(2)
+        return None
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="saevctl",
+    help=(
+        "Make vision transformers interpretable and testable with sparse autoencoders: "
+        "extract activations, train SAEs, mine features, and test them with causal probes."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Each module defines `register(app)`; the order is the pipeline's.
+STAGE_CLIS = (
+    "saevctl.extract.cli",
+    "saevctl.train.cli",
+    "saevctl.sae.cli",
+    "saevctl.mine.cli",
+    "saevctl.report.cli",
+    "saevctl.probe.cli",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"saevctl {saevctl.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details to stderr."),
+) -> None:
+    """saevctl: sparse autoencoders for vision transformers."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _register_stages() -> None:
+    for name in STAGE_CLIS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name and name.startswith(e.name):
+                continue  # stage not built into this version
+            raise
+        module.register(app)
+
+
+_register_stages()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (the group itself maps user errors to exit 2)."""
+    command = typer.main.get_command(app)
+    command.main(args=sys.argv[1:] if argv is None else argv, prog_name="saevctl")

@@ -1,0 +1,50 @@
+"""Terminal output shared by the CLI modules only (library code never imports this): console, progress bars.
+
+Keeps rich imports and styling in one place so every command looks and behaves the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import ProgressColumn, Task
+from rich.text import Text
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class RateColumn(ProgressColumn):
+    """Items per second with the unit name."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed:,.1f} {self.unit}/s", style="progress.data.speed")
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None, unit: str) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar with a rate; yields `advance(n)`. Quiet when stderr is not a terminal."""
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        RateColumn(unit),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=err_console, transient=False) as prog:
+        task = prog.add_task(description, total=total)
+        yield lambda n: prog.advance(task, n)
+
+
+def say_path(label: str, path: object) -> None:
+    """Print where an artifact was written, in one recognisable style."""
+    console.print(f"[bold green]{label}:[/] {path}")

@@ -1,0 +1,178 @@
+"""Resolve an --images argument into an ordered list of records and open each one as an RGB PIL image.
+
+Ids are positions in a sorted listing, so they are stable across runs of the same source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from saevctl.errors import InputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+DEMO_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "colorwheel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "logo",
+    "retina",
+    "rocket",
+    "stereo_motorcycle",
+)
+DEFAULT_DEMO_N = 2048
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: int
+    """Position in the source listing (stable)."""
+    path: str
+    """File path, or `skimage:NAME#...` for demo photos."""
+    label: str | None = None
+    """Class from an ImageFolder subfolder or a list file's second column."""
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    spec: str
+    """The --images argument as given."""
+    kind: str
+    """folder, imagefolder, list or demo."""
+    records: tuple[ImageRecord, ...]
+
+    def fingerprint(self) -> str:
+        """Hash of the ordered paths and labels: a store resumes only over the same listing."""
+        h = hashlib.sha256()
+        for r in self.records:
+            h.update(f"{r.path}\t{r.label}\n".encode())
+        return h.hexdigest()
+
+    @property
+    def labels(self) -> list[str]:
+        return sorted({r.label for r in self.records if r.label is not None})
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+
+
+def _from_folder(root: Path, spec: str) -> ImageSource:
+    files = sorted((p for p in root.rglob("*") if _is_image(p)), key=lambda p: p.relative_to(root).as_posix())
+    if not files:
+        raise InputError(
+            f"no images found in {root}",
+            f"put .jpg/.png/.webp/.bmp files there (searched recursively), or pass --images demo",
+        )
+    rel = [p.relative_to(root) for p in files]
+    is_imagefolder = all(len(r.parts) == 2 for r in rel) and len({r.parts[0] for r in rel}) >= 2
+    records = tuple(
+        ImageRecord(i, str(p), r.parts[0] if is_imagefolder else None) for i, (p, r) in enumerate(zip(files, rel))
+    )
+    return ImageSource(spec, "imagefolder" if is_imagefolder else "folder", records)
+
+
+def _from_list(fpath: Path, spec: str) -> ImageSource:
+    records = []
+    for line in fpath.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        path, _, label = line.partition("\t")
+        p = Path(path).expanduser()
+        if not p.is_absolute():
+            p = fpath.parent / p
+        records.append(ImageRecord(len(records), str(p), label or None))
+    if not records:
+        raise InputError(f"the image list {fpath} names no images", "write one image path per line")
+    return ImageSource(spec, "list", tuple(records))
+
+
+def demo_records(n: int) -> tuple[ImageRecord, ...]:
+    """The colour scikit-image photos, then deterministic square crops (some flipped) until n images."""
+    out = [ImageRecord(i, f"skimage:{name}", name) for i, name in enumerate(DEMO_PHOTOS[:n])]
+    rng = np.random.default_rng(0)
+    while len(out) < n:
+        name = DEMO_PHOTOS[len(out) % len(DEMO_PHOTOS)]
+        h, w = _demo_size(name)
+        side = int(min(h, w) * rng.uniform(0.35, 1.0))
+        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        flip = int(rng.integers(0, 2))
+        out.append(ImageRecord(len(out), f"skimage:{name}#{left},{top},{side},{flip}", name))
+    return tuple(out)
+
+
+@lru_cache(maxsize=None)
+def _demo_array(name: str) -> np.ndarray:
+    import skimage.data
+
+    if name == "stereo_motorcycle":
+        arr = skimage.data.stereo_motorcycle()[0]
+    else:
+        arr = getattr(skimage.data, name)()
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    if arr.shape[-1] == 4:  # logo is RGBA: composite on white
+        rgb, alpha = arr[..., :3].astype(np.float32), arr[..., 3:].astype(np.float32) / 255.0
+        arr = (rgb * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8)
+    if arr.dtype != np.uint8:
+        arr = (255 * (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-8)).astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def _demo_size(name: str) -> tuple[int, int]:
+    h, w = _demo_array(name).shape[:2]
+    return h, w
+
+
+def _open_demo(path: str) -> Image.Image:
+    name, _, crop = path.removeprefix("skimage:").partition("#")
+    arr = _demo_array(name)
+    if crop:
+        left, top, side, flip = (int(v) for v in crop.split(","))
+        arr = arr[top : top + side, left : left + side]
+        if flip:
+            arr = arr[:, ::-1]
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def open_image(path: str) -> Image.Image:
+    """Open one image as RGB; raises InputError when the file is missing or not a readable image."""
+    if path.startswith("skimage:"):
+        return _open_demo(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except FileNotFoundError as e:
+        raise InputError(f"image {path} does not exist", "check the path") from e
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        raise InputError(f"cannot read image {path} ({type(e).__name__})", "the file is corrupt or not an image") from e
+
+
+def resolve_images(spec: str, max_images: int | None = None) -> ImageSource:
+    """Folder (recursive; ImageFolder when every image sits in one class subfolder), list file, or demo[:N]."""
+    if spec == "demo" or spec.startswith("demo:"):
+        n = DEFAULT_DEMO_N
+        if spec.startswith("demo:"):
+            try:
+                n = int(spec.removeprefix("demo:"))
+            except ValueError as e:
+                raise InputError(f"bad demo size in {spec!r}", "write demo or demo:N with N a number") from e
+        n = min(n, max_images) if max_images else n
+        return ImageSource(spec, "demo", demo_records(n))
+    p = Path(spec).expanduser()
+    if not p.exists():
+        raise InputError(f"image folder {p} does not exist", "pass an existing folder, a .txt list of paths, or demo")
+    src = _from_folder(p, spec) if p.is_dir() else _from_list(p, spec)
+    if max_images:
+        src = ImageSource(src.spec, src.kind, src.records[:max_images])
+    return src

@@ -1,0 +1,232 @@
+"""Extraction: decode images in threads, run the ViT to the deepest chosen block, write shards in the background.
+
+Decoding, compute and writing overlap, so throughput approaches the bare forward's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from saevctl import atomic
+from saevctl.config import resolve_device
+from saevctl.data import ImageRecord, open_image, resolve_images
+from saevctl.errors import InputError, SaevctlError, StoreError
+from saevctl.store import StoreWriter
+from saevctl.store.format import DTYPES, FLOAT16_MAX, TOKEN_KINDS, kind_shape, to_numpy
+from saevctl.vit import Backbone, Preprocess, load_backbone
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str = "demo"
+    """Model spec: demo, timm:NAME, local-dir:/path, hf-hub:org/name, open_clip:ARCH/PRETRAINED."""
+    images: str = "demo"
+    """Image folder (recursive; ImageFolder labels from subfolders), a .txt list of paths, or demo[:N]."""
+    layers: tuple[int, ...] = (-1,)
+    """Blocks whose output is stored (0-based; negative counts from the end)."""
+    out: Path = Path("store")
+    """Store folder; an existing store made with the same settings is resumed."""
+    tokens: tuple[str, ...] = ("patches", "cls")
+    """Token kinds to store: patches, cls, registers."""
+    dtype: str = "float16"
+    """Storage dtype: float16 (default: half of fp32, 11-bit mantissa; refused on overflow), bfloat16, float32."""
+    batch_size: int = 32
+    """Images per forward pass."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    max_images: int | None = None
+    """Use only the first N images of the source."""
+    images_per_shard: int = 512
+    """Images per shard (rounded up to a multiple of batch_size); the unit of resume."""
+    n_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    """Threads decoding images ahead of the forward pass."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "tokens", tuple(self.tokens))
+        if self.dtype not in DTYPES:
+            raise InputError(f"unknown --dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
+        bad = [t for t in self.tokens if t not in TOKEN_KINDS]
+        if bad or not self.tokens:
+            raise InputError(f"unknown token kind(s) {bad}", f"use a comma list of {', '.join(TOKEN_KINDS)}")
+        if self.batch_size < 1 or self.images_per_shard < 1:
+            raise InputError("--batch-size and images per shard must be positive", "pass a positive number")
+        if not self.layers:
+            raise InputError("no layers given", "pass --layers, e.g. --layers 6,11")
+
+
+@dataclass(frozen=True)
+class Result:
+    out: Path
+    manifest: dict[str, Any]
+    resumed_shards: int
+    already_complete: bool
+
+
+def _decode(records: list[ImageRecord], pre: Preprocess) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Open and transform a batch; unreadable images become table rows with status 'unreadable'."""
+    arrays, rows = [], []
+    for rec in records:
+        row: dict[str, Any] = {"id": rec.id, "path": rec.path, "label": rec.label}
+        try:
+            img = open_image(rec.path)
+            row.update(width=img.width, height=img.height, status="ok")
+            arrays.append(pre.to_uint8(img))
+        except SaevctlError as e:
+            log.warning("skipping %s: %s", rec.path, e.message)
+            row.update(width=None, height=None, status="unreadable", error=e.message)
+        rows.append(row)
+    size = pre.size
+    batch = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
+    return batch, rows
+
+
+def _check_range(x: torch.Tensor, dtype: str, layer: int, kind: str) -> None:
+    if dtype != "float16":
+        return
+    peak = float(x.abs().amax()) if x.numel() else 0.0
+    if not peak <= FLOAT16_MAX:  # also catches NaN
+        raise StoreError(
+            f"layer {layer} {kind} activations reach {peak:.4g}, beyond float16's range ({FLOAT16_MAX:.0f})",
+            "re-run with --dtype bfloat16 (same size, wider range) or --dtype float32, into a new --out",
+        )
+
+
+def _autocast(device: str, dtype: str) -> contextlib.AbstractContextManager[Any]:
+    if device.startswith("cuda") and dtype != "float32":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class _ShardAssembler:
+    """Collects batch outputs of one shard as numpy arrays in the store dtype."""
+
+    def __init__(self, bb: Backbone, layers: list[int], tokens: tuple[str, ...], dtype: str) -> None:
+        self.bb, self.layers, self.tokens, self.dtype = bb, layers, tokens, dtype
+        self.chunks: dict[tuple[int, str], list[np.ndarray]] = {(l, k): [] for l in layers for k in tokens}
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, outs: dict[int, torch.Tensor], rows: list[dict[str, Any]]) -> None:
+        self.rows.extend(rows)
+        for layer, x_btd in outs.items():
+            parts = self.bb.layout.split(x_btd)
+            for kind in self.tokens:
+                _check_range(parts[kind], self.dtype, layer, kind)
+                self.chunks[(layer, kind)].append(to_numpy(parts[kind], self.dtype))
+
+    def arrays(self) -> dict[tuple[int, str], np.ndarray]:
+        lay = self.bb.layout
+        out = {}
+        for (layer, kind), chunks in self.chunks.items():
+            shape = kind_shape(kind, lay.n_patches, lay.n_reg, self.bb.d_model)
+            out[(layer, kind)] = np.concatenate(chunks) if chunks else np.zeros((0, *shape), np.float16)
+        return out
+
+
+def _store_config(cfg: Config, bb: Backbone, layers: list[int], src: Any, per_shard: int) -> dict[str, Any]:
+    return {
+        "model": bb.describe(),
+        "images": {"spec": src.spec, "kind": src.kind, "n": len(src.records), "fingerprint": src.fingerprint()},
+        "layers": layers,
+        "tokens": list(cfg.tokens),
+        "dtype": cfg.dtype,
+        "images_per_shard": per_shard,
+    }
+
+
+def _batches(
+    records: list[ImageRecord], ranges: list[tuple[int, int]], bs: int, pool: ThreadPoolExecutor, pre: Preprocess
+) -> Iterator[tuple[int, bool, Future[tuple[np.ndarray, list[dict[str, Any]]]]]]:
+    """Yield (shard index, last batch of shard, decode future), keeping a few decodes in flight."""
+    plan = [(s, lo, min(lo + bs, hi)) for s, (a, hi) in ranges for lo in range(a, hi, bs)]
+    ends = {s: hi for s, (_, hi) in ranges}
+    ahead = max(2, pool._max_workers)  # noqa: SLF001 - pool size bounds the decode look-ahead
+    futures: list[Future[Any]] = []
+    for i in range(len(plan)):
+        while len(futures) < min(ahead, len(plan) - i):
+            _, lo, hi = plan[i + len(futures)]
+            futures.append(pool.submit(_decode, records[lo:hi], pre))
+        s, _, hi = plan[i]
+        yield s, hi == ends[s], futures.pop(0)
+
+
+def _layers_and_tokens(cfg: Config, bb: Backbone) -> list[int]:
+    layers = sorted({bb.check_layer(layer) for layer in cfg.layers})
+    missing = [t for t in cfg.tokens if t not in bb.layout.kinds()]
+    if missing:
+        raise InputError(
+            f"{cfg.model} has no {', '.join(missing)} tokens (it has {', '.join(bb.layout.kinds())})",
+            "drop them from --tokens",
+        )
+    return layers
+
+
+def run(cfg: Config, progress: Progress | None = None) -> Result:
+    """Extract (or resume extracting) the store described by `cfg`."""
+    src = resolve_images(cfg.images, cfg.max_images)
+    device = resolve_device(cfg.device)
+    bb = load_backbone(cfg.model, device)
+    layers = _layers_and_tokens(cfg, bb)
+    per_shard = -(-cfg.images_per_shard // cfg.batch_size) * cfg.batch_size
+    writer = StoreWriter(cfg.out, _store_config(cfg, bb, layers, src, per_shard), len(src.records))
+    if writer.is_complete:
+        return Result(cfg.out, writer.finalize(), len(writer.shard_ranges), True)
+    done = writer.done_shards()
+    todo = [(s, r) for s, r in enumerate(writer.shard_ranges) if s not in done]
+    per_image = sum(
+        int(np.prod(kind_shape(k, bb.layout.n_patches, bb.layout.n_reg, bb.d_model))) for k in cfg.tokens
+    ) * len(layers) * DTYPES[cfg.dtype].itemsize
+    atomic.check_free_space(cfg.out, per_image * sum(hi - lo for _, (lo, hi) in todo))
+    if progress and done:
+        progress(sum(hi - lo for s, (lo, hi) in enumerate(writer.shard_ranges) if s in done))
+    _extract_shards(cfg, bb, layers, list(src.records), todo, writer, device, progress)
+    return Result(cfg.out, writer.finalize(), len(done), False)
+
+
+def _extract_shards(
+    cfg: Config,
+    bb: Backbone,
+    layers: list[int],
+    records: list[ImageRecord],
+    todo: list[tuple[int, tuple[int, int]]],
+    writer: StoreWriter,
+    device: str,
+    progress: Progress | None,
+) -> None:
+    on_cuda = device.startswith("cuda")
+    pending: Future[None] | None = None
+    with ThreadPoolExecutor(cfg.n_workers) as decoders, ThreadPoolExecutor(1) as io:
+        asm = _ShardAssembler(bb, layers, cfg.tokens, cfg.dtype)
+        for shard, last, fut in _batches(records, todo, cfg.batch_size, decoders, bb.preprocess):
+            u8, rows = fut.result()
+            if len(u8):
+                x = torch.from_numpy(u8)
+                x = x.pin_memory().to(device, non_blocking=True) if on_cuda else x
+                with _autocast(device, cfg.dtype):
+                    outs = bb.forward_to(bb.preprocess.normalize(x), layers)
+                asm.add(outs, rows)
+            else:
+                asm.rows.extend(rows)
+            if progress:
+                progress(len(rows))
+            if last:
+                if pending is not None:
+                    pending.result()  # surfaces write errors (disk full) before queuing more
+                pending = io.submit(writer.write_shard, shard, asm.arrays(), asm.rows)
+                asm = _ShardAssembler(bb, layers, cfg.tokens, cfg.dtype)
+        if pending is not None:
+            pending.result()

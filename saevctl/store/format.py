@@ -1,0 +1,56 @@
+"""The store's on-disk format: dtypes, manifest fields and schema checks (spec: docs/disk-layout.md).
+
+A manifest of another schema version is refused with a clear error, never read by guesswork.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from saevctl import layout
+from saevctl.errors import StoreError
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# numpy has no bfloat16: its bits are stored as uint16 and viewed as torch.bfloat16 on read.
+NP_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16), "float32": np.dtype(np.float32)}
+FLOAT16_MAX = 65504.0
+TOKEN_KINDS = ("patches", "cls", "registers")
+
+
+def to_numpy(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """Cast to the store dtype and return the bytes-compatible numpy array."""
+    t = x.to(DTYPES[dtype]).contiguous().cpu()
+    return t.view(torch.uint16).numpy() if dtype == "bfloat16" else t.numpy()
+
+
+def from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored numpy array (any view) to a torch tensor of the store dtype (no copy when possible)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def kind_shape(kind: str, n_patches: int, n_reg: int, d: int) -> tuple[int, ...]:
+    """Per-image shape of one token kind."""
+    return {"patches": (n_patches, d), "cls": (d,), "registers": (n_reg, d)}[kind]
+
+
+def read_manifest(store_dpath: Path) -> dict[str, Any]:
+    fpath = layout.store_manifest_fpath(store_dpath)
+    if not fpath.is_file():
+        raise StoreError(f"{store_dpath} is not an activation store (no manifest.json)", "run saevctl extract first")
+    try:
+        manifest = json.loads(fpath.read_text())
+    except json.JSONDecodeError as e:
+        raise StoreError(f"{fpath} is corrupt", "re-run saevctl extract with the same arguments") from e
+    version = manifest.get("schema_version")
+    if version != layout.STORE_SCHEMA:
+        raise StoreError(
+            f"{store_dpath} has store schema {version}, this saevctl reads schema {layout.STORE_SCHEMA}",
+            "re-extract with this version of saevctl, or use the saevctl version that wrote it",
+        )
+    return manifest

@@ -1,0 +1,179 @@
+"""Read an activation store without loading it: each (layer, kind) is a `ShardedArray` over memory maps.
+
+`open_store(dir).layer(6).patches[10:20]` reads only those rows from disk.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from saevctl import layout
+from saevctl.errors import LayerError, StoreError
+from saevctl.store.format import NP_DTYPES, from_numpy, read_manifest
+from saevctl.vit.backbone import TokenLayout
+
+
+class ShardedArray:
+    """Rows (images) split over shard files, indexed as one array of shape (n, ...)."""
+
+    def __init__(self, parts: list[np.ndarray], dtype: str) -> None:
+        assert parts, "a sharded array needs at least one part"
+        self.parts = parts
+        self.dtype = dtype
+        self.offsets = np.cumsum([0] + [len(p) for p in parts]).tolist()
+        self.shape: tuple[int, ...] = (self.offsets[-1], *parts[0].shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def _rows(self, idx: Any) -> np.ndarray:
+        n = len(self)
+        if isinstance(idx, (int, np.integer)):
+            i = int(idx) + n if idx < 0 else int(idx)
+            if not 0 <= i < n:
+                raise IndexError(f"row {idx} out of range for {n} rows")
+            s = bisect.bisect_right(self.offsets, i) - 1
+            return np.asarray(self.parts[s][i - self.offsets[s]])
+        if isinstance(idx, slice):
+            start, stop, step = idx.indices(n)
+            if step != 1:
+                return self._rows(np.arange(start, stop, step))
+            chunks = []
+            for s, part in enumerate(self.parts):
+                lo, hi = max(start, self.offsets[s]), min(stop, self.offsets[s + 1])
+                if lo < hi:
+                    chunks.append(part[lo - self.offsets[s] : hi - self.offsets[s]])
+            if not chunks:
+                return np.empty((0, *self.shape[1:]), dtype=self.parts[0].dtype)
+            return np.concatenate(chunks) if len(chunks) > 1 else np.array(chunks[0])
+        rows = np.asarray(idx, dtype=np.int64)
+        rows = np.where(rows < 0, rows + n, rows)
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise IndexError(f"row index out of range for {n} rows")
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.parts[0].dtype)
+        shard_of = np.searchsorted(np.asarray(self.offsets), rows, side="right") - 1
+        for s in np.unique(shard_of):
+            sel = shard_of == s
+            out[sel] = self.parts[s][rows[sel] - self.offsets[s]]
+        return out
+
+    def torch(self, idx: Any = slice(None)) -> torch.Tensor:
+        """Rows as a torch tensor in the stored dtype (bfloat16 stays bfloat16)."""
+        return from_numpy(self._rows(idx), self.dtype)
+
+    def __getitem__(self, idx: Any) -> np.ndarray:
+        """Rows as numpy; bfloat16 stores come back as float32 (numpy has no bfloat16)."""
+        rows = self._rows(idx)
+        if self.dtype == "bfloat16":
+            return from_numpy(rows, self.dtype).float().numpy()
+        return rows
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        a = self[:]
+        return a.astype(dtype) if dtype is not None else a
+
+
+@dataclass
+class LayerView:
+    """The token kinds stored for one layer."""
+
+    layer: int
+    arrays: dict[str, ShardedArray]
+
+    def __getattr__(self, kind: str) -> ShardedArray:
+        arrays = self.__dict__.get("arrays", {})
+        if kind in arrays:
+            return arrays[kind]
+        raise AttributeError(f"layer {self.__dict__.get('layer')} stores no {kind!r} tokens (has {sorted(arrays)})")
+
+    def kind(self, kind: str) -> ShardedArray:
+        if kind not in self.arrays:
+            raise StoreError(
+                f"the store holds no {kind!r} tokens for layer {self.layer} (it has {', '.join(self.arrays)})",
+                "re-extract with --tokens including it",
+            )
+        return self.arrays[kind]
+
+
+class Store:
+    """An opened, complete activation store."""
+
+    def __init__(self, dpath: Path, manifest: dict[str, Any]) -> None:
+        self.dpath = dpath
+        self.manifest = manifest
+        cfg = manifest["config"]
+        self.layers: list[int] = list(cfg["layers"])
+        self.kinds: list[str] = list(cfg["tokens"])
+        self.dtype: str = cfg["dtype"]
+        self.model: dict[str, Any] = cfg["model"]
+        self.layout = TokenLayout(**self.model["layout"])
+        self.d: int = int(self.model["d_model"])
+        self._views: dict[int, LayerView] = {}
+        self._images: list[dict[str, Any]] | None = None
+
+    @property
+    def n_images(self) -> int:
+        """Stored rows: readable images (unreadable ones are listed but have no row)."""
+        return int(self.manifest["n_rows"])
+
+    @property
+    def shard_rows(self) -> list[int]:
+        return [int(s["n_rows"]) for s in self.manifest["shards"]]
+
+    def layer(self, layer: int) -> LayerView:
+        if layer not in self.layers:
+            raise LayerError(
+                f"the store at {self.dpath} holds layers {self.layers}, not {layer}",
+                f"pick one of {self.layers}, or extract layer {layer}",
+            )
+        if layer not in self._views:
+            arrays = {}
+            for kind in self.kinds:
+                parts = []
+                for s in self.manifest["shards"]:
+                    if s["n_rows"] == 0:
+                        continue
+                    fpath = layout.store_shard_dpath(self.dpath, s["index"]) / layout.shard_array_name(layer, kind)
+                    part = np.load(fpath, mmap_mode="r")
+                    assert part.dtype == NP_DTYPES[self.dtype], (fpath, part.dtype)
+                    parts.append(part)
+                if parts:
+                    arrays[kind] = ShardedArray(parts, self.dtype)
+            self._views[layer] = LayerView(layer, arrays)
+        return self._views[layer]
+
+    @property
+    def images(self) -> list[dict[str, Any]]:
+        """The image table: id, path, label, width, height, status, row (-1 when unreadable)."""
+        if self._images is None:
+            lines = layout.store_images_fpath(self.dpath).read_text().splitlines()
+            self._images = [json.loads(line) for line in lines if line]
+        return self._images
+
+    def row_image_ids(self) -> np.ndarray:
+        """Image id of every stored row."""
+        return np.array([im["id"] for im in self.images if im["row"] >= 0], dtype=np.int64)
+
+
+def open_store(dpath: str | Path) -> Store:
+    dpath = Path(dpath)
+    if not dpath.is_dir():
+        raise StoreError(f"activation store {dpath} does not exist", "run saevctl extract --out to make one")
+    manifest = read_manifest(dpath)
+    if not manifest.get("complete"):
+        raise StoreError(
+            f"the store at {dpath} is incomplete (extraction was interrupted)",
+            "run the same saevctl extract command again to resume it",
+        )
+    return Store(dpath, manifest)

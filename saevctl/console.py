@@ -31,7 +31,8 @@ class RateColumn(ProgressColumn):
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int | None, unit: str) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar with a rate; yields `advance(n)`. Quiet when stderr is not a terminal."""
+    """A rich progress bar with a rate; yields `advance(n)`. It appears at the first advance, so set-up
+    errors (bad model, bad folder) print alone."""
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -40,9 +41,19 @@ def progress_bar(description: str, total: int | None, unit: str) -> Iterator[Cal
         RateColumn(unit),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=err_console, transient=False) as prog:
-        task = prog.add_task(description, total=total)
-        yield lambda n: prog.advance(task, n)
+    prog = Progress(*columns, console=err_console, transient=False)
+    task = prog.add_task(description, total=total)
+
+    def advance(n: int) -> None:
+        if not prog.live.is_started:
+            prog.start()
+        prog.advance(task, n)
+
+    try:
+        yield advance
+    finally:
+        if prog.live.is_started:
+            prog.stop()
 
 
 def say_path(label: str, path: object) -> None:

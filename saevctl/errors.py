@@ -16,7 +16,8 @@ class SaevctlError(Exception):
 
     def one_line(self) -> str:
         msg = self.message.rstrip(".")
-        return f"{msg}. {self.hint}" if self.hint else f"{msg}."
+        hint = self.hint[:1].upper() + self.hint[1:] if self.hint else ""
+        return f"{msg}. {hint.rstrip('.')}." if hint else f"{msg}."
 
 
 class InputError(SaevctlError):

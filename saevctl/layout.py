@@ -97,3 +97,24 @@ def faiss_dpath(index_fpath: Path) -> Path:
 def figures_dpath(index_fpath: Path) -> Path:
     """PNGs made by `features` commands, beside the index."""
     return index_fpath.with_name(index_fpath.name + ".figures")
+
+
+# --- task heads and probes ---------------------------------------------------------------------
+
+
+def heads_dpath(cwd: Path | None = None) -> Path:
+    """Where `saevctl heads train` puts heads by default, one folder per head."""
+    return (cwd or Path.cwd()) / "heads"
+
+
+def head_weights_fpath(head_dpath: Path) -> Path:
+    return head_dpath / "head.safetensors"
+
+
+def head_config_fpath(head_dpath: Path) -> Path:
+    return head_dpath / "head.json"
+
+
+def probes_dpath(cwd: Path | None = None) -> Path:
+    """Where `saevctl probe` writes its PNGs and batch summaries by default."""
+    return (cwd or Path.cwd()) / "probes"

@@ -175,11 +175,11 @@ def _layers_and_tokens(cfg: Config, bb: Backbone) -> list[int]:
     return layers
 
 
-def run(cfg: Config, progress: Progress | None = None) -> Result:
-    """Extract (or resume extracting) the store described by `cfg`."""
+def run(cfg: Config, progress: Progress | None = None, backbone: Backbone | None = None) -> Result:
+    """Extract (or resume extracting) the store described by `cfg`; `backbone` skips loading cfg.model."""
     src = resolve_images(cfg.images, cfg.max_images)
     device = resolve_device(cfg.device)
-    bb = load_backbone(cfg.model, device)
+    bb = backbone if backbone is not None else load_backbone(cfg.model, device)
     layers = _layers_and_tokens(cfg, bb)
     per_shard = -(-cfg.images_per_shard // cfg.batch_size) * cfg.batch_size
     writer = StoreWriter(cfg.out, _store_config(cfg, bb, layers, src, per_shard), len(src.records))

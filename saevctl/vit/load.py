@@ -30,10 +30,32 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 
 def _offline_hint(spec: str) -> str:
+    if spec.startswith("open_clip:"):
+        arch = spec.removeprefix("open_clip:").split("/", 1)[0]
+        return (
+            "no model hub is reachable from here; copy the checkpoint file here and pass "
+            f"open_clip:{arch}/path/to/checkpoint.safetensors"
+        )
     return (
         "no model hub is reachable from here; save the model as a folder with config.json + "
         f"model.safetensors and pass local-dir:/that/folder (asked for {spec})"
     )
+
+
+def _check_hub_reachable(spec: str) -> None:
+    """Fail in seconds, not after minutes of download retries, when the hub cannot be reached."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ModelError(f"cannot download {spec}: HF_HUB_OFFLINE=1 is set", _offline_hint(spec))
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as e:
+        raise ModelError(f"cannot download {spec}: the model hub ({host}) is unreachable", _offline_hint(spec)) from e
 
 
 def _hub_error(spec: str, e: Exception) -> ModelError:
@@ -78,6 +100,7 @@ def _load_timm(kind: str, rest: str, spec: str) -> Backbone:
         name = rest
     else:
         name = f"hf-hub:{rest}"
+    _check_hub_reachable(spec)
     try:
         model = timm.create_model(name, pretrained=True)
     except Exception as e:
@@ -98,6 +121,8 @@ def _load_open_clip(rest: str, spec: str) -> Backbone:
         if not fpath.is_file():
             raise ModelError(f"open_clip checkpoint {fpath} does not exist", "give the path of a checkpoint file")
         pretrained = str(fpath)
+    elif pretrained:
+        _check_hub_reachable(spec)
     try:
         clip = open_clip.create_model(arch, pretrained=pretrained or None)
     except Exception as e:

@@ -18,6 +18,8 @@ from onnx import numpy_helper
 from torch import Tensor
 
 Arrays = dict[str, np.ndarray]
+N_HEADS = 6
+"""timm's vit_small_patch14_dinov2 splits width 384 into 6 heads; the graph must agree."""
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,8 @@ def _attention(g: OnnxGraph, x: str, norm1: LayerNormW, prefix: str, sd: Arrays)
     assert qi["matmul"] is ki["matmul"], "q and k feed different score MatMuls"
     assert ki["perms"][-1] == [0, 2, 3, 1], f"k is not transposed to [0,2,3,1]: {ki['perms']}"
     n_heads, head_dim = qi["heads"]
-    assert n_heads * head_dim == q.weight.shape[0] and vi["heads"] == [n_heads, head_dim]
+    assert n_heads == N_HEADS and n_heads * head_dim == q.weight.shape[0], f"heads {n_heads}x{head_dim}"
+    assert vi["heads"] == [n_heads, head_dim], f"v is split as {vi['heads']}, q as {qi['heads']}"
     assert math.isclose(qi["scale"] * ki["scale"], head_dim**-0.5, rel_tol=1e-5), "attention scale"
     (merge,) = g.data_consumers(vi["matmul"].output[0])
     assert merge.op_type == "Transpose" and list(g.attrs(merge)["perm"]) == [0, 2, 1, 3]

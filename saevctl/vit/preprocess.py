@@ -70,7 +70,7 @@ class Preprocess:
 
     def to_uint8(self, img: Image.Image) -> np.ndarray:
         """The geometric transform as an (h, w, 3) uint8 array: cheap to move between threads/processes."""
-        return np.asarray(self.geometry(img), dtype=np.uint8)
+        return np.array(self.geometry(img), dtype=np.uint8)
 
     def normalize(self, x_bhwc: torch.Tensor) -> torch.Tensor:
         """uint8 (b, h, w, 3) to normalised float (b, 3, h, w)."""

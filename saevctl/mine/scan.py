@@ -1,0 +1,174 @@
+"""Streaming statistics over SAE codes: per-feature top-k exemplars merged chunk by chunk, firing counts,
+log-binned histograms and per-image top features. Memory is bounded by features x k, never by images.
+
+Pure torch, no I/O: `pipeline.py` feeds it chunks of codes; tests compare it with `torch.topk` on everything.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+# Log10 histogram of firing values: regular bins over [HIST_LO, HIST_HI) plus an underflow and an overflow bin.
+HIST_LO, HIST_HI, HIST_STEP = -4.0, 4.0, 0.25
+N_HIST = int(round((HIST_HI - HIST_LO) / HIST_STEP)) + 2
+# Features merged per block, so the transient copies of the exemplar state stay small.
+MERGE_BLOCK = 2048
+
+
+def hist_edges() -> list[tuple[float, float]]:
+    """(lo, hi) activation range of every histogram bin; the first starts at 0, the last ends at inf."""
+    inner = [10 ** (HIST_LO + i * HIST_STEP) for i in range(N_HIST - 1)]
+    return [(0.0, inner[0])] + list(zip(inner[:-1], inner[1:])) + [(inner[-1], math.inf)]
+
+
+class StreamingTopK:
+    """The k highest-scoring rows per feature seen so far, with their ids and (optionally) per-patch codes.
+
+    `update` touches only the features whose threshold a new row beats, so after the first chunks a merge
+    costs almost nothing; equal to `torch.topk` over all rows at once (ties may pick either row).
+    """
+
+    def __init__(self, n_features: int, k: int, n_patches: int = 0, patch_dtype: torch.dtype = torch.float16) -> None:
+        assert k >= 1
+        self.k = k
+        self.vals_ks = torch.full((k, n_features), -math.inf)
+        self.ids_ks = torch.full((k, n_features), -1, dtype=torch.int64)
+        self.patches_skp = torch.zeros((n_features, k, n_patches), dtype=patch_dtype) if n_patches else None
+
+    def update(
+        self,
+        scores_bs: Float[Tensor, "b s"],
+        ids_b: Int[Tensor, " b"],
+        patches_bps: Float[Tensor, "b p s"] | None = None,
+    ) -> None:
+        hit_s = (scores_bs > self.vals_ks[-1]).any(0)
+        feats = hit_s.nonzero().squeeze(1)
+        for lo in range(0, len(feats), MERGE_BLOCK):
+            self._merge(feats[lo : lo + MERGE_BLOCK], scores_bs, ids_b, patches_bps)
+
+    def _merge(self, f: Tensor, scores_bs: Tensor, ids_b: Tensor, patches_bps: Tensor | None) -> None:
+        b = len(ids_b)
+        cand_vals = torch.cat([self.vals_ks[:, f], scores_bs[:, f].float()], 0)  # (k+b, F)
+        new_vals, pos = cand_vals.topk(self.k, dim=0)  # sorted, descending
+        cand_ids = torch.cat([self.ids_ks[:, f], ids_b[:, None].expand(b, len(f))], 0)
+        self.ids_ks[:, f] = cand_ids.gather(0, pos)
+        self.vals_ks[:, f] = new_vals
+        if self.patches_skp is not None:
+            assert patches_bps is not None
+            p = self.patches_skp.shape[2]
+            new_fbp = patches_bps[:, :, f].permute(2, 0, 1).to(self.patches_skp.dtype)
+            both = torch.cat([self.patches_skp[f], new_fbp], 1)  # (F, k+b, p)
+            self.patches_skp[f] = both.gather(1, pos.t()[:, :, None].expand(-1, -1, p))
+
+    def result(self) -> tuple[Float[Tensor, "k s"], Int[Tensor, "k s"]]:
+        """Values and ids, best first; unfilled slots hold -inf and id -1."""
+        return self.vals_ks, self.ids_ks
+
+
+@dataclass
+class FeatureStats:
+    """Final per-feature statistics (all tensors have one entry per feature)."""
+
+    n_tokens: int
+    n_images: int
+    n_fired: Tensor
+    """Tokens with a positive code."""
+    img_fired: Tensor
+    """Images where any token fires."""
+    sum: Tensor
+    """Sum of codes over all tokens (float64)."""
+    img_score_sum: Tensor
+    """Sum over images of the ranking score (max or mean over the image's tokens)."""
+    max: Tensor
+    """Largest code over all tokens."""
+    hist_sb: Tensor
+    """Firing tokens per log10 bin (see hist_edges)."""
+
+    @property
+    def freq(self) -> Tensor:
+        return self.n_fired.double() / max(self.n_tokens, 1)
+
+    @property
+    def img_freq(self) -> Tensor:
+        return self.img_fired.double() / max(self.n_images, 1)
+
+    @property
+    def mean(self) -> Tensor:
+        """Mean code where the feature fires (0 for dead features)."""
+        return self.sum / self.n_fired.clamp_min(1).double()
+
+    @property
+    def mean_all(self) -> Tensor:
+        return self.sum / max(self.n_tokens, 1)
+
+    @property
+    def img_mean(self) -> Tensor:
+        return self.img_score_sum / max(self.n_images, 1)
+
+
+class FeatureScanner:
+    """Everything `mine` records for one token kind, fed one chunk of images' codes at a time."""
+
+    def __init__(self, n_features: int, k: int, n_patches: int, by: str, top_n: int, keep_patches: bool) -> None:
+        assert by in ("max", "mean"), by
+        self.s, self.by, self.top_n = n_features, by, min(top_n, n_features)
+        self.topk = StreamingTopK(n_features, k, n_patches if keep_patches else 0)
+        self.n_fired = torch.zeros(n_features, dtype=torch.int64)
+        self.img_fired = torch.zeros(n_features, dtype=torch.int64)
+        self.sum = torch.zeros(n_features, dtype=torch.float64)
+        self.img_score_sum = torch.zeros(n_features, dtype=torch.float64)
+        self.max = torch.zeros(n_features)
+        self.hist_sb = torch.zeros(n_features * N_HIST, dtype=torch.int64)
+        self.n_tokens = self.n_images = 0
+        self.image_top: list[tuple[Tensor, Tensor, Tensor]] = []  # (ids_b, feats_bn, vals_bn)
+
+    def update(self, codes_bps: Float[Tensor, "b p s"], ids_b: Int[Tensor, " b"]) -> None:
+        """Fold in one chunk: b images, p tokens each (p = 1 for CLS), s features."""
+        b, p, s = codes_bps.shape
+        assert s == self.s
+        amax_bs = codes_bps.amax(1)
+        sum_bs = codes_bps.sum(1)
+        scores_bs = amax_bs if self.by == "max" else sum_bs / p
+        self.max = torch.maximum(self.max, amax_bs.amax(0).float())
+        self.img_fired += (amax_bs > 0).sum(0)
+        self.sum += sum_bs.sum(0, dtype=torch.float64)
+        self.img_score_sum += scores_bs.sum(0, dtype=torch.float64)
+        self._histogram(codes_bps.reshape(-1))
+        self.n_tokens += b * p
+        self.n_images += b
+        self.topk.update(scores_bs, ids_b, codes_bps if self.topk.patches_skp is not None else None)
+        vals_bn, feats_bn = scores_bs.topk(self.top_n, dim=1)
+        self.image_top.append((ids_b.clone(), feats_bn.to(torch.int32), vals_bn.float()))
+
+    def _histogram(self, codes_flat: Tensor) -> None:
+        idx = codes_flat.nonzero().squeeze(1)  # codes are >= 0, so nonzero means fired
+        if not len(idx):
+            return
+        vals = codes_flat[idx].float()
+        feat = idx % self.s
+        bins = ((vals.log10() - HIST_LO) / HIST_STEP).floor().add_(1).clamp_(0, N_HIST - 1).long()
+        self.hist_sb += torch.bincount(feat * N_HIST + bins, minlength=self.s * N_HIST)
+
+    def stats(self) -> FeatureStats:
+        hist_sb = self.hist_sb.view(self.s, N_HIST)
+        return FeatureStats(
+            self.n_tokens, self.n_images, hist_sb.sum(1), self.img_fired, self.sum,
+            self.img_score_sum, self.max, hist_sb,
+        )
+
+    def image_features(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per image its top-n features by score, positive ones only: (image_id, rank, feature, value)."""
+        if not self.image_top:
+            z = torch.zeros(0)
+            return z.long(), z.int(), z.int(), z.float()
+        ids = torch.cat([t[0] for t in self.image_top])
+        feats = torch.cat([t[1] for t in self.image_top])
+        vals = torch.cat([t[2] for t in self.image_top])
+        rank = torch.arange(feats.shape[1], dtype=torch.int32).expand_as(feats)
+        keep = vals > 0
+        return ids[:, None].expand_as(feats)[keep], rank[keep], feats[keep], vals[keep]

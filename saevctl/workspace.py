@@ -1,0 +1,78 @@
+"""Per-workspace defaults: the store, SAE and index last used here, kept in `./saevctl.toml`.
+
+`saevctl features top --id 6909` needs no flags because `mine` records what it made; a copy under
+SAEVCTL_HOME is the fallback when the working directory has no file (or no such key).
+"""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from pathlib import Path
+
+from saevctl import atomic, layout
+
+log = logging.getLogger(__name__)
+
+KEYS = ("store", "sae", "index")
+SECTION = "defaults"
+
+
+def home_fpath() -> Path:
+    """The last-used defaults across workspaces (fallback when ./saevctl.toml lacks a key)."""
+    return layout.home_dpath() / "last.toml"
+
+
+def _read(fpath: Path) -> dict[str, str]:
+    try:
+        data = tomllib.loads(fpath.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        # A hand-edited, broken defaults file must not stop every command; say so and ignore it.
+        log.warning("ignoring unreadable workspace defaults %s (%s)", fpath, e)
+        return {}
+    section = data.get(SECTION, {})
+    return {k: str(v) for k, v in section.items() if isinstance(v, str)} if isinstance(section, dict) else {}
+
+
+def _toml_string(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in escaped) + '"'
+
+
+def _render(values: dict[str, str], extra: dict[str, object]) -> str:
+    lines = ["# saevctl workspace defaults, written by saevctl mine; edit freely.", f"[{SECTION}]"]
+    lines += [f"{k} = {_toml_string(v)}" for k, v in values.items()]
+    text = "\n".join(lines) + "\n"
+    # Keep any other tables a user or another stage added to the file.
+    for name, table in extra.items():
+        if isinstance(table, dict):
+            body = [f"{k} = {_toml_string(str(v))}" for k, v in table.items() if isinstance(v, (str, int, float))]
+            text += f"\n[{name}]\n" + "\n".join(body) + "\n"
+    return text
+
+
+def get_default(key: str, cwd: Path | None = None) -> str | None:
+    """The workspace's default for `key` (store, sae or index): ./saevctl.toml first, then SAEVCTL_HOME."""
+    assert key in KEYS, key
+    value = _read(layout.workspace_fpath(cwd)).get(key)
+    return value if value is not None else _read(home_fpath()).get(key)
+
+
+def set_defaults(cwd: Path | None = None, **values: str | Path | None) -> Path:
+    """Record defaults (None values are left as they were) in ./saevctl.toml and SAEVCTL_HOME; atomic."""
+    bad = sorted(set(values) - set(KEYS))
+    assert not bad, f"unknown workspace keys {bad}"
+    new = {k: str(v) for k, v in values.items() if v is not None}
+    fpath = layout.workspace_fpath(cwd)
+    for target in (fpath, home_fpath()):
+        try:
+            extra = tomllib.loads(target.read_text()) if target.is_file() else {}
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+            extra = {}
+        merged = {**_read(target), **new}
+        ordered = {k: merged[k] for k in KEYS if k in merged}
+        extra.pop(SECTION, None)
+        atomic.write_text(target, _render(ordered, extra))
+    return fpath

@@ -118,3 +118,54 @@ def head_config_fpath(head_dpath: Path) -> Path:
 def probes_dpath(cwd: Path | None = None) -> Path:
     """Where `saevctl probe` writes its PNGs and batch summaries by default."""
     return (cwd or Path.cwd()) / "probes"
+
+
+# --- mined index (saevctl mine / features) ------------------------------------------------------
+
+
+def default_index_fpath(cwd: Path | None = None) -> Path:
+    """Where `saevctl mine` writes when neither --index nor a workspace default names a file."""
+    return (cwd or Path.cwd()) / "index.duckdb"
+
+
+def index_tmp_fpath(index_fpath: Path, pid: int) -> Path:
+    """The temporary file a running mine writes; renamed over the index only when complete."""
+    return index_fpath.with_name(f".{index_fpath.name}.tmp{pid}")
+
+
+def decoder_fpath(index_fpath: Path, sae_id: str) -> Path:
+    """One SAE's decoder rows (safetensors, key W_dec, (s, d) float32), beside the index."""
+    return faiss_dpath(index_fpath) / f"{sae_id}.decoder.safetensors"
+
+
+def faiss_fpath(index_fpath: Path, sae_id: str) -> Path:
+    """One SAE's faiss index over unit decoder rows (inner product = cosine)."""
+    return faiss_dpath(index_fpath) / f"{sae_id}.faiss"
+
+
+def faiss_meta_fpath(index_fpath: Path, sae_id: str) -> Path:
+    """JSON sidecar saying which weights a faiss file was built from (stale when they differ)."""
+    return faiss_dpath(index_fpath) / f"{sae_id}.faiss.json"
+
+
+def feature_grid_fpath(index_fpath: Path, sae_id: str, feature: int, token: str = "patches") -> Path:
+    """PNG grid of one feature's top exemplars with the firing patches highlighted."""
+    suffix = "" if token == "patches" else f"-{token}"
+    return figures_dpath(index_fpath) / sae_id / f"feature-{feature:06d}{suffix}-top.png"
+
+
+def feature_hist_fpath(index_fpath: Path, sae_id: str, feature: int, token: str = "patches") -> Path:
+    """PNG of one feature's log-binned activation histogram."""
+    suffix = "" if token == "patches" else f"-{token}"
+    return figures_dpath(index_fpath) / sae_id / f"feature-{feature:06d}{suffix}-hist.png"
+
+
+def search_fpath(index_fpath: Path, sae_id: str, image_stem: str) -> Path:
+    """PNG of a `features search` query image with the chosen patches and the top features' exemplars."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in image_stem)[:80] or "image"
+    return figures_dpath(index_fpath) / sae_id / f"search-{safe}.png"
+
+
+def match_fpath(index_fpath: Path, sae_a: str, feature: int, sae_b: str) -> Path:
+    """PNG of a `features match` result: A's feature exemplars above B's best match's."""
+    return figures_dpath(index_fpath) / sae_a / f"match-{feature:06d}-to-{sae_b}.png"

@@ -1,0 +1,280 @@
+"""Read (and migrate) a mined index: one DuckDB file holding features, exemplars and image -> feature rows.
+
+`Index.open(path)` is the one way in for every reader (features commands, probe, report); SQL uses bound
+parameters only. The schema and its meaning live in schema.py and docs/disk-layout.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+
+from saevctl import layout
+from saevctl.errors import IndexError_
+from saevctl.mine.schema import FORMAT, MIGRATIONS
+
+log = logging.getLogger(__name__)
+assert len(MIGRATIONS) == layout.INDEX_SCHEMA, "bump layout.INDEX_SCHEMA with each migration"
+
+SORTABLE = ("feature", "freq", "img_freq", "mean", "mean_all", "max", "img_mean", "n_fired")
+
+
+def _connect(fpath: Path, read_only: bool, config: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
+    if read_only and not fpath.is_file():
+        raise IndexError_(f"no index at {fpath}", "run saevctl mine --sae CKPT --store DIR first, or pass --index")
+    try:
+        return duckdb.connect(str(fpath), read_only=read_only, config=config or {})
+    except duckdb.Error as e:
+        text = str(e)
+        if "lock" in text.lower():
+            raise IndexError_(
+                f"the index {fpath} is locked by another process",
+                "wait for that process (a running saevctl mine or a duckdb shell) to finish, then retry",
+            ) from e
+        raise IndexError_(
+            f"the index {fpath} is corrupt or not a DuckDB file ({text.splitlines()[0][:120]})",
+            "delete it and run saevctl mine again",
+        ) from e
+
+
+def _rows(cur: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    names = [c[0] for c in cur.description or []]
+    return [dict(zip(names, r)) for r in cur.fetchall()]
+
+
+class Index:
+    """An opened index file. Use as a context manager or call close()."""
+
+    def __init__(self, fpath: Path, con: duckdb.DuckDBPyConnection, read_only: bool) -> None:
+        self.fpath = fpath
+        self.con = con
+        self.read_only = read_only
+
+    # --- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, read_only: bool = True) -> Index:
+        """Open an existing index; a missing, locked, corrupt or newer-schema file is a one-line IndexError_."""
+        fpath = Path(path)
+        con = _connect(fpath, read_only)
+        idx = cls(fpath, con, read_only)
+        try:
+            idx._check_schema()
+        except BaseException:
+            con.close()
+            raise
+        return idx
+
+    @classmethod
+    def create(cls, path: str | Path) -> Index:
+        """A new, empty index at `path` (the writer's temporary file)."""
+        fpath = Path(path)
+        assert not fpath.exists(), fpath
+        idx = cls(fpath, _connect(fpath, read_only=False), read_only=False)
+        idx._migrate(0)
+        idx.con.execute("INSERT INTO meta VALUES ('format', ?)", [FORMAT])
+        return idx
+
+    def _version(self) -> int:
+        try:
+            row = self.con.execute("SELECT max(version) FROM schema_migrations").fetchone()
+        except duckdb.CatalogException as e:
+            raise IndexError_(f"{self.fpath} is a DuckDB file but not a saevctl index", "pass the index saevctl mine wrote") from e
+        return int(row[0] or 0) if row else 0
+
+    def _check_schema(self) -> None:
+        version = self._version()
+        if version > len(MIGRATIONS):
+            raise IndexError_(
+                f"the index {self.fpath} has schema {version}, this saevctl reads up to {len(MIGRATIONS)}",
+                "upgrade saevctl, or mine again into a new --index",
+            )
+        if version < len(MIGRATIONS):
+            if self.read_only:
+                raise IndexError_(
+                    f"the index {self.fpath} has the older schema {version}",
+                    "run saevctl mine once on it to upgrade it",
+                )
+            self._migrate(version)
+
+    def _migrate(self, version: int) -> None:
+        self.con.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER, applied_at TIMESTAMP)")
+        for v in range(version, len(MIGRATIONS)):
+            self.con.execute("BEGIN TRANSACTION")
+            for stmt in MIGRATIONS[v]:
+                self.con.execute(stmt)
+            self.con.execute("INSERT INTO schema_migrations VALUES (?, now())", [v + 1])
+            self.con.execute("COMMIT")
+            log.info("migrated %s to index schema %d", self.fpath, v + 1)
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- SAEs ------------------------------------------------------------------------------------
+    def sae_ids(self) -> list[str]:
+        """Every mined SAE, oldest first."""
+        return [r[0] for r in self.con.execute("SELECT sae_id FROM saes ORDER BY seq").fetchall()]
+
+    def sae_info(self, sae_id: str) -> dict[str, Any]:
+        """The saes row plus its store's model description (spec, preprocess, layout...) as `model`."""
+        rows = _rows(self.con.execute(
+            "SELECT s.*, st.model AS store_model, st.path AS store_path FROM saes s "
+            "LEFT JOIN stores st USING (store_id) WHERE sae_id = ?", [sae_id]))
+        if not rows:
+            raise IndexError_(f"the index {self.fpath} has no SAE {sae_id!r}", f"mined SAEs: {', '.join(self.sae_ids()) or 'none'}")
+        info = rows[0]
+        info["model"] = json.loads(info.pop("store_model") or "{}")
+        info["config"] = json.loads(info["config"] or "{}")
+        info["tokens"] = tuple(json.loads(info["tokens"]))
+        return info
+
+    def resolve_sae(self, ref: str | Path | None) -> str:
+        """An SAE id from a checkpoint path, an id (or unique prefix of one), or None for the last mined."""
+        ids = self.sae_ids()
+        if not ids:
+            raise IndexError_(f"the index {self.fpath} holds no mined SAE", "run saevctl mine --sae CKPT --store DIR")
+        if ref is None or str(ref) == "":
+            return ids[-1]
+        ref = str(ref)
+        if ref in ids:
+            return ref
+        p = Path(ref).expanduser()
+        cfg_fpath = layout.sae_config_fpath(p if p.is_dir() else p.parent)
+        if p.exists() and cfg_fpath.is_file():
+            try:
+                sha = json.loads(cfg_fpath.read_text()).get("weights_sha256")
+            except json.JSONDecodeError:
+                sha = None
+            row = self.con.execute(
+                "SELECT sae_id FROM saes WHERE weights_sha256 = ? ORDER BY seq DESC LIMIT 1", [sha]).fetchone()
+            if row:
+                return str(row[0])
+            raise IndexError_(f"the SAE at {p} has not been mined into {self.fpath}", f"run saevctl mine --sae {p} --store DIR")
+        matches = [i for i in ids if i.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        raise IndexError_(
+            f"no SAE {ref!r} in {self.fpath}" + (" (ambiguous prefix)" if matches else ""),
+            f"use one of: {', '.join(ids)}",
+        )
+
+    def n_features(self, sae_id: str) -> int:
+        row = self.con.execute("SELECT n_latents FROM saes WHERE sae_id = ?", [sae_id]).fetchone()
+        if row is None:
+            self.sae_info(sae_id)  # raises the one-line error
+        return int(row[0])
+
+    def tokens(self, sae_id: str) -> tuple[str, ...]:
+        """Token kinds mined for this SAE; the first is the default for every query."""
+        return self.sae_info(sae_id)["tokens"]
+
+    def _token(self, sae_id: str, token: str | None) -> str:
+        kinds = self.tokens(sae_id)
+        if token is None:
+            return kinds[0]
+        if token not in kinds:
+            raise IndexError_(f"SAE {sae_id} was mined on {', '.join(kinds)} tokens, not {token}", "drop --token or pick one of those")
+        return token
+
+    def check_feature(self, sae_id: str, feature: int) -> int:
+        n = self.n_features(sae_id)
+        if not 0 <= int(feature) < n:
+            raise IndexError_(f"feature {feature} is out of range: SAE {sae_id} has features 0..{n - 1}", f"pick an id from 0 to {n - 1}")
+        return int(feature)
+
+    # --- features --------------------------------------------------------------------------------
+    def feature_stats(self, sae_id: str, feature: int, token: str | None = None) -> dict[str, Any]:
+        """freq (firing fraction of tokens), img_freq, mean (when firing), mean_all, max, img_mean, n_fired."""
+        feature, token = self.check_feature(sae_id, feature), self._token(sae_id, token)
+        rows = _rows(self.con.execute(
+            "SELECT * FROM features WHERE sae_id = ? AND token = ? AND feature = ?", [sae_id, token, feature]))
+        assert rows, (sae_id, token, feature)
+        return rows[0]
+
+    def histogram(self, sae_id: str, feature: int, token: str | None = None) -> list[dict[str, Any]]:
+        """Every log10 bin of firing values (bin, lo, hi, count), empty bins included."""
+        from saevctl.mine.scan import hist_edges
+
+        feature, token = self.check_feature(sae_id, feature), self._token(sae_id, token)
+        counts = dict(self.con.execute(
+            "SELECT bin, count FROM histograms WHERE sae_id = ? AND token = ? AND feature = ?",
+            [sae_id, token, feature]).fetchall())
+        return [{"bin": i, "lo": lo, "hi": hi, "count": int(counts.get(i, 0))} for i, (lo, hi) in enumerate(hist_edges())]
+
+    def top_exemplars(self, sae_id: str, feature: int, k: int | None = None, token: str | None = None) -> list[dict[str, Any]]:
+        """Best images first: rank, image_id, path, label, value, n_fired, acts (float32 array over the
+        patch grid, row-major; empty for CLS), grid (rows, cols)."""
+        feature, token = self.check_feature(sae_id, feature), self._token(sae_id, token)
+        info = self.sae_info(sae_id)
+        rows = _rows(self.con.execute(
+            "SELECT e.rank, e.image_id, i.path, i.label, e.value, e.n_fired, e.acts FROM exemplars e "
+            "LEFT JOIN images i ON i.store_id = ? AND i.image_id = e.image_id "
+            "WHERE e.sae_id = ? AND e.token = ? AND e.feature = ? ORDER BY e.rank LIMIT ?",
+            [info["store_id"], sae_id, token, feature, int(k if k is not None else info["top_k"])]))
+        grid = (int(info["grid_h"]), int(info["grid_w"]))
+        for r in rows:
+            blob = r.pop("acts")
+            r["acts"] = np.frombuffer(blob, dtype="<f2").astype(np.float32) if blob else np.zeros(0, np.float32)
+            r["grid"] = grid
+        return rows
+
+    def list_features(
+        self, sae_id: str, sort: str = "freq", where: str | None = None, limit: int = 20,
+        token: str | None = None, descending: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Feature rows sorted by a statistic; `where` is a SQL condition on the features table's columns."""
+        if sort not in SORTABLE:
+            raise IndexError_(f"cannot sort by {sort!r}", f"use one of {', '.join(SORTABLE)}")
+        token = self._token(sae_id, token)
+        cond = ""
+        if where:
+            _check_expression(where)
+            cond = f" AND ({where})"
+        order = "DESC" if descending else "ASC"
+        sql = (f"SELECT * FROM features WHERE sae_id = ? AND token = ?{cond} "
+               f"ORDER BY {sort} {order}, feature LIMIT ?")  # sort is from SORTABLE, never user text
+        try:
+            return _rows(self.con.execute(sql, [sae_id, token, int(limit)]))
+        except duckdb.Error as e:
+            raise IndexError_(f"bad --where {where!r}: {str(e).splitlines()[0]}", f"columns: {', '.join(SORTABLE)}") from e
+
+    # --- images ----------------------------------------------------------------------------------
+    def images(self, sae_id: str) -> list[dict[str, Any]]:
+        """The image table of the store this SAE was mined on."""
+        store_id = self.sae_info(sae_id)["store_id"]
+        return _rows(self.con.execute(
+            "SELECT image_id, \"row\", path, label, width, height FROM images WHERE store_id = ? ORDER BY image_id", [store_id]))
+
+    def image_features(self, sae_id: str, image_id: int, token: str | None = None) -> list[dict[str, Any]]:
+        """The image's top features (rank, feature, value), from the per-image table (no rescan)."""
+        token = self._token(sae_id, token)
+        return _rows(self.con.execute(
+            "SELECT rank, feature, value FROM image_features WHERE sae_id = ? AND token = ? AND image_id = ? ORDER BY rank",
+            [sae_id, token, int(image_id)]))
+
+    def feature_count(self, sae_id: str, token: str | None = None) -> dict[str, int]:
+        """How many features are alive (fired at least once) and dead."""
+        token = self._token(sae_id, token)
+        alive, total = self.con.execute(
+            "SELECT count(*) FILTER (WHERE n_fired > 0), count(*) FROM features WHERE sae_id = ? AND token = ?",
+            [sae_id, token]).fetchone()
+        return {"alive": int(alive), "dead": int(total - alive), "total": int(total)}
+
+
+_FORBIDDEN = (";", "--", "/*")
+
+
+def _check_expression(where: str) -> None:
+    """A --where text is one condition, run on a read-only connection; refuse statement separators."""
+    if any(tok in where for tok in _FORBIDDEN):
+        raise IndexError_(f"--where {where!r} must be a single condition", "write e.g. \"freq > 1e-4 AND max > 1\"")

@@ -1,0 +1,132 @@
+"""How much an edit changed a head's output: single-image before/after summaries, per-image effect sizes,
+and bootstrap confidence intervals of their means (plain numpy, seeded).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+SALIENT = 0.5
+"""Saliency probability above which a pixel counts as salient."""
+
+# Per task: (metric key, label, magnitude?) — magnitude metrics decide whether an effect is specific.
+METRICS: dict[str, list[tuple[str, str, bool]]] = {
+    "classify": [
+        ("tv", "total variation of class probabilities", True),
+        ("dp_top", "Δ p(top class before)", False),
+        ("top_changed", "top class changed (share of images)", False),
+    ],
+    "segment": [
+        ("changed", "pixels whose class changed (share)", True),
+        ("share_tv", "total variation of class pixel shares", False),
+    ],
+    "saliency": [
+        ("mad", "mean |Δ saliency|", True),
+        ("dmean", "Δ mean saliency", False),
+        ("changed", "pixels crossing 0.5 (share)", False),
+    ],
+}
+
+
+def primary_metric(task: str) -> str:
+    return next(k for k, _, mag in METRICS[task] if mag)
+
+
+# --- one image ---------------------------------------------------------------------------------------
+
+
+def _ranks(p: np.ndarray) -> np.ndarray:
+    order = np.argsort(-p, kind="stable")
+    ranks = np.empty_like(order)
+    ranks[order] = np.arange(len(p))
+    return ranks + 1
+
+
+def classify_summary(before_c: np.ndarray, after_c: np.ndarray, classes: list[str], k: int = 5) -> dict[str, Any]:
+    """Top-k before and after, with deltas and ranks, and where the top class went."""
+    rb, ra = _ranks(before_c), _ranks(after_c)
+
+    def row(i: int) -> dict[str, Any]:
+        return {"class": classes[i], "before": float(before_c[i]), "after": float(after_c[i]),
+                "delta": float(after_c[i] - before_c[i]), "rank_before": int(rb[i]), "rank_after": int(ra[i])}
+
+    top_b = np.argsort(-before_c, kind="stable")[:k]
+    top_a = np.argsort(-after_c, kind="stable")[:k]
+    top = int(top_b[0])
+    return {
+        "top_before": [row(int(i)) for i in top_b],
+        "top_after": [row(int(i)) for i in top_a],
+        "top_class": classes[top],
+        "top_rank_after": int(ra[top]),
+        "new_top_class": classes[int(top_a[0])],
+        "tv": float(0.5 * np.abs(after_c - before_c).sum()),
+    }
+
+
+def dense_labels(probs_chw: np.ndarray, task: str) -> np.ndarray:
+    """Per-pixel class: argmax for segmentation; salient (1) or not (0) for saliency."""
+    if task == "saliency":
+        return (probs_chw[0] > SALIENT).astype(np.int64)
+    return probs_chw.argmax(0)
+
+
+def dense_summary(before_chw: np.ndarray, after_chw: np.ndarray, task: str, classes: list[str], k: int = 10) -> dict[str, Any]:
+    """Per-class pixel share before and after, and the share of pixels whose class changed."""
+    names = ["background", "salient"] if task == "saliency" else classes
+    lb, la = dense_labels(before_chw, task), dense_labels(after_chw, task)
+    n = len(names)
+    share_b = np.bincount(lb.ravel(), minlength=n) / lb.size
+    share_a = np.bincount(la.ravel(), minlength=n) / la.size
+    shown = [i for i in np.argsort(-(share_b + share_a), kind="stable") if share_b[i] + share_a[i] > 0][:k]
+    rows = [{"class": names[i], "before": float(share_b[i]), "after": float(share_a[i]),
+             "delta": float(share_a[i] - share_b[i])} for i in shown]
+    out: dict[str, Any] = {"rows": rows, "changed": float((lb != la).mean())}
+    if task == "saliency":
+        out["mean_before"], out["mean_after"] = float(before_chw.mean()), float(after_chw.mean())
+        out["mad"] = float(np.abs(after_chw - before_chw).mean())
+    return out
+
+
+# --- many images ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def effect_sizes(before: Tensor, after: Tensor, task: str) -> dict[str, np.ndarray]:
+    """Per-image effect sizes (each a (b,) array) for the metrics of `task`."""
+    if task == "classify":
+        top = before.argmax(-1, keepdim=True)
+        out = {
+            "tv": 0.5 * (after - before).abs().sum(-1),
+            "dp_top": (after.gather(-1, top) - before.gather(-1, top))[:, 0],
+            "top_changed": (after.argmax(-1) != top[:, 0]).float(),
+        }
+    elif task == "segment":
+        lb, la = before.argmax(1), after.argmax(1)
+        c = before.shape[1]
+        share_b = torch.nn.functional.one_hot(lb, c).float().mean((1, 2))
+        share_a = torch.nn.functional.one_hot(la, c).float().mean((1, 2))
+        out = {"changed": (lb != la).float().mean((1, 2)), "share_tv": 0.5 * (share_a - share_b).abs().sum(-1)}
+    else:
+        b, a = before[:, 0], after[:, 0]
+        out = {
+            "mad": (a - b).abs().mean((1, 2)),
+            "dmean": (a - b).mean((1, 2)),
+            "changed": ((a > SALIENT) != (b > SALIENT)).float().mean((1, 2)),
+        }
+    return {k: v.float().cpu().numpy() for k, v in out.items()}
+
+
+def bootstrap_ci(values_n: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and a percentile bootstrap confidence interval of the mean (resampling images)."""
+    v = np.asarray(values_n, dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(1)
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(means, [alpha, 1 - alpha])
+    return float(v.mean()), float(lo), float(hi)

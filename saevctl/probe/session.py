@@ -1,0 +1,161 @@
+"""What every probe needs loaded and cross-checked: the SAE, its ViT, the head, the mined index's stats.
+
+`Prober` runs the model to the SAE's layer once and resumes from there for each edited variant.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from PIL import Image
+from torch import Tensor
+
+from saevctl.errors import CheckpointError, IndexError_, ProbeError
+from saevctl.probe.edit import Clamp, check_features
+from saevctl.probe.heads import Head, head_tokens, resolve_head
+from saevctl.vit import Backbone, load_backbone
+
+log = logging.getLogger(__name__)
+
+
+def workspace_default(key: str) -> str | None:
+    """The workspace default for sae/index, when the workspace module is part of this build."""
+    try:
+        from saevctl.workspace import get_default
+    except ModuleNotFoundError:
+        return None
+    return get_default(key)
+
+
+def resolve_sae_path(sae: Path | str | None) -> Path:
+    if sae is None:
+        default = workspace_default("sae")
+        if default is None:
+            raise CheckpointError("no --sae given and this workspace has no default SAE", "pass --sae path/to/checkpoint")
+        return Path(default)
+    return Path(sae).expanduser()
+
+
+def load_sae_and_backbone(sae_path: Path, device: str) -> tuple[Any, Backbone]:
+    """The SAE and the ViT it reads, refusing a ViT whose weights differ from the ones the SAE was trained on."""
+    from saevctl.sae import SAE
+
+    sae = SAE.load(sae_path, device=device)
+    spec = sae.cfg.model.get("spec")
+    if not spec:
+        raise CheckpointError(f"{sae_path} does not record the model it reads", "re-train it with saevctl train")
+    bb = load_backbone(spec, device)
+    want = sae.cfg.model.get("weights_sha256")
+    if want and want != bb.weights_sha256:
+        raise ProbeError(
+            f"the SAE was trained on {spec} weights {want[:12]}, but {spec} now loads weights {bb.weights_sha256[:12]}",
+            "load the same model weights the store was extracted with",
+        )
+    return sae, bb
+
+
+class FeatureStats:
+    """Per-feature max activation and firing frequency from a mined index (both (s,) arrays)."""
+
+    def __init__(self, max_s: np.ndarray, freq_s: np.ndarray, source: str) -> None:
+        self.max_s, self.freq_s, self.source = max_s, freq_s, source
+
+
+def open_index_stats(index: Path | str | None, sae_path: Path, n_latents: int) -> FeatureStats | None:
+    """Max and frequency of every feature from the mined index (the workspace default when None)."""
+    ref = str(index) if index is not None else workspace_default("index")
+    if ref is None:
+        return None
+    fpath = Path(ref).expanduser()
+    if not fpath.exists():
+        if index is not None:
+            raise IndexError_(f"mined index {fpath} does not exist", "run saevctl mine first, or fix --index")
+        return None
+    from saevctl.mine.index import Index
+
+    idx = Index.open(fpath, read_only=True)
+    try:
+        sae_id = idx.resolve_sae(str(sae_path))
+        max_s, freq_s = np.zeros(n_latents), np.zeros(n_latents)
+        for f in range(n_latents):
+            st = idx.feature_stats(sae_id, f)
+            max_s[f], freq_s[f] = float(st["max"] or 0.0), float(st["freq"] or 0.0)
+    finally:
+        close = getattr(idx, "close", None)
+        if close:
+            close()
+    return FeatureStats(max_s, freq_s, str(fpath))
+
+
+def clamp_values(clamps: list[Clamp], features: list[int], stats: FeatureStats | None) -> list[float]:
+    """Absolute values for each clamp; `Nx` needs the feature's max activation from the mined index."""
+    out = []
+    for clamp, f in zip(clamps, features, strict=True):
+        if not clamp.multiple:
+            out.append(clamp.value)
+            continue
+        if stats is None:
+            raise IndexError_(
+                f"--clamp {clamp.text} needs feature {f}'s max activation, but there is no mined index",
+                "run saevctl mine for this SAE (or pass --index), or give an absolute value such as 3.5",
+            )
+        out.append(clamp.value * float(stats.max_s[f]))
+    return out
+
+
+class Prober:
+    """The SAE, its ViT and a head, checked to fit together; runs prefixes and edited suffixes."""
+
+    def __init__(self, sae: Any, bb: Backbone, head: Head) -> None:
+        self.sae, self.bb, self.head = sae, bb, head
+        self.layer = bb.check_layer(sae.cfg.layer)
+        if head.layer < self.layer:
+            raise ProbeError(
+                f"head {head.name} reads layer {head.layer}, before the SAE's layer {self.layer}, so the edit cannot reach it",
+                "use a head on the final tokens or on a layer at or after the SAE's",
+            )
+        self.out_hw = (bb.preprocess.size, bb.preprocess.size)
+        self.device = next(bb.parameters()).device
+
+    @classmethod
+    def load(cls, sae_path: Path | str | None, head: str, classes: str | None, device: str) -> Prober:
+        sae, bb = load_sae_and_backbone(resolve_sae_path(sae_path), device)
+        return cls(sae, bb, resolve_head(head, bb, classes))
+
+    def check_clamps(self, clamps: list[Clamp]) -> None:
+        check_features([c.feature for c in clamps if c.feature is not None], self.sae.cfg.n_latents)
+
+    def to_input(self, images: list[Image.Image]) -> tuple[np.ndarray, Float[Tensor, "b 3 h w"]]:
+        u8 = np.stack([self.bb.preprocess.to_uint8(im) for im in images])
+        return u8, self.bb.preprocess.normalize(torch.from_numpy(u8).to(self.device))
+
+    @torch.no_grad()
+    def prefix(self, x_bchw: Tensor) -> Float[Tensor, "b t d"]:
+        return self.bb.forward_to(x_bchw, [self.layer])[self.layer]
+
+    @torch.no_grad()
+    def outputs(self, x_btd: Tensor) -> Tensor:
+        """Head probabilities from the (edited) residual stream after the SAE's layer."""
+        return self.head(head_tokens(self.bb, self.layer, x_btd, self.head), self.out_hw)
+
+    @torch.no_grad()
+    def plain(self, x_bchw: Tensor) -> Tensor:
+        """The unedited model end to end (for checks; no split at the SAE's layer)."""
+        h = self.head
+        if h.final_norm:
+            tokens = self.bb.forward_tokens(x_bchw)
+        else:
+            tokens = self.bb.run_blocks(self.bb.embed(x_bchw), 0, h.layer + 1)
+        return h(tokens, self.out_hw)
+
+    @torch.no_grad()
+    def top_feature(self, x_btd: Tensor) -> int:
+        """The feature with the largest summed activation over this image's patches."""
+        patches = x_btd[:, self.bb.layout.n_prefix :]
+        codes = self.sae.encode(patches.reshape(-1, patches.shape[-1]))
+        return int(codes.sum(0).argmax())

@@ -1,0 +1,72 @@
+"""Schedules and the update rule shared by both step implementations: Adam with per-SAE learning rates over
+stacked weights, the unit-norm decoder constraint and its parallel-gradient removal."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+
+
+def lr_factor(step: int, n_steps: int, warmup: int, decay: str) -> float:
+    """Linear warmup to 1, then cosine/linear decay to 0 at n_steps (or constant)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant" or n_steps <= warmup:
+        return 1.0
+    t = min(1.0, (step - warmup) / max(1, n_steps - warmup))
+    return 0.5 * (1 + math.cos(math.pi * t)) if decay == "cosine" else 1.0 - t
+
+
+def sparsity_factor(step: int, warmup: int) -> float:
+    """The L1 coefficient ramps linearly from 0 over the first `warmup` steps (the paper's schedule)."""
+    return 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)
+
+
+@torch.no_grad()
+def remove_parallel_grads(W_dec_msd: Tensor, grad_msd: Tensor) -> None:
+    """Drop the part of each decoder row's gradient along the row: the unit-norm projection undoes it anyway."""
+    dot_ms1 = (W_dec_msd * grad_msd).sum(-1, keepdim=True)
+    grad_msd.sub_(dot_ms1 * W_dec_msd)
+
+
+@torch.no_grad()
+def normalize_rows(W_dec_msd: Tensor) -> None:
+    W_dec_msd.div_(W_dec_msd.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+
+@torch.no_grad()
+def adam_update(
+    params: dict[str, Tensor],
+    grads: dict[str, Tensor],
+    moments: dict[str, Tensor],
+    lrs: list[float],
+    step: int,
+) -> None:
+    """In-place Adam (bias-corrected) on stacked tensors whose first axis is the SAE; `step` counts from 0.
+
+    Moments are plain tensors named m.<param> / v.<param> so they save to safetensors with the weights.
+    """
+    b1, b2 = BETAS
+    t = step + 1
+    c1, c2 = 1 - b1**t, 1 - b2**t
+    for name, p in params.items():
+        g = grads[name].to(p.dtype)
+        m, v = moments[f"m.{name}"], moments[f"v.{name}"]
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = v.div(c2).sqrt_().add_(EPS)
+        for i, lr in enumerate(lrs):
+            p[i].addcdiv_(m[i], denom[i], value=-lr / c1)
+
+
+def init_moments(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for name, p in params.items():
+        out[f"m.{name}"] = torch.zeros_like(p)
+        out[f"v.{name}"] = torch.zeros_like(p)
+    return out

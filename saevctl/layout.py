@@ -169,3 +169,84 @@ def search_fpath(index_fpath: Path, sae_id: str, image_stem: str) -> Path:
 def match_fpath(index_fpath: Path, sae_a: str, feature: int, sae_b: str) -> Path:
     """PNG of a `features match` result: A's feature exemplars above B's best match's."""
     return figures_dpath(index_fpath) / sae_a / f"match-{feature:06d}-to-{sae_b}.png"
+
+
+# --- training runs (saevctl train) ---------------------------------------------------------------
+
+TRAIN_STATE_SCHEMA = 1
+
+
+def train_run_dpath(out_dpath: Path, run_name: str) -> Path:
+    """One SAE checkpoint folder of a sweep (config.json + sae.safetensors), named by its hyperparameters."""
+    return out_dpath / run_name
+
+
+def train_sweep_fpath(out_dpath: Path) -> Path:
+    """Summary of every SAE in the run: hyperparameters, final metrics, checkpoint folder."""
+    return out_dpath / "sweep.json"
+
+
+def train_metrics_fpath(out_dpath: Path) -> Path:
+    """Metrics logged every K steps, one JSON object per (step, SAE)."""
+    return out_dpath / "metrics.jsonl"
+
+
+def train_plots_dpath(out_dpath: Path) -> Path:
+    return out_dpath / "plots"
+
+
+def train_state_dpath(out_dpath: Path) -> Path:
+    """Resumable train state: step-NNNNNNNN.safetensors (weights, Adam moments, trackers) + .json."""
+    return out_dpath / "state"
+
+
+# --- static HTML report (saevctl report) ----------------------------------------------------------
+
+REPORT_SCHEMA = 1
+
+
+def default_report_dpath(cwd: Path | None = None) -> Path:
+    """Where `saevctl report` writes when --out is not given."""
+    return (cwd or Path.cwd()) / "report"
+
+
+def report_tmp_dpath(out_dpath: Path, pid: int) -> Path:
+    """The hidden sibling folder a running report builds in; renamed to `out_dpath` only when complete."""
+    return out_dpath.with_name(f".{out_dpath.name}.tmp{pid}")
+
+
+def report_old_dpath(out_dpath: Path, pid: int) -> Path:
+    """Where the previous report is moved for the instant of the swap, then deleted."""
+    return out_dpath.with_name(f".{out_dpath.name}.old{pid}")
+
+
+def report_meta_fpath(out_dpath: Path) -> Path:
+    """report.json: format, schema version, index and per-SAE page counts; written last, marks a complete site."""
+    return out_dpath / "report.json"
+
+
+def report_index_fpath(out_dpath: Path) -> Path:
+    """The page to open: every SAE's sortable, filterable feature table."""
+    return out_dpath / "index.html"
+
+
+def report_css_fpath(out_dpath: Path) -> Path:
+    return out_dpath / "style.css"
+
+
+def report_sae_dname(sae_id: str, position: int) -> str:
+    """Folder name of one SAE's pages: its id made file-name safe, prefixed by its position so two never clash."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in sae_id)[:80].lstrip(".") or "sae"
+    return f"{position:02d}-{safe}"
+
+
+def report_sae_dpath(out_dpath: Path, sae_dname: str) -> Path:
+    return out_dpath / "saes" / sae_dname
+
+
+def report_feature_name(feature: int, kind: str = "page", token: str = "patches", ext: str = "png") -> str:
+    """File name, inside an SAE's folder, of a feature's page ('page'), exemplar grid ('grid') or thumbnail ('thumb')."""
+    if kind == "page":
+        return f"feature-{feature:06d}.html"
+    suffix = "" if token == "patches" else f"-{token}"
+    return f"{kind}-{feature:06d}{suffix}.{ext}"

@@ -66,7 +66,9 @@ def _is_image(p: Path) -> bool:
 
 
 def _from_folder(root: Path, spec: str) -> ImageSource:
-    files = sorted((p for p in root.rglob("*") if _is_image(p)), key=lambda p: p.relative_to(root).as_posix())
+    # Hidden folders (.git, .ipynb_checkpoints, a store's temp files) never hold the user's images.
+    found = (p for p in root.rglob("*") if not any(x.startswith(".") for x in p.relative_to(root).parts))
+    files = sorted((p for p in found if _is_image(p)), key=lambda p: p.relative_to(root).as_posix())
     if not files:
         raise InputError(
             f"no images found in {root}",
@@ -81,8 +83,20 @@ def _from_folder(root: Path, spec: str) -> ImageSource:
 
 
 def _from_list(fpath: Path, spec: str) -> ImageSource:
+    if fpath.suffix.lower() in IMAGE_SUFFIXES:
+        raise InputError(
+            f"--images {fpath} is a single image file",
+            "pass the folder that holds it, a .txt file listing image paths, or demo",
+        )
+    try:
+        text = fpath.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as e:
+        raise InputError(
+            f"cannot read {fpath} as a text list of image paths ({type(e).__name__})",
+            "pass an image folder, a UTF-8 .txt file with one path per line, or demo",
+        ) from e
     records = []
-    for line in fpath.read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -144,6 +158,20 @@ def _open_demo(path: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr))
 
 
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with transparent pixels composited on white (as the demo's logo), not on whatever RGB hides there."""
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        # 16-bit greyscale: PIL's convert would clip everything above 255 to white.
+        arr = np.asarray(img).astype(np.float32) / 257.0
+        return Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8)).convert("RGB")
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    if not has_alpha:
+        return img.convert("RGB")
+    rgba = img.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
 def open_image(path: str) -> Image.Image:
     """Open one image as RGB; raises InputError when the file is missing or not a readable image."""
     if path.startswith("skimage:"):
@@ -151,7 +179,7 @@ def open_image(path: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return _to_rgb(img)
     except FileNotFoundError as e:
         raise InputError(f"image {path} does not exist", "check the path") from e
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
@@ -167,12 +195,16 @@ def resolve_images(spec: str, max_images: int | None = None) -> ImageSource:
                 n = int(spec.removeprefix("demo:"))
             except ValueError as e:
                 raise InputError(f"bad demo size in {spec!r}", "write demo or demo:N with N a number") from e
+            if n < 1:
+                raise InputError(f"bad demo size in {spec!r}", "write demo:N with N at least 1")
         n = min(n, max_images) if max_images else n
         return ImageSource(spec, "demo", demo_records(n))
     p = Path(spec).expanduser()
     if not p.exists():
         raise InputError(f"image folder {p} does not exist", "pass an existing folder, a .txt list of paths, or demo")
-    src = _from_folder(p, spec) if p.is_dir() else _from_list(p, spec)
+    # Absolute paths: the image table must still find the files when later stages run from elsewhere.
+    p = p.resolve()
+    src = _from_folder(p, str(p)) if p.is_dir() else _from_list(p, str(p))
     if max_images:
         src = ImageSource(src.spec, src.kind, src.records[:max_images])
     return src

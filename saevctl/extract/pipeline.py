@@ -22,7 +22,7 @@ from saevctl.config import resolve_device
 from saevctl.data import ImageRecord, open_image, resolve_images
 from saevctl.errors import InputError, SaevctlError, StoreError
 from saevctl.store import StoreWriter
-from saevctl.store.format import DTYPES, FLOAT16_MAX, TOKEN_KINDS, kind_shape, to_numpy
+from saevctl.store.format import DTYPES, FLOAT16_MAX, NP_DTYPES, TOKEN_KINDS, kind_shape, read_manifest, to_numpy
 from saevctl.vit import Backbone, Preprocess, load_backbone
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ class Config:
             raise InputError(f"unknown token kind(s) {bad}", f"use a comma list of {', '.join(TOKEN_KINDS)}")
         if self.batch_size < 1 or self.images_per_shard < 1:
             raise InputError("--batch-size and images per shard must be positive", "pass a positive number")
+        if self.max_images is not None and self.max_images < 1:
+            raise InputError(f"--max-images {self.max_images} keeps no images", "pass a positive number, or leave it out")
         if not self.layers:
             raise InputError("no layers given", "pass --layers, e.g. --layers 6,11")
 
@@ -133,7 +135,7 @@ class _ShardAssembler:
         out = {}
         for (layer, kind), chunks in self.chunks.items():
             shape = kind_shape(kind, lay.n_patches, lay.n_reg, self.bb.d_model)
-            out[(layer, kind)] = np.concatenate(chunks) if chunks else np.zeros((0, *shape), np.float16)
+            out[(layer, kind)] = np.concatenate(chunks) if chunks else np.zeros((0, *shape), NP_DTYPES[self.dtype])
         return out
 
 
@@ -184,7 +186,8 @@ def run(cfg: Config, progress: Progress | None = None, backbone: Backbone | None
     per_shard = -(-cfg.images_per_shard // cfg.batch_size) * cfg.batch_size
     writer = StoreWriter(cfg.out, _store_config(cfg, bb, layers, src, per_shard), len(src.records))
     if writer.is_complete:
-        return Result(cfg.out, writer.finalize(), len(writer.shard_ranges), True)
+        # Nothing is rewritten: a complete store stays byte for byte what it was.
+        return Result(cfg.out, read_manifest(cfg.out), len(writer.shard_ranges), True)
     done = writer.done_shards()
     todo = [(s, r) for s, r in enumerate(writer.shard_ranges) if s not in done]
     per_image = sum(

@@ -31,7 +31,7 @@ def _connect(fpath: Path, read_only: bool, config: dict[str, Any] | None = None)
         return duckdb.connect(str(fpath), read_only=read_only, config=config or {})
     except duckdb.Error as e:
         text = str(e)
-        if "lock" in text.lower():
+        if "conflicting lock" in text.lower() or "could not set lock" in text.lower():
             raise IndexError_(
                 f"the index {fpath} is locked by another process",
                 "wait for that process (a running saevctl mine or a duckdb shell) to finish, then retry",
@@ -60,7 +60,8 @@ class Index:
     def open(cls, path: str | Path, read_only: bool = True) -> Index:
         """Open an existing index; a missing, locked, corrupt or newer-schema file is a one-line IndexError_."""
         fpath = Path(path)
-        con = _connect(fpath, read_only)
+        # Readers take user text (--where, saevctl sql): with no file access, it cannot read or write elsewhere.
+        con = _connect(fpath, read_only, {"enable_external_access": False} if read_only else None)
         idx = cls(fpath, con, read_only)
         try:
             idx._check_schema()
@@ -262,6 +263,36 @@ class Index:
             "SELECT rank, feature, value FROM image_features WHERE sae_id = ? AND token = ? AND image_id = ? ORDER BY rank",
             [sae_id, token, int(image_id)]))
 
+    def image_ids_by_path(self, sae_id: str, paths: list[str]) -> list[int]:
+        """Ids, in this SAE's store, of the images with these paths (for matching across models)."""
+        store_id = self.sae_info(sae_id)["store_id"]
+        rows = self.con.execute(
+            "SELECT image_id FROM images WHERE store_id = ? AND list_contains(?, path) AND \"row\" >= 0 ORDER BY image_id",
+            [store_id, [str(p) for p in paths]]).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def contrast_features(self, sae_id: str, image_ids: list[int], n: int = 10, token: str | None = None) -> list[dict[str, Any]]:
+        """Features that fire more on `image_ids` than on every other image, from the per-image top-n table.
+
+        score = (mean score on the set - mean score on the rest) / the feature's max; an image where a
+        feature is outside the stored top-n counts as 0 for it.
+        """
+        token = self._token(sae_id, token)
+        n_images = int(self.sae_info(sae_id)["n_images"])
+        n_set = len(set(image_ids))
+        if n_set == 0:
+            return []
+        n_rest = max(n_images - n_set, 1)
+        return _rows(self.con.execute(
+            "WITH s AS (SELECT feature, sum(value) AS set_sum, count(*) AS set_hits FROM image_features "
+            "  WHERE sae_id = ? AND token = ? AND list_contains(?, image_id) GROUP BY feature) "
+            "SELECT f.feature, s.set_sum / ? AS set_mean, greatest(f.img_mean * ? - s.set_sum, 0) / ? AS rest_mean, "
+            "  s.set_hits, f.max, (s.set_sum / ? - greatest(f.img_mean * ? - s.set_sum, 0) / ?) / greatest(f.max, 1e-12) AS score "
+            "FROM s JOIN features f ON f.sae_id = ? AND f.token = ? AND f.feature = s.feature "
+            "ORDER BY score DESC, f.feature LIMIT ?",
+            [sae_id, token, [int(i) for i in image_ids], n_set, n_images, n_rest, n_set, n_images, n_rest,
+             sae_id, token, int(n)]))
+
     def feature_count(self, sae_id: str, token: str | None = None) -> dict[str, int]:
         """How many features are alive (fired at least once) and dead."""
         token = self._token(sae_id, token)
@@ -271,6 +302,30 @@ class Index:
         return {"alive": int(alive), "dead": int(total - alive), "total": int(total)}
 
 
+    def query(self, sql: str, max_rows: int | None = None) -> tuple[list[str], list[tuple[Any, ...]], bool]:
+        """Run one read-only SELECT (or EXPLAIN): (columns, rows, truncated). Anything else is refused."""
+        try:
+            statements = duckdb.extract_statements(sql)
+        except duckdb.Error as e:
+            raise IndexError_(f"cannot parse the query: {str(e).splitlines()[0]}", "check the SQL syntax") from e
+        if len(statements) != 1:
+            raise IndexError_(f"saevctl sql runs exactly one statement, got {len(statements)}", "run them one at a time")
+        kind = statements[0].type
+        if kind not in (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN):
+            raise IndexError_(f"saevctl sql is read-only and refuses {kind.name} statements", "write a SELECT query")
+        if not self.read_only:
+            raise IndexError_("query() needs an index opened read-only", "use Index.open(path)")
+        try:
+            cur = self.con.execute(sql)
+            cols = [c[0] for c in cur.description or []]
+            rows = cur.fetchmany(max_rows + 1) if max_rows is not None else cur.fetchall()
+        except duckdb.Error as e:
+            raise IndexError_(f"the query failed: {str(e).splitlines()[0]}", "tables: " + ", ".join(TABLES)) from e
+        truncated = max_rows is not None and len(rows) > max_rows
+        return cols, rows[:max_rows] if truncated else rows, truncated
+
+
+TABLES = ("saes", "stores", "images", "features", "histograms", "exemplars", "image_features", "meta", "schema_migrations")
 _FORBIDDEN = (";", "--", "/*")
 
 

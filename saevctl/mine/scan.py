@@ -33,12 +33,17 @@ class StreamingTopK:
     costs almost nothing; equal to `torch.topk` over all rows at once (ties may pick either row).
     """
 
-    def __init__(self, n_features: int, k: int, n_patches: int = 0, patch_dtype: torch.dtype = torch.float16) -> None:
+    def __init__(
+        self, n_features: int, k: int, n_patches: int = 0, patch_dtype: torch.dtype = torch.float16,
+        device: str | torch.device = "cpu",
+    ) -> None:
         assert k >= 1
         self.k = k
-        self.vals_ks = torch.full((k, n_features), -math.inf)
-        self.ids_ks = torch.full((k, n_features), -1, dtype=torch.int64)
-        self.patches_skp = torch.zeros((n_features, k, n_patches), dtype=patch_dtype) if n_patches else None
+        self.vals_ks = torch.full((k, n_features), -math.inf, device=device)
+        self.ids_ks = torch.full((k, n_features), -1, dtype=torch.int64, device=device)
+        self.patches_skp = (
+            torch.zeros((n_features, k, n_patches), dtype=patch_dtype, device=device) if n_patches else None
+        )
 
     def update(
         self,
@@ -114,16 +119,18 @@ class FeatureStats:
 class FeatureScanner:
     """Everything `mine` records for one token kind, fed one chunk of images' codes at a time."""
 
-    def __init__(self, n_features: int, k: int, n_patches: int, by: str, top_n: int, keep_patches: bool) -> None:
+    def __init__(
+        self, n_features: int, k: int, n_patches: int, by: str, top_n: int, keep_patches: bool,
+        device: str | torch.device = "cpu",
+    ) -> None:
         assert by in ("max", "mean"), by
         self.s, self.by, self.top_n = n_features, by, min(top_n, n_features)
-        self.topk = StreamingTopK(n_features, k, n_patches if keep_patches else 0)
-        self.n_fired = torch.zeros(n_features, dtype=torch.int64)
-        self.img_fired = torch.zeros(n_features, dtype=torch.int64)
-        self.sum = torch.zeros(n_features, dtype=torch.float64)
-        self.img_score_sum = torch.zeros(n_features, dtype=torch.float64)
-        self.max = torch.zeros(n_features)
-        self.hist_sb = torch.zeros(n_features * N_HIST, dtype=torch.int64)
+        self.topk = StreamingTopK(n_features, k, n_patches if keep_patches else 0, device=device)
+        self.img_fired = torch.zeros(n_features, dtype=torch.int64, device=device)
+        self.sum = torch.zeros(n_features, dtype=torch.float64, device=device)
+        self.img_score_sum = torch.zeros(n_features, dtype=torch.float64, device=device)
+        self.max = torch.zeros(n_features, device=device)
+        self.hist_sb = torch.zeros(n_features * N_HIST, dtype=torch.int64, device=device)
         self.n_tokens = self.n_images = 0
         self.image_top: list[tuple[Tensor, Tensor, Tensor]] = []  # (ids_b, feats_bn, vals_bn)
 

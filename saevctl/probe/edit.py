@@ -205,6 +205,12 @@ def apply_edit(
     return torch.cat([x_btd[:, : lay.n_prefix], edited], dim=1)
 
 
+def direction_generator(seed: int) -> torch.Generator:
+    """Generator for the random-direction control, offset so that it never replays an SAE's seed-0 initial
+    decoder rows (randn rows too, which a lightly trained SAE still sits near)."""
+    return torch.Generator().manual_seed(982_451_653 + seed)
+
+
 def random_direction_edit(
     sae: torch.nn.Module, x_btd: Tensor, lay: TokenLayout, plan: EditPlan, gen: torch.Generator
 ) -> Float[Tensor, "b t d"]:

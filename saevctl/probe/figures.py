@@ -25,7 +25,7 @@ def _save(fig: Any, fpath: Path) -> Path:
     import io
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=110)
     _pyplot().close(fig)
     atomic.write_bytes(fpath, buf.getvalue())
     return fpath
@@ -38,7 +38,7 @@ def _outline(ax: Any, image_u8: np.ndarray, edited_hw: np.ndarray, title: str) -
     gh, gw = edited_hw.shape
     ph, pw = image_u8.shape[0] / gh, image_u8.shape[1] / gw
     for r, c in zip(*np.nonzero(edited_hw), strict=True):
-        ax.add_patch(Rectangle((c * pw, r * ph), pw, ph, fill=False, edgecolor="#00e5ff", linewidth=1.2))
+        ax.add_patch(Rectangle((c * pw - 0.5, r * ph - 0.5), pw, ph, fill=False, edgecolor="#00e5ff", linewidth=1.2))
     ax.set_title(title, fontsize=9)
 
 
@@ -55,18 +55,18 @@ def probe_figure(
     plt = _pyplot()
     n_edited = int(edited_hw.sum())
     if task == "classify":
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [1, 1.4]})
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [1, 1.4]}, layout="constrained")
         _outline(axes[0], image_u8, edited_hw, f"edited patches ({n_edited})")
         _bars(axes[1], before, after, classes)
     else:
-        fig, axes = plt.subplots(1, 4, figsize=(15, 4))
+        fig, axes = plt.subplots(1, 4, figsize=(16, 4), layout="constrained")
         _outline(axes[0], image_u8, edited_hw, f"edited patches ({n_edited})")
         if task == "saliency":
             for ax, probs, name in ((axes[1], before, "before"), (axes[2], after, "after")):
                 ax.imshow(image_u8)
                 im = ax.imshow(probs[0], cmap="inferno", vmin=0, vmax=1, alpha=0.7)
                 ax.set_title(f"{name}: saliency (mean {probs.mean():.3f})", fontsize=9)
-            fig.colorbar(im, ax=axes[2], fraction=0.046)
+            fig.colorbar(im, ax=axes[1:3], fraction=0.046, shrink=0.8)
             diff = after[0] - before[0]
         else:
             lb, la = before.argmax(0), after.argmax(0)
@@ -78,7 +78,7 @@ def probe_figure(
         lim = max(float(np.abs(diff).max()), 1e-6)
         im = axes[3].imshow(diff, cmap="RdBu_r", vmin=-lim, vmax=lim)
         axes[3].set_title("after − before" if task == "saliency" else "changed pixels", fontsize=9)
-        fig.colorbar(im, ax=axes[3], fraction=0.046)
+        fig.colorbar(im, ax=axes[3], fraction=0.046, shrink=0.8)
     fig.suptitle(title, fontsize=10)
     return _save(fig, fpath)
 
@@ -97,7 +97,7 @@ def _bars(ax: Any, before_c: np.ndarray, after_c: np.ndarray, classes: list[str]
 def batch_figure(fpath: Path, rows: list[dict[str, Any]], title: str) -> Path:
     """One panel per metric: mean and CI for the feature edit and each control."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.4), squeeze=False, layout="constrained")
     colors = ["#d62728", "#7f7f7f", "#bcbd22"]
     for ax, row in zip(axes[0], rows, strict=True):
         names = [c["condition"] for c in row["conditions"]]

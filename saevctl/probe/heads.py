@@ -85,14 +85,14 @@ class LinearSegmentHead(Head):
         self.linear.bias.data.copy_(bias_c)
         self.lay = lay
 
-    def patch_logits(self, tokens_btd: Tensor) -> Float[Tensor, "b c h w"]:
-        logits_bpc = self.linear(tokens_btd[:, self.lay.n_prefix :])
+    def from_patches(self, patches_bpd: Tensor, out_hw: tuple[int, int]) -> Float[Tensor, "b c h w"]:
+        logits_bpc = self.linear(patches_bpd)
         b, _, c = logits_bpc.shape
-        return logits_bpc.transpose(1, 2).reshape(b, c, self.lay.grid_h, self.lay.grid_w)
+        logits = logits_bpc.transpose(1, 2).reshape(b, c, self.lay.grid_h, self.lay.grid_w)
+        return F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False).softmax(1)
 
     def forward(self, tokens_btd: Tensor, out_hw: tuple[int, int]) -> Float[Tensor, "b c h w"]:
-        logits = F.interpolate(self.patch_logits(tokens_btd), size=out_hw, mode="bilinear", align_corners=False)
-        return logits.softmax(1)
+        return self.from_patches(tokens_btd[:, self.lay.n_prefix :], out_hw)
 
 
 class TimmClassifierHead(Head):

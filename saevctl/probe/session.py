@@ -67,28 +67,31 @@ class FeatureStats:
 
 
 def open_index_stats(index: Path | str | None, sae_path: Path, n_latents: int) -> FeatureStats | None:
-    """Max and frequency of every feature from the mined index (the workspace default when None)."""
-    ref = str(index) if index is not None else workspace_default("index")
+    """Max and frequency of every feature from the mined index (--index, else the workspace's if it has this SAE)."""
+    explicit = index is not None
+    ref = str(index) if explicit else workspace_default("index")
     if ref is None:
         return None
     fpath = Path(ref).expanduser()
     if not fpath.exists():
-        if index is not None:
+        if explicit:
             raise IndexError_(f"mined index {fpath} does not exist", "run saevctl mine first, or fix --index")
         return None
     from saevctl.mine.index import Index
 
-    idx = Index.open(fpath, read_only=True)
     try:
-        sae_id = idx.resolve_sae(str(sae_path))
-        max_s, freq_s = np.zeros(n_latents), np.zeros(n_latents)
-        for f in range(n_latents):
-            st = idx.feature_stats(sae_id, f)
-            max_s[f], freq_s[f] = float(st["max"] or 0.0), float(st["freq"] or 0.0)
-    finally:
-        close = getattr(idx, "close", None)
-        if close:
-            close()
+        with Index.open(fpath, read_only=True) as idx:
+            sae_id = idx.resolve_sae(str(sae_path))
+            rows = idx.list_features(sae_id, sort="feature", limit=n_latents, descending=False)
+    except IndexError_ as e:
+        if explicit:
+            raise
+        log.info("not using the workspace index: %s", e.message)
+        return None
+    if len(rows) != n_latents:
+        raise IndexError_(f"the index {fpath} has {len(rows)} features for this SAE, which has {n_latents}", "mine the SAE again")
+    max_s = np.array([float(r["max"] or 0.0) for r in rows])
+    freq_s = np.array([float(r["freq"] or 0.0) for r in rows])
     return FeatureStats(max_s, freq_s, str(fpath))
 
 
@@ -101,7 +104,7 @@ def clamp_values(clamps: list[Clamp], features: list[int], stats: FeatureStats |
             continue
         if stats is None:
             raise IndexError_(
-                f"--clamp {clamp.text} needs feature {f}'s max activation, but there is no mined index",
+                f"--clamp {clamp.text} needs feature {f}'s max activation, but no mined index covers this SAE",
                 "run saevctl mine for this SAE (or pass --index), or give an absolute value such as 3.5",
             )
         out.append(clamp.value * float(stats.max_s[f]))
@@ -123,8 +126,11 @@ class Prober:
         self.device = next(bb.parameters()).device
 
     @classmethod
-    def load(cls, sae_path: Path | str | None, head: str, classes: str | None, device: str) -> Prober:
+    def load(cls, sae_path: Path | str | None, head: str | None, classes: str | None, device: str) -> Prober:
+        """Load the SAE, its ViT and the head (default: saliency on the demo model, clip with classes, else timm)."""
         sae, bb = load_sae_and_backbone(resolve_sae_path(sae_path), device)
+        if head is None:
+            head = "saliency" if bb.spec == "demo" else ("clip" if classes else "timm")
         return cls(sae, bb, resolve_head(head, bb, classes))
 
     def check_clamps(self, clamps: list[Clamp]) -> None:

@@ -83,6 +83,7 @@ class SAE(nn.Module):
         self.register_buffer("act_mean", torch.zeros(d))
         self.register_buffer("act_scale", torch.ones(()))
         self.register_buffer("threshold", torch.zeros(()))
+        self.header: dict[str, Any] = {}  # config.json of a loaded checkpoint
 
     # --- normalisation (statistics live in the checkpoint) ---
     def normalize(self, x_bd: Float[Tensor, "b d"]) -> Float[Tensor, "b d"]:
@@ -145,9 +146,7 @@ class SAE(nn.Module):
     @classmethod
     def load(cls, dpath: str | Path, device: str | torch.device = "cpu") -> SAE:
         """Load a checkpoint folder (or its sae.safetensors / config.json path)."""
-        dpath = Path(dpath)
-        if dpath.is_file():
-            dpath = dpath.parent
+        dpath = _resolve_ckpt(Path(dpath))
         cpath, wpath = layout.sae_config_fpath(dpath), layout.sae_weights_fpath(dpath)
         if not cpath.is_file() or not wpath.is_file():
             raise CheckpointError(
@@ -171,3 +170,23 @@ class SAE(nn.Module):
             raise CheckpointError(f"{wpath} cannot be read ({type(e).__name__})", "re-train or re-save it") from e
         sae.header = header
         return sae.to(device).eval()
+
+
+def _resolve_ckpt(dpath: Path) -> Path:
+    """A checkpoint folder from itself, one of its files, or a one-SAE `saevctl train --out` folder."""
+    if dpath.is_file():
+        return dpath.parent
+    sweep = layout.train_sweep_fpath(dpath)
+    if not layout.sae_config_fpath(dpath).is_file() and sweep.is_file():
+        try:
+            runs = json.loads(sweep.read_text()).get("runs", [])
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{sweep} is corrupt", "re-run saevctl train --resume to rewrite it") from e
+        if len(runs) == 1:
+            return layout.train_run_dpath(dpath, runs[0]["name"])
+        names = ", ".join(r["name"] for r in runs[:3])
+        raise CheckpointError(
+            f"{dpath} holds {len(runs)} SAEs from a sweep",
+            f"pass one of its folders, e.g. {dpath / runs[0]['name']} (runs: {names}{', ...' if len(runs) > 3 else ''})",
+        )
+    return dpath

@@ -20,6 +20,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 NP_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16), "float32": np.dtype(np.float32)}
 FLOAT16_MAX = 65504.0
 TOKEN_KINDS = ("patches", "cls", "registers")
+STORE_FORMAT = "saevctl-activation-store"
 
 
 def to_numpy(x: torch.Tensor, dtype: str) -> np.ndarray:
@@ -45,8 +46,13 @@ def read_manifest(store_dpath: Path) -> dict[str, Any]:
         raise StoreError(f"{store_dpath} is not an activation store (no manifest.json)", "run saevctl extract first")
     try:
         manifest = json.loads(fpath.read_text())
-    except json.JSONDecodeError as e:
-        raise StoreError(f"{fpath} is corrupt", "re-run saevctl extract with the same arguments") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{fpath} is not valid JSON", "delete the store folder and run saevctl extract again") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
+        raise StoreError(
+            f"{store_dpath} holds a manifest.json that is not an activation store's",
+            "pass the folder that saevctl extract wrote, or choose a new --out folder",
+        )
     version = manifest.get("schema_version")
     if version != layout.STORE_SCHEMA:
         raise StoreError(

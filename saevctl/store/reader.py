@@ -16,7 +16,7 @@ import torch
 
 from saevctl import layout
 from saevctl.errors import LayerError, StoreError
-from saevctl.store.format import NP_DTYPES, from_numpy, read_manifest
+from saevctl.store.format import NP_DTYPES, from_numpy, kind_shape, read_manifest
 from saevctl.vit.backbone import TokenLayout
 
 
@@ -37,14 +37,46 @@ class ShardedArray:
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
 
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def _row_index(self, idx: Any) -> np.ndarray:
+        """Any 1-d row index (int list/array, boolean mask) as non-negative int64 positions."""
+        n = len(self)
+        rows = np.asarray(idx)
+        if rows.dtype == np.bool_:
+            if rows.shape != (n,):
+                raise IndexError(f"boolean mask of shape {rows.shape} does not fit {n} rows")
+            return np.flatnonzero(rows)
+        if rows.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
+            raise IndexError(f"rows must be an int, a slice, a 1-d int array or a boolean mask, not {idx!r}")
+        rows = rows.astype(np.int64)
+        rows = np.where(rows < 0, rows + n, rows)
+        if rows.min() < 0 or rows.max() >= n:
+            raise IndexError(f"row index out of range for {n} rows")
+        return rows
+
     def _rows(self, idx: Any) -> np.ndarray:
+        if isinstance(idx, tuple):
+            # (rows, rest...): pick rows from the shards, then index the remaining axes in memory.
+            # A fancy first index becomes arange over the picked rows, so numpy's broadcasting rules
+            # for several advanced indices give the same result as on the whole array.
+            head, rest = (idx[0], idx[1:]) if idx else (slice(None), ())
+            rows = self._rows(head)
+            if isinstance(head, (int, np.integer)):
+                return np.asarray(rows[rest])
+            first = slice(None) if isinstance(head, slice) else np.arange(len(rows))
+            return np.asarray(rows[(first, *rest)])
         n = len(self)
         if isinstance(idx, (int, np.integer)):
             i = int(idx) + n if idx < 0 else int(idx)
             if not 0 <= i < n:
                 raise IndexError(f"row {idx} out of range for {n} rows")
             s = bisect.bisect_right(self.offsets, i) - 1
-            return np.asarray(self.parts[s][i - self.offsets[s]])
+            return np.array(self.parts[s][i - self.offsets[s]])
         if isinstance(idx, slice):
             start, stop, step = idx.indices(n)
             if step != 1:
@@ -57,10 +89,7 @@ class ShardedArray:
             if not chunks:
                 return np.empty((0, *self.shape[1:]), dtype=self.parts[0].dtype)
             return np.concatenate(chunks) if len(chunks) > 1 else np.array(chunks[0])
-        rows = np.asarray(idx, dtype=np.int64)
-        rows = np.where(rows < 0, rows + n, rows)
-        if rows.size and (rows.min() < 0 or rows.max() >= n):
-            raise IndexError(f"row index out of range for {n} rows")
+        rows = self._row_index(idx)
         out = np.empty((len(rows), *self.shape[1:]), dtype=self.parts[0].dtype)
         shard_of = np.searchsorted(np.asarray(self.offsets), rows, side="right") - 1
         for s in np.unique(shard_of):
@@ -140,18 +169,32 @@ class Store:
         if layer not in self._views:
             arrays = {}
             for kind in self.kinds:
-                parts = []
-                for s in self.manifest["shards"]:
-                    if s["n_rows"] == 0:
-                        continue
-                    fpath = layout.store_shard_dpath(self.dpath, s["index"]) / layout.shard_array_name(layer, kind)
-                    part = np.load(fpath, mmap_mode="r")
-                    assert part.dtype == NP_DTYPES[self.dtype], (fpath, part.dtype)
-                    parts.append(part)
+                shards = [sh for sh in self.manifest["shards"] if sh["n_rows"] > 0] or self.manifest["shards"][:1]
+                parts = [self._load_part(layer, kind, sh) for sh in shards]
                 if parts:
                     arrays[kind] = ShardedArray(parts, self.dtype)
             self._views[layer] = LayerView(layer, arrays)
         return self._views[layer]
+
+    def _load_part(self, layer: int, kind: str, shard: dict[str, Any]) -> np.ndarray:
+        """Memory-map one shard file, checking it is the file the manifest describes."""
+        fpath = layout.store_shard_dpath(self.dpath, shard["index"]) / layout.shard_array_name(layer, kind)
+        hint = "delete the store and run saevctl extract again"
+        try:
+            part = np.load(fpath, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError as e:
+            raise StoreError(f"the store at {self.dpath} is damaged: {fpath} is missing", hint) from e
+        except (ValueError, OSError) as e:
+            raise StoreError(f"the store at {self.dpath} is damaged: {fpath} is unreadable ({e})", hint) from e
+        lay = self.layout
+        want = (int(shard["n_rows"]), *kind_shape(kind, lay.n_patches, lay.n_reg, self.d))
+        if part.dtype != NP_DTYPES[self.dtype] or part.shape != want:
+            raise StoreError(
+                f"the store at {self.dpath} is damaged: {fpath} holds {part.dtype} {part.shape}, "
+                f"the manifest says {NP_DTYPES[self.dtype]} {want}",
+                hint,
+            )
+        return part
 
     @property
     def images(self) -> list[dict[str, Any]]:

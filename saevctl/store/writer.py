@@ -16,7 +16,7 @@ import numpy as np
 import saevctl
 from saevctl import atomic, layout
 from saevctl.errors import OutputError, StoreError
-from saevctl.store.format import read_manifest
+from saevctl.store.format import STORE_FORMAT, kind_shape, read_manifest
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -25,8 +25,11 @@ def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     for key in ("model", "layers", "tokens", "dtype", "images", "images_per_shard"):
         a, b = old.get(key), new.get(key)
         if key == "model" and isinstance(a, dict) and isinstance(b, dict):
-            if a.get("spec") != b.get("spec") or a.get("weights_sha256") != b.get("weights_sha256"):
+            if a.get("spec") != b.get("spec"):
                 parts.append(f"model {a.get('spec')} vs {b.get('spec')}")
+            elif a.get("weights_sha256") != b.get("weights_sha256"):
+                old_h, new_h = str(a.get("weights_sha256"))[:12], str(b.get("weights_sha256"))[:12]
+                parts.append(f"model {a.get('spec')} now has other weights (sha256 {old_h}... vs {new_h}...)")
             elif a != b:
                 parts.append("model preprocessing")
         elif key == "images" and isinstance(a, dict) and isinstance(b, dict):
@@ -35,6 +38,13 @@ def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
         elif a != b:
             parts.append(f"{key} {a} vs {b}")
     return "; ".join(parts) or "settings"
+
+
+def _remove_stale_temps(dpath: Path) -> None:
+    """Temp files of a killed atomic write (.NAME.tmpPID) are garbage, never part of the store."""
+    for p in dpath.glob(".*.tmp*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
 
 
 class StoreWriter:
@@ -52,6 +62,8 @@ class StoreWriter:
         d = self.dpath
         if d.exists() and not d.is_dir():
             raise OutputError(f"--out {d} is a file", "choose a folder path for the store")
+        if d.is_dir():
+            _remove_stale_temps(d)
         if d.is_dir() and any(d.iterdir()):
             if not layout.store_manifest_fpath(d).is_file():
                 raise OutputError(
@@ -71,7 +83,7 @@ class StoreWriter:
     def _write_manifest(self, complete: bool, shards: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
         manifest = {
             "schema_version": layout.STORE_SCHEMA,
-            "format": "saevctl-activation-store",
+            "format": STORE_FORMAT,
             "saevctl_version": saevctl.__version__,
             "complete": complete,
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -104,6 +116,16 @@ class StoreWriter:
             text = "".join(json.dumps(im) + "\n" for im in images)
             (tmp / layout.shard_images_name()).write_text(text)
 
+    def _shapes(self, n_rows: int) -> dict[str, list[int]]:
+        """Full array shape of each token kind (every stored layer has the same), for readers and humans."""
+        model = self.config["model"]
+        lay = model["layout"]
+        n_patches = int(lay["grid_h"]) * int(lay["grid_w"])
+        shapes = {}
+        for kind in self.config["tokens"]:
+            shapes[kind] = [n_rows, *kind_shape(kind, n_patches, int(lay["n_reg"]), int(model["d_model"]))]
+        return shapes
+
     def finalize(self) -> dict[str, Any]:
         """Assemble the image table and mark the store complete."""
         shards, table, row = [], [], 0
@@ -123,6 +145,13 @@ class StoreWriter:
             row += n_rows
         atomic.write_text(layout.store_images_fpath(self.dpath), "".join(json.dumps(im) + "\n" for im in table))
         failed = [im["id"] for im in table if im["status"] != "ok"]
-        extra = {"n_images": len(table), "n_rows": row, "n_failed": len(failed), "failed_ids": failed, "bytes": n_bytes}
+        extra = {
+            "n_images": len(table),
+            "n_rows": row,
+            "n_failed": len(failed),
+            "failed_ids": failed,
+            "bytes": n_bytes,
+            "shapes": self._shapes(row),
+        }
         self._write_manifest(complete=True, shards=shards, extra=extra)
         return read_manifest(self.dpath)

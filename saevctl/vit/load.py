@@ -5,8 +5,15 @@ Hub names are really fetched when a hub is reachable; offline they fail with a h
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
+import os
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -16,7 +23,8 @@ from saevctl.vit.backbone import Backbone
 
 log = logging.getLogger(__name__)
 
-SPEC_FORMS = "demo, timm:NAME, local-dir:/path, hf-hub:org/name, open_clip:ARCH/PRETRAINED"
+SPEC_FORMS = "demo, timm:NAME, local-dir:/path, hf-hub:org/name, open_clip:ARCH/TAG, open_clip:ARCH/path/to/ckpt"
+CKPT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -32,33 +40,72 @@ def parse_spec(spec: str) -> tuple[str, str]:
 def _offline_hint(spec: str) -> str:
     if spec.startswith("open_clip:"):
         arch = spec.removeprefix("open_clip:").split("/", 1)[0]
-        return (
-            "no model hub is reachable from here; copy the checkpoint file here and pass "
-            f"open_clip:{arch}/path/to/checkpoint.safetensors"
-        )
+        return f"to work offline, copy the checkpoint file here and pass open_clip:{arch}/path/to/checkpoint.safetensors"
     return (
-        "no model hub is reachable from here; save the model as a folder with config.json + "
-        f"model.safetensors and pass local-dir:/that/folder (asked for {spec})"
+        "to work offline, save the model as a folder with config.json + model.safetensors "
+        "(timm's save_for_hf writes them) and pass local-dir:/that/folder"
     )
 
 
-def _check_hub_reachable(spec: str) -> None:
-    """Fail in seconds, not after minutes of download retries, when the hub cannot be reached."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ModelError(f"cannot download {spec}: HF_HUB_OFFLINE=1 is set", _offline_hint(spec))
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+def _hub_timeout() -> float:
     try:
-        socket.create_connection((host, port), timeout=5).close()
-    except OSError as e:
-        raise ModelError(f"cannot download {spec}: the model hub ({host}) is unreachable", _offline_hint(spec)) from e
+        return float(os.environ.get("SAEVCTL_HUB_TIMEOUT", "3"))
+    except ValueError:
+        return 3.0
+
+
+@functools.lru_cache(maxsize=8)
+def _hub_reachable(endpoint: str, timeout: float) -> bool:
+    """One bounded probe per process: does the hub answer an HTTP request within `timeout` seconds?
+
+    A plain TCP connect is not enough (intercepting proxies accept every connection), and name lookup
+    has no timeout of its own, so the whole request runs in a daemon thread that is abandoned when slow.
+    """
+    result: list[bool] = []
+
+    def probe() -> None:
+        req = urllib.request.Request(endpoint.rstrip("/") + "/", method="HEAD")
+        try:
+            urllib.request.urlopen(req, timeout=timeout).close()
+            result.append(True)
+        except urllib.error.HTTPError:
+            result.append(True)  # it answered, if only with an error status
+        except (OSError, ValueError):
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True, name="saevctl-hub-probe")
+    t.start()
+    t.join(timeout)
+    return bool(result and result[0])
+
+
+@contextlib.contextmanager
+def _hub_access(spec: str) -> Iterator[None]:
+    """Reach the hub when it answers; otherwise serve the name from the local Hugging Face cache only.
+
+    Offline, huggingface_hub would retry each file for half a minute; in its offline mode it answers
+    from the cache at once, so a model downloaded earlier still loads and a new one fails in seconds.
+    """
+    from huggingface_hub import constants
+
+    endpoint = str(constants.ENDPOINT)
+    offline = bool(constants.HF_HUB_OFFLINE) or not _hub_reachable(endpoint, _hub_timeout())
+    if not offline:
+        yield
+        return
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    except Exception as e:
+        why = "HF_HUB_OFFLINE is set" if old else f"the model hub ({endpoint}) is unreachable"
+        raise ModelError(f"cannot download {spec}: {why} and it is not in the local cache", _offline_hint(spec)) from e
+    finally:
+        constants.HF_HUB_OFFLINE = old
 
 
 def _hub_error(spec: str, e: Exception) -> ModelError:
+    """An error from a hub download, reached online: a wrong name or tag, or a flaky network."""
     text = f"{type(e).__name__}: {e}".lower()
     offline_words = ("connect", "offline", "resolve", "network", "timed out", "max retries", "localentrynotfound")
     if any(w in text for w in offline_words):
@@ -100,12 +147,49 @@ def _load_timm(kind: str, rest: str, spec: str) -> Backbone:
         name = rest
     else:
         name = f"hf-hub:{rest}"
-    _check_hub_reachable(spec)
     try:
-        model = timm.create_model(name, pretrained=True)
+        with _hub_access(spec):
+            model = timm.create_model(name, pretrained=True)
+    except ModelError:
+        raise
     except Exception as e:
         raise _hub_error(spec, e) from e
     return TimmBackbone(model, spec)
+
+
+def _open_clip_checkpoint(arch: str, pretrained: str) -> Path | None:
+    """The local checkpoint file named after `ARCH/`, or None when `pretrained` is a hub tag.
+
+    `open_clip:ARCH/ckpt.safetensors` and `open_clip:ARCH/rel/dir/ckpt.bin` are relative to the working
+    folder; an absolute path may be written `open_clip:ARCH//abs/ckpt.bin` or `open_clip:ARCH/abs/ckpt.bin`.
+    """
+    if "/" not in pretrained and not pretrained.endswith(CKPT_SUFFIXES):
+        return None
+    fpath = Path(pretrained).expanduser()
+    if not fpath.is_absolute() and not fpath.exists() and Path("/" + pretrained).is_file():
+        fpath = Path("/" + pretrained)
+    if not fpath.is_file():
+        raise ModelError(
+            f"open_clip checkpoint {fpath} does not exist",
+            f"pass open_clip:{arch}/path/to/checkpoint (.safetensors, .bin, .pt) or open_clip:{arch}/TAG",
+        )
+    return fpath
+
+
+class _DropOpenClipRootRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and "open_clip" in record.pathname)
+
+
+@contextlib.contextmanager
+def _quiet_open_clip_root_logs() -> Iterator[None]:
+    """open_clip reports a failed download with logging.error on the root logger; our error says it once."""
+    flt = _DropOpenClipRootRecords()
+    logging.getLogger().addFilter(flt)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(flt)
 
 
 def _load_open_clip(rest: str, spec: str) -> Backbone:
@@ -116,15 +200,34 @@ def _load_open_clip(rest: str, spec: str) -> Backbone:
     arch, _, pretrained = rest.partition("/")
     if arch not in open_clip.list_models():
         raise ModelError(f"unknown open_clip architecture {arch!r}", "see open_clip.list_models() for names")
-    if pretrained and ("/" in pretrained or pretrained.endswith((".safetensors", ".bin", ".pt", ".pth"))):
-        fpath = Path(pretrained).expanduser()
-        if not fpath.is_file():
-            raise ModelError(f"open_clip checkpoint {fpath} does not exist", "give the path of a checkpoint file")
-        pretrained = str(fpath)
-    elif pretrained:
-        _check_hub_reachable(spec)
+    if not pretrained:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)[:4]) or "none known"
+        raise ModelError(
+            f"{spec} names no weights (a random model is useless here)",
+            f"write open_clip:{arch}/TAG (tags: {tags}) or open_clip:{arch}/path/to/checkpoint",
+        )
+    fpath = _open_clip_checkpoint(arch, pretrained)
+    if fpath is not None:
+        try:
+            clip = open_clip.create_model(arch, pretrained=str(fpath))
+        except Exception as e:
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise ModelError(
+                f"cannot load {fpath} into open_clip {arch}: {first}",
+                f"pass a checkpoint saved from an open_clip {arch} model (its state_dict)",
+            ) from e
+        return OpenClipBackbone(clip, spec)
+    known = open_clip.list_pretrained_tags_by_model(arch)
+    if pretrained.lower() not in {t.lower() for t in known}:
+        raise ModelError(
+            f"open_clip {arch} has no pretrained tag {pretrained!r} (known: {', '.join(known) or 'none'})",
+            f"pick a known tag, or pass a checkpoint file as open_clip:{arch}/path/to/checkpoint",
+        )
     try:
-        clip = open_clip.create_model(arch, pretrained=pretrained or None)
+        with _hub_access(spec), _quiet_open_clip_root_logs():
+            clip = open_clip.create_model(arch, pretrained=pretrained)
+    except ModelError:
+        raise
     except Exception as e:
         raise _hub_error(spec, e) from e
     return OpenClipBackbone(clip, spec)

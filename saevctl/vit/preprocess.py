@@ -5,6 +5,7 @@ Three resize modes: centre crop (timm/open_clip), squash to a square, and letter
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,6 +19,17 @@ _FILTERS = {
     "box": Image.Resampling.BOX,
     "nearest": Image.Resampling.NEAREST,
 }
+
+
+def _center_crop(img: Image.Image, size: int) -> Image.Image:
+    """torchvision's CenterCrop: offsets rounded half to even, padding with black where the image is smaller."""
+    w, h = img.size
+    if w < size or h < size:
+        canvas = Image.new("RGB", (max(w, size), max(h, size)), (0, 0, 0))
+        canvas.paste(img, ((max(w, size) - w) // 2, (max(h, size) - h) // 2))
+        img, (w, h) = canvas, canvas.size
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
 
 
 @dataclass(frozen=True)
@@ -53,20 +65,24 @@ class Preprocess:
         img = img.convert("RGB")
         flt = _FILTERS[self.interpolation]
         w, h = img.size
+        # Same integer arithmetic as timm's and open_clip's eval transforms (torchvision Resize + CenterCrop),
+        # so a store holds exactly what the model's own pipeline would have fed it.
+        scale_size = math.floor(self.size / self.crop_pct)
         if self.mode == "squash":
-            return img.resize((self.size, self.size), flt)
+            return _center_crop(img.resize((scale_size, scale_size), flt), self.size)
         if self.mode == "letterbox":
             scale = self.size / max(w, h)
             nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
             canvas = Image.new("RGB", (self.size, self.size), (0, 0, 0))
             canvas.paste(img.resize((nw, nh), flt), ((self.size - nw) // 2, (self.size - nh) // 2))
             return canvas
-        short = self.size / self.crop_pct
-        scale = short / min(w, h)
-        nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
-        img = img.resize((nw, nh), flt)
-        left, top = (nw - self.size) // 2, (nh - self.size) // 2
-        return img.crop((left, top, left + self.size, top + self.size))
+        if w <= h:
+            nw, nh = scale_size, int(scale_size * h / w)
+        else:
+            nw, nh = int(scale_size * w / h), scale_size
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), flt)
+        return _center_crop(img, self.size)
 
     def to_uint8(self, img: Image.Image) -> np.ndarray:
         """The geometric transform as an (h, w, 3) uint8 array: cheap to move between threads/processes."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import Tensor, nn
@@ -9,6 +10,8 @@ from torch import Tensor, nn
 from saevctl.errors import ModelError
 from saevctl.vit.backbone import Backbone, TokenLayout
 from saevctl.vit.preprocess import Preprocess
+
+log = logging.getLogger(__name__)
 
 
 def preprocess_from_timm(model: nn.Module) -> Preprocess:
@@ -19,11 +22,14 @@ def preprocess_from_timm(model: nn.Module) -> Preprocess:
     _, h, w = cfg["input_size"]
     assert h == w, "non-square inputs are not supported"
     interp = cfg.get("interpolation", "bicubic")
+    crop_mode = cfg.get("crop_mode") or "center"
+    if crop_mode not in ("center", "squash"):
+        log.warning("timm crop_mode %r is not supported; using a centre crop", crop_mode)
     return Preprocess(
         size=int(h),
         mean=tuple(float(v) for v in cfg["mean"]),  # type: ignore[arg-type]
         std=tuple(float(v) for v in cfg["std"]),  # type: ignore[arg-type]
-        mode="center_crop",
+        mode="squash" if crop_mode == "squash" else "center_crop",
         crop_pct=float(cfg.get("crop_pct", 1.0)),
         interpolation=interp if interp in ("bicubic", "bilinear", "nearest") else "bicubic",
     )

@@ -1,0 +1,236 @@
+"""`mine`: one pass of a store through an SAE into the index (stats, exemplars, image -> features) + faiss.
+
+Chunks of images are read in a background thread while the previous chunk is encoded and folded in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from saevctl import workspace
+from saevctl.config import resolve_device
+from saevctl.errors import CheckpointError, InputError, StoreError
+from saevctl.mine import vectors, writer
+from saevctl.mine.scan import FeatureScanner, hist_edges
+from saevctl.sae import SAE
+from saevctl.store import ShardedArray, Store, open_store
+from saevctl.store.format import from_numpy
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int], None]
+MINABLE = ("patches", "cls")
+# Codes materialised per chunk (floats); bounds the working set whatever the store size.
+CHUNK_CODES = 1 << 24
+
+
+@dataclass(frozen=True)
+class Config:
+    sae: Path
+    """SAE checkpoint folder (config.json + sae.safetensors)."""
+    store: Path
+    """Activation store extracted from the same model, holding the SAE's layer."""
+    index: Path = Path("index.duckdb")
+    """DuckDB index file; created, or updated with this SAE when it exists."""
+    top_k: int = 25
+    """Exemplar images kept per feature."""
+    by: str = "max"
+    """Rank an image for a feature by the max or the mean of the feature over the image's patches."""
+    top_n: int = 32
+    """Features kept per image for image -> feature queries."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    name: str | None = None
+    """Readable SAE name (default: the checkpoint folder's name); the id appends the weights hash."""
+    chunk_images: int | None = None
+    """Images per encoded chunk (default: as many as keep about 16M codes in memory)."""
+    set_defaults: bool = True
+    """Record store, SAE and index as this workspace's defaults (./saevctl.toml)."""
+
+    def __post_init__(self) -> None:
+        for f in ("sae", "store", "index"):
+            object.__setattr__(self, f, Path(getattr(self, f)))
+        if self.by not in ("max", "mean"):
+            raise InputError(f"unknown --by {self.by!r}", "use max or mean")
+        if self.top_k < 1 or self.top_n < 1:
+            raise InputError("--top-k and --top-n must be positive", "pass a positive number")
+
+
+@dataclass(frozen=True)
+class Result:
+    index: Path
+    sae_id: str
+    n_images: int
+    n_features: int
+    tokens: tuple[str, ...]
+    alive: int
+    seconds: float
+
+
+def check_match(sae: SAE, store: Store, sae_dpath: Path) -> int:
+    """The store layer the SAE reads; a one-line error when model, layer or width differ."""
+    sm, tm = sae.cfg.model, store.model
+    sha = sm.get("weights_sha256")
+    if not sha:
+        raise CheckpointError(f"the SAE at {sae_dpath} does not record which model it was trained on",
+                              "re-train it with saevctl train, or import it with saevctl sae import --model")
+    if sha != tm.get("weights_sha256"):
+        raise StoreError(
+            f"the SAE at {sae_dpath} was trained on {sm.get('spec')} (weights {sha[:12]}), "
+            f"but the store {store.dpath} holds {tm.get('spec')} (weights {str(tm.get('weights_sha256'))[:12]})",
+            "mine it on a store extracted from the model it was trained on",
+        )
+    n_blocks = int(tm.get("n_blocks") or 0)
+    layer = sae.cfg.layer % n_blocks if sae.cfg.layer < 0 and n_blocks else sae.cfg.layer
+    if layer not in store.layers:
+        raise StoreError(
+            f"the SAE at {sae_dpath} reads layer {layer}, but the store {store.dpath} holds layers {store.layers}",
+            f"extract layer {layer} into a store, or pick the SAE trained on one of {store.layers}",
+        )
+    if sae.cfg.d != store.d:
+        raise CheckpointError(f"the SAE at {sae_dpath} has width {sae.cfg.d}, the store {store.d}", "use a matching SAE")
+    return layer
+
+
+def _chunks(arrays: dict[str, ShardedArray], per: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(first row, {kind: rows}) shard by shard, straight from each shard's memory map."""
+    first = next(iter(arrays.values()))
+    for s, part in enumerate(first.parts):
+        for lo in range(0, len(part), per):
+            # np.array copies here, in the prefetch thread, so the disk read overlaps the previous chunk's encode.
+            rows = {k: from_numpy(np.array(a.parts[s][lo : lo + per]), a.dtype) for k, a in arrays.items()}
+            yield first.offsets[s] + lo, rows
+
+
+def _prefetched(it: Iterator[Any]) -> Iterator[Any]:
+    """Read the next chunk from disk while the current one is encoded."""
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(next, it, None)
+        while (item := fut.result()) is not None:
+            fut = pool.submit(next, it, None)
+            yield item
+
+
+def scan_store(
+    sae: SAE, store: Store, layer: int, kinds: tuple[str, ...], cfg: Config, device: str,
+    progress: Progress | None = None,
+) -> dict[str, FeatureScanner]:
+    """One pass over the store: encode each chunk and fold it into one scanner per token kind."""
+    view = store.layer(layer)
+    arrays = {k: view.kind(k) for k in kinds}
+    s, p = sae.cfg.n_latents, store.layout.n_patches
+    per = cfg.chunk_images or max(1, min(1024, CHUNK_CODES // (s * p)))
+    scanners = {k: FeatureScanner(s, cfg.top_k, p if k == "patches" else 1, cfg.by, cfg.top_n,
+                                  keep_patches=k == "patches", device=device) for k in kinds}
+    ids_n = torch.from_numpy(store.row_image_ids())
+    with torch.inference_mode():
+        for row0, rows in _prefetched(_chunks(arrays, per)):
+            ids_b = ids_n[row0 : row0 + len(next(iter(rows.values())))].to(device)
+            for kind, x in rows.items():
+                x_bpd = x.to(device).reshape(len(ids_b), -1, sae.cfg.d)
+                b, t, d = x_bpd.shape
+                codes_bps = sae.encode(x_bpd.reshape(b * t, d)).reshape(b, t, -1)
+                scanners[kind].update(codes_bps, ids_b)
+            if progress:
+                progress(len(ids_b))
+    return scanners
+
+
+def token_tables(sc: FeatureScanner) -> dict[str, dict[str, np.ndarray]]:
+    """A scanner's results as numpy columns of the features, histograms, exemplars and image_features tables."""
+    st = sc.stats()
+    feat = np.arange(sc.s, dtype=np.int32)
+    features = {"feature": feat, "freq": st.freq.cpu().numpy(), "img_freq": st.img_freq.cpu().numpy(),
+                "mean": st.mean.cpu().numpy(), "mean_all": st.mean_all.cpu().numpy(),
+                "max": st.max.double().cpu().numpy(), "img_mean": st.img_mean.cpu().numpy(),
+                "n_fired": st.n_fired.cpu().numpy()}
+    hist = st.hist_sb.cpu().numpy()
+    hf, hb = np.nonzero(hist)
+    edges = np.array(hist_edges())
+    histograms = {"feature": hf.astype(np.int32), "bin": hb.astype(np.int16), "lo": edges[hb, 0],
+                  "hi": edges[hb, 1], "count": hist[hf, hb]}
+    vals_ks, ids_ks = (t.cpu() for t in sc.topk.result())
+    keep_ks = (vals_ks > 0) & (ids_ks >= 0)
+    rank_ks = torch.arange(vals_ks.shape[0])[:, None].expand_as(vals_ks)
+    feat_ks = torch.arange(sc.s)[None, :].expand_as(vals_ks)
+    # Feature-major order, so each feature's rows sit together and DuckDB's zone maps find them fast.
+    order = torch.argsort(feat_ks[keep_ks] * vals_ks.shape[0] + rank_ks[keep_ks])
+    ex_f, ex_r = feat_ks[keep_ks][order], rank_ks[keep_ks][order]
+    exemplars = {"feature": ex_f.numpy().astype(np.int32), "rank": ex_r.numpy().astype(np.int16),
+                 "image_id": ids_ks[ex_r, ex_f].numpy().astype(np.int32),
+                 "value": vals_ks[ex_r, ex_f].numpy().astype(np.float32)}
+    if sc.topk.patches_skp is not None:
+        acts = sc.topk.patches_skp.cpu()[ex_f, ex_r]  # (e, p) float16
+        exemplars["n_fired"] = (acts > 0).sum(1).numpy().astype(np.int16)
+        raw = acts.numpy().astype("<f2")
+        exemplars["acts"] = np.array([r.tobytes() for r in raw], dtype=object)
+    img, rank, f, v = (t.cpu().numpy() for t in sc.image_features())
+    image_features = {"image_id": img.astype(np.int32), "rank": rank.astype(np.int16),
+                      "feature": f.astype(np.int32), "value": v.astype(np.float32)}
+    return {"features": features, "histograms": histograms, "exemplars": exemplars, "image_features": image_features}
+
+
+def store_id_of(store: Store) -> str:
+    key = json.dumps([str(store.dpath.resolve()), store.manifest["config"]["images"], store.model.get("weights_sha256")])
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def _store_row(store: Store) -> dict[str, Any]:
+    return {"path": str(store.dpath.resolve()), "fingerprint": store.manifest["config"]["images"].get("fingerprint"),
+            "model_spec": store.model.get("spec"), "model_sha256": store.model.get("weights_sha256"),
+            "model": store.model, "n_images": store.n_images, "grid_h": store.layout.grid_h, "grid_w": store.layout.grid_w}
+
+
+def _sae_row(cfg: Config, sae: SAE, sae_id: str, store: Store, layer: int, kinds: tuple[str, ...], secs: float) -> dict[str, Any]:
+    return {"sae_id": sae_id, "name": cfg.name or cfg.sae.resolve().name, "ckpt_path": str(cfg.sae.resolve()),
+            "weights_sha256": sae.header["weights_sha256"], "store_id": store_id_of(store),
+            "model_spec": store.model.get("spec"), "model_sha256": store.model.get("weights_sha256"),
+            "layer": layer, "d": sae.cfg.d, "n_latents": sae.cfg.n_latents, "activation": sae.cfg.activation,
+            "tokens": json.dumps(list(kinds)), "top_k": cfg.top_k, "top_n": cfg.top_n, "rank_by": cfg.by,
+            "n_images": store.n_images, "n_patches": store.layout.n_patches, "grid_h": store.layout.grid_h,
+            "grid_w": store.layout.grid_w, "seconds": secs,
+            "config": json.dumps({"sae": sae.cfg.to_dict(), "store": str(store.dpath.resolve())}, default=str)}
+
+
+def sae_id_for(cfg: Config, sae: SAE) -> str:
+    name = cfg.name or cfg.sae.resolve().name
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60] or "sae"
+    return f"{safe}-{sae.header['weights_sha256'][:8]}"
+
+
+def run(cfg: Config, progress: Progress | None = None) -> Result:
+    """Mine `cfg.sae` over `cfg.store` into `cfg.index` (atomically), build its faiss index, record defaults."""
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    sae = SAE.load(cfg.sae, device)
+    store = open_store(cfg.store)
+    layer = check_match(sae, store, cfg.sae)
+    kinds = tuple(k for k in sae.cfg.tokens if k in MINABLE) or ("patches",)
+    sae_id = sae_id_for(cfg, sae)
+    with writer.staged_index(cfg.index) as idx:  # created first: a locked or corrupt index fails before the scan
+        scanners = scan_store(sae, store, layer, kinds, cfg, device, progress)
+        secs = time.perf_counter() - t0
+        idx.con.execute("BEGIN TRANSACTION")
+        writer.delete_sae(idx, sae_id)
+        writer.put_store(idx, store_id_of(store), _store_row(store), store.images)
+        writer.put_sae_row(idx, _sae_row(cfg, sae, sae_id, store, layer, kinds, secs))
+        for kind, sc in scanners.items():
+            writer.put_token_results(idx, sae_id, kind, token_tables(sc))
+        idx.con.execute("COMMIT")
+        vectors.save_decoder(cfg.index, sae_id, sae.W_dec.detach().float().cpu().numpy(), sae.header["weights_sha256"])
+        vectors.build(cfg.index, sae_id, sae.header["weights_sha256"])
+    if cfg.set_defaults:
+        workspace.set_defaults(store=cfg.store.resolve(), sae=cfg.sae.resolve(), index=cfg.index.resolve())
+    alive = int((scanners[kinds[0]].stats().n_fired > 0).sum())
+    log.info("mined %s over %d images in %.1f s", sae_id, store.n_images, time.perf_counter() - t0)
+    return Result(cfg.index, sae_id, store.n_images, sae.cfg.n_latents, kinds, alive, time.perf_counter() - t0)

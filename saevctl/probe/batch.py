@@ -1,0 +1,282 @@
+"""Batch probe: the same edit over many images next to two controls (a random feature of similar firing
+frequency, a random direction of the same norm), with bootstrap confidence intervals of the effect sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from saevctl import atomic, layout
+from saevctl.config import resolve_device
+from saevctl.data import ImageRecord, open_image, resolve_images
+from saevctl.errors import ProbeError, SaevctlError
+from saevctl.probe.edit import EditPlan, Patches, apply_edit, make_plan, parse_clamp, parse_patches
+from saevctl.probe.edit import direction_generator, random_direction_edit, static_mask
+from saevctl.probe.effects import METRICS, bootstrap_ci, effect_sizes, primary_metric
+from saevctl.probe.figures import batch_figure
+from saevctl.probe.session import FeatureStats, Prober, clamp_values, open_index_stats, resolve_sae_path
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int], None]
+CONDITIONS = ("feature", "random feature", "random direction")
+SUMMARY_SCHEMA = 1
+N_NEAR = 16
+"""Control features are drawn from the features whose firing frequency is nearest the edited one's."""
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    images: str
+    """Image folder, .txt list of paths, or demo[:N]."""
+    clamps: tuple[str, ...]
+    """FEATURE=VALUE edits (feature ids, not top): 6909=0, 6909=3.5, 6909=2x."""
+    sae: Path | None = None
+    """SAE checkpoint folder (default: the workspace's SAE)."""
+    head: str | None = None
+    """saliency, timm, clip (with classes) or a trained head folder (default: saliency on demo, else timm)."""
+    classes: str | None = None
+    """Comma-separated prompts for --head clip."""
+    patches: str = "fired"
+    """all, fired, r,c;r,c, or box:x0,y0,x1,y1 (model-input pixels)."""
+    index: Path | None = None
+    """Mined index: max activations for Nx clamps and firing frequencies for the control feature."""
+    out: Path | None = None
+    """PNG of the effect sizes; a JSON summary is written beside it (default probes/batch_<clamps>.png)."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    batch_size: int = 16
+    """Images per forward pass (each pass runs 4 variants from the SAE's layer on)."""
+    max_images: int | None = None
+    """Use only the first N images."""
+    controls: bool = True
+    """Run the two controls (off: only the feature edit)."""
+    n_boot: int = 1000
+    """Bootstrap resamples for the confidence intervals."""
+    seed: int = 0
+    """Seed for the control feature, the random directions and the bootstrap."""
+    freq_images: int = 128
+    """Without a mined index, firing frequencies are measured on this many of the images first."""
+    n_workers: int = 2
+    """Threads decoding images ahead of the forward pass."""
+    fast: bool = True
+    """Edit through the chosen features' columns only (False: the full encode/decode reference)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "clamps", tuple(self.clamps))
+        if not self.clamps:
+            raise ProbeError("no --clamp given", "pass at least one edit, e.g. --clamp 6909=0")
+        if self.batch_size < 1 or self.n_boot < 10:
+            raise ProbeError("--batch-size must be positive and --n-boot at least 10", "pass larger values")
+
+
+@dataclass
+class BatchResult:
+    task: str
+    n_images: int
+    n_failed: int
+    n_fired: int
+    """Images where the edit touched at least one patch."""
+    features: list[int]
+    values: list[float]
+    control_features: list[int]
+    control_values: list[float]
+    freq_source: str
+    rows: list[dict[str, Any]]
+    """Per metric: label, magnitude, conditions [{condition, mean, lo, hi}], vs_controls [{control, mean, lo, hi}]."""
+    specific: bool | None
+    """The primary effect exceeds both controls' (paired CIs above 0); None without controls."""
+    effects: dict[str, dict[str, np.ndarray]]
+    figure: Path
+    summary: Path
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.n_images / max(self.seconds, 1e-9)
+
+
+# --- images --------------------------------------------------------------------------------------------
+
+
+def _decode(records: list[ImageRecord], prober: Prober) -> tuple[np.ndarray, int]:
+    arrays, failed = [], 0
+    for rec in records:
+        try:
+            arrays.append(prober.bb.preprocess.to_uint8(open_image(rec.path)))
+        except SaevctlError as e:
+            log.warning("skipping %s: %s", rec.path, e.message)
+            failed += 1
+    size = prober.bb.preprocess.size
+    return (np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)), failed
+
+
+def iter_batches(records: list[ImageRecord], prober: Prober, bs: int, n_workers: int) -> Iterator[tuple[np.ndarray, int]]:
+    """Decoded uint8 batches in order, a few decodes ahead of the consumer."""
+    chunks = [records[i : i + bs] for i in range(0, len(records), bs)]
+    with ThreadPoolExecutor(max(1, n_workers)) as pool:
+        pending: list[Future[tuple[np.ndarray, int]]] = []
+        for i in range(len(chunks)):
+            while len(pending) < min(n_workers + 1, len(chunks) - i):
+                pending.append(pool.submit(_decode, chunks[i + len(pending)], prober))
+            yield pending.pop(0).result()
+
+
+# --- controls ------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def measure_stats(prober: Prober, records: list[ImageRecord], cfg: BatchConfig) -> FeatureStats:
+    """Firing frequency and max of every feature on the first `freq_images` images (no mined index)."""
+    sae, n_prefix = prober.sae, prober.bb.layout.n_prefix
+    fired = torch.zeros(sae.cfg.n_latents, dtype=torch.float64)
+    peak = torch.zeros(sae.cfg.n_latents, dtype=torch.float64)
+    n_tokens = 0
+    for u8, _ in iter_batches(records[: cfg.freq_images], prober, cfg.batch_size, cfg.n_workers):
+        if not len(u8):
+            continue
+        x = prober.prefix(prober.bb.preprocess.normalize(torch.from_numpy(u8).to(prober.device)))[:, n_prefix:]
+        codes = sae.encode(x.reshape(-1, x.shape[-1]))
+        fired += (codes > 0).sum(0).double().cpu()
+        peak = torch.maximum(peak, codes.amax(0).double().cpu())
+        n_tokens += codes.shape[0]
+    return FeatureStats(peak.numpy(), (fired / max(n_tokens, 1)).numpy(), f"measured on {min(len(records), cfg.freq_images)} images")
+
+
+def pick_control_features(features: list[int], freq_s: np.ndarray, rng: np.random.Generator) -> list[int]:
+    """For each edited feature, a random other feature among the N_NEAR nearest in log firing frequency."""
+    taken = set(features)
+    out = []
+    log_f = np.log(np.maximum(freq_s, 1e-12))
+    for f in features:
+        cand = np.array([j for j in range(len(freq_s)) if j not in taken and freq_s[j] > 0])
+        if cand.size == 0:
+            cand = np.array([j for j in range(len(freq_s)) if j not in taken])
+        if cand.size == 0:
+            raise ProbeError("the SAE has no other feature to use as a control", "run with --no-controls")
+        near = cand[np.argsort(np.abs(log_f[cand] - log_f[f]), kind="stable")[:N_NEAR]]
+        pick = int(rng.choice(near))
+        out.append(pick)
+        taken.add(pick)
+    return out
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+
+def _plans(prober: Prober, x_btd: torch.Tensor, feats: list[list[int]], vals: list[list[float]], patches: Patches,
+           mask_p: torch.Tensor | None) -> list[EditPlan]:
+    x_npd = x_btd[:, prober.bb.layout.n_prefix :]
+    n = x_npd.shape[0]
+    return [make_plan(prober.sae, x_npd, f, torch.tensor([v] * n), patches, mask_p) for f, v in zip(feats, vals, strict=True)]
+
+
+@torch.no_grad()
+def probe_batch(prober: Prober, u8: np.ndarray, feats: list[list[int]], vals: list[list[float]], patches: Patches,
+                mask_p: torch.Tensor | None, gen: torch.Generator | None, fast: bool = True) -> tuple[dict[str, dict[str, np.ndarray]], int]:
+    """Effects of the feature edit (and controls when `feats` has two entries and gen is set) on one batch."""
+    x_btd = prober.prefix(prober.bb.preprocess.normalize(torch.from_numpy(u8).to(prober.device)))
+    lay = prober.bb.layout
+    plans = _plans(prober, x_btd, feats, vals, patches, mask_p)
+    variants = [x_btd, *(apply_edit(prober.sae, x_btd, lay, p, fast=fast) for p in plans)]
+    if gen is not None:
+        variants.append(random_direction_edit(prober.sae, x_btd, lay, plans[0], gen))
+    n = x_btd.shape[0]
+    probs = prober.outputs(torch.cat(variants)).float()
+    before = probs[:n]
+    effects = {CONDITIONS[i]: effect_sizes(before, probs[(i + 1) * n : (i + 2) * n], prober.head.task)
+               for i in range(len(variants) - 1)}
+    return effects, int(plans[0].edited_np.any(1).sum())
+
+
+def _aggregate(task: str, effects: dict[str, dict[str, np.ndarray]], cfg: BatchConfig) -> tuple[list[dict[str, Any]], bool | None]:
+    rows = []
+    for key, label, magnitude in METRICS[task]:
+        conds = [{"condition": c, **dict(zip(("mean", "lo", "hi"), bootstrap_ci(e[key], cfg.n_boot, seed=cfg.seed)))}
+                 for c, e in effects.items()]
+        vs = [{"control": c, **dict(zip(("mean", "lo", "hi"),
+                                       bootstrap_ci(effects["feature"][key] - e[key], cfg.n_boot, seed=cfg.seed)))}
+              for c, e in effects.items() if c != "feature"]
+        rows.append({"metric": key, "label": label, "magnitude": magnitude, "conditions": conds, "vs_controls": vs})
+    primary = next(r for r in rows if r["metric"] == primary_metric(task))
+    specific = all(v["lo"] > 0 for v in primary["vs_controls"]) if primary["vs_controls"] else None
+    return rows, specific
+
+
+def run_batch(cfg: BatchConfig, progress: Progress | None = None, prober: Prober | None = None,
+              stats: FeatureStats | None = None) -> BatchResult:
+    """Probe every image of `cfg.images` with the edit and the controls; write a PNG and a JSON summary.
+
+    `prober` reuses loaded models; `stats` gives feature max/frequency directly instead of the mined index."""
+    clamps = [parse_clamp(c) for c in cfg.clamps]
+    if any(c.feature is None for c in clamps):
+        raise ProbeError("--clamp top=... works on one --image only", "name feature ids in batch mode")
+    patches = parse_patches(cfg.patches)
+    records = list(resolve_images(cfg.images, cfg.max_images).records)
+    prober = prober or Prober.load(cfg.sae, cfg.head, cfg.classes, resolve_device(cfg.device))
+    prober.check_clamps(clamps)
+    mask_p = static_mask(patches, prober.bb.layout, prober.bb.patch_size)
+    features = [int(c.feature) for c in clamps]  # type: ignore[arg-type]
+    sae_path = resolve_sae_path(cfg.sae)
+    if stats is None and (cfg.controls or any(c.multiple for c in clamps)):
+        stats = open_index_stats(cfg.index, sae_path, prober.sae.cfg.n_latents)
+    values = clamp_values(clamps, features, stats)
+    t0 = time.perf_counter()
+    feats, vals, ctrl_f, ctrl_v, notes = [features], [values], [], [], []
+    if cfg.controls:
+        if stats is None:
+            stats = measure_stats(prober, records, cfg)
+            notes.append(f"no mined index: firing frequencies {stats.source}")
+        ctrl_f = pick_control_features(features, stats.freq_s, np.random.default_rng(cfg.seed))
+        ctrl_v = clamp_values(clamps, ctrl_f, stats)
+        feats.append(ctrl_f)
+        vals.append(ctrl_v)
+    gen = direction_generator(cfg.seed) if cfg.controls else None
+    parts: dict[str, dict[str, list[np.ndarray]]] = {}
+    n_ok = n_failed = n_fired = 0
+    for u8, failed in iter_batches(records, prober, cfg.batch_size, cfg.n_workers):
+        n_failed += failed
+        if len(u8):
+            eff, fired = probe_batch(prober, u8, feats, vals, patches, mask_p, gen, cfg.fast)
+            n_ok, n_fired = n_ok + len(u8), n_fired + fired
+            for cond, metrics in eff.items():
+                for key, v in metrics.items():
+                    parts.setdefault(cond, {}).setdefault(key, []).append(v)
+        if progress:
+            progress(len(u8) + failed)
+    seconds = time.perf_counter() - t0
+    if n_ok == 0:
+        raise ProbeError(f"none of the images in {cfg.images} could be read", "check the --images folder")
+    effects = {c: {k: np.concatenate(v) for k, v in m.items()} for c, m in parts.items()}
+    rows, specific = _aggregate(prober.head.task, effects, cfg)
+    result = BatchResult(prober.head.task, n_ok, n_failed, n_fired, features, values, ctrl_f, ctrl_v,
+                         stats.source if stats else "none", rows, specific, effects, Path(), Path(), seconds, notes)
+    _write(cfg, prober, result)
+    return result
+
+
+def _write(cfg: BatchConfig, prober: Prober, result: BatchResult) -> None:
+    slug = "_".join(c.replace("=", "-") for c in cfg.clamps)
+    fpath = cfg.out or layout.probes_dpath() / f"batch_{slug}.png"
+    desc = ", ".join(f"{f}={v:.3g}" for f, v in zip(result.features, result.values, strict=True))
+    title = f"clamp {desc} at layer {prober.layer} on {cfg.patches} patches; {result.n_images} images; head {prober.head.name}"
+    result.figure = batch_figure(fpath, result.rows, title)
+    result.summary = fpath.with_suffix(".json")
+    atomic.write_json(result.summary, {
+        "schema_version": SUMMARY_SCHEMA, "format": "saevctl-probe-batch", "images": cfg.images, "clamps": list(cfg.clamps),
+        "sae": str(resolve_sae_path(cfg.sae)), "layer": prober.layer, "head": prober.head.name, "task": result.task,
+        "patches": cfg.patches, "features": result.features, "values": result.values,
+        "control_features": result.control_features, "control_values": result.control_values,
+        "freq_source": result.freq_source, "n_images": result.n_images, "n_failed": result.n_failed,
+        "n_fired": result.n_fired, "n_boot": cfg.n_boot, "seed": cfg.seed, "specific": result.specific,
+        "metrics": result.rows, "seconds": result.seconds,
+    })

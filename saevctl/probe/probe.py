@@ -1,0 +1,131 @@
+"""One causal probe: clamp SAE features on chosen patches of one image and compare a head's output
+before and after (summary tables for the CLI, and a PNG)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from saevctl import layout
+from saevctl.config import resolve_device
+from saevctl.data import open_image
+from saevctl.errors import ProbeError
+from saevctl.probe.edit import Clamp, apply_edit, make_plan, parse_clamp, parse_patches, static_mask
+from saevctl.probe.effects import classify_summary, dense_summary
+from saevctl.probe.figures import probe_figure
+from saevctl.probe.session import Prober, clamp_values, open_index_stats, resolve_sae_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Config:
+    image: str
+    """Image file, or a demo photo as skimage:NAME (e.g. skimage:chelsea)."""
+    clamps: tuple[str, ...]
+    """FEATURE=VALUE edits: 6909=0 ablates, 6909=3.5 sets, 6909=2x sets twice its max activation; top=V edits
+    the image's most active feature."""
+    sae: Path | None = None
+    """SAE checkpoint folder (default: the workspace's SAE)."""
+    head: str | None = None
+    """saliency, timm, clip (with classes) or a trained head folder (default: saliency on the demo model, else timm)."""
+    classes: str | None = None
+    """Comma-separated prompts for --head clip."""
+    patches: str = "fired"
+    """all, fired (where each edited feature fires), r,c;r,c, or box:x0,y0,x1,y1 in model-input pixels."""
+    index: Path | None = None
+    """Mined index for Nx clamps (default: the workspace's index)."""
+    out: Path | None = None
+    """PNG path (default: probes/<image>_<clamps>.png)."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    fast: bool = True
+    """Edit through the chosen features' columns only (False: the full encode/decode reference)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "clamps", tuple(self.clamps))
+        if not self.clamps:
+            raise ProbeError("no --clamp given", "pass at least one edit, e.g. --clamp 6909=0")
+
+
+@dataclass
+class Result:
+    task: str
+    classes: list[str]
+    features: list[int]
+    values: list[float]
+    clamps: list[str]
+    edited_hw: np.ndarray
+    """Patch grid mask of the edited patches (any feature)."""
+    before: np.ndarray
+    after: np.ndarray
+    summary: dict[str, Any]
+    figure: Path
+    head: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "-", text).strip("-")[:80] or "probe"
+
+
+def default_figure_fpath(image: str, clamps: tuple[str, ...]) -> Path:
+    stem = Path(image.removeprefix("skimage:").split("#")[0]).stem
+    return layout.probes_dpath() / f"{_slug(stem)}_{_slug('_'.join(clamps))}.png"
+
+
+def resolve_features(prober: Prober, clamps: list[Clamp], x_btd: torch.Tensor) -> list[int]:
+    """Feature ids, with `top` replaced by this image's most active feature."""
+    return [c.feature if c.feature is not None else prober.top_feature(x_btd) for c in clamps]
+
+
+def prepare(cfg: Config) -> tuple[Prober, list[Clamp]]:
+    """Load and cross-check everything a probe needs; fails early on bad clamps or patches."""
+    clamps = [parse_clamp(c) for c in cfg.clamps]
+    patches = parse_patches(cfg.patches)
+    prober = Prober.load(cfg.sae, cfg.head, cfg.classes, resolve_device(cfg.device))
+    prober.check_clamps(clamps)
+    static_mask(patches, prober.bb.layout, prober.bb.patch_size)  # a patch outside the grid fails before any work
+    return prober, clamps
+
+
+def run(cfg: Config, prober: Prober | None = None) -> Result:
+    """Probe one image; `prober` reuses already loaded models (it must match cfg's SAE and head)."""
+    if prober is None:
+        prober, clamps = prepare(cfg)
+    else:
+        clamps = [parse_clamp(c) for c in cfg.clamps]
+        prober.check_clamps(clamps)
+    patches = parse_patches(cfg.patches)
+    bb, lay = prober.bb, prober.bb.layout
+    image_u8, x_bchw = prober.to_input([open_image(cfg.image)])
+    x_btd = prober.prefix(x_bchw)
+    features = resolve_features(prober, clamps, x_btd)
+    stats = None
+    if any(c.multiple for c in clamps):
+        stats = open_index_stats(cfg.index, resolve_sae_path(cfg.sae), prober.sae.cfg.n_latents)
+    values = clamp_values(clamps, features, stats)
+    plan = make_plan(prober.sae, x_btd[:, lay.n_prefix :], features, torch.tensor([values]),
+                     patches, static_mask(patches, lay, bb.patch_size))
+    before = prober.outputs(x_btd)[0].float().cpu().numpy()
+    after = prober.outputs(apply_edit(prober.sae, x_btd, lay, plan, fast=cfg.fast))[0].float().cpu().numpy()
+    edited_hw = plan.edited_np[0].cpu().numpy().reshape(lay.grid_h, lay.grid_w)
+    notes = [f"feature {f} fires on no patch of this image, so nothing was edited; try --patches all"
+             for j, f in enumerate(features) if patches.kind == "fired" and not bool(plan.mask_npk[0, :, j].any())]
+    head = prober.head
+    if head.task == "classify":
+        summary = classify_summary(before, after, head.classes)
+    else:
+        summary = dense_summary(before, after, head.task, head.classes)
+    desc = ", ".join(f"{f}={v:.3g}" for f, v in zip(features, values, strict=True))
+    fpath = cfg.out or default_figure_fpath(cfg.image, cfg.clamps)
+    title = f"{Path(cfg.image).name}: clamp {desc} at layer {prober.layer} on {patches.describe()} patches; head {head.name}"
+    probe_figure(fpath, head.task, image_u8[0], edited_hw, before, after, head.classes, title)
+    return Result(head.task, head.classes, features, values, list(cfg.clamps), edited_hw, before, after, summary,
+                  fpath, head.name, notes)

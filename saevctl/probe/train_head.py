@@ -1,0 +1,275 @@
+"""`saevctl heads train`: fit a linear head on a frozen ViT's tokens (classify: CLS or mean-pooled;
+segment: per patch from ADE20K-style PNG masks), report validation accuracy or mIoU, save it."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from saevctl import layout
+from saevctl.config import resolve_device
+from saevctl.data import ImageRecord, open_image, resolve_images
+from saevctl.errors import InputError, SaevctlError
+from saevctl.probe.heads import LinearClassifyHead, LinearSegmentHead, describe_model, save_head
+from saevctl.vit import Backbone, load_backbone
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class HeadTrainConfig:
+    task: str
+    """classify (labels from ImageFolder subfolders) or segment (PNG masks of class indices)."""
+    images: str
+    """Image folder (ImageFolder layout for classify), .txt list, or demo[:N]."""
+    model: str = "demo"
+    """Model spec the head reads: demo, timm:NAME, local-dir:/path, hf-hub:org/name, open_clip:ARCH/PRETRAINED."""
+    masks: Path | None = None
+    """segment: folder of PNG masks, one per image with the same file stem (searched recursively)."""
+    class_names: Path | None = None
+    """segment: one class name per line (line i names mask value i), or ADE20K's objectInfo150.csv."""
+    out: Path | None = None
+    """Head folder (default heads/<task>)."""
+    layer: int = -1
+    """Block whose output the head reads; -1 (the last) means the final tokens after the model's norm."""
+    pool: str = "auto"
+    """classify: cls, mean (of the patch tokens), or auto (cls when the model has a CLS token)."""
+    val_fraction: float = 0.2
+    """Share of the images held out for validation."""
+    epochs: int = 300
+    """Passes of AdamW over the cached token features."""
+    lr: float = 1e-2
+    """AdamW learning rate (features are standardised first)."""
+    weight_decay: float = 1e-3
+    """AdamW weight decay."""
+    ignore_index: int = 255
+    """segment: mask value that marks unlabelled pixels."""
+    batch_size: int = 32
+    """Images per forward pass while caching features."""
+    max_images: int | None = None
+    """Use only the first N images."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    seed: int = 0
+    """Seed for the validation split and the initialisation."""
+
+    def __post_init__(self) -> None:
+        if self.task not in ("classify", "segment"):
+            raise InputError(f"unknown --task {self.task!r}", "use classify or segment")
+        if self.task == "segment" and self.masks is None:
+            raise InputError("--task segment needs --masks DIR", "pass the folder of PNG masks")
+        if self.pool not in ("auto", "cls", "mean"):
+            raise InputError(f"unknown --pool {self.pool!r}", "use auto, cls or mean")
+        if not 0 < self.val_fraction < 1:
+            raise InputError("--val-fraction must be between 0 and 1", "e.g. 0.2")
+
+
+@dataclass
+class HeadTrainResult:
+    out: Path
+    task: str
+    classes: list[str]
+    n_train: int
+    n_val: int
+    metrics: dict[str, float]
+    seconds: float
+
+
+def read_class_names(fpath: Path) -> tuple[list[str], int]:
+    """(names, offset): mask value v is class v - offset; ADE20K's objectInfo150.csv has offset 1 (0 = other)."""
+    try:
+        lines = [ln.strip() for ln in Path(fpath).read_text().splitlines() if ln.strip()]
+    except OSError as e:
+        raise InputError(f"cannot read class names {fpath} ({e.strerror})", "pass a text file, one class name per line") from e
+    if lines and lines[0].lower().startswith("idx,"):
+        return [ln.split(",")[-1].split(";")[0].strip() for ln in lines[1:]], 1
+    if not lines:
+        raise InputError(f"the class-name file {fpath} is empty", "write one class name per line")
+    return lines, 0
+
+
+def _pair_masks(records: list[ImageRecord], masks: Path) -> list[tuple[ImageRecord, Path]]:
+    if not masks.is_dir():
+        raise InputError(f"mask folder {masks} does not exist", "pass --masks DIR with one PNG per image")
+    by_stem = {p.stem: p for p in sorted(masks.rglob("*.png"))}
+    pairs = [(r, by_stem[Path(r.path).stem]) for r in records if Path(r.path).stem in by_stem]
+    if not pairs:
+        raise InputError(f"no mask in {masks} matches an image's file name", "masks are PNGs named like their images")
+    if len(pairs) < len(records):
+        log.warning("%d images have no mask and are skipped", len(records) - len(pairs))
+    return pairs
+
+
+def mask_to_input(mask: Image.Image, bb: Backbone, offset: int, n_classes: int, ignore: int) -> np.ndarray:
+    """A mask through the image's geometry (nearest), as class indices; -1 where unlabelled or padded."""
+    geo = dataclasses.replace(bb.preprocess, interpolation="nearest")
+    values = np.asarray(geo.geometry(mask.convert("L").convert("RGB")))[..., 0].astype(np.int64)
+    valid = np.asarray(geo.geometry(Image.new("RGB", mask.size, (255, 255, 255))))[..., 0] > 127
+    labels = values - offset
+    bad = ~valid | (values == ignore) | (labels < 0) | (labels >= n_classes)
+    return np.where(bad, -1, labels)
+
+
+def patch_labels(labels_hw: np.ndarray, grid_h: int, grid_w: int) -> np.ndarray:
+    """The most common labelled class in each patch (-1 when a patch has no labelled pixel)."""
+    h, w = labels_hw.shape
+    ph, pw = h // grid_h, w // grid_w
+    cells = labels_hw[: grid_h * ph, : grid_w * pw].reshape(grid_h, ph, grid_w, pw).transpose(0, 2, 1, 3)
+    cells = cells.reshape(grid_h * grid_w, ph * pw)
+    out = np.full(grid_h * grid_w, -1, np.int64)
+    for i, cell in enumerate(cells):
+        vals = cell[cell >= 0]
+        if vals.size:
+            out[i] = np.bincount(vals).argmax()
+    return out
+
+
+@torch.no_grad()
+def _tokens(bb: Backbone, layer: int, u8: np.ndarray, device: str) -> torch.Tensor:
+    x = bb.preprocess.normalize(torch.from_numpy(u8).to(device))
+    if layer == bb.n_blocks - 1:
+        return bb.forward_tokens(x)
+    return bb.forward_to(x, [layer])[layer]
+
+
+def _fit(x_nd: torch.Tensor, y_n: torch.Tensor, n_classes: int, cfg: HeadTrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression on standardised features; returns weights in raw feature space."""
+    torch.manual_seed(cfg.seed)
+    keep = y_n >= 0
+    x, y = x_nd[keep].float(), y_n[keep]
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mean) / std
+    lin = torch.nn.Linear(x.shape[1], n_classes).to(x.device)
+    opt = torch.optim.AdamW(lin.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    bs = 8192
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(len(z), device=z.device)
+        for i in range(0, len(z), bs):
+            idx = perm[i : i + bs]
+            loss = F.cross_entropy(lin(z[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    w = lin.weight.detach() / std
+    return w, lin.bias.detach() - w @ mean
+
+
+def _split(n: int, cfg: HeadTrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    if n < 2:
+        raise InputError(f"{cfg.images} has {n} usable image(s); a head needs at least 2", "add images")
+    perm = np.random.default_rng(cfg.seed).permutation(n)
+    n_val = min(n - 1, max(1, round(cfg.val_fraction * n)))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _load_u8(records: list[ImageRecord], bb: Backbone) -> tuple[list[int], np.ndarray]:
+    ok, arrays = [], []
+    for i, r in enumerate(records):
+        try:
+            arrays.append(bb.preprocess.to_uint8(open_image(r.path)))
+            ok.append(i)
+        except SaevctlError as e:
+            log.warning("skipping %s: %s", r.path, e.message)
+    return ok, np.stack(arrays) if arrays else np.zeros((0, 1, 1, 3), np.uint8)
+
+
+def _features(bb: Backbone, layer: int, records: list[ImageRecord], cfg: HeadTrainConfig, device: str,
+              pick: Callable[[torch.Tensor], torch.Tensor], progress: Progress | None) -> tuple[list[int], torch.Tensor]:
+    kept, feats = [], []
+    for lo in range(0, len(records), cfg.batch_size):
+        ok, u8 = _load_u8(records[lo : lo + cfg.batch_size], bb)
+        if ok:
+            feats.append(pick(_tokens(bb, layer, u8, device)))
+            kept += [lo + i for i in ok]
+        if progress:
+            progress(len(records[lo : lo + cfg.batch_size]))
+    if not feats:
+        raise InputError(f"none of the images in {cfg.images} could be read", "check the --images folder")
+    return kept, torch.cat(feats)
+
+
+def _header(cfg: HeadTrainConfig, bb: Backbone, layer: int, classes: list[str], metrics: dict[str, float],
+            extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "task": cfg.task, "model": describe_model(bb), "layer": layer, "final_norm": layer == bb.n_blocks - 1,
+        "classes": classes, "metrics": metrics, **extra,
+        "train": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()},
+    }
+
+
+def train_head(cfg: HeadTrainConfig, progress: Progress | None = None, backbone: Backbone | None = None) -> HeadTrainResult:
+    """Cache the head's input features for every image, fit a linear head, evaluate it, save it."""
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    records = list(resolve_images(cfg.images, cfg.max_images).records)
+    bb = backbone if backbone is not None else load_backbone(cfg.model, device)
+    layer = bb.check_layer(cfg.layer)
+    out = cfg.out or layout.heads_dpath() / cfg.task
+    fit = _train_classify if cfg.task == "classify" else _train_segment
+    classes, metrics, extra, w, b, n_tr, n_val = fit(cfg, bb, layer, records, device, progress)
+    save_head(out, w, b, _header(cfg, bb, layer, classes, metrics, extra))
+    return HeadTrainResult(out, cfg.task, classes, n_tr, n_val, metrics, time.perf_counter() - t0)
+
+
+def _train_classify(cfg: HeadTrainConfig, bb: Backbone, layer: int, records: list[ImageRecord], device: str,
+                    progress: Progress | None) -> tuple[Any, ...]:
+    classes = sorted({r.label for r in records if r.label is not None})
+    if len(classes) < 2:
+        raise InputError(f"{cfg.images} has no class labels (or only one class)",
+                         "use an ImageFolder: one subfolder per class with its images inside")
+    pool = cfg.pool if cfg.pool != "auto" else ("cls" if bb.layout.n_cls else "mean")
+    if pool == "cls" and not bb.layout.n_cls:
+        raise InputError(f"{bb.spec} has no CLS token", "use --pool mean")
+    probe = LinearClassifyHead(torch.zeros(len(classes), bb.d_model), torch.zeros(len(classes)), pool, bb.layout.n_prefix)
+    kept, x = _features(bb, layer, [r for r in records if r.label is not None], cfg, device, probe.features, progress)
+    labelled = [r for r in records if r.label is not None]
+    y = torch.tensor([classes.index(labelled[i].label) for i in kept], device=x.device)  # type: ignore[arg-type]
+    tr, va = _split(len(kept), cfg)
+    w, b = _fit(x[tr], y[tr], len(classes), cfg)
+    acc = lambda idx: float(((x[idx] @ w.T + b).argmax(-1) == y[idx]).float().mean())  # noqa: E731
+    metrics = {"val_accuracy": acc(va), "train_accuracy": acc(tr)}
+    return classes, metrics, {"pool": pool}, w, b, len(tr), len(va)
+
+
+def _train_segment(cfg: HeadTrainConfig, bb: Backbone, layer: int, records: list[ImageRecord], device: str,
+                   progress: Progress | None) -> tuple[Any, ...]:
+    assert cfg.masks is not None
+    pairs = _pair_masks(records, Path(cfg.masks))
+    if cfg.class_names is not None:
+        classes, offset = read_class_names(cfg.class_names)
+    else:
+        seen = set().union(*(np.unique(np.asarray(Image.open(m))).tolist() for _, m in pairs)) - {cfg.ignore_index}
+        classes, offset = [f"class {v}" for v in range(max(seen, default=0) + 1)], 0
+    lay = bb.layout
+    kept, x = _features(bb, layer, [r for r, _ in pairs], cfg, device, lambda t: t[:, lay.n_prefix :], progress)
+    pix = np.stack([mask_to_input(Image.open(pairs[i][1]), bb, offset, len(classes), cfg.ignore_index) for i in kept])
+    y = torch.from_numpy(np.stack([patch_labels(p, lay.grid_h, lay.grid_w) for p in pix])).to(x.device)
+    tr, va = _split(len(kept), cfg)
+    w, b = _fit(x[tr].reshape(-1, bb.d_model), y[tr].reshape(-1), len(classes), cfg)
+    head = LinearSegmentHead(w.cpu(), b.cpu(), lay)
+    size = (bb.preprocess.size, bb.preprocess.size)
+    with torch.no_grad():
+        pred = torch.cat([head.from_patches(x[i : i + 1].cpu(), size).argmax(1) for i in va]).numpy()
+    metrics = {"val_miou": mean_iou(pred, pix[va], len(classes)), "val_pixel_accuracy": float((pred == pix[va])[pix[va] >= 0].mean())}
+    return classes, metrics, {}, w, b, len(tr), len(va)
+
+
+def mean_iou(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> float:
+    """Mean over classes present in the truth or the prediction of |pred ∩ truth| / |pred ∪ truth| (labelled pixels)."""
+    valid = truth >= 0
+    p, t = pred[valid], truth[valid]
+    inter = np.bincount(t[p == t], minlength=n_classes)
+    union = np.bincount(p, minlength=n_classes) + np.bincount(t, minlength=n_classes) - inter
+    present = union > 0
+    return float((inter[present] / union[present]).mean()) if present.any() else float("nan")

@@ -1,0 +1,129 @@
+"""The report's pictures: per feature an exemplar grid (mine's heat-overlay renderer, one colour scale, value
+under each tile) and a thumbnail of its best tile, drawn in a pool of worker processes in batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from saevctl.report.data import Exemplar
+
+log = logging.getLogger(__name__)
+THUMB_PX = 64
+FORMATS = {"png": "PNG", "jpeg": "JPEG"}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One feature's pictures for one token kind (plain data, so it crosses process boundaries)."""
+
+    title: str
+    exemplars: list[Exemplar]
+    grid_fpath: Path
+    thumb_fpath: Path | None
+    cols: int
+
+
+@lru_cache(maxsize=1024)
+def _view(path: str, preprocess_json: str) -> Any:
+    # The same image is an exemplar of many features: decode and resize it once per worker.
+    from saevctl.mine.figures import open_model_view
+
+    return open_model_view(path, json.loads(preprocess_json))
+
+
+def _save(img: Any, fpath: Path, fmt: str) -> None:
+    # Plain writes: the whole site folder is staged and renamed at the end, so files need no atomic rename.
+    kw = {"quality": 88} if fmt == "jpeg" else {"optimize": False, "compress_level": 6}
+    img.save(fpath, format=FORMATS[fmt], **kw)
+
+
+def render(job: Job, preprocess_json: str, fmt: str) -> None:
+    """Draw one grid (and thumbnail) with mine's tile and sheet renderers."""
+    from saevctl.mine.figures import compose, heat_tile
+
+    exs = job.exemplars
+    peaks = [float(e.acts_hw.max()) if e.acts_hw is not None else e.value for e in exs]
+    vmax = max(peaks, default=0.0)
+    tiles = [heat_tile(_view(e.path, preprocess_json), e.acts_hw, vmax) for e in exs]
+    caps = [f"#{e.rank + 1}  {e.value:.3g}" for e in exs]
+    _save(compose(tiles, caps, job.title, job.cols, vmax or None), job.grid_fpath, fmt)
+    if job.thumb_fpath is not None and tiles:
+        _save(tiles[0].resize((THUMB_PX, THUMB_PX)), job.thumb_fpath, fmt)
+
+
+def render_batch(jobs: list[Job], preprocess_json: str, fmt: str) -> int:
+    for job in jobs:
+        render(job, preprocess_json, fmt)
+    return len(jobs)
+
+
+def _context() -> Any:
+    # forkserver/spawn, never fork: the parent holds DuckDB and torch threads, which a fork can deadlock.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if hasattr(ctx, "set_forkserver_preload"):
+        ctx.set_forkserver_preload(["saevctl.mine.figures"])
+    return ctx
+
+
+def auto_workers(n_tiles: int) -> int:
+    """Processes to draw with: none for small reports (a pool's start-up costs more than it saves)."""
+    if n_tiles < 2000:
+        return 0
+    return max(1, min(8, (os.cpu_count() or 1)))
+
+
+class Painter:
+    """Draws batches of jobs inline (workers=0) or in a process pool, at most a few batches in flight so
+    memory stays bounded; `on_done(n_features)` is called as batches finish."""
+
+    def __init__(self, workers: int, preprocess_json: str, fmt: str, on_done: Callable[[int], None]) -> None:
+        self.preprocess_json, self.fmt, self.on_done = preprocess_json, fmt, on_done
+        self.pool = ProcessPoolExecutor(workers, mp_context=_context()) if workers > 0 else None
+        self.max_pending = 3 * workers
+        self.pending: set[Future[int]] = set()
+
+    def submit(self, jobs: list[Job], n_features: int) -> None:
+        if not jobs:
+            self.on_done(n_features)
+            return
+        if self.pool is None:
+            render_batch(jobs, self.preprocess_json, self.fmt)
+            self.on_done(n_features)
+            return
+        while len(self.pending) >= self.max_pending:
+            self._drain(FIRST_COMPLETED)
+        fut = self.pool.submit(render_batch, jobs, self.preprocess_json, self.fmt)
+        fut.n_features = n_features  # type: ignore[attr-defined]
+        self.pending.add(fut)
+
+    def _drain(self, when: str) -> None:
+        done, self.pending = wait(self.pending, return_when=when)
+        for fut in done:
+            fut.result()  # re-raise a worker's error here
+            self.on_done(fut.n_features)  # type: ignore[attr-defined]
+
+    def finish(self) -> None:
+        if self.pending:
+            self._drain("ALL_COMPLETED")
+        self.close()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+def batched(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,207 @@
+"""`report`: a static HTML feature browser of a mined index (index page + one page per feature that fired),
+built in a staged folder with the pictures drawn in a process pool.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from saevctl import atomic, layout, workspace
+from saevctl.errors import IndexError_, InputError
+from saevctl.report import data, pages, pictures, site
+from saevctl.report.assets import CSS
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int], None]
+# Features whose exemplars are read per query, and per batch handed to a drawing process.
+CHUNK_FEATURES = 256
+BATCH_FEATURES = 16
+
+
+@dataclass(frozen=True)
+class Config:
+    index: Path | None = None
+    """Mined DuckDB index (default: the one last mined in this workspace)."""
+    out: Path = Path("report")
+    """Folder of the site; replaced as a whole when it holds an earlier report."""
+    saes: tuple[str, ...] = ()
+    """SAEs to include, as ids, id prefixes or checkpoint paths (default: every SAE in the index)."""
+    k: int | None = None
+    """Exemplars per feature grid (default: all the index keeps, its --top-k)."""
+    cols: int = 5
+    """Tiles per grid row."""
+    neighbours: int = 10
+    """Nearest features (decoder cosine) listed on each page."""
+    workers: int | None = None
+    """Drawing processes (0: draw in this process; default: one per core up to 8, none for small reports)."""
+    image_format: str = "png"
+    """png, or jpeg (about 5x smaller grids for SAEs with tens of thousands of live features)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        if self.index is not None:
+            object.__setattr__(self, "index", Path(self.index))
+        object.__setattr__(self, "saes", tuple(str(s) for s in self.saes))
+        if self.image_format not in pictures.FORMATS:
+            raise InputError(f"unknown image format {self.image_format!r}", "use png or jpeg")
+        if (self.k is not None and self.k < 1) or self.cols < 1 or self.neighbours < 0:
+            raise InputError("--k and --cols must be positive and --neighbours not negative", "pass positive numbers")
+        if self.workers is not None and self.workers < 0:
+            raise InputError("--workers must be 0 or more", "pass 0 to draw in one process")
+
+
+@dataclass(frozen=True)
+class Result:
+    out: Path
+    index: Path
+    saes: list[dict[str, Any]] = field(default_factory=list)
+    """Per SAE: sae_id, dname, n_latents, n_pages, n_skipped."""
+    seconds: float = 0.0
+
+    @property
+    def index_html(self) -> Path:
+        return layout.report_index_fpath(self.out)
+
+
+def resolve_index(index: Path | None) -> Path:
+    """The given index, else the workspace's last mined one."""
+    if index is not None:
+        return index
+    value = workspace.get_default("index")
+    if not value:
+        raise IndexError_("no --index given and none mined in this workspace", "run saevctl mine --sae CKPT --store DIR, or pass --index")
+    return Path(value)
+
+
+def _sae_ids(idx: Any, refs: tuple[str, ...]) -> list[str]:
+    ids = [idx.resolve_sae(r) for r in refs] if refs else idx.sae_ids()
+    if not ids:
+        raise IndexError_(f"the index {idx.fpath} holds no mined SAE", "run saevctl mine --sae CKPT --store DIR")
+    return list(dict.fromkeys(ids))
+
+
+def _fired(idx: Any, sae_id: str, tokens: tuple[str, ...]) -> np.ndarray:
+    """Features that fired on any mined token kind, ascending."""
+    row = idx.con.execute(
+        "SELECT list(DISTINCT feature ORDER BY feature) FROM features WHERE sae_id = ? AND n_fired > 0 AND list_contains(?, token)",
+        [sae_id, list(tokens)]).fetchone()
+    return np.asarray(row[0] or [], dtype=np.int64)
+
+
+def count_pages(cfg: Config) -> int:
+    """How many feature pages `run(cfg)` will write (for a progress bar's total)."""
+    from saevctl.mine import Index
+
+    with Index.open(resolve_index(cfg.index)) as idx:
+        return sum(len(_fired(idx, s, idx.tokens(s))) for s in _sae_ids(idx, cfg.saes))
+
+
+def _summary(info: dict[str, Any]) -> str:
+    return (f"model {info['model_spec']}, layer {info['layer']}, {info['n_latents']:,} features, "
+            f"mined on {info['n_images']:,} images ({', '.join(info['tokens'])} tokens, top {info['top_k']} by {info['rank_by']})")
+
+
+def _write_sae(idx: Any, sae_id: str, position: int, root: Path, cfg: Config, progress: Progress | None) -> tuple[dict[str, Any], list[list[Any]]]:
+    """Pages and pictures of one SAE; returns its summary and its index-table rows."""
+    from saevctl.mine.scan import hist_edges
+
+    info = idx.sae_info(sae_id)
+    tokens, grid = info["tokens"], (int(info["grid_h"]), int(info["grid_w"]))
+    dname = layout.report_sae_dname(sae_id, position)
+    sae_dpath = layout.report_sae_dpath(root, dname)
+    sae_dpath.mkdir(parents=True)
+    fired = _fired(idx, sae_id, tokens)
+    sae = {"sae_id": sae_id, "dname": dname, "anchor": f"sae-{position}", "summary": _summary(info),
+           "model_spec": info["model_spec"], "layer": info["layer"], "n_latents": int(info["n_latents"]),
+           "n_images": int(info["n_images"]), "n_pages": len(fired), "n_skipped": int(info["n_latents"]) - len(fired)}
+    stats = {t: data.feature_table(idx, sae_id, t) for t in tokens}
+    hists = {t: data.histograms(idx, sae_id, t) for t in tokens}
+    near = data.neighbours(idx, sae_id, fired, cfg.neighbours)
+    page_names = {int(f): layout.report_feature_name(int(f)) for f in fired}
+    k = min(cfg.k or int(info["top_k"]), int(info["top_k"]))
+    ext = "jpg" if cfg.image_format == "jpeg" else "png"
+    edges = hist_edges()
+    rows: list[list[Any]] = []
+    painter = pictures.Painter(_workers(cfg, len(fired) * k), json.dumps(info["model"]["preprocess"]), cfg.image_format,
+                               progress or (lambda n: None))
+    try:
+        for lo in range(0, len(fired), CHUNK_FEATURES):
+            chunk = fired[lo : lo + CHUNK_FEATURES]
+            exs = {t: data.exemplars(idx, sae_id, t, int(chunk[0]), int(chunk[-1]), k, grid) for t in tokens}
+            jobs = []
+            for i, f in enumerate(int(x) for x in chunk):
+                j = lo + i
+                prev_next = (int(fired[j - 1]) if j else None, int(fired[j + 1]) if j + 1 < len(fired) else None)
+                sections = []
+                for t in tokens:
+                    t_exs = exs[t].get(f, [])
+                    grid_name = layout.report_feature_name(f, "grid", t, ext) if t_exs else None
+                    if grid_name:
+                        thumb = sae_dpath / layout.report_feature_name(f, "thumb", t, ext) if t == tokens[0] else None
+                        title = f"{sae_id}  feature {f}  {t}  top {len(t_exs)} by {info['rank_by']}"
+                        jobs.append(pictures.Job(title, t_exs, sae_dpath / grid_name, thumb, cfg.cols))
+                    f_stats = {c: stats[t][c][f] for c in data.STAT_COLUMNS}
+                    sections.append(pages.token_section(t, f_stats, t_exs, grid_name, hists[t].get(f), edges, grid[0] * grid[1], f))
+                near_html = pages.neighbours_html(None if near is None else near.get(f, []), page_names)
+                text = pages.feature_page(sae, f, sections, near_html, prev_next, page_names)
+                (sae_dpath / page_names[f]).write_text(text, encoding="utf-8")
+                rows.append(_table_row(f, stats[tokens[0]], exs[tokens[0]].get(f, []), dname, ext, page_names[f]))
+            _submit(painter, jobs, len(chunk))
+        painter.finish()
+    finally:
+        painter.close()
+    return sae, rows
+
+
+def _submit(painter: pictures.Painter, jobs: list[pictures.Job], n_features: int) -> None:
+    """Hand a chunk's jobs to the painter in batches; progress counts features, spread over the batches."""
+    batches = list(pictures.batched(jobs, BATCH_FEATURES)) or [[]]
+    share = [n_features // len(batches) + (i < n_features % len(batches)) for i in range(len(batches))]
+    for batch, n in zip(batches, share):
+        painter.submit(batch, n)
+
+
+def _table_row(f: int, stats: dict[str, np.ndarray], exs: list[data.Exemplar], dname: str, ext: str, page: str) -> list[Any]:
+    label = data.majority_label(exs)
+    base = f"saes/{dname}/"
+    thumb = base + layout.report_feature_name(f, "thumb", "patches", ext) if exs else None
+    return [f, pages.num(stats["freq"][f]), pages.num(stats["img_freq"][f]), pages.num(stats["mean"][f]),
+            pages.num(stats["max"][f]), label[0] if label else None, round(label[1], 3) if label else None, base + page, thumb]
+
+
+def _workers(cfg: Config, n_tiles: int) -> int:
+    return pictures.auto_workers(n_tiles) if cfg.workers is None else cfg.workers
+
+
+def run(cfg: Config, progress: Progress | None = None) -> Result:
+    """Write the report of `cfg.index` into `cfg.out` (atomically, as a whole folder); progress counts pages."""
+    from saevctl.mine import Index
+
+    t0 = time.perf_counter()
+    index_fpath = resolve_index(cfg.index)
+    site.check_target(cfg.out.absolute())  # before any work: a wrong --out fails at once
+    saes, sections = [], []
+    with Index.open(index_fpath) as idx, site.staged_site(cfg.out) as root:
+        for position, sae_id in enumerate(_sae_ids(idx, cfg.saes)):
+            sae, rows = _write_sae(idx, sae_id, position, root, cfg, progress)
+            saes.append(sae)
+            sections.append(pages.sae_section(sae, rows))
+            log.info("report: %s, %d pages, %d features never fired", sae_id, sae["n_pages"], sae["n_skipped"])
+        created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        layout.report_css_fpath(root).write_text(CSS, encoding="utf-8")
+        layout.report_index_fpath(root).write_text(pages.index_page(str(index_fpath.resolve()), saes, sections, created), encoding="utf-8")
+        summary = [{k: s[k] for k in ("sae_id", "dname", "n_latents", "n_pages", "n_skipped")} for s in saes]
+        meta = {"format": site.FORMAT, "schema_version": layout.REPORT_SCHEMA, "index": str(index_fpath.resolve()),
+                "created": created, "image_format": cfg.image_format, "saes": summary}
+        atomic.write_json(layout.report_meta_fpath(root), meta)  # last: marks the folder complete
+    out = cfg.out.absolute()
+    return Result(out, index_fpath, summary, time.perf_counter() - t0)

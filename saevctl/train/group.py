@@ -1,0 +1,117 @@
+"""Same-shape SAEs of a sweep trained together: stacked weights (first axis = SAE), Adam moments, and the
+per-latent firing trackers behind the dead/dense metrics and AuxK. Exports each member as an `SAE`."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saevctl.sae.model import SAE, SAEConfig
+from saevctl.train import optim, step_fast, step_ref
+from saevctl.train.config import RunSpec
+from saevctl.train.step_ref import Hyper, StepOut
+
+THRESHOLD_EMA = 0.99
+
+
+def _init_rows(spec: RunSpec, d: int, seed: int) -> Tensor:
+    """Unit-norm random decoder rows, seeded by the run's name so a sweep's members do not depend on each other."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(spec.name.encode()))
+    w = torch.randn(spec.n_latents, d, generator=gen)
+    return w / w.norm(dim=1, keepdim=True)
+
+
+class SAEGroup:
+    """SAEs sharing (activation, width, k, matryoshka prefixes); each step feeds them the same batch."""
+
+    def __init__(self, specs: list[RunSpec], d: int, seed: int, aux_coef: float, device: str | torch.device) -> None:
+        assert specs and len({s.shape_key for s in specs}) == 1, "a group holds same-shape SAEs only"
+        self.specs = specs
+        self.d = d
+        first = specs[0]
+        s = first.n_latents
+        self.hp = Hyper(first.activation, first.k, first.matryoshka or (s,), aux_coef, max(1, min(d // 2, s)))
+        W_dec = torch.stack([_init_rows(sp, d, seed) for sp in specs])
+        self.params: dict[str, Tensor] = {
+            "W_enc": W_dec.clone(),  # tied init: encoder rows start as the decoder rows
+            "b_enc": torch.zeros(len(specs), s),
+            "W_dec": W_dec,
+            "b_dec": torch.zeros(len(specs), d),
+        }
+        self.params = {k: v.to(device) for k, v in self.params.items()}
+        self.moments = optim.init_moments(self.params)
+        self.trackers: dict[str, Tensor] = {
+            "since_fired": torch.zeros(len(specs), s, dtype=torch.int64, device=device),
+            "threshold": torch.zeros(len(specs), device=device),
+            "window_fired": torch.zeros(len(specs), s, device=device),
+        }
+
+    @property
+    def n(self) -> int:
+        return len(self.specs)
+
+    @property
+    def n_latents(self) -> int:
+        return self.specs[0].n_latents
+
+    def dead(self, dead_after: int) -> Tensor:
+        return self.trackers["since_fired"] >= dead_after
+
+    def compute(self, x_bd: Tensor, coef_scale: float, dead_after: int, impl: str, bf16: bool) -> StepOut:
+        """Losses and gradients for this batch; nothing is updated yet (so a bad batch leaves no trace)."""
+        coef_m = torch.tensor([sp.sparsity * coef_scale for sp in self.specs], device=x_bd.device)
+        dead = None if self.hp.activation == "relu" else self.dead(dead_after)
+        if impl == "reference":
+            return step_ref.step(self.params, x_bd, coef_m, dead, self.hp)
+        return step_fast.step(self.params, x_bd, coef_m, dead, self.hp, bf16=bf16)
+
+    @torch.no_grad()
+    def apply(self, out: StepOut, step: int, lr_scale: float, n_tokens: int) -> None:
+        """Adam on the gradients, with the unit-norm decoder constraint, then the trackers."""
+        optim.remove_parallel_grads(self.params["W_dec"], out.grads["W_dec"])
+        optim.adam_update(self.params, out.grads, self.moments, [sp.lr * lr_scale for sp in self.specs], step)
+        optim.normalize_rows(self.params["W_dec"])
+        fired = out.fired_ms > 0
+        since = self.trackers["since_fired"]
+        since.add_(n_tokens).masked_fill_(fired, 0)
+        self.trackers["window_fired"].add_(out.fired_ms)
+        if self.hp.activation == "batchtopk":
+            thr = self.trackers["threshold"]
+            new = torch.where(thr > 0, THRESHOLD_EMA * thr + (1 - THRESHOLD_EMA) * out.min_act_m, out.min_act_m)
+            thr.copy_(new)
+
+    # --- export and state ---
+    def to_sae(self, i: int, mean_d: Tensor, scale: Tensor, provenance: dict[str, Any]) -> SAE:
+        spec = self.specs[i]
+        cfg = SAEConfig(
+            d=self.d,
+            n_latents=spec.n_latents,
+            activation=spec.activation,
+            k=spec.k,
+            matryoshka=spec.matryoshka,
+            **provenance,
+        )
+        sae = SAE(cfg)
+        with torch.no_grad():
+            sae.W_enc.copy_(self.params["W_enc"][i].t())
+            sae.b_enc.copy_(self.params["b_enc"][i])
+            sae.W_dec.copy_(self.params["W_dec"][i])
+            sae.b_dec.copy_(self.params["b_dec"][i])
+            sae.act_mean.copy_(mean_d)
+            sae.act_scale.copy_(scale)
+            sae.threshold.copy_(self.trackers["threshold"][i])
+        return sae.eval()
+
+    def state_tensors(self, prefix: str) -> dict[str, Tensor]:
+        out = {**self.params, **self.moments, **self.trackers}
+        return {f"{prefix}{k}": v.detach().cpu().contiguous() for k, v in out.items()}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor], prefix: str) -> None:
+        for store in (self.params, self.moments, self.trackers):
+            for k, v in store.items():
+                src = tensors[f"{prefix}{k}"]
+                assert src.shape == v.shape, (k, src.shape, v.shape)
+                v.copy_(src.to(v.device))

@@ -1,0 +1,236 @@
+"""`run(cfg)`: train every SAE of a sweep in one pass over an activation store, with periodic resumable
+checkpoints, metrics, a summary and plots. Use it from Python; `saevctl train` is a thin CLI over it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import saevctl
+from saevctl import atomic, layout
+from saevctl.config import resolve_device
+from saevctl.errors import OutputError, TrainingError
+from saevctl.train import optim, plots, state
+from saevctl.train.config import Config, expand, group_specs
+from saevctl.train.group import SAEGroup
+from saevctl.train.loader import Prefetcher
+from saevctl.train.metrics import MetricsFile, Wandb, Window, read
+from saevctl.train.setup import Data, open_data, provenance
+
+log = logging.getLogger(__name__)
+# progress(steps_done_now, latest metric records or None)
+Progress = Callable[[int, list[dict[str, Any]] | None], None]
+RESUME_FREE = ("resume", "wandb", "wandb_project", "ckpt_every", "log_every", "device")
+
+
+@dataclass(frozen=True)
+class Result:
+    out: Path
+    """The run's output folder."""
+    runs: list[dict[str, Any]]
+    """One entry per SAE: name, path (its checkpoint folder), hyperparameters, final metrics."""
+    plots: list[Path]
+    """PNG files written."""
+    n_steps: int
+    resumed_from: int | None
+    """The step the run continued from (None for a fresh run)."""
+
+
+def fingerprint(cfg: Config) -> dict[str, Any]:
+    """Settings that must match to resume."""
+    d = dataclasses.asdict(cfg)
+    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+            for k, v in d.items() if k not in RESUME_FREE}
+
+
+def _check_out(cfg: Config) -> None:
+    out = cfg.out
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file", "choose a folder for the SAEs")
+    if cfg.resume or not out.is_dir() or not any(out.iterdir()):
+        return
+    if layout.train_state_dpath(out).is_dir() or layout.train_sweep_fpath(out).is_file():
+        raise OutputError(
+            f"{out} already holds a training run",
+            "pass --resume to continue it, or choose a new --out",
+        )
+    raise OutputError(f"output folder {out} holds other files", "choose an empty or new --out folder")
+
+
+def _build_groups(cfg: Config, data: Data, device: str) -> list[SAEGroup]:
+    specs = expand(cfg, data.d)
+    return [SAEGroup(g, data.d, cfg.seed, cfg.aux_coef, device) for g in group_specs(specs)]
+
+
+def _state_tensors(groups: list[SAEGroup], mean_d: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    out = {"norm.mean": mean_d.cpu(), "norm.scale": scale.cpu().reshape(())}
+    for j, g in enumerate(groups):
+        out |= g.state_tensors(f"g{j}.")
+    return out
+
+
+def _restore(cfg: Config, groups: list[SAEGroup]) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    found = state.latest(cfg.out)
+    if found is None:
+        return None
+    header, tensors = found
+    state.check_same_settings(header["config"], fingerprint(cfg), cfg.out)
+    for j, g in enumerate(groups):
+        g.load_state_tensors(tensors, f"g{j}.")
+    log.info("resuming %s at step %d", cfg.out, header["step"])
+    return int(header["step"]), tensors["norm.mean"], tensors["norm.scale"]
+
+
+def _export(cfg: Config, data: Data, groups: list[SAEGroup], norm: tuple[torch.Tensor, torch.Tensor],
+            step: int, n_steps: int, final: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    runs = []
+    for g in groups:
+        for i, spec in enumerate(g.specs):
+            prov = provenance(cfg, data, spec, step, n_steps, final.get(spec.name, {}))
+            dpath = layout.train_run_dpath(cfg.out, spec.name)
+            g.to_sae(i, norm[0], norm[1], prov).save(dpath)
+            runs.append({"name": spec.name, "path": str(dpath), **spec.hyper(), "final": final.get(spec.name, {})})
+    return runs
+
+
+def _non_finite(step: int, x_bd: torch.Tensor, last_ckpt: int | None, out: Path) -> TrainingError:
+    what = "the activations" if not bool(torch.isfinite(x_bd).all()) else "the loss"
+    kept = f"the last good checkpoint (step {last_ckpt}) is kept in {out}" if last_ckpt else "no checkpoint was written yet"
+    return TrainingError(
+        f"{what} became NaN or infinite at step {step}; training stopped and {kept}",
+        "check the store for corrupt values, or lower --lr and resume with --resume",
+    )
+
+
+def _oom(e: BaseException, cfg: Config) -> TrainingError:
+    return TrainingError(
+        f"out of memory with --batch-size {cfg.batch_size} ({type(e).__name__})",
+        "use a smaller --batch-size, fewer SAEs per sweep, or --dtype bfloat16",
+    )
+
+
+def _already_done(cfg: Config) -> Result | None:
+    fpath = layout.train_sweep_fpath(cfg.out)
+    if not (cfg.resume and fpath.is_file()):
+        return None
+    summary = json.loads(fpath.read_text())
+    state.check_same_settings(summary["config"], fingerprint(cfg), cfg.out)
+    pngs = sorted(layout.train_plots_dpath(cfg.out).glob("*.png"))
+    return Result(cfg.out, summary["runs"], pngs, summary["n_steps"], summary["n_steps"])
+
+
+def run(cfg: Config, progress: Progress | None = None) -> Result:
+    """Train the sweep; with cfg.resume, continue from the last checkpoint in cfg.out (or return a finished run)."""
+    _check_out(cfg)
+    if done := _already_done(cfg):
+        return done
+    device = resolve_device(cfg.device)
+    data = open_data(cfg)
+    groups = _build_groups(cfg, data, device)
+    n_steps = max(1, (cfg.n_tokens or data.loader.n_rows) // cfg.batch_size)
+    restored = _restore(cfg, groups) if cfg.resume else None
+    if restored:
+        start, mean_d, scale = restored
+    else:
+        start = 0
+        mean_d, scale = data.normalization(cfg.n_norm_sample)
+    mean_d, scale = mean_d.to(device), scale.to(device)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    try:
+        _train(cfg, data, groups, (mean_d, scale), start, n_steps, device, progress)
+    except torch.OutOfMemoryError as e:
+        raise _oom(e, cfg) from e
+    except RuntimeError as e:
+        if "out of memory" in str(e) or "can't allocate memory" in str(e):
+            raise _oom(e, cfg) from e
+        raise
+    return _finish(cfg, data, groups, (mean_d, scale), n_steps, start if restored else None)
+
+
+def _train(cfg: Config, data: Data, groups: list[SAEGroup], norm: tuple[torch.Tensor, torch.Tensor],
+           start: int, n_steps: int, device: str, progress: Progress | None) -> None:
+    mean_d, scale = norm
+    metrics = MetricsFile(layout.train_metrics_fpath(cfg.out), start if cfg.resume else None)
+    wb = Wandb(cfg.wandb_project, cfg.out.name, fingerprint(cfg), cfg.out) if cfg.wandb else None
+    window = Window(groups, torch.device(device))
+    batches = Prefetcher(data.loader.batches(start), pin=device.startswith("cuda"))
+    last_ckpt: int | None = start or None
+    bf16 = cfg.dtype == "bfloat16"
+    try:
+        for t in range(start, n_steps):
+            x_bd = (next(batches).to(device, non_blocking=True) - mean_d) * scale
+            coef = optim.sparsity_factor(t, cfg.sparsity_warmup)
+            outs = [g.compute(x_bd, coef, cfg.dead_after, cfg.impl, bf16) for g in groups]
+            if not math.isfinite(float(sum(o.loss_m.sum() for o in outs))):
+                raise _non_finite(t, x_bd, last_ckpt, cfg.out)
+            lr_scale = optim.lr_factor(t, n_steps, cfg.lr_warmup, cfg.lr_decay)
+            for g, o in zip(groups, outs):
+                g.apply(o, t, lr_scale, len(x_bd))
+            window.add(outs, len(x_bd))
+            done = t + 1
+            records = None
+            if done % cfg.log_every == 0 or done == n_steps:
+                records = window.records(done, done * cfg.batch_size, cfg.dead_after, lr_scale)
+                metrics.write(records)
+                if wb:
+                    wb.log(records)
+            if done % cfg.ckpt_every == 0 and done < n_steps:
+                _checkpoint(cfg, data, groups, norm, done, n_steps, metrics)
+                last_ckpt = done
+            if progress:
+                progress(1, records)
+    finally:
+        batches.close()
+        metrics.close()
+        if wb:
+            wb.finish()
+
+
+def _checkpoint(cfg: Config, data: Data, groups: list[SAEGroup], norm: tuple[torch.Tensor, torch.Tensor],
+                done: int, n_steps: int, metrics: MetricsFile) -> None:
+    t0 = time.perf_counter()
+    metrics.sync()
+    _export(cfg, data, groups, norm, done, n_steps, {})
+    header = {"config": fingerprint(cfg), "groups": [[s.name for s in g.specs] for g in groups],
+              "n_steps": n_steps, "saevctl_version": saevctl.__version__}
+    state.save(cfg.out, done, _state_tensors(groups, *norm), header)
+    log.info("checkpoint at step %d in %.1fs", done, time.perf_counter() - t0)
+
+
+def _final_metrics(cfg: Config) -> dict[str, dict[str, Any]]:
+    last: dict[str, dict[str, Any]] = {}
+    for r in read(layout.train_metrics_fpath(cfg.out)):
+        last[r["run"]] = {k: v for k, v in r.items() if k != "run"}
+    return last
+
+
+def _finish(cfg: Config, data: Data, groups: list[SAEGroup], norm: tuple[torch.Tensor, torch.Tensor],
+            n_steps: int, resumed_from: int | None) -> Result:
+    final = _final_metrics(cfg)
+    runs = _export(cfg, data, groups, norm, n_steps, n_steps, final)
+    summary = {
+        "schema_version": layout.SAE_SCHEMA, "format": "saevctl-train-sweep", "complete": True,
+        "saevctl_version": saevctl.__version__, "store": str(cfg.store), "layer": data.layer,
+        "tokens": cfg.tokens, "n_steps": n_steps, "batch_size": cfg.batch_size,
+        "n_tokens": n_steps * cfg.batch_size, "config": fingerprint(cfg), "runs": runs,
+    }
+    atomic.write_json(layout.train_sweep_fpath(cfg.out), summary)
+    pdir = layout.train_plots_dpath(cfg.out)
+    pngs = [plots.curves(read(layout.train_metrics_fpath(cfg.out)), pdir / "curves.png")]
+    if all(r["final"] for r in runs):
+        pngs.append(plots.mse_vs_l0(runs, pdir / "mse_vs_l0.png"))
+    state_dir = layout.train_state_dpath(cfg.out)
+    for f in state_dir.glob("*") if state_dir.is_dir() else []:
+        f.unlink()
+    if state_dir.is_dir():
+        state_dir.rmdir()
+    return Result(cfg.out, runs, pngs, n_steps, resumed_from)

@@ -1,0 +1,106 @@
+"""Training metrics: window averages kept on the device (no per-step sync), JSONL records, optional wandb.
+
+Dead = no firing in the last `dead_after` tokens; dense = fires on more than 1% of the window's tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saevctl.errors import InputError
+from saevctl.train.group import SAEGroup
+from saevctl.train.step_ref import StepOut
+
+log = logging.getLogger(__name__)
+DENSE_RATE = 0.01
+KEYS = ("loss", "mse", "fvu", "l0", "l1", "aux")
+
+
+class Window:
+    """Sums of each SAE's per-step metrics since the last record."""
+
+    def __init__(self, groups: list[SAEGroup], device: torch.device) -> None:
+        self.groups = groups
+        self.sums = [torch.zeros(len(KEYS), g.n, device=device) for g in groups]
+        self.n_steps = 0
+        self.n_tokens = 0
+
+    def add(self, outs: list[StepOut], n_tokens: int) -> None:
+        for acc, out in zip(self.sums, outs):
+            l0 = out.fired_ms.sum(-1) / n_tokens
+            acc += torch.stack([out.loss_m, out.mse_m, out.fvu_m, l0, out.l1_m, out.aux_m]).float()
+        self.n_steps += 1
+        self.n_tokens += n_tokens
+
+    def records(self, step: int, tokens: int, dead_after: int, lr_scale: float) -> list[dict[str, Any]]:
+        """One record per SAE, then the window restarts (this is where the device syncs)."""
+        out: list[dict[str, Any]] = []
+        for g, acc in zip(self.groups, self.sums):
+            means = (acc / max(1, self.n_steps)).cpu().tolist()
+            dead = g.dead(min(dead_after, max(tokens, 1))).float().mean(-1).cpu().tolist()
+            rate = g.trackers["window_fired"] / max(1, self.n_tokens)
+            dense = (rate > DENSE_RATE).float().mean(-1).cpu().tolist()
+            for i, spec in enumerate(g.specs):
+                rec = {"step": step, "tokens": tokens, "run": spec.name, "lr": spec.lr * lr_scale}
+                rec |= {k: means[j][i] for j, k in enumerate(KEYS)}
+                rec |= {"dead": dead[i], "dense": dense[i]}
+                out.append(rec)
+            g.trackers["window_fired"].zero_()
+            acc.zero_()
+        self.n_steps = self.n_tokens = 0
+        return out
+
+
+class MetricsFile:
+    """Appends records to metrics.jsonl; on resume drops records past the resumed step."""
+
+    def __init__(self, fpath: Path, resume_step: int | None) -> None:
+        self.fpath = fpath
+        fpath.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            fpath.write_text("")
+        elif fpath.exists():
+            keep = [ln for ln in fpath.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            fpath.write_text("".join(ln + "\n" for ln in keep))
+        self._f = open(fpath, "a")
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        self._f.write("".join(json.dumps(r) + "\n" for r in records))
+        self._f.flush()
+
+    def sync(self) -> None:
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read(fpath: Path) -> list[dict[str, Any]]:
+    return [json.loads(ln) for ln in fpath.read_text().splitlines() if ln] if fpath.exists() else []
+
+
+class Wandb:
+    """Thin optional wrapper; wandb is imported only when asked for."""
+
+    def __init__(self, project: str, name: str, config: dict[str, Any], out_dpath: Path) -> None:
+        try:
+            import wandb
+        except ImportError as e:
+            raise InputError("--wandb needs the wandb package", "pip install wandb (or drop --wandb)") from e
+        self.run = wandb.init(project=project, name=name, config=config, dir=str(out_dpath), reinit=True)
+
+    def log(self, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
+        flat = {f"{r['run']}/{k}": v for r in records for k, v in r.items() if k not in ("run", "step", "tokens")}
+        self.run.log(flat, step=records[0]["step"])
+
+    def finish(self) -> None:
+        self.run.finish()

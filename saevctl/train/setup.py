@@ -1,0 +1,84 @@
+"""Opening a training run's input: the store's layer and token kinds as a loader, the normalisation statistics,
+and the provenance each checkpoint carries so later stages can check an SAE matches a store and model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from saevctl.errors import LayerError
+from saevctl.store import Store, open_store
+from saevctl.train.config import Config, RunSpec
+from saevctl.train.loader import ActivationLoader
+
+MODEL_KEYS = ("spec", "arch", "weights_sha256", "n_blocks", "d_model", "patch_size", "layout", "preprocess")
+
+
+@dataclass
+class Data:
+    store: Store
+    layer: int
+    kinds: tuple[str, ...]
+    loader: ActivationLoader
+
+    @property
+    def d(self) -> int:
+        return self.loader.d
+
+    def normalization(self, n_sample: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and a scalar scale so that E||(x - mean) * scale||^2 = d on a sample of the stream."""
+        sample_nd = self.loader.sample(n_sample).double()
+        mean_d = sample_nd.mean(0)
+        msq = (sample_nd - mean_d).pow(2).sum(-1).mean().clamp_min(1e-12)
+        return mean_d.float(), (self.d / msq).sqrt().float()
+
+
+def pick_layer(store: Store, layer: int | None) -> int:
+    if layer is None:
+        return store.layers[-1]
+    if layer < 0 and layer not in store.layers:
+        n_blocks = store.model.get("n_blocks") or store.model.get("depth")
+        if n_blocks:
+            layer += int(n_blocks)
+    if layer not in store.layers:
+        raise LayerError(
+            f"the store at {store.dpath} holds layers {store.layers}, not {layer}",
+            f"pick --layer from {store.layers}",
+        )
+    return layer
+
+
+def open_data(cfg: Config) -> Data:
+    store = open_store(cfg.store)
+    layer = pick_layer(store, cfg.layer)
+    view = store.layer(layer)
+    kinds = ("patches", "cls") if cfg.tokens == "both" else (cfg.tokens,)
+    arrays = {k: view.kind(k) for k in kinds}
+    loader = ActivationLoader(arrays, cfg.batch_size, cfg.buffer_rows, cfg.seed)
+    return Data(store, layer, kinds, loader)
+
+
+def provenance(cfg: Config, data: Data, spec: RunSpec, step: int, n_steps: int, final: dict[str, Any]) -> dict[str, Any]:
+    """SAEConfig fields naming the model, layer, tokens and training of one SAE."""
+    model = {k: data.store.model[k] for k in MODEL_KEYS if k in data.store.model}
+    train = {
+        **spec.hyper(),
+        "store": str(cfg.store.resolve()),
+        "store_rows": data.store.n_images,
+        "steps": step,
+        "n_steps": n_steps,
+        "complete": step >= n_steps,
+        "batch_size": cfg.batch_size,
+        "tokens_seen": step * cfg.batch_size,
+        "seed": cfg.seed,
+        "lr_warmup": cfg.lr_warmup,
+        "lr_decay": cfg.lr_decay,
+        "sparsity_warmup": cfg.sparsity_warmup,
+        "aux_coef": cfg.aux_coef,
+        "dtype": cfg.dtype,
+        "impl": cfg.impl,
+        "final": final,
+    }
+    return {"model": model, "layer": data.layer, "tokens": data.kinds, "train": train}

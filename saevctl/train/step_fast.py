@@ -1,0 +1,156 @@
+"""The fast training step: same-shape SAEs stacked into batched matmuls, hand-written encoder gradients, and a
+sparse (index-based) decoder for TopK/BatchTopK. Matches `step_ref` (tests/test_train_parity.py).
+
+Why it is fast: the pre-encoder bias costs a GEMV instead of a GEMM (its gradient is -sum(g_pre) W_enc), the
+ReLU mask and L1 gradient are one elementwise pass, and TopK never forms a dense (batch, latents) gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from saevctl.train.step_ref import Hyper, StepOut
+
+
+def _autocast(x: Tensor, bf16: bool) -> contextlib.AbstractContextManager[object]:
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16)
+
+
+def _dense_decode(f_mbs: Tensor, params: dict[str, Tensor], x_bd: Tensor, hp: Hyper, bf16: bool):
+    """Reconstruction loss of dense codes; returns (loss_m, x_hat_mbd, grad_f, grad_W_dec, grad_b_dec)."""
+    W_dec = params["W_dec"].detach().requires_grad_()
+    b_dec = params["b_dec"].detach().requires_grad_()
+    f = f_mbs.detach().requires_grad_()
+    with torch.enable_grad(), _autocast(x_bd, bf16):
+        if len(hp.prefixes) == 1:
+            x_hat = torch.baddbmm(b_dec[:, None, :], f, W_dec).float()
+            loss_m = (x_hat - x_bd).pow(2).mean((1, 2))
+        else:
+            loss_m, x_hat, lo = 0, b_dec[:, None, :].float(), 0
+            for n in hp.prefixes:
+                x_hat = x_hat + torch.bmm(f[:, :, lo:n], W_dec[:, lo:n]).float()
+                loss_m = loss_m + (x_hat - x_bd).pow(2).mean((1, 2))
+                lo = n
+            loss_m = loss_m / len(hp.prefixes)
+    g_f, g_W, g_b = torch.autograd.grad(loss_m.sum(), (f, W_dec, b_dec))
+    return loss_m.detach(), x_hat.detach(), g_f, g_W, g_b
+
+
+def _relu_step(params: dict[str, Tensor], x_bd: Tensor, x_c: Tensor, coef_m: Tensor, hp: Hyper, bf16: bool):
+    with _autocast(x_bd, bf16):
+        pre = torch.baddbmm(params["b_enc"][:, None, :], x_c, params["W_enc"].transpose(1, 2))
+    f = torch.relu_(pre)
+    recon_m, x_hat, g_f, g_W_dec, g_b_dec = _dense_decode(f, params, x_bd, hp, bf16)
+    # L1 gradient and the ReLU mask in one pass (f >= 0, so |f|' = 1 where it fires)
+    if bf16:  # the tiny L1 term would vanish if added in bfloat16
+        g_pre = torch.where(f > 0, g_f.float() + coef_m[:, None, None] / len(x_bd), 0.0)
+    else:
+        g_f.add_(coef_m[:, None, None] / len(x_bd))
+        g_pre = torch.ops.aten.threshold_backward(g_f, f, 0)
+    with _autocast(x_bd, bf16):
+        g_W_enc = torch.bmm(g_pre.transpose(1, 2), x_c).float()
+    g_b_enc = g_pre.sum(1, dtype=torch.float32)
+    g_b_dec = g_b_dec.float() - torch.bmm(g_b_enc[:, None, :], params["W_enc"])[:, 0]
+    fired = (f > 0).sum(1, dtype=torch.float32)
+    l1_m = f.sum((1, 2), dtype=torch.float32) / len(x_bd)
+    grads = {"W_enc": g_W_enc, "b_enc": g_b_enc, "W_dec": g_W_dec.float(), "b_dec": g_b_dec}
+    loss_m = recon_m + coef_m * l1_m
+    return grads, loss_m, x_hat, l1_m, fired, torch.zeros_like(loss_m), torch.zeros_like(loss_m)
+
+
+def _select(pre_bs: Tensor, activation: str, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sparse codes as (rows, cols, vals, offsets), rows ascending; vals after the ReLU."""
+    b, s = pre_bs.shape
+    if activation == "topk":
+        vals, cols = pre_bs.topk(k, dim=-1, sorted=False)
+        rows = torch.arange(b, device=pre_bs.device).repeat_interleave(k)
+        offsets = torch.arange(0, b * k, k, device=pre_bs.device)
+        return rows, cols.flatten(), torch.relu(vals.flatten().float()), offsets
+    vals, flat = pre_bs.flatten().topk(b * k, sorted=False)
+    flat, order = flat.sort()
+    rows, cols = flat // s, flat % s
+    counts = torch.bincount(rows, minlength=b)
+    offsets = torch.cumsum(counts, 0) - counts
+    return rows, cols, torch.relu(vals[order].float()), offsets
+
+
+def _sparse_encoder_grads(g_vals: Tensor, rows: Tensor, cols: Tensor, x_c_bd: Tensor, s: int) -> tuple[Tensor, Tensor]:
+    """dL/dW_enc (s, d) and dL/db_enc (s,) from gradients at the selected (row, col) entries only."""
+    g_b_enc = torch.zeros(s, device=g_vals.device, dtype=torch.float32).index_add_(0, cols, g_vals)
+    g_pre_T = torch.sparse_coo_tensor(torch.stack([cols, rows]), g_vals, (s, len(x_c_bd)), check_invariants=False
+    ).coalesce()
+    g_W_enc = torch.sparse.mm(g_pre_T, x_c_bd.float())
+    return g_W_enc, g_b_enc
+
+
+def _sparse_one(i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor, x_c_bd: Tensor, dead_s, hp: Hyper):
+    s = pre_bs.shape[1]
+    rows, cols, vals, offsets = _select(pre_bs, hp.activation, hp.k)
+    W_dec = params["W_dec"][i].detach().requires_grad_()
+    b_dec = params["b_dec"][i].detach().requires_grad_()
+    v = vals.detach().requires_grad_()
+    with torch.enable_grad():
+        recon, x_hat, lo = 0, b_dec.expand_as(x_bd), 0
+        for n in hp.prefixes:
+            w = v if len(hp.prefixes) == 1 else v * ((cols >= lo) & (cols < n))
+            x_hat = x_hat + F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=w)
+            recon = recon + (x_hat - x_bd).pow(2).mean()
+            lo = n
+        recon = recon / len(hp.prefixes)
+        g_v, g_W_dec, g_b_dec = torch.autograd.grad(recon, (v, W_dec, b_dec))
+    g_v = g_v * (vals > 0)
+    g_W_enc, g_b_enc = _sparse_encoder_grads(g_v, rows, cols, x_c_bd, s)
+    aux = x_bd.new_zeros(())
+    n_dead = 0 if dead_s is None or hp.aux_coef <= 0 else int(dead_s.sum())
+    if n_dead:
+        aux, g_W_dec_aux, g_W_enc_aux, g_b_enc_aux = _auxk(pre_bs, dead_s, n_dead, x_bd - x_hat.detach(), W_dec, x_c_bd, hp)
+        g_W_dec, g_W_enc, g_b_enc = g_W_dec + g_W_dec_aux, g_W_enc + g_W_enc_aux, g_b_enc + g_b_enc_aux
+    g_b_dec = g_b_dec - g_b_enc @ params["W_enc"][i]
+    fired = torch.bincount(cols[vals > 0], minlength=s).float()
+    min_act = vals[vals > 0].min() if hp.activation == "batchtopk" and bool((vals > 0).any()) else x_bd.new_zeros(())
+    grads = {"W_enc": g_W_enc, "b_enc": g_b_enc, "W_dec": g_W_dec, "b_dec": g_b_dec}
+    return grads, recon.detach() + aux, x_hat.detach(), vals.sum() / len(x_bd), fired, aux, min_act
+
+
+def _auxk(pre_bs: Tensor, dead_s: Tensor, n_dead: int, resid_bd: Tensor, W_dec: Tensor, x_c_bd: Tensor, hp: Hyper):
+    masked = torch.where(dead_s, pre_bs, torch.full_like(pre_bs, float("-inf")))
+    k = min(hp.k_aux, n_dead)
+    vals, cols = masked.topk(k, dim=-1, sorted=False)
+    b = len(pre_bs)
+    rows = torch.arange(b, device=pre_bs.device).repeat_interleave(k)
+    cols, vals = cols.flatten(), torch.relu(vals.flatten().float())
+    v = vals.detach().requires_grad_()
+    W = W_dec.detach().requires_grad_()
+    with torch.enable_grad():
+        e_hat = F.embedding_bag(cols, W, torch.arange(0, b * k, k, device=pre_bs.device), mode="sum", per_sample_weights=v)
+        denom = (resid_bd - resid_bd.mean(0)).pow(2).sum().clamp_min(1e-12)
+        aux = hp.aux_coef * (e_hat - resid_bd).pow(2).sum() / denom
+        g_v, g_W = torch.autograd.grad(aux, (v, W))
+    g_W_enc, g_b_enc = _sparse_encoder_grads(g_v * (vals > 0), rows, cols, x_c_bd, pre_bs.shape[1])
+    return aux.detach(), g_W, g_W_enc, g_b_enc
+
+
+def step(
+    params: dict[str, Tensor], x_bd: Tensor, coef_m: Tensor, dead_ms: Tensor | None, hp: Hyper, bf16: bool = False
+) -> StepOut:
+    x_c = x_bd[None] - params["b_dec"][:, None, :]
+    var = (x_bd - x_bd.mean(0)).pow(2).sum().clamp_min(1e-12)
+    if hp.activation == "relu":
+        grads, loss_m, x_hat, l1_m, fired, aux_m, min_act = _relu_step(params, x_bd, x_c, coef_m, hp, bf16)
+    else:
+        with _autocast(x_bd, bf16):
+            pre = torch.baddbmm(params["b_enc"][:, None, :], x_c, params["W_enc"].transpose(1, 2))
+        per = [
+            _sparse_one(i, pre[i], params, x_bd, x_c[i], None if dead_ms is None else dead_ms[i], hp)
+            for i in range(len(pre))
+        ]
+        grads = {n: torch.stack([p[0][n] for p in per]) for n in params}
+        loss_m, x_hat, l1_m, fired, aux_m, min_act = (torch.stack([p[j] for p in per]) for j in range(1, 7))
+    err = (x_hat - x_bd).pow(2)
+    return StepOut(grads, loss_m, err.mean((1, 2)), err.sum((1, 2)) / var, l1_m, aux_m, fired, min_act)

@@ -1,0 +1,136 @@
+"""Property tests of the streaming scan: merged top-k equals torch.topk over everything at once, and the
+per-feature statistics equal the brute-force ones."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from saevctl.mine.scan import HIST_LO, HIST_STEP, N_HIST, FeatureScanner, StreamingTopK, hist_edges
+
+
+@st.composite
+def code_streams(draw: st.DrawFn) -> tuple[torch.Tensor, list[int], int]:
+    """Sparse non-negative codes (n images, p patches, s features) cut into random chunk sizes, and k."""
+    n = draw(st.integers(1, 40))
+    p = draw(st.integers(1, 6))
+    s = draw(st.integers(1, 12))
+    k = draw(st.integers(1, 8))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.rand((n, p, s), generator=g) * 10 ** torch.empty((n, p, s)).uniform_(-5, 5, generator=g)
+    codes = torch.where(torch.rand((n, p, s), generator=g) < draw(st.floats(0.05, 1.0)), dense, torch.zeros(()))
+    cuts, left = [], n
+    while left:
+        c = draw(st.integers(1, left))
+        cuts.append(c)
+        left -= c
+    return codes, cuts, k
+
+
+def _feed(codes: torch.Tensor, cuts: list[int], k: int, by: str = "max") -> FeatureScanner:
+    n, p, s = codes.shape
+    sc = FeatureScanner(s, k, p, by, top_n=3, keep_patches=True)
+    ids = torch.arange(100, 100 + n)  # ids differ from row numbers on purpose
+    lo = 0
+    for c in cuts:
+        sc.update(codes[lo : lo + c], ids[lo : lo + c])
+        lo += c
+    return sc
+
+
+@settings(max_examples=60, deadline=None)
+@given(code_streams(), st.sampled_from(["max", "mean"]))
+def test_streaming_topk_equals_topk_of_concatenation(stream: tuple[torch.Tensor, list[int], int], by: str) -> None:
+    codes, cuts, k = stream
+    n, p, s = codes.shape
+    sc = _feed(codes, cuts, k, by)
+    scores_ns = codes.amax(1) if by == "max" else codes.sum(1) / p
+    want_vals, _ = scores_ns.topk(min(k, n), dim=0)
+    vals, ids = sc.topk.result()
+    # Values match exactly; with ties either row may be kept, so check each kept id really has that value.
+    torch.testing.assert_close(vals[: min(k, n)], want_vals.float(), rtol=0, atol=0)
+    assert torch.isinf(vals[min(k, n) :]).all() and (ids[min(k, n) :] == -1).all()
+    rows = ids[: min(k, n)] - 100
+    assert torch.equal(scores_ns.gather(0, rows).float(), vals[: min(k, n)])
+    assert all(len(set(rows[:, f].tolist())) == rows.shape[0] for f in range(s)), "an image kept twice"
+    # Each exemplar's per-patch codes are that image's codes for that feature (stored as float16).
+    for f in range(s):
+        for r in range(rows.shape[0]):
+            want = codes[rows[r, f], :, f].to(torch.float16)
+            assert torch.equal(sc.topk.patches_skp[f, r], want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(code_streams())
+def test_feature_stats_equal_brute_force(stream: tuple[torch.Tensor, list[int], int]) -> None:
+    codes, cuts, k = stream
+    n, p, s = codes.shape
+    st_ = _feed(codes, cuts, k).stats()
+    flat = codes.reshape(-1, s)
+    assert torch.equal(st_.n_fired, (flat > 0).sum(0))
+    assert torch.equal(st_.img_fired, (codes.amax(1) > 0).sum(0))
+    torch.testing.assert_close(st_.max, flat.amax(0))
+    torch.testing.assert_close(st_.sum, flat.double().sum(0), rtol=1e-5, atol=1e-6)  # per-image sums are float32
+    torch.testing.assert_close(st_.freq, (flat > 0).double().mean(0))
+    # Every firing value lands in the bin whose edges hold it.
+    edges = hist_edges()
+    for f in range(s):
+        vals = flat[:, f][flat[:, f] > 0].double()
+        want = torch.zeros(N_HIST, dtype=torch.int64)
+        for v in vals.tolist():
+            b = next(i for i, (lo, hi) in enumerate(edges) if lo <= v < hi or (i == 0 and v < hi))
+            want[b] += 1
+        # float32 log10 can put a value within 1 ulp of an edge in the neighbouring bin
+        diff = (st_.hist_sb[f] - want).abs().sum().item()
+        assert diff <= 2 * sum(1 for v in vals.tolist() if _near_edge(v)), (f, st_.hist_sb[f], want)
+
+
+def _near_edge(v: float) -> bool:
+    x = (math.log10(v) - HIST_LO) / HIST_STEP
+    return abs(x - round(x)) < 1e-4
+
+
+@settings(max_examples=30, deadline=None)
+@given(code_streams())
+def test_image_features_are_each_images_top_features(stream: tuple[torch.Tensor, list[int], int]) -> None:
+    codes, cuts, k = stream
+    n, p, s = codes.shape
+    ids, rank, feat, val = _feed(codes, cuts, k).image_features()
+    scores = codes.amax(1)
+    for i in range(n):
+        sel = ids == 100 + i
+        want = scores[i].topk(min(3, s)).values
+        want = want[want > 0]
+        torch.testing.assert_close(val[sel], want)
+        assert torch.equal(rank[sel], torch.arange(len(want), dtype=torch.int32))
+        torch.testing.assert_close(scores[i, feat[sel].long()], want)
+
+
+def test_streaming_topk_merges_in_blocks_of_features(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many features (more than one merge block) give the same answer as one block."""
+    import saevctl.mine.scan as scan
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand((50, 300), generator=g)
+    ids = torch.arange(50)
+    one = StreamingTopK(300, 5)
+    for lo in range(0, 50, 7):
+        one.update(scores[lo : lo + 7], ids[lo : lo + 7])
+    monkeypatch.setattr(scan, "MERGE_BLOCK", 16)
+    many = StreamingTopK(300, 5)
+    for lo in range(0, 50, 7):
+        many.update(scores[lo : lo + 7], ids[lo : lo + 7])
+    assert torch.equal(one.vals_ks, many.vals_ks) and torch.equal(one.ids_ks, many.ids_ks)
+    assert torch.equal(one.vals_ks, scores.topk(5, dim=0).values)
+
+
+def test_hist_edges_cover_all_positive_values() -> None:
+    edges = np.array(hist_edges())
+    assert len(edges) == N_HIST and edges[0, 0] == 0 and math.isinf(edges[-1, 1])
+    assert np.all(edges[1:, 0] == edges[:-1, 1])

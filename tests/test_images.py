@@ -147,8 +147,9 @@ def test_pixel_formats_become_rgb(tmp_path: Path) -> None:
 def test_corrupt_files_raise_input_error(tmp_path: Path, content: bytes) -> None:
     f = tmp_path / "bad.png"
     f.write_bytes(content)
-    with pytest.raises(InputError, match="cannot read image .* corrupt or not an image"):
+    with pytest.raises(InputError, match="cannot read image .*bad.png") as info:
         open_image(str(f))
+    assert info.value.one_line().endswith("The file is corrupt or not an image.")
 
 
 def test_truncated_real_image_is_unreadable(tmp_path: Path) -> None:

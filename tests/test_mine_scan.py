@@ -52,18 +52,20 @@ def test_streaming_topk_equals_topk_of_concatenation(stream: tuple[torch.Tensor,
     sc = _feed(codes, cuts, k, by)
     scores_ns = codes.amax(1) if by == "max" else codes.sum(1) / p
     want_vals, _ = scores_ns.topk(min(k, n), dim=0)
-    vals, ids = sc.topk.result()
+    vals, ids, slots = sc.topk.ranked()
     # Values match exactly; with ties either row may be kept, so check each kept id really has that value.
-    torch.testing.assert_close(vals[: min(k, n)], want_vals.float(), rtol=0, atol=0)
+    # max is exact; a mean's float32 sum may differ in the last bit with the summation order.
+    tol = {"rtol": 0, "atol": 0} if by == "max" else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(vals[: min(k, n)], want_vals.float(), **tol)
     assert torch.isinf(vals[min(k, n) :]).all() and (ids[min(k, n) :] == -1).all()
     rows = ids[: min(k, n)] - 100
-    assert torch.equal(scores_ns.gather(0, rows).float(), vals[: min(k, n)])
+    torch.testing.assert_close(scores_ns.gather(0, rows).float(), vals[: min(k, n)], **tol)
     assert all(len(set(rows[:, f].tolist())) == rows.shape[0] for f in range(s)), "an image kept twice"
     # Each exemplar's per-patch codes are that image's codes for that feature (stored as float16).
     for f in range(s):
         for r in range(rows.shape[0]):
             want = codes[rows[r, f], :, f].to(torch.float16)
-            assert torch.equal(sc.topk.patches_skp[f, r], want)
+            assert torch.equal(sc.topk.patches_skp[f, slots[r, f]], want)
 
 
 @settings(max_examples=40, deadline=None)
@@ -127,7 +129,7 @@ def test_streaming_topk_merges_in_blocks_of_features(monkeypatch: pytest.MonkeyP
     for lo in range(0, 50, 7):
         many.update(scores[lo : lo + 7], ids[lo : lo + 7])
     assert torch.equal(one.vals_ks, many.vals_ks) and torch.equal(one.ids_ks, many.ids_ks)
-    assert torch.equal(one.vals_ks, scores.topk(5, dim=0).values)
+    assert torch.equal(one.ranked()[0], scores.topk(5, dim=0).values)
 
 
 def test_hist_edges_cover_all_positive_values() -> None:

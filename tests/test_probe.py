@@ -199,3 +199,58 @@ def test_nx_clamp_reads_the_mined_index(tiny_bb, tiny_store, image_dir, tmp_path
         freq = {r["feature"]: r["freq"] for r in index.list_features(sid, sort="feature", limit=64)}
     ranked = sorted((abs(np.log(freq[j]) - np.log(freq[f])), j) for j in freq if j != f and freq[j] > 0)
     assert batch.control_features[0] in {j for _, j in ranked[:16]}  # among the nearest in firing frequency
+
+
+def _segment_head(bb, tmp_path: Path) -> Path:
+    torch.manual_seed(2)
+    header = {"task": "segment", "model": describe_model(bb), "layer": bb.n_blocks - 1, "final_norm": True,
+              "classes": ["sky", "ground", "thing"], "metrics": {}}
+    return save_head(tmp_path / "seg-head", torch.randn(3, bb.d_model) * 3, torch.zeros(3), header)
+
+
+def test_segment_head_single_and_batch(planted_sae, tiny_bb, image_dir, tmp_path):
+    from saevctl.probe import Config, run
+
+    head = str(_segment_head(tiny_bb, tmp_path))
+    img = str(sorted(image_dir.rglob("*.png"))[0])
+    res = run(Config(image=img, clamps=("0=40",), sae=planted_sae, head=head, patches="all", out=tmp_path / "s.png", device="cpu"))
+    assert res.task == "segment" and res.before.shape == (3, 32, 32)
+    shares = res.summary["rows"]
+    assert sum(r["before"] for r in shares) == pytest.approx(1.0) and sum(r["after"] for r in shares) == pytest.approx(1.0)
+    changed = float((res.before.argmax(0) != res.after.argmax(0)).mean())
+    assert res.summary["changed"] == pytest.approx(changed) and changed > 0
+    r = invoke("probe", "--sae", planted_sae, "--images", image_dir, "--clamp", "0=40", "--head", head,
+               "--n-boot", "100", "--max-images", "6", "--out", tmp_path / "sb.png")
+    assert r.exit_code == 0, r.output
+    assert "pixels whose class changed" in r.output and "6 images (0 unreadable)" in r.output
+
+
+def test_probe_reads_a_toml_config(planted_sae, image_dir, tmp_path):
+    cfg = tmp_path / "probe.toml"
+    img = sorted(image_dir.rglob("*.png"))[0]
+    cfg.write_text(f'image = "{img}"\nclamps = ["0=20"]\nhead = "timm"\npatches = "all"\nout = "{tmp_path / "t.png"}"\n')
+    r = invoke("probe", "--sae", planted_sae, "--config", cfg)
+    assert r.exit_code == 0, r.output
+    assert "on 16 patches" in r.output and (tmp_path / "t.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def demo_sae(tmp_path_factory) -> Path:
+    from saevctl.errors import ModelError
+
+    try:
+        bb = load_backbone("demo")
+    except ModelError as e:
+        pytest.skip(e.one_line())
+    return make_sae(bb, layer=6, n_latents=256).save(tmp_path_factory.mktemp("demo") / "sae")
+
+
+def test_demo_saliency_probe_cli(demo_sae, tmp_path):
+    """What `make demo` ends with: a probe on a demo photo with the saliency head."""
+    out = tmp_path / "demo.png"
+    r = invoke("probe", "--sae", demo_sae, "--image", "skimage:chelsea", "--clamp", "top=0", "--head", "saliency",
+               "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "saliency (p > 0.5)" in r.output and "salient" in r.output and "pixels that changed class" in r.output
+    with Image.open(out) as im:
+        assert im.size[0] > 3 * im.size[1]  # four panels side by side

@@ -12,16 +12,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import draw_image, make_tiny_vit
+from tiny_models import make_tiny_clip
 
 from saevctl.errors import LayerError, ModelError
 from saevctl.vit import load_backbone, parse_spec
-
-TINY_CLIP = "saevctl-test-tiny-clip"
-TINY_CLIP_CFG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 3, "width": 32, "patch_size": 8, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 
 # name -> timm overrides; all keep the conftest's 32 px input, 8 px patches, 4 blocks, width 32.
 TIMM_VARIANTS = {
@@ -33,29 +27,10 @@ TIMM_VARIANTS = {
 EXPECTED_LAYOUT = {"cls": (1, 0), "cls+reg4": (1, 4), "avgpool-no-cls": (0, 0), "reg2-no-cls": (0, 2)}
 
 
-def register_tiny_clip(dpath: Path) -> str:
-    """Register a tiny open_clip architecture (3 blocks of width 32, 8 px patches on 32 px) in this process."""
-    import open_clip
-
-    fpath = dpath / f"{TINY_CLIP}.json"
-    fpath.write_text(json.dumps(TINY_CLIP_CFG))
-    open_clip.add_model_config(fpath)
-    return TINY_CLIP
-
-
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """(arch, checkpoint file) of a random-init tiny open_clip model saved as safetensors."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    d = tmp_path_factory.mktemp("tinyclip")
-    arch = register_tiny_clip(d)
-    torch.manual_seed(0)
-    clip = open_clip.create_model(arch)
-    fpath = d / "tiny_clip.safetensors"
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(fpath))
-    return arch, fpath
+    return make_tiny_clip(tmp_path_factory.mktemp("tinyclip"))
 
 
 @pytest.fixture(scope="module")

@@ -159,7 +159,7 @@ def token_tables(sc: FeatureScanner) -> dict[str, dict[str, np.ndarray]]:
     edges = np.array(hist_edges())
     histograms = {"feature": hf.astype(np.int32), "bin": hb.astype(np.int16), "lo": edges[hb, 0],
                   "hi": edges[hb, 1], "count": hist[hf, hb]}
-    vals_ks, ids_ks = (t.cpu() for t in sc.topk.result())
+    vals_ks, ids_ks, slot_ks = (t.cpu() for t in sc.topk.ranked())
     keep_ks = (vals_ks > 0) & (ids_ks >= 0)
     rank_ks = torch.arange(vals_ks.shape[0])[:, None].expand_as(vals_ks)
     feat_ks = torch.arange(sc.s)[None, :].expand_as(vals_ks)
@@ -170,7 +170,7 @@ def token_tables(sc: FeatureScanner) -> dict[str, dict[str, np.ndarray]]:
                  "image_id": ids_ks[ex_r, ex_f].numpy().astype(np.int32),
                  "value": vals_ks[ex_r, ex_f].numpy().astype(np.float32)}
     if sc.topk.patches_skp is not None:
-        acts = sc.topk.patches_skp.cpu()[ex_f, ex_r]  # (e, p) float16
+        acts = sc.topk.patches_skp.cpu()[ex_f, slot_ks[ex_r, ex_f]]  # (e, p) float16
         exemplars["n_fired"] = (acts > 0).sum(1).numpy().astype(np.int16)
         raw = acts.numpy().astype("<f2")
         exemplars["acts"] = np.array([r.tobytes() for r in raw], dtype=object)

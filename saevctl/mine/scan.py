@@ -29,8 +29,10 @@ def hist_edges() -> list[tuple[float, float]]:
 class StreamingTopK:
     """The k highest-scoring rows per feature seen so far, with their ids and (optionally) per-patch codes.
 
-    `update` touches only the features whose threshold a new row beats, so after the first chunks a merge
-    costs almost nothing; equal to `torch.topk` over all rows at once (ties may pick either row).
+    Each feature has k unordered slots. `update` only touches features whose smallest slot a new row beats,
+    and only copies the rows that enter (into the slots they evict), so after the first chunks a merge costs
+    almost nothing and memory stays at features x k. Equal to `torch.topk` over all rows at once (with ties
+    either row may be kept); `ranked()` sorts the slots.
     """
 
     def __init__(
@@ -51,28 +53,34 @@ class StreamingTopK:
         ids_b: Int[Tensor, " b"],
         patches_bps: Float[Tensor, "b p s"] | None = None,
     ) -> None:
-        hit_s = (scores_bs > self.vals_ks[-1]).any(0)
+        hit_s = (scores_bs > self.vals_ks.amin(0)).any(0)
         feats = hit_s.nonzero().squeeze(1)
         for lo in range(0, len(feats), MERGE_BLOCK):
             self._merge(feats[lo : lo + MERGE_BLOCK], scores_bs, ids_b, patches_bps)
 
     def _merge(self, f: Tensor, scores_bs: Tensor, ids_b: Tensor, patches_bps: Tensor | None) -> None:
-        b = len(ids_b)
-        cand_vals = torch.cat([self.vals_ks[:, f], scores_bs[:, f].float()], 0)  # (k+b, F)
-        new_vals, pos = cand_vals.topk(self.k, dim=0)  # sorted, descending
-        cand_ids = torch.cat([self.ids_ks[:, f], ids_b[:, None].expand(b, len(f))], 0)
-        self.ids_ks[:, f] = cand_ids.gather(0, pos)
-        self.vals_ks[:, f] = new_vals
+        k = self.k
+        new_bf = scores_bs[:, f].float()
+        cand = torch.cat([self.vals_ks[:, f], new_bf], 0)  # (k+b, F)
+        pos = cand.topk(k, dim=0, sorted=False).indices
+        chosen = torch.zeros_like(cand, dtype=torch.bool).scatter_(0, pos, True)
+        # Per feature, as many old slots are evicted as new rows enter; nonzero() on the transposed masks lists
+        # both feature by feature, so the i-th evicted slot and the i-th entering row belong to the same feature.
+        out_fk = (~chosen[:k]).t().nonzero()
+        in_fb = chosen[k:].t().nonzero()
+        assert out_fk.shape == in_fb.shape and torch.equal(out_fk[:, 0], in_fb[:, 0])
+        fi, slot, row = f[out_fk[:, 0]], out_fk[:, 1], in_fb[:, 1]
+        self.vals_ks[slot, fi] = new_bf[row, out_fk[:, 0]]
+        self.ids_ks[slot, fi] = ids_b[row]
         if self.patches_skp is not None:
             assert patches_bps is not None
-            p = self.patches_skp.shape[2]
-            new_fbp = patches_bps[:, :, f].permute(2, 0, 1).to(self.patches_skp.dtype)
-            both = torch.cat([self.patches_skp[f], new_fbp], 1)  # (F, k+b, p)
-            self.patches_skp[f] = both.gather(1, pos.t()[:, :, None].expand(-1, -1, p))
+            self.patches_skp[fi, slot] = patches_bps[row, :, fi].to(self.patches_skp.dtype)
 
-    def result(self) -> tuple[Float[Tensor, "k s"], Int[Tensor, "k s"]]:
-        """Values and ids, best first; unfilled slots hold -inf and id -1."""
-        return self.vals_ks, self.ids_ks
+    def ranked(self) -> tuple[Float[Tensor, "k s"], Int[Tensor, "k s"], Int[Tensor, "k s"]]:
+        """Values and ids best first, and the slot each came from (to index patches_skp); unfilled slots
+        hold -inf and id -1."""
+        vals_ks, slot_ks = self.vals_ks.sort(0, descending=True)
+        return vals_ks, self.ids_ks.gather(0, slot_ks), slot_ks
 
 
 @dataclass
@@ -135,31 +143,32 @@ class FeatureScanner:
         self.image_top: list[tuple[Tensor, Tensor, Tensor]] = []  # (ids_b, feats_bn, vals_bn)
 
     def update(self, codes_bps: Float[Tensor, "b p s"], ids_b: Int[Tensor, " b"]) -> None:
-        """Fold in one chunk: b images, p tokens each (p = 1 for CLS), s features."""
+        """Fold in one chunk: b images, p tokens each (p = 1 for CLS), s features; codes are >= 0."""
         b, p, s = codes_bps.shape
         assert s == self.s
-        amax_bs = codes_bps.amax(1)
-        sum_bs = codes_bps.sum(1)
-        scores_bs = amax_bs if self.by == "max" else sum_bs / p
-        self.max = torch.maximum(self.max, amax_bs.amax(0).float())
+        # One dense pass finds the firing codes; every statistic is then computed on those few entries.
+        flat = codes_bps.reshape(-1)
+        idx = flat.nonzero().squeeze(1)
+        vals = flat[idx].float()
+        tok = idx // s
+        feat = idx - tok * s
+        key = (tok // p) * s + feat  # (image in chunk, feature)
+        amax_bs = torch.zeros(b * s, device=flat.device).scatter_reduce_(0, key, vals, "amax").view(b, s)
+        if self.by == "max":
+            scores_bs = amax_bs
+        else:
+            scores_bs = torch.zeros(b * s, device=flat.device).index_add_(0, key, vals).view(b, s) / p
+        self.max = torch.maximum(self.max, amax_bs.amax(0))
         self.img_fired += (amax_bs > 0).sum(0)
-        self.sum += sum_bs.sum(0, dtype=torch.float64)
+        self.sum += torch.bincount(feat, weights=vals.double(), minlength=s)
         self.img_score_sum += scores_bs.sum(0, dtype=torch.float64)
-        self._histogram(codes_bps.reshape(-1))
+        bins = ((vals.log10() - HIST_LO) / HIST_STEP).floor_().add_(1).clamp_(0, N_HIST - 1).long()
+        self.hist_sb += torch.bincount(feat * N_HIST + bins, minlength=s * N_HIST)
         self.n_tokens += b * p
         self.n_images += b
         self.topk.update(scores_bs, ids_b, codes_bps if self.topk.patches_skp is not None else None)
         vals_bn, feats_bn = scores_bs.topk(self.top_n, dim=1)
         self.image_top.append((ids_b.clone(), feats_bn.to(torch.int32), vals_bn.float()))
-
-    def _histogram(self, codes_flat: Tensor) -> None:
-        idx = codes_flat.nonzero().squeeze(1)  # codes are >= 0, so nonzero means fired
-        if not len(idx):
-            return
-        vals = codes_flat[idx].float()
-        feat = idx % self.s
-        bins = ((vals.log10() - HIST_LO) / HIST_STEP).floor().add_(1).clamp_(0, N_HIST - 1).long()
-        self.hist_sb += torch.bincount(feat * N_HIST + bins, minlength=self.s * N_HIST)
 
     def stats(self) -> FeatureStats:
         hist_sb = self.hist_sb.view(self.s, N_HIST)

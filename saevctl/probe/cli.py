@@ -113,6 +113,7 @@ def probe(
     controls: bool = typer.Option(None, "--controls/--no-controls", help="Batch mode: run the two controls (default on)."),
     n_boot: int = typer.Option(None, "--n-boot", help="Batch mode: bootstrap resamples (default 1000)."),
     seed: int = typer.Option(None, "--seed", help="Batch mode: seed for controls and bootstrap (default 0)."),
+    freq_images: int = typer.Option(None, "--freq-images", help="Batch mode without a mined index: measure firing frequencies on this many images first (default 128)."),
     config: Path = typer.Option(None, "--config", help="TOML file with any of these options (command-line values win)."),
 ) -> None:
     """Clamp SAE features on chosen patches at the SAE's layer, run the rest of the ViT, and compare a head's output."""
@@ -134,7 +135,8 @@ def probe(
     else:
         from saevctl.probe.batch import BatchConfig
 
-        extra = dict(batch_size=batch_size, max_images=max_images, controls=controls, n_boot=n_boot, seed=seed)
+        extra = dict(batch_size=batch_size, max_images=max_images, controls=controls, n_boot=n_boot, seed=seed,
+                     freq_images=freq_images)
         _batch(merge_config(BatchConfig, file_values, {**common, **extra, "images": images}))
 
 

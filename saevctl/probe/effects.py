@@ -106,9 +106,7 @@ def effect_sizes(before: Tensor, after: Tensor, task: str) -> dict[str, np.ndarr
         }
     elif task == "segment":
         lb, la = before.argmax(1), after.argmax(1)
-        c = before.shape[1]
-        share_b = torch.nn.functional.one_hot(lb, c).float().mean((1, 2))
-        share_a = torch.nn.functional.one_hot(la, c).float().mean((1, 2))
+        share_b, share_a = class_shares(lb, before.shape[1]), class_shares(la, before.shape[1])
         out = {"changed": (lb != la).float().mean((1, 2)), "share_tv": 0.5 * (share_a - share_b).abs().sum(-1)}
     else:
         b, a = before[:, 0], after[:, 0]
@@ -118,6 +116,13 @@ def effect_sizes(before: Tensor, after: Tensor, task: str) -> dict[str, np.ndarr
             "changed": ((a > SALIENT) != (b > SALIENT)).float().mean((1, 2)),
         }
     return {k: v.float().cpu().numpy() for k, v in out.items()}
+
+
+def class_shares(labels_bhw: Tensor, n_classes: int) -> Tensor:
+    """Share of each image's pixels per class, (b, c), by counting (no one-hot of every pixel)."""
+    flat = labels_bhw.reshape(labels_bhw.shape[0], -1)
+    counts = torch.zeros(flat.shape[0], n_classes, device=flat.device).scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
+    return counts / flat.shape[1]
 
 
 def bootstrap_ci(values_n: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:

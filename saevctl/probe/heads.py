@@ -192,8 +192,9 @@ def resolve_head(spec: str, bb: Backbone, classes: str | None = None) -> Head:
     elif spec == "clip" or spec.startswith("clip:"):
         text = spec.removeprefix("clip").removeprefix(":") or classes or ""
         head = _clip_head(bb, split_prompts(text))
-    elif Path(spec).expanduser().is_dir():
-        head = load_head(Path(spec).expanduser(), bb)
+    elif Path(spec).expanduser().exists():
+        dpath = Path(spec).expanduser()
+        head = load_head(dpath.parent if dpath.is_file() else dpath, bb)
     else:
         raise ProbeError(
             f"unknown head {spec!r}: neither a ready head nor a head folder",

@@ -23,14 +23,22 @@ FORMATS = {"png": "PNG", "jpeg": "JPEG"}
 
 
 @dataclass(frozen=True)
-class Job:
-    """One feature's pictures for one token kind (plain data, so it crosses process boundaries)."""
+class Grid:
+    """One exemplar grid (and maybe its thumbnail) of one token kind: plain data, so it crosses processes."""
 
     title: str
     exemplars: list[Exemplar]
     grid_fpath: Path
     thumb_fpath: Path | None
     cols: int
+
+
+@dataclass(frozen=True)
+class Job:
+    """Every picture of one feature."""
+
+    feature: int
+    grids: list[Grid]
 
 
 @lru_cache(maxsize=1024)
@@ -47,7 +55,7 @@ def _save(img: Any, fpath: Path, fmt: str) -> None:
     img.save(fpath, format=FORMATS[fmt], **kw)
 
 
-def render(job: Job, preprocess_json: str, fmt: str) -> None:
+def render(job: Grid, preprocess_json: str, fmt: str) -> None:
     """Draw one grid (and thumbnail) with mine's tile and sheet renderers."""
     from saevctl.mine.figures import compose, heat_tile
 
@@ -63,7 +71,8 @@ def render(job: Job, preprocess_json: str, fmt: str) -> None:
 
 def render_batch(jobs: list[Job], preprocess_json: str, fmt: str) -> int:
     for job in jobs:
-        render(job, preprocess_json, fmt)
+        for grid in job.grids:
+            render(grid, preprocess_json, fmt)
     return len(jobs)
 
 
@@ -85,7 +94,7 @@ def auto_workers(n_tiles: int) -> int:
 
 class Painter:
     """Draws batches of jobs inline (workers=0) or in a process pool, at most a few batches in flight so
-    memory stays bounded; `on_done(n_features)` is called as batches finish."""
+    memory stays bounded; `on_done(n_features)` is called as features finish."""
 
     def __init__(self, workers: int, preprocess_json: str, fmt: str, on_done: Callable[[int], None]) -> None:
         self.preprocess_json, self.fmt, self.on_done = preprocess_json, fmt, on_done
@@ -93,25 +102,20 @@ class Painter:
         self.max_pending = 3 * workers
         self.pending: set[Future[int]] = set()
 
-    def submit(self, jobs: list[Job], n_features: int) -> None:
-        if not jobs:
-            self.on_done(n_features)
-            return
+    def submit(self, jobs: list[Job]) -> None:
         if self.pool is None:
-            render_batch(jobs, self.preprocess_json, self.fmt)
-            self.on_done(n_features)
+            for job in jobs:
+                render_batch([job], self.preprocess_json, self.fmt)
+                self.on_done(1)
             return
         while len(self.pending) >= self.max_pending:
             self._drain(FIRST_COMPLETED)
-        fut = self.pool.submit(render_batch, jobs, self.preprocess_json, self.fmt)
-        fut.n_features = n_features  # type: ignore[attr-defined]
-        self.pending.add(fut)
+        self.pending.add(self.pool.submit(render_batch, jobs, self.preprocess_json, self.fmt))
 
     def _drain(self, when: str) -> None:
         done, self.pending = wait(self.pending, return_when=when)
         for fut in done:
-            fut.result()  # re-raise a worker's error here
-            self.on_done(fut.n_features)  # type: ignore[attr-defined]
+            self.on_done(fut.result())  # re-raises a worker's error here
 
     def finish(self) -> None:
         if self.pending:

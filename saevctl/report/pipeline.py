@@ -141,33 +141,27 @@ def _write_sae(idx: Any, sae_id: str, position: int, root: Path, cfg: Config, pr
             for i, f in enumerate(int(x) for x in chunk):
                 j = lo + i
                 prev_next = (int(fired[j - 1]) if j else None, int(fired[j + 1]) if j + 1 < len(fired) else None)
-                sections = []
+                sections, grids = [], []
                 for t in tokens:
                     t_exs = exs[t].get(f, [])
                     grid_name = layout.report_feature_name(f, "grid", t, ext) if t_exs else None
                     if grid_name:
                         thumb = sae_dpath / layout.report_feature_name(f, "thumb", t, ext) if t == tokens[0] else None
                         title = f"{sae_id}  feature {f}  {t}  top {len(t_exs)} by {info['rank_by']}"
-                        jobs.append(pictures.Job(title, t_exs, sae_dpath / grid_name, thumb, cfg.cols))
+                        grids.append(pictures.Grid(title, t_exs, sae_dpath / grid_name, thumb, cfg.cols))
                     f_stats = {c: stats[t][c][f] for c in data.STAT_COLUMNS}
                     sections.append(pages.token_section(t, f_stats, t_exs, grid_name, hists[t].get(f), edges, grid[0] * grid[1], f))
+                jobs.append(pictures.Job(f, grids))
                 near_html = pages.neighbours_html(None if near is None else near.get(f, []), page_names)
                 text = pages.feature_page(sae, f, sections, near_html, prev_next, page_names)
                 (sae_dpath / page_names[f]).write_text(text, encoding="utf-8")
                 rows.append(_table_row(f, stats[tokens[0]], exs[tokens[0]].get(f, []), dname, ext, page_names[f]))
-            _submit(painter, jobs, len(chunk))
+            for batch in pictures.batched(jobs, BATCH_FEATURES):
+                painter.submit(batch)
         painter.finish()
     finally:
         painter.close()
     return sae, rows
-
-
-def _submit(painter: pictures.Painter, jobs: list[pictures.Job], n_features: int) -> None:
-    """Hand a chunk's jobs to the painter in batches; progress counts features, spread over the batches."""
-    batches = list(pictures.batched(jobs, BATCH_FEATURES)) or [[]]
-    share = [n_features // len(batches) + (i < n_features % len(batches)) for i in range(len(batches))]
-    for batch, n in zip(batches, share):
-        painter.submit(batch, n)
 
 
 def _table_row(f: int, stats: dict[str, np.ndarray], exs: list[data.Exemplar], dname: str, ext: str, page: str) -> list[Any]:

@@ -31,7 +31,10 @@ def to_numpy(x: torch.Tensor, dtype: str) -> np.ndarray:
 
 def from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
     """Stored numpy array (any view) to a torch tensor of the store dtype (no copy when possible)."""
-    t = torch.from_numpy(np.ascontiguousarray(a))
+    a = np.ascontiguousarray(a)
+    if any(stride < 0 for stride in a.strides):  # a reversed single row counts as contiguous, torch refuses it
+        a = a.copy()
+    t = torch.from_numpy(a)
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 

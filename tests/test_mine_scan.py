@@ -136,3 +136,22 @@ def test_hist_edges_cover_all_positive_values() -> None:
     edges = np.array(hist_edges())
     assert len(edges) == N_HIST and edges[0, 0] == 0 and math.isinf(edges[-1, 1])
     assert np.all(edges[1:, 0] == edges[:-1, 1])
+
+
+@pytest.mark.parametrize("activation,k", [("relu", 0), ("topk", 3), ("batchtopk", 3)])
+def test_fused_encoder_equals_sae_encode(activation: str, k: int) -> None:
+    from saevctl.mine import encode as fast
+    from saevctl.sae import SAE, SAEConfig
+
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d=16, n_latents=40, activation=activation, k=k))
+    x = torch.randn(64, 16) * 3 + 1
+    sae.set_normalization(x)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+        sae.threshold.fill_(0.3)
+    want = sae.encode(x)
+    got = fast.make_encoder(sae)(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got > 0).sum() > 0

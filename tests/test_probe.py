@@ -194,7 +194,7 @@ def test_nx_clamp_reads_the_mined_index(tiny_bb, tiny_store, image_dir, tmp_path
     assert res.values == [pytest.approx(2 * peak)]
     batch = run_batch(BatchConfig(images=str(image_dir), clamps=(f"{f}=0.5x",), sae=sae_dir, head="timm", index=idx,
                                   out=tmp_path / "b.png", device="cpu", n_boot=50, max_images=4))
-    assert batch.freq_source == str(idx) and batch.values == [pytest.approx(0.5 * peak)]
+    assert batch.freq_source == f"the mined index {idx}" and batch.values == [pytest.approx(0.5 * peak)]
     with Index.open(idx) as index:
         freq = {r["feature"]: r["freq"] for r in index.list_features(sid, sort="feature", limit=64)}
     ranked = sorted((abs(np.log(freq[j]) - np.log(freq[f])), j) for j in freq if j != f and freq[j] > 0)
@@ -222,7 +222,9 @@ def test_segment_head_single_and_batch(planted_sae, tiny_bb, image_dir, tmp_path
     r = invoke("probe", "--sae", planted_sae, "--images", image_dir, "--clamp", "0=40", "--head", head,
                "--n-boot", "100", "--max-images", "6", "--out", tmp_path / "sb.png")
     assert r.exit_code == 0, r.output
-    assert "pixels whose class changed" in r.output and "6 images (0 unreadable)" in r.output
+    assert "6 images (0 unreadable)" in r.output and "specific" in r.output
+    summary = json.loads((tmp_path / "sb.json").read_text())
+    assert [m["metric"] for m in summary["metrics"]] == ["changed", "share_tv"] and summary["task"] == "segment"
 
 
 def test_probe_reads_a_toml_config(planted_sae, image_dir, tmp_path):

@@ -40,7 +40,7 @@ def make_sae(bb, layer: int, n_latents: int = 64, seed: int = 0, activation: str
     sae.set_normalization(acts)
     with torch.no_grad():
         sae.b_enc.copy_(torch.randn(n_latents) * 0.5)
-    return sae.eval()
+    return sae.eval().requires_grad_(False)
 
 
 def images_bchw(bb, n: int = 3, seed: int = 1) -> torch.Tensor:
@@ -51,6 +51,11 @@ def images_bchw(bb, n: int = 3, seed: int = 1) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def tiny_bb(tiny_vit):
     return load_backbone(tiny_vit)
+
+
+@pytest.fixture(scope="module")
+def sae_l2(tiny_bb):
+    return make_sae(tiny_bb, layer=2)
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +221,29 @@ def test_patch_masks(tiny_bb):
         static_mask(parse_patches("box:0,0,40,8"), lay, ps)
     with pytest.raises(ProbeError, match="bad --patches"):
         parse_patches("1,2,3")
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    features=st.lists(st.integers(0, 63), min_size=1, max_size=4, unique=True),
+    cells=st.lists(st.booleans(), min_size=16, max_size=16),
+    seed=st.integers(0, 1000),
+)
+def test_own_value_edit_is_the_plain_forward_property(tiny_bb, sae_l2, features, cells, seed):
+    """For any features and any patch set, setting each feature to its own value leaves the timm head's output as is."""
+    sae = sae_l2
+    prober = Prober(sae, tiny_bb, resolve_head("timm", tiny_bb))
+    x = images_bchw(tiny_bb, n=1, seed=seed)
+    x_btd = prober.prefix(x)
+    own = feature_codes(sae, x_btd[:, 1:], features)  # (1, p, k)
+    mask = torch.tensor(cells)[None, :, None].expand_as(own)
+    # one value per image, so only patches whose code equals the value are no-ops: pick patch j's value and
+    # select the patches that share it (a feature's code is often 0 on many patches, so ablations are covered)
+    j = int(torch.nonzero(torch.tensor(cells))[0]) if any(cells) else 0
+    values = own[:, j, :]
+    same = (own == values[:, None, :]) & mask
+    plan = EditPlan(features, values, same)
+    assert torch.equal(apply_edit(sae, x_btd, tiny_bb.layout, plan, fast=True), x_btd)
+    out = prober.outputs(apply_edit(sae, x_btd, tiny_bb.layout, plan, fast=False))
+    torch.testing.assert_close(out, prober.plain(x), rtol=1e-4, atol=1e-5)
+

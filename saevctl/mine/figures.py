@@ -112,11 +112,15 @@ def save_png(img: Image.Image, fpath: Path) -> Path:
 
 
 def exemplar_tiles(exemplars: list[dict[str, Any]], preprocess: dict[str, Any], vmax: float) -> list[Image.Image]:
-    tiles = []
-    for ex in exemplars:
+    """One heat tile per exemplar; decoding and resizing run in threads (PIL releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def tile(ex: dict[str, Any]) -> Image.Image:
         acts = ex["acts"].reshape(ex["grid"]) if len(ex["acts"]) else None
-        tiles.append(heat_tile(open_model_view(ex["path"], preprocess), acts, vmax))
-    return tiles
+        return heat_tile(open_model_view(ex["path"], preprocess), acts, vmax)
+
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(tile, exemplars))
 
 
 def shared_vmax(exemplars: list[dict[str, Any]]) -> float:

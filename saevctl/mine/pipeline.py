@@ -22,6 +22,7 @@ from saevctl import workspace
 from saevctl.config import resolve_device
 from saevctl.errors import CheckpointError, InputError, StoreError
 from saevctl.mine import vectors, writer
+from saevctl.mine.encode import make_encoder
 from saevctl.mine.scan import FeatureScanner, hist_edges
 from saevctl.sae import SAE
 from saevctl.store import ShardedArray, Store, open_store
@@ -133,13 +134,14 @@ def scan_store(
     scanners = {k: FeatureScanner(s, cfg.top_k, p if k == "patches" else 1, cfg.by, cfg.top_n,
                                   keep_patches=k == "patches", device=device) for k in kinds}
     ids_n = torch.from_numpy(store.row_image_ids())
+    encode = make_encoder(sae)
     with torch.inference_mode():
         for row0, rows in _prefetched(_chunks(arrays, per)):
             ids_b = ids_n[row0 : row0 + len(next(iter(rows.values())))].to(device)
             for kind, x in rows.items():
                 x_bpd = x.to(device).reshape(len(ids_b), -1, sae.cfg.d)
                 b, t, d = x_bpd.shape
-                codes_bps = sae.encode(x_bpd.reshape(b * t, d)).reshape(b, t, -1)
+                codes_bps = encode(x_bpd.reshape(b * t, d)).reshape(b, t, -1)
                 scanners[kind].update(codes_bps, ids_b)
             if progress:
                 progress(len(ids_b))

@@ -74,7 +74,13 @@ class StreamingTopK:
         self.ids_ks[slot, fi] = ids_b[row]
         if self.patches_skp is not None:
             assert patches_bps is not None
-            self.patches_skp[fi, slot] = patches_bps[row, :, fi].to(self.patches_skp.dtype)
+            b, _, s = patches_bps.shape
+            if len(fi) * 8 > b * s:
+                # Many entrants (the first chunks): one transposing copy beats len(fi) * p strided reads.
+                src_bsp = patches_bps.transpose(1, 2).to(self.patches_skp.dtype, memory_format=torch.contiguous_format)
+                self.patches_skp[fi, slot] = src_bsp[row, fi]
+            else:
+                self.patches_skp[fi, slot] = patches_bps[row, :, fi].to(self.patches_skp.dtype)
 
     def ranked(self) -> tuple[Float[Tensor, "k s"], Int[Tensor, "k s"], Int[Tensor, "k s"]]:
         """Values and ids best first, and the slot each came from (to index patches_skp); unfilled slots
@@ -149,15 +155,16 @@ class FeatureScanner:
         # One dense pass finds the firing codes; every statistic is then computed on those few entries.
         flat = codes_bps.reshape(-1)
         idx = flat.nonzero().squeeze(1)
-        vals = flat[idx].float()
+        vals = torch.take(flat, idx).float()
         tok = idx // s
         feat = idx - tok * s
         key = (tok // p) * s + feat  # (image in chunk, feature)
-        amax_bs = torch.zeros(b * s, device=flat.device).scatter_reduce_(0, key, vals, "amax").view(b, s)
+        dev = codes_bps.device
+        amax_bs = torch.zeros(b * s, device=dev).scatter_reduce_(0, key, vals, "amax").view(b, s)
         if self.by == "max":
             scores_bs = amax_bs
         else:
-            scores_bs = torch.zeros(b * s, device=flat.device).index_add_(0, key, vals).view(b, s) / p
+            scores_bs = torch.zeros(b * s, device=dev).index_add_(0, key, vals).view(b, s) / p
         self.max = torch.maximum(self.max, amax_bs.amax(0))
         self.img_fired += (amax_bs > 0).sum(0)
         self.sum += torch.bincount(feat, weights=vals.double(), minlength=s)

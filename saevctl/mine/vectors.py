@@ -94,7 +94,8 @@ def load(index_fpath: Path, sae_id: str, weights_sha256: str) -> Any:
     if not _fresh(index_fpath, sae_id, weights_sha256):
         build(index_fpath, sae_id, weights_sha256)
     try:
-        index = faiss.read_index(str(layout.faiss_fpath(index_fpath, sae_id)))
+        # Memory-mapped: a query touches the vectors once instead of first copying the whole file.
+        index = faiss.read_index(str(layout.faiss_fpath(index_fpath, sae_id)), faiss.IO_FLAG_MMAP)
     except RuntimeError:
         build(index_fpath, sae_id, weights_sha256)  # a corrupt file is rebuilt like a stale one
         index = faiss.read_index(str(layout.faiss_fpath(index_fpath, sae_id)))

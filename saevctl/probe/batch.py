@@ -71,7 +71,11 @@ class BatchConfig:
     """Edit through the chosen features' columns only (False: the full encode/decode reference)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "clamps", tuple(self.clamps))
+        clamps = self.clamps.split(",") if isinstance(self.clamps, str) else self.clamps
+        object.__setattr__(self, "clamps", tuple(c.strip() for c in clamps if c.strip()))
+        for name in ("sae", "index", "out"):  # TOML gives strings
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)).expanduser())
         if not self.clamps:
             raise ProbeError("no --clamp given", "pass at least one edit, e.g. --clamp 6909=0")
         if self.batch_size < 1 or self.n_boot < 10:
@@ -149,7 +153,7 @@ def measure_stats(prober: Prober, records: list[ImageRecord], cfg: BatchConfig) 
         fired += (codes > 0).sum(0).double().cpu()
         peak = torch.maximum(peak, codes.amax(0).double().cpu())
         n_tokens += codes.shape[0]
-    return FeatureStats(peak.numpy(), (fired / max(n_tokens, 1)).numpy(), f"measured on {min(len(records), cfg.freq_images)} images")
+    return FeatureStats(peak.numpy(), (fired / max(n_tokens, 1)).numpy(), f"{min(len(records), cfg.freq_images)} of the probed images")
 
 
 def pick_control_features(features: list[int], freq_s: np.ndarray, rng: np.random.Generator) -> list[int]:
@@ -235,7 +239,7 @@ def run_batch(cfg: BatchConfig, progress: Progress | None = None, prober: Prober
     if cfg.controls:
         if stats is None:
             stats = measure_stats(prober, records, cfg)
-            notes.append(f"no mined index: firing frequencies {stats.source}")
+            notes.append(f"no mined index: firing frequencies were measured on {stats.source}")
         ctrl_f = pick_control_features(features, stats.freq_s, np.random.default_rng(cfg.seed))
         ctrl_v = clamp_values(clamps, ctrl_f, stats)
         feats.append(ctrl_f)
@@ -269,7 +273,9 @@ def _write(cfg: BatchConfig, prober: Prober, result: BatchResult) -> None:
     fpath = cfg.out or layout.probes_dpath() / f"batch_{slug}.png"
     desc = ", ".join(f"{f}={v:.3g}" for f, v in zip(result.features, result.values, strict=True))
     title = f"clamp {desc} at layer {prober.layer} on {cfg.patches} patches; {result.n_images} images; head {prober.head.name}"
-    result.figure = batch_figure(fpath, result.rows, title)
+    ids = lambda fs: ",".join(str(f) for f in fs)  # noqa: E731
+    names = {"feature": f"feature {ids(result.features)}", "random feature": f"random feature {ids(result.control_features)}"}
+    result.figure = batch_figure(fpath, result.rows, title, names)
     result.summary = fpath.with_suffix(".json")
     atomic.write_json(result.summary, {
         "schema_version": SUMMARY_SCHEMA, "format": "saevctl-probe-batch", "images": cfg.images, "clamps": list(cfg.clamps),

@@ -218,7 +218,7 @@ def batch_tables(res: Any) -> list[Any]:
     out: list[Any] = [f"{res.n_images} images ({res.n_failed} unreadable); the edit touched patches in {res.n_fired}"]
     if res.control_features:
         ctrl = ", ".join(f"{f}={v:.4g}" for f, v in zip(res.control_features, res.control_values, strict=True))
-        out.append(f"controls: random feature(s) of similar frequency {ctrl} (frequencies: {res.freq_source}); "
+        out.append(f"controls: random feature(s) of similar frequency {ctrl} (frequencies from {res.freq_source}); "
                    "a random direction of the same norm on the same patches")
     out += [f"[yellow]note:[/] {n}" for n in res.notes]
     t = Table(title=f"effect of clamping {edits}")

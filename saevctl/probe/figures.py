@@ -94,17 +94,17 @@ def _bars(ax: Any, before_c: np.ndarray, after_c: np.ndarray, classes: list[str]
     ax.legend(fontsize=8)
 
 
-def batch_figure(fpath: Path, rows: list[dict[str, Any]], title: str) -> Path:
-    """One panel per metric: mean and CI for the feature edit and each control."""
+def batch_figure(fpath: Path, rows: list[dict[str, Any]], title: str, names: dict[str, str] | None = None) -> Path:
+    """One panel per metric: mean and CI for the feature edit and each control (`names` relabels conditions)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.4), squeeze=False, layout="constrained")
     colors = ["#d62728", "#7f7f7f", "#bcbd22"]
     for ax, row in zip(axes[0], rows, strict=True):
-        names = [c["condition"] for c in row["conditions"]]
+        labels = [(names or {}).get(c["condition"], c["condition"]) for c in row["conditions"]]
         means = np.array([c["mean"] for c in row["conditions"]])
         err = np.array([[c["mean"] - c["lo"], c["hi"] - c["mean"]] for c in row["conditions"]]).T
-        ax.bar(range(len(names)), means, yerr=err, capsize=4, color=colors[: len(names)])
-        ax.set_xticks(range(len(names)), names, fontsize=8)
+        ax.bar(range(len(labels)), means, yerr=err, capsize=4, color=colors[: len(labels)])
+        ax.set_xticks(range(len(labels)), labels, fontsize=8)
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_title(row["label"], fontsize=9)
     fig.suptitle(title, fontsize=10)

@@ -49,7 +49,11 @@ class Config:
     """Edit through the chosen features' columns only (False: the full encode/decode reference)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "clamps", tuple(self.clamps))
+        clamps = self.clamps.split(",") if isinstance(self.clamps, str) else self.clamps
+        object.__setattr__(self, "clamps", tuple(c.strip() for c in clamps if c.strip()))
+        for name in ("sae", "index", "out"):  # TOML gives strings
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)).expanduser())
         if not self.clamps:
             raise ProbeError("no --clamp given", "pass at least one edit, e.g. --clamp 6909=0")
 

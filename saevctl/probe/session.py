@@ -92,7 +92,7 @@ def open_index_stats(index: Path | str | None, sae_path: Path, n_latents: int) -
         raise IndexError_(f"the index {fpath} has {len(rows)} features for this SAE, which has {n_latents}", "mine the SAE again")
     max_s = np.array([float(r["max"] or 0.0) for r in rows])
     freq_s = np.array([float(r["freq"] or 0.0) for r in rows])
-    return FeatureStats(max_s, freq_s, str(fpath))
+    return FeatureStats(max_s, freq_s, f"the mined index {fpath}")
 
 
 def clamp_values(clamps: list[Clamp], features: list[int], stats: FeatureStats | None) -> list[float]:
@@ -115,7 +115,7 @@ class Prober:
     """The SAE, its ViT and a head, checked to fit together; runs prefixes and edited suffixes."""
 
     def __init__(self, sae: Any, bb: Backbone, head: Head) -> None:
-        self.sae, self.bb, self.head = sae, bb, head
+        self.sae, self.bb, self.head = sae.eval().requires_grad_(False), bb, head
         self.layer = bb.check_layer(sae.cfg.layer)
         if head.layer < self.layer:
             raise ProbeError(

@@ -65,6 +65,9 @@ class HeadTrainConfig:
     """Seed for the validation split and the initialisation."""
 
     def __post_init__(self) -> None:
+        for name in ("masks", "class_names", "out"):  # TOML gives strings
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)).expanduser())
         if self.task not in ("classify", "segment"):
             raise InputError(f"unknown --task {self.task!r}", "use classify or segment")
         if self.task == "segment" and self.masks is None:

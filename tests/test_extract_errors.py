@@ -257,3 +257,15 @@ def test_help_does_not_import_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--images" in proc.stdout and "saevctl " in proc.stdout
+
+
+def test_config_file(tiny_vit: str, image_dir: Path, tmp_path: Path) -> None:
+    toml = tmp_path / "extract.toml"
+    toml.write_text(f'model = "{tiny_vit}"\nimages = "{image_dir}"\nlayers = [2]\ndtype = "bfloat16"\nmax_images = 3\n')
+    res = cli("extract", "--config", str(toml), "--out", str(tmp_path / "s"), "--device", "cpu", "--dtype", "float32")
+    assert res.exit_code == 0, res.output
+    store = open_store(tmp_path / "s")
+    assert store.layers == [2] and store.dtype == "float32" and store.n_images == 3  # the command line wins
+    toml.write_text('layers = [2]\nbatchsize = 4\n')
+    assert_one_line_error(cli("extract", "--config", str(toml)), "unknown config keys ['batchsize']", "batch_size")
+    assert_one_line_error(cli("extract", "--config", str(tmp_path / "none.toml")), "does not exist")

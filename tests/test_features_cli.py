@@ -118,6 +118,7 @@ def test_show_list_and_similar(env: dict) -> None:
     assert Path(re.search(r"histogram: (\S+\.png)", out.replace("\n", "")).group(1)).is_file()
     out = _ok(["features", "list", "--sort", "max", "--limit", "3", "--sae", a, "--where", "n_fired >= 1"])
     assert re.search(r"│\s+7\s+│", _first_row(out))  # the planted feature (max 500) comes first
+    assert _ok(["features", "list", "--sort", "max", "--limit", "2", "--sae", a, "--plain"]).splitlines()[0] == "7"
     _fails(["features", "list", "--sae", a, "--where", "nonsense_column > 1"], "bad --where")
     _fails(["features", "list", "--sae", a, "--where", "1=1; DROP TABLE features"], "single condition")
     _fails(["features", "list", "--sae", a, "--sort", "bogus"], "cannot sort by")

@@ -197,6 +197,9 @@ def test_nx_clamp_reads_the_mined_index(tiny_bb, tiny_store, image_dir, tmp_path
     assert batch.freq_source == f"the mined index {idx}" and batch.values == [pytest.approx(0.5 * peak)]
     with Index.open(idx) as index:
         freq = {r["feature"]: r["freq"] for r in index.list_features(sid, sort="feature", limit=64)}
+    with Index.open(idx) as index:
+        ctrl_max = float(index.feature_stats(sid, batch.control_features[0])["max"])
+    assert batch.control_values == [pytest.approx(0.5 * ctrl_max)]  # the same multiple of its own max
     ranked = sorted((abs(np.log(freq[j]) - np.log(freq[f])), j) for j in freq if j != f and freq[j] > 0)
     assert batch.control_features[0] in {j for _, j in ranked[:16]}  # among the nearest in firing frequency
 
@@ -256,3 +259,29 @@ def test_demo_saliency_probe_cli(demo_sae, tmp_path):
     assert "saliency (p > 0.5)" in r.output and "salient" in r.output and "pixels that changed class" in r.output
     with Image.open(out) as im:
         assert im.size[0] > 3 * im.size[1]  # four panels side by side
+
+
+@pytest.mark.gpu
+def test_probe_on_cuda_matches_cpu(planted_sae, image_dir, tmp_path):
+    from saevctl.probe import Config, run
+
+    img = str(sorted(image_dir.rglob("*.png"))[0])
+    kw = dict(image=img, clamps=("0=20",), sae=planted_sae, head="timm", patches="all")
+    cpu = run(Config(**kw, out=tmp_path / "c.png", device="cpu"))
+    gpu = run(Config(**kw, out=tmp_path / "g.png", device="cuda"))
+    np.testing.assert_allclose(gpu.after, cpu.after, atol=1e-4)
+    res = run_batch(BatchConfig(images=str(image_dir), clamps=("0=10",), sae=planted_sae, head="timm",
+                                out=tmp_path / "b.png", device="cuda", n_boot=100))
+    assert res.specific is True
+
+
+def test_batch_summary_has_per_image_effects(planted_sae, image_dir, tmp_path):
+    res = run_batch(BatchConfig(images=str(image_dir), clamps=("0=10",), sae=planted_sae, head="timm",
+                                out=tmp_path / "p.png", device="cpu", n_boot=50))
+    summary = json.loads(res.summary.read_text())
+    per = summary["per_image"]
+    assert len(per["paths"]) == 12 and not any("corrupt" in p for p in per["paths"])
+    tv = np.array(per["effects"]["feature"]["tv"])
+    feat = next(m for m in summary["metrics"] if m["metric"] == "tv")["conditions"][0]
+    assert tv.shape == (12,) and feat["mean"] == pytest.approx(float(tv.mean()))
+    assert feat["lo"] <= tv.mean() <= feat["hi"]

@@ -247,3 +247,23 @@ def test_own_value_edit_is_the_plain_forward_property(tiny_bb, sae_l2, features,
     out = prober.outputs(apply_edit(sae, x_btd, tiny_bb.layout, plan, fast=False))
     torch.testing.assert_close(out, prober.plain(x), rtol=1e-4, atol=1e-5)
 
+
+
+def test_fired_patches_are_per_feature(tiny_bb, sae_l2):
+    from saevctl.probe.edit import make_plan
+
+    lay = tiny_bb.layout
+    x_npd = tiny_bb.forward_to(images_bchw(tiny_bb), [2])[2][:, lay.n_prefix :]
+    codes = feature_codes(sae_l2, x_npd, [1, 2])
+    assert (codes > 0).any() and not (codes > 0).all()
+    plan = make_plan(sae_l2, x_npd, [1, 2], torch.zeros(3, 2), parse_patches("fired"), None)
+    assert torch.equal(plan.mask_npk, codes > 0)  # each feature only where it fires
+    out = edit_fast(sae_l2, x_npd, [1], torch.zeros(3, 1), plan.mask_npk[..., :1])
+    assert float(feature_codes(sae_l2, out, [1]).abs().max()) < 1e-4  # tied init: an ablation re-encodes to 0
+
+
+def test_chunked_outputs_equal_one_pass(tiny_bb, sae_l2):
+    prober = Prober(sae_l2, tiny_bb, resolve_head("timm", tiny_bb))
+    x_btd = prober.prefix(images_bchw(tiny_bb, n=5))
+    torch.testing.assert_close(prober.outputs(x_btd, chunk=2), prober.outputs(x_btd), rtol=1e-5, atol=1e-6)
+    assert prober.variant_chunk(5) == 5  # CPU: one variant at a time

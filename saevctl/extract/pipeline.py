@@ -89,7 +89,8 @@ def _decode(records: list[ImageRecord], pre: Preprocess) -> tuple[np.ndarray, li
             row.update(width=img.width, height=img.height, status="ok")
             arrays.append(pre.to_uint8(img))
         except SaevctlError as e:
-            log.warning("skipping %s: %s", rec.path, e.message)
+            # info, not warning: the summary counts them and images.jsonl lists each with its error
+            log.info("skipping %s: %s", rec.path, e.message)
             row.update(width=None, height=None, status="unreadable", error=e.message)
         rows.append(row)
     size = pre.size

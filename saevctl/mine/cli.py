@@ -37,8 +37,8 @@ def _index_path(index: Path | None) -> Path:
     return Path(value)
 
 
-def _open(index: Path | None, sae: str | None) -> tuple[Any, str]:
-    """Open the index read-only and resolve the SAE; print which ones are used."""
+def _open(index: Path | None, sae: str | None, quiet: bool = False) -> tuple[Any, str]:
+    """Open the index read-only and resolve the SAE; print which ones are used (unless quiet)."""
     from saevctl.console import console
     from saevctl.errors import IndexError_
     from saevctl.mine.index import Index
@@ -51,7 +51,8 @@ def _open(index: Path | None, sae: str | None) -> tuple[Any, str]:
             sae_id = idx.resolve_sae(workspace.get_default("sae"))
         except IndexError_:
             sae_id = idx.resolve_sae(None)
-    console.print(f"[dim]index {idx.fpath} · SAE {sae_id}[/]")
+    if not quiet:
+        console.print(f"[dim]index {idx.fpath} · SAE {sae_id}[/]")
     return idx, sae_id
 
 
@@ -211,16 +212,21 @@ def list_(
     sae: str = typer.Option(None, "--sae", help=SAE_HELP),
     index: Path = typer.Option(None, "--index", help=INDEX_HELP),
     token: str = typer.Option(None, "--token", help="patches or cls (default: the SAE's first token kind)."),
+    plain: bool = typer.Option(False, "--plain", help="Print only the feature ids, one per line (for scripts)."),
 ) -> None:
     """Features sorted by a statistic, optionally filtered."""
     from rich.table import Table
 
     from saevctl.console import console
 
-    idx, sae_id = _open(index, sae)
+    idx, sae_id = _open(index, sae, quiet=plain)
     with idx:
         rows = idx.list_features(sae_id, sort, where, limit, token, descending=not ascending)
         counts = idx.feature_count(sae_id, token)
+    if plain:
+        for r in rows:
+            typer.echo(str(r["feature"]))
+        return
     cols = ("feature", "freq", "img_freq", "mean", "max", "img_mean", "n_fired")
     t = Table(title=f"features by {sort}" + (f" where {where}" if where else "")
               + f"  ({counts['alive']:,} of {counts['total']:,} ever fire)")

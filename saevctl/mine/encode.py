@@ -16,18 +16,29 @@ from saevctl.sae import SAE
 USE_FUSED = True
 
 
-def make_encoder(sae: SAE) -> Callable[[Tensor], Tensor]:
-    """A function raw activations (b, d) -> codes (b, s) equal to `sae.encode` up to float rounding."""
+def make_encoder(sae: SAE) -> Callable[..., Tensor]:
+    """A function raw activations (b, d) -> codes (b, s) equal to `sae.encode` up to float rounding.
+
+    `encode(x, out=buf)` writes into a reused buffer: allocating a fresh (b, s) tensor per chunk costs a
+    page fault per 4 KiB, as much as a pass over the codes.
+    """
     if not USE_FUSED:
-        return sae.encode
+        return lambda x_bd, out=None: sae.encode(x_bd)
     with torch.no_grad():
         # x_norm = (x - mean) * scale; pre = (x_norm - b_dec) @ W + b_enc = x @ (scale W) + (b_enc - (mean * scale + b_dec) @ W)
         w_ds = (sae.W_enc * sae.act_scale).contiguous()
         bias_s = sae.b_enc - (sae.act_mean * sae.act_scale + sae.b_dec) @ sae.W_enc
-    relu = sae.cfg.activation == "relu"
+    activation, k, threshold = sae.cfg.activation, sae.cfg.k, float(sae.threshold)
 
-    def encode(x_bd: Float[Tensor, "b d"]) -> Float[Tensor, "b s"]:
-        pre_bs = torch.addmm(bias_s, x_bd.to(w_ds.dtype), w_ds)
-        return pre_bs.relu_() if relu else sae.activate(pre_bs)
+    def encode(x_bd: Float[Tensor, "b d"], out: Tensor | None = None) -> Float[Tensor, "b s"]:
+        x_bd = x_bd.to(w_ds.dtype)
+        pre_bs = torch.addmm(bias_s, x_bd, w_ds) if out is None else torch.addmm(bias_s, x_bd, w_ds, out=out)
+        # Every nonlinearity in place, as SAE.activate computes it.
+        if activation == "relu":
+            return pre_bs.relu_()
+        if activation == "batchtopk":
+            return torch.threshold_(pre_bs, threshold, 0.0)
+        vals_bk, idx_bk = pre_bs.topk(k, dim=-1)
+        return pre_bs.zero_().scatter_(-1, idx_bk, vals_bk.relu_())
 
     return encode

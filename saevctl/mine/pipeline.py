@@ -5,6 +5,7 @@ Chunks of images are read in a background thread while the previous chunk is enc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -122,6 +123,21 @@ def _prefetched(it: Iterator[Any]) -> Iterator[Any]:
             yield item
 
 
+@contextlib.contextmanager
+def _one_thread(device: str) -> Iterator[None]:
+    """The scanner's many small ops run faster on one CPU thread: with two, each op waits at an OpenMP
+    barrier, which costs more than the op itself when the cores are shared (measured: docs/performance.md)."""
+    n = torch.get_num_threads()
+    if device != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def scan_store(
     sae: SAE, store: Store, layer: int, kinds: tuple[str, ...], cfg: Config, device: str,
     progress: Progress | None = None,
@@ -135,14 +151,17 @@ def scan_store(
                                   keep_patches=k == "patches", device=device) for k in kinds}
     ids_n = torch.from_numpy(store.row_image_ids())
     encode = make_encoder(sae)
+    bufs = {k: torch.empty(per * (p if k == "patches" else 1) * s, device=device) for k in kinds}
     with torch.inference_mode():
         for row0, rows in _prefetched(_chunks(arrays, per)):
             ids_b = ids_n[row0 : row0 + len(next(iter(rows.values())))].to(device)
             for kind, x in rows.items():
                 x_bpd = x.to(device).reshape(len(ids_b), -1, sae.cfg.d)
                 b, t, d = x_bpd.shape
-                codes_bps = encode(x_bpd.reshape(b * t, d)).reshape(b, t, -1)
-                scanners[kind].update(codes_bps, ids_b)
+                out = bufs[kind][: b * t * s].view(b * t, s)
+                codes_bps = encode(x_bpd.reshape(b * t, d), out=out).reshape(b, t, s)
+                with _one_thread(device):
+                    scanners[kind].update(codes_bps, ids_b)
             if progress:
                 progress(len(ids_b))
     return scanners
@@ -217,7 +236,7 @@ def run(cfg: Config, progress: Progress | None = None) -> Result:
     sae = SAE.load(cfg.sae, device)
     store = open_store(cfg.store)
     layer = check_match(sae, store, cfg.sae)
-    kinds = tuple(k for k in sae.cfg.tokens if k in MINABLE) or ("patches",)
+    kinds = tuple(k for k in MINABLE if k in sae.cfg.tokens) or ("patches",)  # patches first: the default
     sae_id = sae_id_for(cfg, sae)
     with writer.staged_index(cfg.index) as idx:  # created first: a locked or corrupt index fails before the scan
         scanners = scan_store(sae, store, layer, kinds, cfg, device, progress)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -146,6 +147,7 @@ class FeatureScanner:
         self.max = torch.zeros(n_features, device=device)
         self.hist_sb = torch.zeros(n_features * N_HIST, dtype=torch.int64, device=device)
         self.n_tokens = self.n_images = 0
+        self._mask: np.ndarray | None = None
         self.image_top: list[tuple[Tensor, Tensor, Tensor]] = []  # (ids_b, feats_bn, vals_bn)
 
     def update(self, codes_bps: Float[Tensor, "b p s"], ids_b: Int[Tensor, " b"]) -> None:
@@ -154,7 +156,7 @@ class FeatureScanner:
         assert s == self.s
         # One dense pass finds the firing codes; every statistic is then computed on those few entries.
         flat = codes_bps.reshape(-1)
-        idx = flat.nonzero().squeeze(1)
+        idx = self._firing(flat)
         vals = torch.take(flat, idx).float()
         tok = idx // s
         feat = idx - tok * s
@@ -176,6 +178,17 @@ class FeatureScanner:
         self.topk.update(scores_bs, ids_b, codes_bps if self.topk.patches_skp is not None else None)
         vals_bn, feats_bn = scores_bs.topk(self.top_n, dim=1)
         self.image_top.append((ids_b.clone(), feats_bn.to(torch.int32), vals_bn.float()))
+
+    def _firing(self, flat: Tensor) -> Tensor:
+        """Flat indices of the codes > 0. On CPU numpy's nonzero over a reused mask is several times faster
+        than torch's (and allocates no fresh mask per chunk)."""
+        if flat.device.type != "cpu":
+            return (flat > 0).nonzero().squeeze(1)
+        if self._mask is None or self._mask.size < flat.numel():
+            self._mask = np.empty(flat.numel(), dtype=bool)
+        mask = self._mask[: flat.numel()]
+        np.greater(flat.numpy(), 0, out=mask)
+        return torch.from_numpy(np.flatnonzero(mask))
 
     def stats(self) -> FeatureStats:
         hist_sb = self.hist_sb.view(self.s, N_HIST)

@@ -103,6 +103,8 @@ class BatchResult:
     summary: Path
     seconds: float
     notes: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    """The probed images, in the order of the per-image effect arrays."""
 
     @property
     def images_per_s(self) -> float:
@@ -112,23 +114,25 @@ class BatchResult:
 # --- images --------------------------------------------------------------------------------------------
 
 
-def _decode(records: list[ImageRecord], prober: Prober) -> tuple[np.ndarray, int]:
-    arrays, failed = [], 0
+def _decode(records: list[ImageRecord], prober: Prober) -> tuple[np.ndarray, list[ImageRecord], int]:
+    """(uint8 batch, the records it holds, how many could not be read)."""
+    arrays, ok = [], []
     for rec in records:
         try:
             arrays.append(prober.bb.preprocess.to_uint8(open_image(rec.path)))
+            ok.append(rec)
         except SaevctlError as e:
             log.warning("skipping %s: %s", rec.path, e.message)
-            failed += 1
     size = prober.bb.preprocess.size
-    return (np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)), failed
+    return (np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)), ok, len(records) - len(ok)
 
 
-def iter_batches(records: list[ImageRecord], prober: Prober, bs: int, n_workers: int) -> Iterator[tuple[np.ndarray, int]]:
+def iter_batches(records: list[ImageRecord], prober: Prober, bs: int,
+                 n_workers: int) -> Iterator[tuple[np.ndarray, list[ImageRecord], int]]:
     """Decoded uint8 batches in order, a few decodes ahead of the consumer."""
     chunks = [records[i : i + bs] for i in range(0, len(records), bs)]
     with ThreadPoolExecutor(max(1, n_workers)) as pool:
-        pending: list[Future[tuple[np.ndarray, int]]] = []
+        pending: list[Future[tuple[np.ndarray, list[ImageRecord], int]]] = []
         for i in range(len(chunks)):
             while len(pending) < min(n_workers + 1, len(chunks) - i):
                 pending.append(pool.submit(_decode, chunks[i + len(pending)], prober))
@@ -145,7 +149,7 @@ def measure_stats(prober: Prober, records: list[ImageRecord], cfg: BatchConfig) 
     fired = torch.zeros(sae.cfg.n_latents, dtype=torch.float64)
     peak = torch.zeros(sae.cfg.n_latents, dtype=torch.float64)
     n_tokens = 0
-    for u8, _ in iter_batches(records[: cfg.freq_images], prober, cfg.batch_size, cfg.n_workers):
+    for u8, _, _ in iter_batches(records[: cfg.freq_images], prober, cfg.batch_size, cfg.n_workers):
         if not len(u8):
             continue
         x = prober.prefix(prober.bb.preprocess.normalize(torch.from_numpy(u8).to(prober.device)))[:, n_prefix:]
@@ -153,7 +157,8 @@ def measure_stats(prober: Prober, records: list[ImageRecord], cfg: BatchConfig) 
         fired += (codes > 0).sum(0).double().cpu()
         peak = torch.maximum(peak, codes.amax(0).double().cpu())
         n_tokens += codes.shape[0]
-    return FeatureStats(peak.numpy(), (fired / max(n_tokens, 1)).numpy(), f"{min(len(records), cfg.freq_images)} of the probed images")
+    source = f"{min(len(records), cfg.freq_images)} of the probed images"
+    return FeatureStats(peak.numpy(), (fired / max(n_tokens, 1)).numpy(), source)
 
 
 def pick_control_features(features: list[int], freq_s: np.ndarray, rng: np.random.Generator) -> list[int]:
@@ -181,28 +186,33 @@ def _plans(prober: Prober, x_btd: torch.Tensor, feats: list[list[int]], vals: li
            mask_p: torch.Tensor | None) -> list[EditPlan]:
     x_npd = x_btd[:, prober.bb.layout.n_prefix :]
     n = x_npd.shape[0]
-    return [make_plan(prober.sae, x_npd, f, torch.tensor([v] * n), patches, mask_p) for f, v in zip(feats, vals, strict=True)]
+    return [make_plan(prober.sae, x_npd, f, torch.tensor([v] * n), patches, mask_p)
+            for f, v in zip(feats, vals, strict=True)]
 
 
 @torch.no_grad()
-def probe_batch(prober: Prober, u8: np.ndarray, feats: list[list[int]], vals: list[list[float]], patches: Patches,
-                mask_p: torch.Tensor | None, gen: torch.Generator | None, fast: bool = True) -> tuple[dict[str, dict[str, np.ndarray]], int]:
+def probe_batch(
+    prober: Prober, u8: np.ndarray, feats: list[list[int]], vals: list[list[float]], patches: Patches,
+    mask_p: torch.Tensor | None, gen: torch.Generator | None, fast: bool = True,
+) -> tuple[dict[str, dict[str, np.ndarray]], int]:
     """Effects of the feature edit (and controls when `feats` has two entries and gen is set) on one batch."""
     x_btd = prober.prefix(prober.bb.preprocess.normalize(torch.from_numpy(u8).to(prober.device)))
-    lay = prober.bb.layout
+    lay, n = prober.bb.layout, x_btd.shape[0]
     plans = _plans(prober, x_btd, feats, vals, patches, mask_p)
     variants = [x_btd, *(apply_edit(prober.sae, x_btd, lay, p, fast=fast) for p in plans)]
     if gen is not None:
         variants.append(random_direction_edit(prober.sae, x_btd, lay, plans[0], gen))
-    n = x_btd.shape[0]
-    probs = prober.outputs(torch.cat(variants)).float()
+    probs = prober.outputs(torch.cat(variants), chunk=prober.variant_chunk(n)).float()
     before = probs[:n]
     effects = {CONDITIONS[i]: effect_sizes(before, probs[(i + 1) * n : (i + 2) * n], prober.head.task)
                for i in range(len(variants) - 1)}
     return effects, int(plans[0].edited_np.any(1).sum())
 
 
-def _aggregate(task: str, effects: dict[str, dict[str, np.ndarray]], cfg: BatchConfig) -> tuple[list[dict[str, Any]], bool | None]:
+def _aggregate(
+    task: str, effects: dict[str, dict[str, np.ndarray]], cfg: BatchConfig
+) -> tuple[list[dict[str, Any]], bool | None]:
+    """Bootstrap rows per metric, and whether the magnitude metric beats both controls (paired CIs > 0)."""
     rows = []
     for key, label, magnitude in METRICS[task]:
         conds = [{"condition": c, **dict(zip(("mean", "lo", "hi"), bootstrap_ci(e[key], cfg.n_boot, seed=cfg.seed)))}
@@ -246,24 +256,27 @@ def run_batch(cfg: BatchConfig, progress: Progress | None = None, prober: Prober
         vals.append(ctrl_v)
     gen = direction_generator(cfg.seed) if cfg.controls else None
     parts: dict[str, dict[str, list[np.ndarray]]] = {}
-    n_ok = n_failed = n_fired = 0
-    for u8, failed in iter_batches(records, prober, cfg.batch_size, cfg.n_workers):
+    n_failed = n_fired = 0
+    probed: list[str] = []
+    for u8, ok, failed in iter_batches(records, prober, cfg.batch_size, cfg.n_workers):
         n_failed += failed
         if len(u8):
             eff, fired = probe_batch(prober, u8, feats, vals, patches, mask_p, gen, cfg.fast)
-            n_ok, n_fired = n_ok + len(u8), n_fired + fired
+            probed += [r.path for r in ok]
+            n_fired += fired
             for cond, metrics in eff.items():
                 for key, v in metrics.items():
                     parts.setdefault(cond, {}).setdefault(key, []).append(v)
         if progress:
             progress(len(u8) + failed)
     seconds = time.perf_counter() - t0
-    if n_ok == 0:
+    if not probed:
         raise ProbeError(f"none of the images in {cfg.images} could be read", "check the --images folder")
     effects = {c: {k: np.concatenate(v) for k, v in m.items()} for c, m in parts.items()}
     rows, specific = _aggregate(prober.head.task, effects, cfg)
-    result = BatchResult(prober.head.task, n_ok, n_failed, n_fired, features, values, ctrl_f, ctrl_v,
-                         stats.source if stats else "none", rows, specific, effects, Path(), Path(), seconds, notes)
+    result = BatchResult(prober.head.task, len(probed), n_failed, n_fired, features, values, ctrl_f, ctrl_v,
+                         stats.source if stats else "none", rows, specific, effects, Path(), Path(), seconds, notes,
+                         probed)
     _write(cfg, prober, result)
     return result
 
@@ -272,17 +285,22 @@ def _write(cfg: BatchConfig, prober: Prober, result: BatchResult) -> None:
     slug = "_".join(c.replace("=", "-") for c in cfg.clamps)
     fpath = cfg.out or layout.probes_dpath() / f"batch_{slug}.png"
     desc = ", ".join(f"{f}={v:.3g}" for f, v in zip(result.features, result.values, strict=True))
-    title = f"clamp {desc} at layer {prober.layer} on {cfg.patches} patches; {result.n_images} images; head {prober.head.name}"
+    title = (f"clamp {desc} at layer {prober.layer} on {cfg.patches} patches; {result.n_images} images; "
+             f"head {prober.head.name}")
     ids = lambda fs: ",".join(str(f) for f in fs)  # noqa: E731
-    names = {"feature": f"feature {ids(result.features)}", "random feature": f"random feature {ids(result.control_features)}"}
+    names = {"feature": f"feature {ids(result.features)}",
+             "random feature": f"random feature {ids(result.control_features)}"}
     result.figure = batch_figure(fpath, result.rows, title, names)
     result.summary = fpath.with_suffix(".json")
     atomic.write_json(result.summary, {
-        "schema_version": SUMMARY_SCHEMA, "format": "saevctl-probe-batch", "images": cfg.images, "clamps": list(cfg.clamps),
+        "schema_version": SUMMARY_SCHEMA, "format": "saevctl-probe-batch",
+        "images": cfg.images, "clamps": list(cfg.clamps),
         "sae": str(resolve_sae_path(cfg.sae)), "layer": prober.layer, "head": prober.head.name, "task": result.task,
         "patches": cfg.patches, "features": result.features, "values": result.values,
         "control_features": result.control_features, "control_values": result.control_values,
         "freq_source": result.freq_source, "n_images": result.n_images, "n_failed": result.n_failed,
         "n_fired": result.n_fired, "n_boot": cfg.n_boot, "seed": cfg.seed, "specific": result.specific,
         "metrics": result.rows, "seconds": result.seconds,
+        "per_image": {"paths": result.paths,
+                      "effects": {c: {k: v.tolist() for k, v in m.items()} for c, m in result.effects.items()}},
     })

@@ -182,7 +182,7 @@ def single_tables(res: Any) -> list[Any]:
             for col in ("class", "before", "after", "Δ", "rank before → after"):
                 t.add_column(col, justify="left" if col == "class" else "right")
             for r in s[key]:
-                t.add_row(r["class"][:48], f"{r['before']:.3f}", f"{r['after']:.3f}", _signed(r["delta"]),
+                t.add_row(r["class"][:48], _prob(r["before"]), _prob(r["after"]), _signed(r["delta"]),
                           f"{r['rank_before']} → {r['rank_after']}")
             out.append(t)
         moved = "stays at rank 1" if s["top_rank_after"] == 1 else f"drops to rank {s['top_rank_after']} (new top: {s['new_top_class']})"
@@ -201,9 +201,14 @@ def single_tables(res: Any) -> list[Any]:
     return out
 
 
+def _prob(p: float) -> str:
+    return f"{p:.1e}" if 0 < p < 1e-3 else f"{p:.3f}"
+
+
 def _signed(v: float, unit: str = "") -> str:
     color = "green" if v > 0 else "red" if v < 0 else "white"
-    return f"[{color}]{v:+.3f}{unit}[/]"
+    text = f"{v:+.1e}" if 0 < abs(v) < 1e-3 else f"{v:+.3f}"
+    return f"[{color}]{text}{unit}[/]"
 
 
 def _ci(c: dict[str, float]) -> str:

@@ -49,7 +49,10 @@ def parse_clamp(text: str) -> Clamp:
 def check_features(features: list[int], n_latents: int) -> None:
     bad = [f for f in features if not 0 <= f < n_latents]
     if bad:
-        raise ProbeError(f"feature {bad[0]} is out of range: this SAE has features 0..{n_latents - 1}", "pick a feature id below n_latents")
+        raise ProbeError(
+            f"feature {bad[0]} is out of range: this SAE has features 0..{n_latents - 1}",
+            "pick a feature id below n_latents",
+        )
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,9 @@ def static_mask(patches: Patches, lay: TokenLayout, patch_size: int) -> Bool[Ten
     elif patches.kind == "cells":
         for r, c in patches.cells:
             if not (0 <= r < gh and 0 <= c < gw):
-                raise ProbeError(f"patch ({r},{c}) is outside the {gh}x{gw} patch grid", f"rows go 0..{gh - 1}, columns 0..{gw - 1}")
+                raise ProbeError(
+                    f"patch ({r},{c}) is outside the {gh}x{gw} patch grid", f"rows go 0..{gh - 1}, columns 0..{gw - 1}"
+                )
             mask[r, c] = True
     else:
         x0, y0, x1, y1 = patches.box

@@ -74,7 +74,9 @@ def dense_labels(probs_chw: np.ndarray, task: str) -> np.ndarray:
     return probs_chw.argmax(0)
 
 
-def dense_summary(before_chw: np.ndarray, after_chw: np.ndarray, task: str, classes: list[str], k: int = 10) -> dict[str, Any]:
+def dense_summary(
+    before_chw: np.ndarray, after_chw: np.ndarray, task: str, classes: list[str], k: int = 10
+) -> dict[str, Any]:
     """Per-class pixel share before and after, and the share of pixels whose class changed."""
     names = ["background", "salient"] if task == "saliency" else classes
     lb, la = dense_labels(before_chw, task), dense_labels(after_chw, task)
@@ -121,11 +123,14 @@ def effect_sizes(before: Tensor, after: Tensor, task: str) -> dict[str, np.ndarr
 def class_shares(labels_bhw: Tensor, n_classes: int) -> Tensor:
     """Share of each image's pixels per class, (b, c), by counting (no one-hot of every pixel)."""
     flat = labels_bhw.reshape(labels_bhw.shape[0], -1)
-    counts = torch.zeros(flat.shape[0], n_classes, device=flat.device).scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
+    counts = torch.zeros(flat.shape[0], n_classes, device=flat.device)
+    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
     return counts / flat.shape[1]
 
 
-def bootstrap_ci(values_n: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_ci(
+    values_n: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     """Mean and a percentile bootstrap confidence interval of the mean (resampling images)."""
     v = np.asarray(values_n, dtype=np.float64)
     if v.size == 0:

@@ -172,9 +172,13 @@ def split_prompts(text: str) -> list[str]:
 
 def _clip_head(bb: Backbone, prompts: list[str]) -> Head:
     if not hasattr(bb, "encode_text"):
-        raise ProbeError(f"--head clip needs an open_clip model, but this SAE reads {bb.spec}", "use --head timm or a trained head")
+        raise ProbeError(
+            f"--head clip needs an open_clip model, but this SAE reads {bb.spec}", "use --head timm or a trained head"
+        )
     if len(prompts) < 2:
-        raise ProbeError("--head clip needs at least two class prompts", 'pass --classes "a photo of a cat,a photo of a dog"')
+        raise ProbeError(
+            "--head clip needs at least two class prompts", 'pass --classes "a photo of a cat,a photo of a dog"'
+        )
     text_ce = bb.encode_text(prompts).float()  # type: ignore[attr-defined]
     logit_scale = getattr(bb.clip, "logit_scale", None)  # type: ignore[attr-defined]
     scale = float(logit_scale.exp()) if logit_scale is not None else 100.0
@@ -211,7 +215,10 @@ def read_head_header(dpath: Path) -> dict[str, Any]:
     """head.json of a head folder, checked for format and schema."""
     cpath = layout.head_config_fpath(dpath)
     if not cpath.is_file() or not layout.head_weights_fpath(dpath).is_file():
-        raise ProbeError(f"{dpath} is not a head folder (needs head.json and head.safetensors)", "pass a folder written by saevctl heads train")
+        raise ProbeError(
+            f"{dpath} is not a head folder (needs head.json and head.safetensors)",
+            "pass a folder written by saevctl heads train",
+        )
     try:
         header = json.loads(cpath.read_text())
     except json.JSONDecodeError as e:
@@ -237,7 +244,8 @@ def load_head(dpath: Path, bb: Backbone) -> Head:
     try:
         tensors = load_file(str(layout.head_weights_fpath(dpath)))
     except Exception as e:  # safetensors raises several types for corrupt files
-        raise ProbeError(f"{layout.head_weights_fpath(dpath)} cannot be read ({type(e).__name__})", "train the head again") from e
+        wpath = layout.head_weights_fpath(dpath)
+        raise ProbeError(f"{wpath} cannot be read ({type(e).__name__})", "train the head again") from e
     w, b = tensors["weight"].float(), tensors["bias"].float()
     head: Head
     if header["task"] == "classify":
@@ -259,7 +267,8 @@ def save_head(dpath: Path, weight_cd: Tensor, bias_c: Tensor, header: dict[str, 
             shutil.rmtree(dpath)  # an older head: staged_dir renames onto an absent folder only
     with atomic.staged_dir(dpath) as tmp:
         wpath = layout.head_weights_fpath(tmp)
-        tensors = {"weight": weight_cd.detach().float().cpu().contiguous(), "bias": bias_c.detach().float().cpu().contiguous()}
+        tensors = {"weight": weight_cd.detach().float().cpu().contiguous(),
+                   "bias": bias_c.detach().float().cpu().contiguous()}
         save_file(tensors, str(wpath), metadata={"format": HEAD_FORMAT})
         full["weights_sha256"] = atomic.sha256_file(wpath)
         atomic.write_json(layout.head_config_fpath(tmp), full)

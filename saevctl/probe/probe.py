@@ -108,12 +108,14 @@ def run(cfg: Config, prober: Prober | None = None) -> Result:
         prober.check_clamps(clamps)
     patches = parse_patches(cfg.patches)
     bb, lay = prober.bb, prober.bb.layout
+    stats = None
+    if any(c.multiple for c in clamps):  # before any model work: a missing index is a quick error
+        stats = open_index_stats(cfg.index, resolve_sae_path(cfg.sae), prober.sae.cfg.n_latents)
+        named = [c for c in clamps if c.feature is not None]
+        clamp_values(named, [int(c.feature) for c in named], stats)  # type: ignore[arg-type]
     image_u8, x_bchw = prober.to_input([open_image(cfg.image)])
     x_btd = prober.prefix(x_bchw)
     features = resolve_features(prober, clamps, x_btd)
-    stats = None
-    if any(c.multiple for c in clamps):
-        stats = open_index_stats(cfg.index, resolve_sae_path(cfg.sae), prober.sae.cfg.n_latents)
     values = clamp_values(clamps, features, stats)
     plan = make_plan(prober.sae, x_btd[:, lay.n_prefix :], features, torch.tensor([values]),
                      patches, static_mask(patches, lay, bb.patch_size))
@@ -129,7 +131,8 @@ def run(cfg: Config, prober: Prober | None = None) -> Result:
         summary = dense_summary(before, after, head.task, head.classes)
     desc = ", ".join(f"{f}={v:.3g}" for f, v in zip(features, values, strict=True))
     fpath = cfg.out or default_figure_fpath(cfg.image, cfg.clamps)
-    title = f"{Path(cfg.image).name}: clamp {desc} at layer {prober.layer} on {patches.describe()} patches; head {head.name}"
+    title = (f"{Path(cfg.image).name}: clamp {desc} at layer {prober.layer} on {patches.describe()} patches; "
+             f"head {head.name}")
     probe_figure(fpath, head.task, image_u8[0], edited_hw, before, after, head.classes, title)
     return Result(head.task, head.classes, features, values, list(cfg.clamps), edited_hw, before, after, summary,
                   fpath, head.name, notes)

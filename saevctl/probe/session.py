@@ -36,7 +36,9 @@ def resolve_sae_path(sae: Path | str | None) -> Path:
     if sae is None:
         default = workspace_default("sae")
         if default is None:
-            raise CheckpointError("no --sae given and this workspace has no default SAE", "pass --sae path/to/checkpoint")
+            raise CheckpointError(
+                "no --sae given and this workspace has no default SAE", "pass --sae path/to/checkpoint"
+            )
         return Path(default)
     return Path(sae).expanduser()
 
@@ -89,7 +91,9 @@ def open_index_stats(index: Path | str | None, sae_path: Path, n_latents: int) -
         log.info("not using the workspace index: %s", e.message)
         return None
     if len(rows) != n_latents:
-        raise IndexError_(f"the index {fpath} has {len(rows)} features for this SAE, which has {n_latents}", "mine the SAE again")
+        raise IndexError_(
+            f"the index {fpath} has {len(rows)} features for this SAE, which has {n_latents}", "mine the SAE again"
+        )
     max_s = np.array([float(r["max"] or 0.0) for r in rows])
     freq_s = np.array([float(r["freq"] or 0.0) for r in rows])
     return FeatureStats(max_s, freq_s, f"the mined index {fpath}")
@@ -119,7 +123,8 @@ class Prober:
         self.layer = bb.check_layer(sae.cfg.layer)
         if head.layer < self.layer:
             raise ProbeError(
-                f"head {head.name} reads layer {head.layer}, before the SAE's layer {self.layer}, so the edit cannot reach it",
+                f"head {head.name} reads layer {head.layer}, before the SAE's layer {self.layer}, "
+                "so the edit cannot reach it",
                 "use a head on the final tokens or on a layer at or after the SAE's",
             )
         self.out_hw = (bb.preprocess.size, bb.preprocess.size)
@@ -145,9 +150,16 @@ class Prober:
         return self.bb.forward_to(x_bchw, [self.layer])[self.layer]
 
     @torch.no_grad()
-    def outputs(self, x_btd: Tensor) -> Tensor:
-        """Head probabilities from the (edited) residual stream after the SAE's layer."""
-        return self.head(head_tokens(self.bb, self.layer, x_btd, self.head), self.out_hw)
+    def outputs(self, x_btd: Tensor, chunk: int | None = None) -> Tensor:
+        """Head probabilities from the (edited) residual stream after the SAE's layer, `chunk` rows at a time."""
+        chunk = chunk or len(x_btd)
+        return torch.cat([self.head(head_tokens(self.bb, self.layer, x_btd[i : i + chunk], self.head), self.out_hw)
+                          for i in range(0, len(x_btd), chunk)])
+
+    def variant_chunk(self, n: int) -> int | None:
+        """Rows per pass when running several edited variants of an n-image batch: all at once on a GPU;
+        on a CPU one variant at a time, which measured faster (cache-bound attention and decoder)."""
+        return None if self.device.type == "cuda" else n
 
     @torch.no_grad()
     def plain(self, x_bchw: Tensor) -> Tensor:

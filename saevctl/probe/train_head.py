@@ -94,7 +94,9 @@ def read_class_names(fpath: Path) -> tuple[list[str], int]:
     try:
         lines = [ln.strip() for ln in Path(fpath).read_text().splitlines() if ln.strip()]
     except OSError as e:
-        raise InputError(f"cannot read class names {fpath} ({e.strerror})", "pass a text file, one class name per line") from e
+        raise InputError(
+            f"cannot read class names {fpath} ({e.strerror})", "pass a text file, one class name per line"
+        ) from e
     if lines and lines[0].lower().startswith("idx,"):
         return [ln.split(",")[-1].split(";")[0].strip() for ln in lines[1:]], 1
     if not lines:
@@ -146,7 +148,9 @@ def _tokens(bb: Backbone, layer: int, u8: np.ndarray, device: str) -> torch.Tens
     return bb.forward_to(x, [layer])[layer]
 
 
-def _fit(x_nd: torch.Tensor, y_n: torch.Tensor, n_classes: int, cfg: HeadTrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit(
+    x_nd: torch.Tensor, y_n: torch.Tensor, n_classes: int, cfg: HeadTrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression on standardised features; returns weights in raw feature space."""
     torch.manual_seed(cfg.seed)
     keep = y_n >= 0
@@ -187,8 +191,11 @@ def _load_u8(records: list[ImageRecord], bb: Backbone) -> tuple[list[int], np.nd
     return ok, np.stack(arrays) if arrays else np.zeros((0, 1, 1, 3), np.uint8)
 
 
-def _features(bb: Backbone, layer: int, records: list[ImageRecord], cfg: HeadTrainConfig, device: str,
-              pick: Callable[[torch.Tensor], torch.Tensor], progress: Progress | None) -> tuple[list[int], torch.Tensor]:
+def _features(
+    bb: Backbone, layer: int, records: list[ImageRecord], cfg: HeadTrainConfig, device: str,
+    pick: Callable[[torch.Tensor], torch.Tensor], progress: Progress | None,
+) -> tuple[list[int], torch.Tensor]:
+    """Head inputs of every readable image (and the indices of those images)."""
     kept, feats = [], []
     for lo in range(0, len(records), cfg.batch_size):
         ok, u8 = _load_u8(records[lo : lo + cfg.batch_size], bb)
@@ -211,7 +218,9 @@ def _header(cfg: HeadTrainConfig, bb: Backbone, layer: int, classes: list[str], 
     }
 
 
-def train_head(cfg: HeadTrainConfig, progress: Progress | None = None, backbone: Backbone | None = None) -> HeadTrainResult:
+def train_head(
+    cfg: HeadTrainConfig, progress: Progress | None = None, backbone: Backbone | None = None
+) -> HeadTrainResult:
     """Cache the head's input features for every image, fit a linear head, evaluate it, save it."""
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -234,9 +243,12 @@ def _train_classify(cfg: HeadTrainConfig, bb: Backbone, layer: int, records: lis
     pool = cfg.pool if cfg.pool != "auto" else ("cls" if bb.layout.n_cls else "mean")
     if pool == "cls" and not bb.layout.n_cls:
         raise InputError(f"{bb.spec} has no CLS token", "use --pool mean")
-    probe = LinearClassifyHead(torch.zeros(len(classes), bb.d_model), torch.zeros(len(classes)), pool, bb.layout.n_prefix)
-    kept, x = _features(bb, layer, [r for r in records if r.label is not None], cfg, device, probe.features, progress)
+    n_c = len(classes)
+    probe = LinearClassifyHead(torch.zeros(n_c, bb.d_model), torch.zeros(n_c), pool, bb.layout.n_prefix)
     labelled = [r for r in records if r.label is not None]
+    if progress and len(labelled) < len(records):
+        progress(len(records) - len(labelled))  # unlabelled images are skipped
+    kept, x = _features(bb, layer, labelled, cfg, device, probe.features, progress)
     y = torch.tensor([classes.index(labelled[i].label) for i in kept], device=x.device)  # type: ignore[arg-type]
     tr, va = _split(len(kept), cfg)
     w, b = _fit(x[tr], y[tr], len(classes), cfg)
@@ -249,6 +261,8 @@ def _train_segment(cfg: HeadTrainConfig, bb: Backbone, layer: int, records: list
                    progress: Progress | None) -> tuple[Any, ...]:
     assert cfg.masks is not None
     pairs = _pair_masks(records, Path(cfg.masks))
+    if progress and len(pairs) < len(records):
+        progress(len(records) - len(pairs))  # images without a mask are skipped
     if cfg.class_names is not None:
         classes, offset = read_class_names(cfg.class_names)
     else:
@@ -264,12 +278,14 @@ def _train_segment(cfg: HeadTrainConfig, bb: Backbone, layer: int, records: list
     size = (bb.preprocess.size, bb.preprocess.size)
     with torch.no_grad():
         pred = torch.cat([head.from_patches(x[i : i + 1].cpu(), size).argmax(1) for i in va]).numpy()
-    metrics = {"val_miou": mean_iou(pred, pix[va], len(classes)), "val_pixel_accuracy": float((pred == pix[va])[pix[va] >= 0].mean())}
+    truth = pix[va]
+    metrics = {"val_miou": mean_iou(pred, truth, len(classes)),
+               "val_pixel_accuracy": float((pred == truth)[truth >= 0].mean())}
     return classes, metrics, {}, w, b, len(tr), len(va)
 
 
 def mean_iou(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> float:
-    """Mean over classes present in the truth or the prediction of |pred ∩ truth| / |pred ∪ truth| (labelled pixels)."""
+    """Mean of |pred ∩ truth| / |pred ∪ truth| over classes present in either (labelled pixels only)."""
     valid = truth >= 0
     p, t = pred[valid], truth[valid]
     inter = np.bincount(t[p == t], minlength=n_classes)

@@ -200,7 +200,14 @@ class Store:
     def images(self) -> list[dict[str, Any]]:
         """The image table: id, path, label, width, height, status, row (-1 when unreadable)."""
         if self._images is None:
-            lines = layout.store_images_fpath(self.dpath).read_text().splitlines()
+            fpath = layout.store_images_fpath(self.dpath)
+            try:
+                lines = fpath.read_text().splitlines()
+            except FileNotFoundError as e:
+                raise StoreError(
+                    f"the store at {self.dpath} is damaged: {fpath} is missing",
+                    "delete the store and run saevctl extract again",
+                ) from e
             self._images = [json.loads(line) for line in lines if line]
         return self._images
 

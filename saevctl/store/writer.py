@@ -41,9 +41,14 @@ def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 def _remove_stale_temps(dpath: Path) -> None:
-    """Temp files of a killed atomic write (.NAME.tmpPID) are garbage, never part of the store."""
-    for p in dpath.glob(".*.tmp*"):
-        if p.is_file():
+    """Temp files of a killed atomic write of our own files (.manifest.json.tmpPID) are garbage.
+
+    Only those exact names: the folder may turn out to hold someone else's files, which are never touched.
+    """
+    ours = {layout.store_manifest_fpath(dpath).name, layout.store_images_fpath(dpath).name}
+    for p in dpath.iterdir():
+        stem, sep, pid = p.name.rpartition(".tmp")
+        if sep and pid.isdigit() and stem.startswith(".") and stem[1:] in ours and p.is_file():
             p.unlink(missing_ok=True)
 
 

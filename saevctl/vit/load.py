@@ -80,7 +80,7 @@ def _hub_reachable(endpoint: str, timeout: float) -> bool:
 
 
 @contextlib.contextmanager
-def _hub_access(spec: str) -> Iterator[None]:
+def _hub_access(spec: str, hub_files: tuple[str, list[str]] | None = None) -> Iterator[None]:
     """Reach the hub when it answers; otherwise serve the name from the local Hugging Face cache only.
 
     Offline, huggingface_hub would retry each file for half a minute; in its offline mode it answers
@@ -94,14 +94,43 @@ def _hub_access(spec: str) -> Iterator[None]:
         yield
         return
     old = constants.HF_HUB_OFFLINE
+    why = "HF_HUB_OFFLINE is set" if old else f"the model hub ({endpoint}) is unreachable"
+    error = ModelError(f"cannot download {spec}: {why} and it is not in the local cache", _offline_hint(spec))
+    if hub_files is not None and not _any_cached(*hub_files):
+        raise error  # before timm spends seconds building a model it cannot fill
     constants.HF_HUB_OFFLINE = True
     try:
         yield
     except Exception as e:
-        why = "HF_HUB_OFFLINE is set" if old else f"the model hub ({endpoint}) is unreachable"
-        raise ModelError(f"cannot download {spec}: {why} and it is not in the local cache", _offline_hint(spec)) from e
+        raise error from e
     finally:
         constants.HF_HUB_OFFLINE = old
+
+
+def _any_cached(repo_id: str, filenames: list[str]) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in filenames:
+        try:
+            if isinstance(try_to_load_from_cache(repo_id, filename), str):
+                return True
+        except Exception:  # an odd repo id: let the real loader report it
+            return True
+    return False
+
+
+def _timm_hub_files(name: str) -> tuple[str, list[str]] | None:
+    """(repo, candidate weight files) a timm: or hf-hub: name is loaded from; None when it is not the HF hub."""
+    if name.startswith("hf-hub:"):
+        return name.removeprefix("hf-hub:").split("@", 1)[0], ["config.json"]
+    import timm.models
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        return None
+    files = [f for f in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin") if f]
+    return repo.split("@", 1)[0], files
 
 
 def _hub_error(spec: str, e: Exception) -> ModelError:
@@ -148,7 +177,7 @@ def _load_timm(kind: str, rest: str, spec: str) -> Backbone:
     else:
         name = f"hf-hub:{rest}"
     try:
-        with _hub_access(spec):
+        with _hub_access(spec, _timm_hub_files(name)):
             model = timm.create_model(name, pretrained=True)
     except ModelError:
         raise

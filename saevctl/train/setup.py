@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from saevctl.errors import LayerError
+from saevctl.errors import LayerError, TrainingError
 from saevctl.store import Store, open_store
 from saevctl.train.config import Config, RunSpec
 from saevctl.train.loader import ActivationLoader
@@ -30,6 +30,10 @@ class Data:
     def normalization(self, n_sample: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and a scalar scale so that E||(x - mean) * scale||^2 = d on a sample of the stream."""
         sample_nd = self.loader.sample(n_sample).double()
+        # non-finite rows are left out here; training stops at the step that meets them, naming it
+        sample_nd = sample_nd[torch.isfinite(sample_nd).all(-1)]
+        if len(sample_nd) == 0:
+            raise TrainingError("every sampled activation is NaN or infinite", "re-extract the store")
         mean_d = sample_nd.mean(0)
         msq = (sample_nd - mean_d).pow(2).sum(-1).mean().clamp_min(1e-12)
         return mean_d.float(), (self.d / msq).sqrt().float()

@@ -51,9 +51,14 @@ def progress_bar(description: str, total: int | None, unit: str) -> Iterator[Cal
 
     try:
         yield advance
-    finally:
+    except BaseException:
+        # On failure the bar vanishes so the error is the only thing left on stderr.
         if prog.live.is_started:
+            prog.live.transient = True
             prog.stop()
+        raise
+    if prog.live.is_started:
+        prog.stop()
 
 
 def say_path(label: str, path: object) -> None:

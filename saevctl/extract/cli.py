@@ -13,7 +13,7 @@ def extract(
     images: str = typer.Option(None, "--images", "-i", help="Image folder (recursive; ImageFolder labels from subfolders), .txt list of paths, or demo[:N] (default demo = 2,048 scikit-image crops)."),
     layers: str = typer.Option(None, "--layers", "-l", help="Comma list of blocks to store, 0-based; negative counts from the end (default -1)."),
     out: Path = typer.Option(None, "--out", "-o", help="Store folder; re-running the same command resumes it (default ./store)."),
-    tokens: str = typer.Option(None, "--tokens", help="Comma list of token kinds: patches, cls, registers (default patches,cls)."),
+    tokens: str = typer.Option(None, "--tokens", help="Comma list of token kinds: patches, cls, registers (default patches, plus cls when the model has one)."),
     dtype: str = typer.Option(None, "--dtype", help="float16 (default; refuses values beyond its range), bfloat16 or float32."),
     batch_size: int = typer.Option(None, "--batch-size", "-b", help="Images per forward pass (default 32)."),
     device: str = typer.Option(None, "--device", help="auto, cpu or cuda (default auto)."),

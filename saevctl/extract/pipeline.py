@@ -6,6 +6,7 @@ Decoding, compute and writing overlap, so throughput approaches the bare forward
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -39,8 +40,8 @@ class Config:
     """Blocks whose output is stored (0-based; negative counts from the end)."""
     out: Path = Path("store")
     """Store folder; an existing store made with the same settings is resumed."""
-    tokens: tuple[str, ...] = ("patches", "cls")
-    """Token kinds to store: patches, cls, registers."""
+    tokens: tuple[str, ...] = ()
+    """Token kinds to store: patches, cls, registers (empty: patches, plus cls when the model has one)."""
     dtype: str = "float16"
     """Storage dtype: float16 (default: half of fp32, 11-bit mantissa; refused on overflow), bfloat16, float32."""
     batch_size: int = 32
@@ -61,7 +62,7 @@ class Config:
         if self.dtype not in DTYPES:
             raise InputError(f"unknown --dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
         bad = [t for t in self.tokens if t not in TOKEN_KINDS]
-        if bad or not self.tokens:
+        if bad:
             raise InputError(f"unknown token kind(s) {bad}", f"use a comma list of {', '.join(TOKEN_KINDS)}")
         if self.batch_size < 1 or self.images_per_shard < 1:
             raise InputError("--batch-size and images per shard must be positive", "pass a positive number")
@@ -183,6 +184,8 @@ def run(cfg: Config, progress: Progress | None = None, backbone: Backbone | None
     src = resolve_images(cfg.images, cfg.max_images)
     device = resolve_device(cfg.device)
     bb = backbone if backbone is not None else load_backbone(cfg.model, device)
+    if not cfg.tokens:
+        cfg = dataclasses.replace(cfg, tokens=tuple(k for k in ("patches", "cls") if k in bb.layout.kinds()))
     layers = _layers_and_tokens(cfg, bb)
     per_shard = -(-cfg.images_per_shard // cfg.batch_size) * cfg.batch_size
     writer = StoreWriter(cfg.out, _store_config(cfg, bb, layers, src, per_shard), len(src.records))

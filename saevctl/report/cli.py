@@ -13,7 +13,7 @@ import typer
 def report(
     index: Path = typer.Option(None, "--index", help="DuckDB index to report on (default: the one last mined in this workspace, recorded in ./saevctl.toml, else in $SAEVCTL_HOME/last.toml)."),
     out: Path = typer.Option(None, "--out", "-o", help="Folder of the site; an earlier report there is replaced as a whole (default ./report)."),
-    sae: list[str] = typer.Option(None, "--sae", help="Only this SAE (id, id prefix or checkpoint path); repeat for several (default: every SAE in the index)."),
+    sae: list[str] = typer.Option(None, "--sae", metavar="SAE", help="Only this SAE (id, id prefix or checkpoint path); repeat for several (default: every SAE in the index)."),
     k: int = typer.Option(None, "--k", help="Exemplars per feature grid (default: all the index keeps)."),
     cols: int = typer.Option(None, "--cols", help="Tiles per grid row (default 5)."),
     neighbours: int = typer.Option(None, "--neighbours", help="Nearest features by decoder cosine listed per page (default 10)."),

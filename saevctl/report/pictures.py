@@ -70,7 +70,9 @@ def render(job: Grid, preprocess_json: str, fmt: str) -> None:
     vmax = max(peaks, default=0.0)
     tiles = [heat_tile(_view(e.path, preprocess_json), e.acts_hw, vmax) for e in exs]
     caps = [f"#{e.rank + 1}  {e.value:.3g}" for e in exs]
-    _save(compose(tiles, caps, job.title, job.cols, vmax or None), job.grid_fpath, fmt)
+    # A colour bar only where there is an overlay (CLS exemplars have no per-patch activations).
+    has_heat = any(e.acts_hw is not None for e in exs)
+    _save(compose(tiles, caps, job.title, job.cols, vmax if has_heat and vmax > 0 else None), job.grid_fpath, fmt)
     if job.thumb_fpath is not None and tiles:
         _save(tiles[0].resize((THUMB_PX, THUMB_PX)), job.thumb_fpath, fmt)
 

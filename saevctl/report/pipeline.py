@@ -155,7 +155,7 @@ def _write_sae(idx: Any, sae_id: str, position: int, root: Path, cfg: Config, pr
                 near_html = pages.neighbours_html(None if near is None else near.get(f, []), page_names)
                 text = pages.feature_page(sae, f, sections, near_html, prev_next, page_names)
                 (sae_dpath / page_names[f]).write_text(text, encoding="utf-8")
-                rows.append(_table_row(f, stats[tokens[0]], exs[tokens[0]].get(f, []), dname, ext, page_names[f]))
+                rows.append(_table_row(f, tokens[0], stats[tokens[0]], exs[tokens[0]].get(f, []), dname, ext, page_names[f]))
             for batch in pictures.batched(jobs, BATCH_FEATURES):
                 painter.submit(batch)
         painter.finish()
@@ -164,10 +164,12 @@ def _write_sae(idx: Any, sae_id: str, position: int, root: Path, cfg: Config, pr
     return sae, rows
 
 
-def _table_row(f: int, stats: dict[str, np.ndarray], exs: list[data.Exemplar], dname: str, ext: str, page: str) -> list[Any]:
+def _table_row(f: int, token: str, stats: dict[str, np.ndarray], exs: list[data.Exemplar], dname: str, ext: str,
+               page: str) -> list[Any]:
+    """One row of the index table (columns: pages.TABLE_COLS), statistics of the SAE's first token kind."""
     label = data.majority_label(exs)
     base = f"saes/{dname}/"
-    thumb = base + layout.report_feature_name(f, "thumb", "patches", ext) if exs else None
+    thumb = base + layout.report_feature_name(f, "thumb", token, ext) if exs else None
     return [f, pages.num(stats["freq"][f]), pages.num(stats["img_freq"][f]), pages.num(stats["mean"][f]),
             pages.num(stats["max"][f]), label[0] if label else None, round(label[1], 3) if label else None, base + page, thumb]
 

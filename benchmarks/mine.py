@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -101,9 +100,10 @@ def peak_memory(root: Path, n: int) -> dict:
     """Max RSS of a fresh process mining with 24,576 features, next to one that only encodes."""
     store = synthetic_store(root / "store24k", n, 256, 384, seed=1)
     ckpt = sparse_sae(store, 24576, root / "sae24k")
-    code = ("import resource, sys, torch; from pathlib import Path; from saevctl.sae import SAE; "
+    # VmHWM, not ru_maxrss: Linux carries the parent's high-water mark over fork + exec into ru_maxrss.
+    code = ("import re, sys, torch; from pathlib import Path; from saevctl.sae import SAE; "
             "sys.path.insert(0, {here!r}); import mine as b; {body}; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))")
     here = str(Path(__file__).parent)
     bodies = {
         "encode_only": f"b.bare_encode(SAE.load({str(ckpt)!r}), Path({str(store)!r}))",
@@ -155,7 +155,8 @@ def synthetic_index(root: Path, n_images: int, s: int, k: int = 25, top_n: int =
                "rank": np.tile(np.arange(top_n, dtype=np.int16), n_images),
                "feature": rng.integers(0, s, n_images * top_n).astype(np.int32),
                "value": rng.random(n_images * top_n).astype(np.float32)}
-        writer.put_token_results(idx, sae_id, "patches", {"features": feats, "histograms": hist, "exemplars": ex, "image_features": imf})
+        writer.put_token_results(idx, sae_id, "patches", {"features": feats, "histograms": hist, "image_features": imf})
+        writer.put_exemplars(idx, sae_id, "patches", ex)
         vectors.save_decoder(fpath, sae_id, rng.normal(size=(s, d)).astype(np.float32), "1" * 64)
         vectors.build(fpath, sae_id, "1" * 64)
     assert N_HIST >= 20
@@ -218,7 +219,7 @@ def main() -> None:
     result = {"metric": "mine activations/s", "value": tp["value"], "ceiling": tp["ceiling"],
               "ratio": tp["value"] / tp["ceiling"], **{k: v for k, v in tp.items() if k not in ("value", "ceiling")},
               **mem, **lat, "quick": args.quick, "threads": torch.get_num_threads(), "machine": platform.machine(),
-              "torch": torch.__version__, "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+              "torch": torch.__version__}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

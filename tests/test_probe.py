@@ -168,6 +168,13 @@ def test_probe_errors_are_one_line(planted_sae, image_dir, tiny_bb, tmp_path, ex
     assert len(lines) == 1 and message in lines[0], r.output
 
 
+def test_probe_missing_or_corrupt_image(planted_sae, image_dir):
+    r = invoke("probe", "--sae", planted_sae, "--image", "nothere.jpg", "--clamp", "0=0")
+    assert r.exit_code == 2 and r.output.strip() == "error: image nothere.jpg does not exist. Check the path."
+    r = invoke("probe", "--sae", planted_sae, "--image", image_dir / "dogs" / "zz_corrupt.jpg", "--clamp", "0=0")
+    assert r.exit_code == 2 and "is corrupt or not an image" in r.output
+
+
 def test_probe_needs_one_image_source(planted_sae, image_dir):
     r = invoke("probe", "--sae", planted_sae, "--clamp", "0=0")
     assert r.exit_code == 2 and "exactly one of --image" in r.output

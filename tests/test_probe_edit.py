@@ -18,7 +18,7 @@ from saevctl.probe.edit import (
     EditPlan, apply_edit, direction_generator, edit_fast, edit_reference, feature_codes, parse_clamp, parse_patches, random_direction_edit,
     static_mask,
 )
-from saevctl.probe.heads import LinearClassifyHead, describe_model, resolve_head, save_head
+from saevctl.probe.heads import describe_model, resolve_head, save_head
 from saevctl.probe.session import Prober
 from saevctl.sae import SAE, SAEConfig
 from saevctl.vit import load_backbone
@@ -102,11 +102,17 @@ def _check_zero_edit(prober: Prober, x: torch.Tensor) -> None:
         torch.testing.assert_close(prober.outputs(edited), plain, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["timm", "classify", "segment", "classify-mid"])
-def test_zero_edit_equals_plain_forward_timm_heads(tiny_bb, tmp_path, kind):
+@pytest.mark.parametrize("kind", ["timm", "trained", "classify", "segment", "classify-mid"])
+def test_zero_edit_equals_plain_forward_timm_heads(tiny_bb, tmp_path, kind, image_dir, tiny_vit):
     sae = make_sae(tiny_bb, layer=1)
     if kind == "timm":
         head = resolve_head("timm", tiny_bb)
+    elif kind == "trained":  # a classify head made by `heads train` on the ImageFolder fixture
+        from saevctl.probe.train_head import HeadTrainConfig, train_head
+
+        res = train_head(HeadTrainConfig(task="classify", images=str(image_dir), model=tiny_vit, out=tmp_path / "t",
+                                         device="cpu", epochs=5), backbone=tiny_bb)
+        head = resolve_head(str(res.out), tiny_bb)
     elif kind == "classify-mid":  # a head on the residual stream after block 2 (not the final tokens)
         head = resolve_head(str(_linear_head_dir(tiny_bb, tmp_path / "h", "classify", 2)), tiny_bb)
     else:

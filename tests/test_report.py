@@ -65,6 +65,12 @@ def build_site_inputs(root: Path, tiny_vit: str) -> dict:
     sae.save(root / "sae")
     index = root / "ix.duckdb"
     mine(MineConfig(sae=root / "sae", store=store, index=index, top_k=10, device="cpu", set_defaults=False))
+    # A second SAE in the same index, on CLS tokens only: its exemplars carry no per-patch activations.
+    torch.manual_seed(1)
+    cls_sae = SAE(SAEConfig(d=st.d, n_latents=8, model=st.model, layer=3, tokens=("cls",)))
+    cls_sae.set_normalization(st.layer(3).cls.torch().reshape(-1, st.d))
+    cls_sae.save(root / "cls-sae")
+    mine(MineConfig(sae=root / "cls-sae", store=store, index=index, top_k=4, device="cpu", set_defaults=False))
     return {"index": index, "store": store, "sae": root / "sae", "images": images}
 
 
@@ -116,8 +122,8 @@ def test_pages_for_fired_features_only(built_site: dict) -> None:
         sae_id = idx.sae_ids()[0]
         fired = [r["feature"] for r in idx.list_features(sae_id, sort="feature", where="n_fired > 0", limit=1000)]
     assert set(DEAD).isdisjoint(fired) and len(fired) == 24 - len(DEAD)
-    (s,) = res.saes
-    assert (s["n_pages"], s["n_skipped"]) == (len(fired), len(DEAD))
+    s, s_cls = res.saes
+    assert s["sae_id"] == sae_id and (s["n_pages"], s["n_skipped"]) == (len(fired), len(DEAD))
     sae_dpath = layout.report_sae_dpath(out, s["dname"])
     pages = sorted(int(p.stem.split("-")[1]) for p in sae_dpath.glob("feature-*.html"))
     assert pages == sorted(fired)
@@ -126,6 +132,12 @@ def test_pages_for_fired_features_only(built_site: dict) -> None:
     assert meta["schema_version"] == layout.REPORT_SCHEMA and meta["saes"][0]["n_skipped"] == len(DEAD)
     assert f"{len(DEAD)} never fired and were skipped" in layout.report_index_fpath(out).read_text()
     assert not list(out.parent.glob(".report.*")), "no build folder left beside the site"
+    # The CLS-only SAE: its own folder, CLS grids and thumbnails, no patch overlay counts.
+    cls_dpath = layout.report_sae_dpath(out, s_cls["dname"])
+    assert s_cls["n_pages"] == len(list(cls_dpath.glob("feature-*.html"))) > 0
+    assert len(list(cls_dpath.glob("thumb-*-cls.png"))) == s_cls["n_pages"]
+    page = next(cls_dpath.glob("feature-*.html")).read_text()
+    assert "<h2>cls tokens</h2>" in page and "patches tokens" not in page and " / 16</td>" not in page
 
 
 def test_every_link_and_picture_resolves_locally(built_site: dict) -> None:
@@ -138,17 +150,20 @@ def test_every_link_and_picture_resolves_locally(built_site: dict) -> None:
             if target:
                 assert (fpath.parent / target).is_file(), f"{fpath.name} links to missing {ref}"
     # Rows of the index table (JSON) point at real pages and thumbnails too.
-    data = _table_data(out)
-    for row in data["rows"]:
-        page, thumb = row[data["cols"].index("page")], row[data["cols"].index("thumb")]
-        assert (out / page).is_file() and (thumb is None or (out / thumb).is_file())
+    tables = _table_data(out)
+    assert len(tables) == 2
+    for data in tables:
+        for row in data["rows"]:
+            page, thumb = row[data["cols"].index("page")], row[data["cols"].index("thumb")]
+            assert (out / page).is_file() and (thumb is None or (out / thumb).is_file())
 
 
-def _table_data(out: Path) -> dict:
+def _table_data(out: Path) -> list[dict]:
+    """Each SAE section's table data, parsed from the index page."""
     text = layout.report_index_fpath(out).read_text()
-    m = re.search(r'<script type="application/json" class="feature-data">(.*?)</script>', text, re.S)
-    assert m
-    return json.loads(m.group(1))
+    blobs = re.findall(r'<script type="application/json" class="feature-data">(.*?)</script>', text, re.S)
+    assert blobs
+    return [json.loads(b) for b in blobs]
 
 
 def test_names_and_labels_are_escaped(built_site: dict) -> None:
@@ -158,7 +173,7 @@ def test_names_and_labels_are_escaped(built_site: dict) -> None:
     for p, text in texts.items():
         assert "<img src=x" not in text and "<i>'x'" not in text, p
         assert all(tag in ("html", "head", "meta", "title", "link", "body", "nav", "a", "h1", "small", "p", "section",
-                           "h2", "table", "thead", "tbody", "tr", "th", "td", "span", "img", "svg", "rect", "title",
+                           "h2", "h3", "table", "thead", "tbody", "tr", "th", "td", "span", "img", "svg", "rect", "title",
                            "text", "line", "ol", "li")
                    for tag, _ in _parse(p).tags), p
         for tag, attrs in _parse(p).tags:
@@ -170,7 +185,8 @@ def test_names_and_labels_are_escaped(built_site: dict) -> None:
     index_text = layout.report_index_fpath(out).read_text()
     for blob in re.findall(r'<script type="application/json" class="feature-data">(.*?)</script>', index_text, re.S):
         assert "<" not in blob and ">" not in blob
-    labels = {row[_table_data(out)["cols"].index("label")] for row in _table_data(out)["rows"]}
+    data = _table_data(out)[0]
+    labels = {row[data["cols"].index("label")] for row in data["rows"]}
     assert EVIL_LABEL in labels
 
 
@@ -178,7 +194,7 @@ def test_histogram_and_neighbours_match_the_index(built_site: dict) -> None:
     out, res = built_site["out"], built_site["result"]
     from saevctl.mine.query import similar
 
-    (s,) = res.saes
+    s = res.saes[0]
     with Index.open(built_site["index"]) as idx:
         sae_id = idx.sae_ids()[0]
         want = [f for f, _ in similar(idx, sae_id, 1, n=5)]
@@ -281,3 +297,43 @@ def test_cli_errors_are_one_line(built_site: dict, tmp_path: Path) -> None:
     r = runner.invoke(app, ["report", "--index", str(built_site["index"]), "--sae", "no-such-sae"])
     assert r.exit_code == 2 and "no SAE 'no-such-sae'" in r.stderr
     assert not Path("report").exists()
+
+
+def test_bulk_reads_equal_the_index_methods(built_site: dict) -> None:
+    """The report's one-query-per-chunk readers return what the mine stage's per-feature methods do."""
+    from saevctl.report import data
+
+    with Index.open(built_site["index"]) as idx:
+        for sae_id in idx.sae_ids():
+            info = idx.sae_info(sae_id)
+            grid = (int(info["grid_h"]), int(info["grid_w"]))
+            for token in info["tokens"]:
+                table, hists = data.feature_table(idx, sae_id, token), data.histograms(idx, sae_id, token)
+                exs = data.exemplars(idx, sae_id, token, 0, idx.n_features(sae_id) - 1, 100, grid)
+                for f in range(idx.n_features(sae_id)):
+                    want = idx.feature_stats(sae_id, f, token)
+                    assert {c: table[c][f] for c in data.STAT_COLUMNS} == pytest.approx({c: want[c] for c in data.STAT_COLUMNS})
+                    counts = [b["count"] for b in idx.histogram(sae_id, f, token)]
+                    assert list(hists.get(f, np.zeros(len(counts), int))) == counts
+                    ref = idx.top_exemplars(sae_id, f, token=token)
+                    got = exs.get(f, [])
+                    assert [(e.rank, e.image_id, e.path, e.label, e.n_fired) for e in got] == [
+                        (r["rank"], r["image_id"], r["path"], r["label"], r["n_fired"] or 0) for r in ref]
+                    assert [e.value for e in got] == pytest.approx([r["value"] for r in ref])
+                    for e, r in zip(got, ref):
+                        if len(r["acts"]):
+                            np.testing.assert_array_equal(e.acts_hw, r["acts"].reshape(grid))
+                        else:
+                            assert e.acts_hw is None
+
+
+def test_missing_decoder_directions_only_drop_neighbours(built_site: dict, tmp_path: Path) -> None:
+    """An index copied without its .faiss folder still reports; the pages say why neighbours are missing."""
+    import shutil
+
+    index = tmp_path / "copy.duckdb"
+    shutil.copyfile(built_site["index"], index)
+    res = run(Config(index=index, out=tmp_path / "site", k=1))
+    assert not layout.faiss_dpath(index).exists() or not any(layout.faiss_dpath(index).glob("*.safetensors"))
+    page = next((tmp_path / "site").glob("saes/00-*/feature-*.html")).read_text()
+    assert "neighbours unavailable" in page and res.saes[0]["n_pages"] == built_site["result"].saes[0]["n_pages"]

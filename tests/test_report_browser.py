@@ -25,8 +25,9 @@ from saevctl.mine import Index
 
 from test_report import DEAD, EVIL_LABEL, EVIL_NAME, built_site, report_inputs  # noqa: F401  (shared fixtures)
 
-CHROMIUM = next((p for p in (os.environ.get("SAEVCTL_CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium")
-                 if p and Path(p).is_file()), None)
+# SAEVCTL_CHROMIUM, when set, is the only browser tried (set it to "none" to check the skip).
+_CANDIDATES = [os.environ["SAEVCTL_CHROMIUM"]] if "SAEVCTL_CHROMIUM" in os.environ else [shutil.which("chromium"), "/usr/bin/chromium"]
+CHROMIUM = next((p for p in _CANDIDATES if p and Path(p).is_file()), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian package `chromium`; run `make system-deps`)")
 
 
@@ -156,7 +157,8 @@ def test_index_page_loads_sorts_and_filters(browser: Chromium, built_site: dict)
     with Index.open(built_site["index"]) as idx:
         sae_id = idx.sae_ids()[0]
         rows = idx.list_features(sae_id, sort="feature", where="n_fired > 0", limit=1000, descending=False)
-    rows_js = "[...document.querySelectorAll('table.features tbody tr')].map(r => +r.dataset.feature)"
+    rows_js = "[...document.querySelector('section.sae').querySelectorAll('table.features tbody tr')].map(r => +r.dataset.feature)"
+    assert browser.eval(s, "document.querySelectorAll('section.sae').length") == 2
     # Default order: freq descending (ties by id).
     want = [r["feature"] for r in sorted(rows, key=lambda r: (-r["freq"], r["feature"]))]
     assert browser.eval(s, rows_js) == want
@@ -214,7 +216,9 @@ def test_every_feature_page_loads_clean(browser: Chromium, built_site: dict) -> 
     for domain in ("Runtime", "Log", "Page"):
         browser.call(f"{domain}.enable", session=s)
     t0 = time.time()
-    for fpath in sorted(_sae_dpath(built_site).glob("feature-*.html")):
+    fpaths = sorted(built_site["out"].glob("saes/*/feature-*.html"))
+    assert len(fpaths) == sum(x["n_pages"] for x in built_site["result"].saes)
+    for fpath in fpaths:
         browser.call("Page.navigate", {"url": fpath.as_uri()}, s)
         browser.eval(s, "new Promise(r => document.readyState === 'complete' ? r(1) : addEventListener('load', () => r(1)))")
         ok = browser.eval(s, "[...document.images].every(i => i.complete && i.naturalWidth > 0)")

@@ -42,8 +42,8 @@ def test_fast_step_matches_reference(act: str, k: int, mat: tuple[int, ...]) -> 
         for field in ("loss_m", "mse_m", "fvu_m", "l1_m", "aux_m", "fired_ms", "min_act_m"):
             torch.testing.assert_close(getattr(o_fast, field), getattr(o_ref, field), rtol=1e-4, atol=1e-5, msg=field)
         saw_aux |= bool((o_ref.aux_m > 0).any())
-        ref.apply(o_ref, t, 1.0, B)
-        fast.apply(o_fast, t, 1.0, B)
+        ref.apply(o_ref, t, 1.0, fused=False)
+        fast.apply(o_fast, t, 1.0)
     for name in ref.params:  # Adam normalises tiny gradient differences up to ~lr, hence the looser bound
         torch.testing.assert_close(fast.params[name], ref.params[name], rtol=1e-3, atol=3e-4)
     assert saw_aux == (act != "relu")
@@ -59,9 +59,9 @@ def test_stacked_sweep_equals_separate_runs() -> None:
     gen = torch.Generator().manual_seed(1)
     for t in range(5):
         x = torch.randn(B, D, generator=gen)
-        together.apply(together.compute(x, 1.0, 10**8, "fast", False), t, 1.0, B)
+        together.apply(together.compute(x, 1.0, 10**8, "fast", False), t, 1.0)
         for g in alone:
-            g.apply(g.compute(x, 1.0, 10**8, "fast", False), t, 1.0, B)
+            g.apply(g.compute(x, 1.0, 10**8, "fast", False), t, 1.0)
     for i, g in enumerate(alone):
         torch.testing.assert_close(together.params["W_enc"][i], g.params["W_enc"][0], rtol=1e-5, atol=1e-6)
 
@@ -76,3 +76,18 @@ def test_bf16_path_is_close_to_fp32(act: str, k: int) -> None:
     g32, g16 = o32.grads["W_enc"], o16.grads["W_enc"]
     cos = torch.nn.functional.cosine_similarity(g32.flatten(), g16.flatten(), dim=0)
     assert cos > 0.97
+
+
+def test_fused_adam_matches_plain_adam() -> None:
+    from saevctl.train import optim
+
+    gen = torch.Generator().manual_seed(3)
+    params = {"a": torch.randn(2, 5, 4, generator=gen), "b": torch.randn(2, 4, generator=gen)}
+    twin = {k: v.clone() for k, v in params.items()}
+    m1, m2 = optim.init_moments(params), optim.init_moments(twin)
+    for t in range(5):
+        grads = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
+        optim.adam_update(params, grads, m1, [1e-2, 3e-3], t)
+        optim.adam_update_fused(twin, grads, m2, [1e-2, 3e-3], t)
+    for k in params:
+        torch.testing.assert_close(twin[k], params[k], rtol=1e-5, atol=1e-6)

@@ -168,7 +168,7 @@ def scan_store(
 
 
 def token_tables(sc: FeatureScanner) -> dict[str, dict[str, np.ndarray]]:
-    """A scanner's results as numpy columns of the features, histograms, exemplars and image_features tables."""
+    """A scanner's results as numpy columns of the features, histograms and image_features tables."""
     st = sc.stats()
     feat = np.arange(sc.s, dtype=np.int32)
     features = {"feature": feat, "freq": st.freq.cpu().numpy(), "img_freq": st.img_freq.cpu().numpy(),
@@ -180,25 +180,30 @@ def token_tables(sc: FeatureScanner) -> dict[str, dict[str, np.ndarray]]:
     edges = np.array(hist_edges())
     histograms = {"feature": hf.astype(np.int32), "bin": hb.astype(np.int16), "lo": edges[hb, 0],
                   "hi": edges[hb, 1], "count": hist[hf, hb]}
-    vals_ks, ids_ks, slot_ks = (t.cpu() for t in sc.topk.ranked())
-    keep_ks = (vals_ks > 0) & (ids_ks >= 0)
-    rank_ks = torch.arange(vals_ks.shape[0])[:, None].expand_as(vals_ks)
-    feat_ks = torch.arange(sc.s)[None, :].expand_as(vals_ks)
-    # Feature-major order, so each feature's rows sit together and DuckDB's zone maps find them fast.
-    order = torch.argsort(feat_ks[keep_ks] * vals_ks.shape[0] + rank_ks[keep_ks])
-    ex_f, ex_r = feat_ks[keep_ks][order], rank_ks[keep_ks][order]
-    exemplars = {"feature": ex_f.numpy().astype(np.int32), "rank": ex_r.numpy().astype(np.int16),
-                 "image_id": ids_ks[ex_r, ex_f].numpy().astype(np.int32),
-                 "value": vals_ks[ex_r, ex_f].numpy().astype(np.float32)}
-    if sc.topk.patches_skp is not None:
-        acts = sc.topk.patches_skp.cpu()[ex_f, slot_ks[ex_r, ex_f]]  # (e, p) float16
-        exemplars["n_fired"] = (acts > 0).sum(1).numpy().astype(np.int16)
-        raw = acts.numpy().astype("<f2")
-        exemplars["acts"] = np.array([r.tobytes() for r in raw], dtype=object)
     img, rank, f, v = (t.cpu().numpy() for t in sc.image_features())
     image_features = {"image_id": img.astype(np.int32), "rank": rank.astype(np.int16),
                       "feature": f.astype(np.int32), "value": v.astype(np.float32)}
-    return {"features": features, "histograms": histograms, "exemplars": exemplars, "image_features": image_features}
+    return {"features": features, "histograms": histograms, "image_features": image_features}
+
+
+def exemplar_blocks(sc: FeatureScanner, block: int = 2048) -> Iterator[dict[str, np.ndarray]]:
+    """Exemplars table columns, a block of features at a time (bounds the memory the BLOBs take), in
+    feature-major order so each feature's rows sit together and DuckDB's zone maps find them fast."""
+    vals_ks, ids_ks, slot_ks = (t.cpu() for t in sc.topk.ranked())
+    patches_skp = sc.topk.patches_skp.cpu() if sc.topk.patches_skp is not None else None
+    for lo in range(0, sc.s, block):
+        v_kf, i_kf = vals_ks[:, lo : lo + block], ids_ks[:, lo : lo + block]
+        keep_fk = ((v_kf > 0) & (i_kf >= 0)).t()
+        ex_f, ex_r = keep_fk.nonzero().unbind(1)  # row-major over (feature, rank): already sorted
+        ex_f = ex_f + lo
+        cols = {"feature": ex_f.numpy().astype(np.int32), "rank": ex_r.numpy().astype(np.int16),
+                "image_id": ids_ks[ex_r, ex_f].numpy().astype(np.int32),
+                "value": vals_ks[ex_r, ex_f].numpy().astype(np.float32)}
+        if patches_skp is not None:
+            acts_ep = patches_skp[ex_f, slot_ks[ex_r, ex_f]]  # (e, p) float16, little-endian as stored
+            cols["n_fired"] = (acts_ep > 0).sum(1).numpy().astype(np.int16)
+            cols["acts"] = np.array([r.tobytes() for r in acts_ep.numpy()], dtype=object)
+        yield cols
 
 
 def store_id_of(store: Store) -> str:
@@ -247,6 +252,8 @@ def run(cfg: Config, progress: Progress | None = None) -> Result:
         writer.put_sae_row(idx, _sae_row(cfg, sae, sae_id, store, layer, kinds, secs))
         for kind, sc in scanners.items():
             writer.put_token_results(idx, sae_id, kind, token_tables(sc))
+            for cols in exemplar_blocks(sc):
+                writer.put_exemplars(idx, sae_id, kind, cols)
         idx.con.execute("COMMIT")
         vectors.save_decoder(cfg.index, sae_id, sae.W_dec.detach().float().cpu().numpy(), sae.header["weights_sha256"])
         vectors.build(cfg.index, sae_id, sae.header["weights_sha256"])

@@ -124,6 +124,11 @@ def put_sae_row(idx: Index, row: dict[str, Any]) -> None:
 
 
 def put_token_results(idx: Index, sae_id: str, token: str, tables: dict[str, dict[str, np.ndarray]]) -> None:
-    """Insert the features, histograms, exemplars and image_features columns of one token kind."""
-    for table in ("features", "histograms", "exemplars", "image_features"):
+    """Insert the features, histograms and image_features columns of one token kind."""
+    for table in ("features", "histograms", "image_features"):
         _insert(idx, table, tables[table], {"sae_id": sae_id, "token": token})
+
+
+def put_exemplars(idx: Index, sae_id: str, token: str, columns: dict[str, np.ndarray]) -> None:
+    """Insert one block of exemplar rows (see pipeline.exemplar_blocks)."""
+    _insert(idx, "exemplars", columns, {"sae_id": sae_id, "token": token})

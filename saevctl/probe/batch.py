@@ -252,6 +252,7 @@ def run_batch(cfg: BatchConfig, progress: Progress | None = None, prober: Prober
             notes.append(f"no mined index: firing frequencies were measured on {stats.source}")
         ctrl_f = pick_control_features(features, stats.freq_s, np.random.default_rng(cfg.seed))
         ctrl_v = clamp_values(clamps, ctrl_f, stats)
+        log.info("control features %s (frequencies from %s)", ctrl_f, stats.source)
         feats.append(ctrl_f)
         vals.append(ctrl_v)
     gen = direction_generator(cfg.seed) if cfg.controls else None

@@ -101,6 +101,7 @@ def prepare(cfg: Config) -> tuple[Prober, list[Clamp]]:
 
 def run(cfg: Config, prober: Prober | None = None) -> Result:
     """Probe one image; `prober` reuses already loaded models (it must match cfg's SAE and head)."""
+    image = open_image(cfg.image)  # a missing or corrupt image fails before the models load
     if prober is None:
         prober, clamps = prepare(cfg)
     else:
@@ -113,7 +114,7 @@ def run(cfg: Config, prober: Prober | None = None) -> Result:
         stats = open_index_stats(cfg.index, resolve_sae_path(cfg.sae), prober.sae.cfg.n_latents)
         named = [c for c in clamps if c.feature is not None]
         clamp_values(named, [int(c.feature) for c in named], stats)  # type: ignore[arg-type]
-    image_u8, x_bchw = prober.to_input([open_image(cfg.image)])
+    image_u8, x_bchw = prober.to_input([image])
     x_btd = prober.prefix(x_bchw)
     features = resolve_features(prober, clamps, x_btd)
     values = clamp_values(clamps, features, stats)
@@ -134,5 +135,6 @@ def run(cfg: Config, prober: Prober | None = None) -> Result:
     title = (f"{Path(cfg.image).name}: clamp {desc} at layer {prober.layer} on {patches.describe()} patches; "
              f"head {head.name}")
     probe_figure(fpath, head.task, image_u8[0], edited_hw, before, after, head.classes, title)
+    log.info("probed %s: %s on %d patches, figure %s", cfg.image, desc, int(edited_hw.sum()), fpath)
     return Result(head.task, head.classes, features, values, list(cfg.clamps), edited_hw, before, after, summary,
                   fpath, head.name, notes)

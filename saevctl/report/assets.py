@@ -7,6 +7,7 @@ from __future__ import annotations
 CSS = """\
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.2em 2em; color: #1d1d1f; }
 h1 { font-size: 1.5em; margin: .2em 0 .4em; } h1 small { color: #666; font-weight: normal; font-size: .6em; }
+h3 { font-size: 1em; margin: 1.1em 0 .4em; }
 h2 { font-size: 1.15em; margin: 1.4em 0 .5em; border-bottom: 1px solid #ddd; padding-bottom: .2em; }
 a { color: #0b57d0; text-decoration: none; } a:hover { text-decoration: underline; }
 code { background: #f3f3f3; padding: 0 .25em; border-radius: 3px; word-break: break-all; }
@@ -121,6 +122,10 @@ JS = """\
       });
     }
     heads.forEach(function (th) {
+      th.tabIndex = 0;
+      th.addEventListener("keydown", function (e) {
+        if (e.key === "Enter" || e.key === " ") { e.preventDefault(); th.click(); }
+      });
       th.addEventListener("click", function () {
         if (state.key === th.dataset.key) state.desc = !state.desc;
         else { state.key = th.dataset.key; state.desc = th.dataset.key !== "feature" && th.dataset.key !== "label"; }

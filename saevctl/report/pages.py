@@ -112,17 +112,18 @@ def _exemplar_table(exs: list[Exemplar], n_patches: int) -> str:
 
 def token_section(token: str, stats: dict[str, Any], exs: list[Exemplar], grid_name: str | None,
                   hist: np.ndarray | None, edges: list[tuple[float, float]], n_patches: int, feature: int) -> str:
-    """Statistics, exemplar grid, exemplar list and histogram of a feature on one token kind."""
-    rows = "".join(f"<tr><td>{esc(STAT_LABELS[k])}</td><td>{fmt(stats[k])}</td></tr>" for k in STAT_LABELS)
-    out = [f"<section class=\"token\" data-token=\"{esc(token)}\"><h2>{esc(token)} tokens</h2>",
-           f"<table class=\"stats\">{rows}</table>", f"<h2>Top images ({esc(token)})</h2>"]
+    """Exemplar grid, exemplar list, statistics and histogram of a feature on one token kind."""
+    head = f"<section class=\"token\" data-token=\"{esc(token)}\"><h2>{esc(token)} tokens</h2>"
+    if not stats["n_fired"]:
+        return head + "<p class=\"dead\">never fires on these tokens</p></section>"
+    out = [head]
     if grid_name and exs:
         alt = f"top {len(exs)} images of feature {feature}, firing patches highlighted"
         out.append(f"<p><img class=\"grid\" src=\"{esc(grid_name)}\" alt=\"{esc(alt)}\"></p>")
         out.append(_exemplar_table(exs, n_patches))
-    else:
-        out.append("<p class=\"dead\">no image fires this feature on these tokens</p>")
-    out += [f"<h2>Activation histogram ({esc(token)})</h2>", histogram_svg(hist, edges), "</section>"]
+    rows = "".join(f"<tr><td>{esc(STAT_LABELS[k])}</td><td>{fmt(stats[k])}</td></tr>" for k in STAT_LABELS)
+    out += [f"<h3>Statistics ({esc(token)})</h3>", f"<table class=\"stats\">{rows}</table>",
+            f"<h3>Activation histogram ({esc(token)})</h3>", histogram_svg(hist, edges), "</section>"]
     return "\n".join(out)
 
 

@@ -31,8 +31,8 @@ BATCH_FEATURES = 16
 class Config:
     index: Path | None = None
     """Mined DuckDB index (default: the one last mined in this workspace)."""
-    out: Path = Path("report")
-    """Folder of the site; replaced as a whole when it holds an earlier report."""
+    out: Path = field(default_factory=layout.default_report_dpath)
+    """Folder of the site (default ./report); replaced as a whole when it holds an earlier report."""
     saes: tuple[str, ...] = ()
     """SAEs to include, as ids, id prefixes or checkpoint paths (default: every SAE in the index)."""
     k: int | None = None
@@ -110,58 +110,89 @@ def _summary(info: dict[str, Any]) -> str:
             f"mined on {info['n_images']:,} images ({', '.join(info['tokens'])} tokens, top {info['top_k']} by {info['rank_by']})")
 
 
-def _write_sae(idx: Any, sae_id: str, position: int, root: Path, cfg: Config, progress: Progress | None) -> tuple[dict[str, Any], list[list[Any]]]:
-    """Pages and pictures of one SAE; returns its summary and its index-table rows."""
+@dataclass
+class _SaeContext:
+    """What every page of one SAE needs, read once."""
+
+    sae: dict[str, Any]
+    info: dict[str, Any]
+    tokens: tuple[str, ...]
+    grid: tuple[int, int]
+    dpath: Path
+    stats: dict[str, dict[str, np.ndarray]]
+    hists: dict[str, dict[int, np.ndarray]]
+    near: dict[int, list[tuple[int, float]]] | None
+    page_names: dict[int, str]
+    edges: list[tuple[float, float]]
+    ext: str
+    cols: int
+
+
+def _context(idx: Any, sae_id: str, position: int, root: Path, cfg: Config) -> tuple[_SaeContext, np.ndarray]:
     from saevctl.mine.scan import hist_edges
 
     info = idx.sae_info(sae_id)
-    tokens, grid = info["tokens"], (int(info["grid_h"]), int(info["grid_w"]))
+    tokens = info["tokens"]
     dname = layout.report_sae_dname(sae_id, position)
-    sae_dpath = layout.report_sae_dpath(root, dname)
-    sae_dpath.mkdir(parents=True)
     fired = _fired(idx, sae_id, tokens)
     sae = {"sae_id": sae_id, "dname": dname, "anchor": f"sae-{position}", "summary": _summary(info),
            "model_spec": info["model_spec"], "layer": info["layer"], "n_latents": int(info["n_latents"]),
            "n_images": int(info["n_images"]), "n_pages": len(fired), "n_skipped": int(info["n_latents"]) - len(fired)}
-    stats = {t: data.feature_table(idx, sae_id, t) for t in tokens}
-    hists = {t: data.histograms(idx, sae_id, t) for t in tokens}
-    near = data.neighbours(idx, sae_id, fired, cfg.neighbours)
-    page_names = {int(f): layout.report_feature_name(int(f)) for f in fired}
-    k = min(cfg.k or int(info["top_k"]), int(info["top_k"]))
-    ext = "jpg" if cfg.image_format == "jpeg" else "png"
-    edges = hist_edges()
+    ctx = _SaeContext(
+        sae, info, tokens, (int(info["grid_h"]), int(info["grid_w"])), layout.report_sae_dpath(root, dname),
+        {t: data.feature_table(idx, sae_id, t) for t in tokens}, {t: data.histograms(idx, sae_id, t) for t in tokens},
+        data.neighbours(idx, sae_id, fired, cfg.neighbours), {int(f): layout.report_feature_name(int(f)) for f in fired},
+        hist_edges(), "jpg" if cfg.image_format == "jpeg" else "png", cfg.cols)
+    ctx.dpath.mkdir(parents=True)
+    return ctx, fired
+
+
+def _feature(ctx: _SaeContext, f: int, exs: dict[str, dict[int, list[data.Exemplar]]],
+             prev_next: tuple[int | None, int | None]) -> tuple[pictures.Job, list[Any]]:
+    """Write one feature's page; return the job that draws its pictures and its index-table row."""
+    sections, grids = [], []
+    for t in ctx.tokens:
+        t_exs = exs[t].get(f, [])
+        grid_name = layout.report_feature_name(f, "grid", t, ctx.ext) if t_exs else None
+        if grid_name:
+            thumb = ctx.dpath / layout.report_feature_name(f, "thumb", t, ctx.ext) if t == ctx.tokens[0] else None
+            title = f"{ctx.sae['sae_id']}  feature {f}  {t}  top {len(t_exs)} by {ctx.info['rank_by']}"
+            grids.append(pictures.Grid(title, t_exs, ctx.dpath / grid_name, thumb, ctx.cols))
+        f_stats = {c: ctx.stats[t][c][f] for c in data.STAT_COLUMNS}
+        sections.append(pages.token_section(t, f_stats, t_exs, grid_name, ctx.hists[t].get(f), ctx.edges,
+                                            ctx.grid[0] * ctx.grid[1], f))
+    near_html = pages.neighbours_html(None if ctx.near is None else ctx.near.get(f, []), ctx.page_names)
+    text = pages.feature_page(ctx.sae, f, sections, near_html, prev_next, ctx.page_names)
+    (ctx.dpath / ctx.page_names[f]).write_text(text, encoding="utf-8")
+    t0 = ctx.tokens[0]
+    row = _table_row(f, t0, ctx.stats[t0], exs[t0].get(f, []), ctx.sae["dname"], ctx.ext, ctx.page_names[f])
+    return pictures.Job(f, grids), row
+
+
+def _write_sae(idx: Any, sae_id: str, position: int, root: Path, cfg: Config,
+               progress: Progress | None) -> tuple[dict[str, Any], list[list[Any]]]:
+    """Pages and pictures of one SAE, a chunk of features at a time; returns its summary and table rows."""
+    ctx, fired = _context(idx, sae_id, position, root, cfg)
+    k = min(cfg.k or int(ctx.info["top_k"]), int(ctx.info["top_k"]))
     rows: list[list[Any]] = []
-    painter = pictures.Painter(_workers(cfg, len(fired) * k), json.dumps(info["model"]["preprocess"]), cfg.image_format,
-                               progress or (lambda n: None))
+    painter = pictures.Painter(_workers(cfg, len(fired) * k), json.dumps(ctx.info["model"]["preprocess"]),
+                               cfg.image_format, progress or (lambda n: None))
     try:
         for lo in range(0, len(fired), CHUNK_FEATURES):
-            chunk = fired[lo : lo + CHUNK_FEATURES]
-            exs = {t: data.exemplars(idx, sae_id, t, int(chunk[0]), int(chunk[-1]), k, grid) for t in tokens}
+            chunk = [int(x) for x in fired[lo : lo + CHUNK_FEATURES]]
+            exs = {t: data.exemplars(idx, sae_id, t, chunk[0], chunk[-1], k, ctx.grid) for t in ctx.tokens}
             jobs = []
-            for i, f in enumerate(int(x) for x in chunk):
-                j = lo + i
+            for j, f in enumerate(chunk, start=lo):
                 prev_next = (int(fired[j - 1]) if j else None, int(fired[j + 1]) if j + 1 < len(fired) else None)
-                sections, grids = [], []
-                for t in tokens:
-                    t_exs = exs[t].get(f, [])
-                    grid_name = layout.report_feature_name(f, "grid", t, ext) if t_exs else None
-                    if grid_name:
-                        thumb = sae_dpath / layout.report_feature_name(f, "thumb", t, ext) if t == tokens[0] else None
-                        title = f"{sae_id}  feature {f}  {t}  top {len(t_exs)} by {info['rank_by']}"
-                        grids.append(pictures.Grid(title, t_exs, sae_dpath / grid_name, thumb, cfg.cols))
-                    f_stats = {c: stats[t][c][f] for c in data.STAT_COLUMNS}
-                    sections.append(pages.token_section(t, f_stats, t_exs, grid_name, hists[t].get(f), edges, grid[0] * grid[1], f))
-                jobs.append(pictures.Job(f, grids))
-                near_html = pages.neighbours_html(None if near is None else near.get(f, []), page_names)
-                text = pages.feature_page(sae, f, sections, near_html, prev_next, page_names)
-                (sae_dpath / page_names[f]).write_text(text, encoding="utf-8")
-                rows.append(_table_row(f, tokens[0], stats[tokens[0]], exs[tokens[0]].get(f, []), dname, ext, page_names[f]))
+                job, row = _feature(ctx, f, exs, prev_next)
+                jobs.append(job)
+                rows.append(row)
             for batch in pictures.batched(jobs, BATCH_FEATURES):
                 painter.submit(batch)
         painter.finish()
     finally:
         painter.close()
-    return sae, rows
+    return ctx.sae, rows
 
 
 def _table_row(f: int, token: str, stats: dict[str, np.ndarray], exs: list[data.Exemplar], dname: str, ext: str,

@@ -36,7 +36,7 @@ class SAEGroup:
         self.hp = Hyper(first.activation, first.k, first.matryoshka or (s,), aux_coef, max(1, min(d // 2, s)))
         W_dec = torch.stack([_init_rows(sp, d, seed) for sp in specs])
         self.params: dict[str, Tensor] = {
-            "W_enc": W_dec.clone(),  # tied init: encoder rows start as the decoder rows
+            "W_enc": W_dec.transpose(1, 2).contiguous(),  # (m, d, s); tied init: encoder = decoder transposed
             "b_enc": torch.zeros(len(specs), s),
             "W_dec": W_dec,
             "b_dec": torch.zeros(len(specs), d),
@@ -47,6 +47,8 @@ class SAEGroup:
             "since_fired": torch.zeros(len(specs), s, dtype=torch.int64, device=device),
             "threshold": torch.zeros(len(specs), device=device),
             "window_fired": torch.zeros(len(specs), s, device=device),
+            "window_counted": torch.zeros((), dtype=torch.int64, device=device),
+            "counted": torch.zeros((), dtype=torch.int64, device=device),
         }
 
     @property
@@ -57,8 +59,12 @@ class SAEGroup:
     def n_latents(self) -> int:
         return self.specs[0].n_latents
 
-    def dead(self, dead_after: int) -> Tensor:
-        return self.trackers["since_fired"] >= dead_after
+    def dead(self, dead_after: int, capped: bool = False) -> Tensor:
+        """Latents silent for `dead_after` counted tokens; `capped`: or for the whole run so far, if shorter."""
+        if not capped:
+            return self.trackers["since_fired"] >= dead_after
+        limit = torch.clamp(self.trackers["counted"], min=1, max=dead_after)
+        return self.trackers["since_fired"] >= limit
 
     def compute(self, x_bd: Tensor, coef_scale: float, dead_after: int, impl: str, bf16: bool) -> StepOut:
         """Losses and gradients for this batch; nothing is updated yet (so a bad batch leaves no trace)."""
@@ -69,15 +75,18 @@ class SAEGroup:
         return step_fast.step(self.params, x_bd, coef_m, dead, self.hp, bf16=bf16)
 
     @torch.no_grad()
-    def apply(self, out: StepOut, step: int, lr_scale: float, n_tokens: int) -> None:
+    def apply(self, out: StepOut, step: int, lr_scale: float, fused: bool = True) -> None:
         """Adam on the gradients, with the unit-norm decoder constraint, then the trackers."""
         optim.remove_parallel_grads(self.params["W_dec"], out.grads["W_dec"])
-        optim.adam_update(self.params, out.grads, self.moments, [sp.lr * lr_scale for sp in self.specs], step)
+        update = optim.adam_update_fused if fused else optim.adam_update
+        update(self.params, out.grads, self.moments, [sp.lr * lr_scale for sp in self.specs], step)
         optim.normalize_rows(self.params["W_dec"])
         fired = out.fired_ms > 0
         since = self.trackers["since_fired"]
-        since.add_(n_tokens).masked_fill_(fired, 0)
+        since.add_(out.n_counted).masked_fill_(fired, 0)
         self.trackers["window_fired"].add_(out.fired_ms)
+        self.trackers["window_counted"].add_(out.n_counted)
+        self.trackers["counted"].add_(out.n_counted)
         if self.hp.activation == "batchtopk":
             thr = self.trackers["threshold"]
             new = torch.where(thr > 0, THRESHOLD_EMA * thr + (1 - THRESHOLD_EMA) * out.min_act_m, out.min_act_m)
@@ -96,7 +105,7 @@ class SAEGroup:
         )
         sae = SAE(cfg)
         with torch.no_grad():
-            sae.W_enc.copy_(self.params["W_enc"][i].t())
+            sae.W_enc.copy_(self.params["W_enc"][i])
             sae.b_enc.copy_(self.params["b_enc"][i])
             sae.W_dec.copy_(self.params["W_dec"][i])
             sae.b_dec.copy_(self.params["b_dec"][i])

@@ -23,7 +23,7 @@ from saevctl.train import optim, plots, state
 from saevctl.train.config import Config, expand, group_specs
 from saevctl.train.group import SAEGroup
 from saevctl.train.loader import Prefetcher
-from saevctl.train.metrics import MetricsFile, Wandb, Window, read
+from saevctl.train.metrics import MetricsFile, Wandb, Window, read, require_wandb
 from saevctl.train.setup import Data, open_data, provenance
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,8 @@ def _already_done(cfg: Config) -> Result | None:
 def run(cfg: Config, progress: Progress | None = None) -> Result:
     """Train the sweep; with cfg.resume, continue from the last checkpoint in cfg.out (or return a finished run)."""
     _check_out(cfg)
+    if cfg.wandb:
+        require_wandb()
     if done := _already_done(cfg):
         return done
     device = resolve_device(cfg.device)
@@ -165,17 +167,19 @@ def _train(cfg: Config, data: Data, groups: list[SAEGroup], norm: tuple[torch.Te
     batches = Prefetcher(data.loader.batches(start), pin=device.startswith("cuda"))
     last_ckpt: int | None = start or None
     bf16 = cfg.dtype == "bfloat16"
+    # short runs (demos, tests) would otherwise spend most of their steps warming up
+    lr_warmup, sp_warmup = min(cfg.lr_warmup, n_steps // 5), min(cfg.sparsity_warmup, n_steps // 5)
     try:
         for t in range(start, n_steps):
             x_bd = (next(batches).to(device, non_blocking=True) - mean_d) * scale
-            coef = optim.sparsity_factor(t, cfg.sparsity_warmup)
+            coef = optim.sparsity_factor(t, sp_warmup)
             outs = [g.compute(x_bd, coef, cfg.dead_after, cfg.impl, bf16) for g in groups]
             if not math.isfinite(float(sum(o.loss_m.sum() for o in outs))):
                 raise _non_finite(t, x_bd, last_ckpt, cfg.out)
-            lr_scale = optim.lr_factor(t, n_steps, cfg.lr_warmup, cfg.lr_decay)
+            lr_scale = optim.lr_factor(t, n_steps, lr_warmup, cfg.lr_decay)
             for g, o in zip(groups, outs):
-                g.apply(o, t, lr_scale, len(x_bd))
-            window.add(outs, len(x_bd))
+                g.apply(o, t, lr_scale, fused=cfg.impl == "fast")
+            window.add(outs)
             done = t + 1
             records = None
             if done % cfg.log_every == 0 or done == n_steps:

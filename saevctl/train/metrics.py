@@ -30,22 +30,20 @@ class Window:
         self.groups = groups
         self.sums = [torch.zeros(len(KEYS), g.n, device=device) for g in groups]
         self.n_steps = 0
-        self.n_tokens = 0
 
-    def add(self, outs: list[StepOut], n_tokens: int) -> None:
+    def add(self, outs: list[StepOut]) -> None:
         for acc, out in zip(self.sums, outs):
-            l0 = out.fired_ms.sum(-1) / n_tokens
+            l0 = out.fired_ms.sum(-1) / out.n_counted
             acc += torch.stack([out.loss_m, out.mse_m, out.fvu_m, l0, out.l1_m, out.aux_m]).float()
         self.n_steps += 1
-        self.n_tokens += n_tokens
 
     def records(self, step: int, tokens: int, dead_after: int, lr_scale: float) -> list[dict[str, Any]]:
         """One record per SAE, then the window restarts (this is where the device syncs)."""
         out: list[dict[str, Any]] = []
         for g, acc in zip(self.groups, self.sums):
             means = (acc / max(1, self.n_steps)).cpu().tolist()
-            dead = g.dead(min(dead_after, max(tokens, 1))).float().mean(-1).cpu().tolist()
-            rate = g.trackers["window_fired"] / max(1, self.n_tokens)
+            dead = g.dead(dead_after, capped=True).float().mean(-1).cpu().tolist()
+            rate = g.trackers["window_fired"] / g.trackers["window_counted"].clamp_min(1)
             dense = (rate > DENSE_RATE).float().mean(-1).cpu().tolist()
             for i, spec in enumerate(g.specs):
                 rec = {"step": step, "tokens": tokens, "run": spec.name, "lr": spec.lr * lr_scale}
@@ -53,8 +51,9 @@ class Window:
                 rec |= {"dead": dead[i], "dense": dense[i]}
                 out.append(rec)
             g.trackers["window_fired"].zero_()
+            g.trackers["window_counted"].zero_()
             acc.zero_()
-        self.n_steps = self.n_tokens = 0
+        self.n_steps = 0
         return out
 
 
@@ -86,14 +85,19 @@ def read(fpath: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in fpath.read_text().splitlines() if ln] if fpath.exists() else []
 
 
+def require_wandb() -> Any:
+    try:
+        import wandb
+    except ImportError as e:
+        raise InputError("--wandb needs the wandb package", "install it with pip install wandb, or drop --wandb") from e
+    return wandb
+
+
 class Wandb:
     """Thin optional wrapper; wandb is imported only when asked for."""
 
     def __init__(self, project: str, name: str, config: dict[str, Any], out_dpath: Path) -> None:
-        try:
-            import wandb
-        except ImportError as e:
-            raise InputError("--wandb needs the wandb package", "pip install wandb (or drop --wandb)") from e
+        wandb = require_wandb()
         self.run = wandb.init(project=project, name=name, config=config, dir=str(out_dpath), reinit=True)
 
     def log(self, records: list[dict[str, Any]]) -> None:

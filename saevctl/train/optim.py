@@ -70,3 +70,23 @@ def init_moments(params: dict[str, Tensor]) -> dict[str, Tensor]:
         out[f"m.{name}"] = torch.zeros_like(p)
         out[f"v.{name}"] = torch.zeros_like(p)
     return out
+
+
+@torch.no_grad()
+def adam_update_fused(
+    params: dict[str, Tensor], grads: dict[str, Tensor], moments: dict[str, Tensor], lrs: list[float], step: int
+) -> None:
+    """`adam_update` in one fused pass per tensor (torch's fused Adam kernel, one call per SAE for its lr)."""
+    fused = getattr(torch, "_fused_adam_", None)
+    if fused is None:
+        adam_update(params, grads, moments, lrs, step)
+        return
+    names = list(params)
+    for i, lr in enumerate(lrs):
+        p = [params[n][i] for n in names]
+        g = [grads[n][i].to(params[n].dtype).contiguous() for n in names]
+        m = [moments[f"m.{n}"][i] for n in names]
+        v = [moments[f"v.{n}"][i] for n in names]
+        steps = [torch.tensor(float(step + 1), device=p[0].device) for _ in names]  # 1-based, as optim.Adam passes
+        fused(p, g, m, v, [], steps, lr=lr, beta1=BETAS[0], beta2=BETAS[1], weight_decay=0.0, eps=EPS,
+              amsgrad=False, maximize=False)

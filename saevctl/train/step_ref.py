@@ -44,6 +44,8 @@ class StepOut:
     """Tokens of this batch on which each latent fired."""
     min_act_m: Tensor
     """Smallest selected activation (batchtopk threshold estimate), else 0."""
+    n_counted: int
+    """Rows of the batch that `fired_ms` counts (the fast ReLU step counts a fixed sample of them)."""
 
 
 def train_codes(pre_bs: Tensor, activation: str, k: int) -> Tensor:
@@ -91,7 +93,7 @@ def step(params: dict[str, Tensor], x_bd: Tensor, coef_m: Tensor, dead_ms: Tenso
         W_dec = params["W_dec"][i].detach().clone().requires_grad_()
         b_dec = params["b_dec"][i].detach().clone().requires_grad_()
         with torch.enable_grad():
-            pre = (x_bd - b_dec) @ W_enc.t() + b_enc
+            pre = (x_bd - b_dec) @ W_enc + b_enc
             f = train_codes(pre, hp.activation, hp.k)
             recon = recon_loss(f, W_dec, b_dec, x_bd, hp.prefixes)
             loss = recon
@@ -117,4 +119,4 @@ def step(params: dict[str, Tensor], x_bd: Tensor, coef_m: Tensor, dead_ms: Tenso
         outs["fired"].append(fired)
         outs["min_act"].append(sel.min() if hp.activation == "batchtopk" and sel.numel() else x_bd.new_zeros(()))
     st = {n: torch.stack(v) for n, v in outs.items()}
-    return StepOut(grads, st["loss"], st["mse"], st["fvu"], st["l1"], st["aux"], st["fired"], st["min_act"])
+    return StepOut(grads, st["loss"], st["mse"], st["fvu"], st["l1"], st["aux"], st["fired"], st["min_act"], len(x_bd))

@@ -32,20 +32,23 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, reps: int, device: str) -> float:
-    """Median seconds per call after one warm-up call."""
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def timed(fns: dict[str, object], reps: int, device: str) -> dict[str, float]:
+    """Median seconds per call of each function, after a warm-up call; calls are interleaved round-robin so
+    that load from other processes on a shared machine hits every measurement alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    _sync(device)
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def ceiling(b: int, d: int, s: int, dtype: torch.dtype, device: str, reps: int) -> float:
+def ceiling(b: int, d: int, s: int, dtype: torch.dtype, device: str):
     x = torch.randn(b, d, device=device, dtype=dtype)
     w1 = torch.randn(d, s, device=device, dtype=dtype, requires_grad=True)
     w2 = torch.randn(s, d, device=device, dtype=dtype, requires_grad=True)
@@ -55,10 +58,10 @@ def ceiling(b: int, d: int, s: int, dtype: torch.dtype, device: str, reps: int) 
         w1.grad = w2.grad = None
         (x.mm(w1).mm(w2)).backward(g)
 
-    return timed(step, reps, device)
+    return step
 
 
-def sae_step(act: str, b: int, d: int, s: int, k: int, bf16: bool, device: str, reps: int) -> float:
+def sae_step(act: str, b: int, d: int, s: int, k: int, bf16: bool, device: str):
     group = SAEGroup([RunSpec("bench", act, s, 1e-4, 5e-4, k, ())], d, 0, 1 / 32, device)
     x = torch.randn(b, d, device=device)
     state = {"t": 0}
@@ -68,7 +71,7 @@ def sae_step(act: str, b: int, d: int, s: int, k: int, bf16: bool, device: str, 
         group.apply(out, state["t"], 1.0)
         state["t"] += 1
 
-    return timed(step, reps, device)
+    return step
 
 
 def loader_rate(d: int, n_rows: int, batch: int) -> float:
@@ -105,13 +108,14 @@ def main() -> None:
     flop = 5 * 2 * b * d * s
     gpu = dev.startswith("cuda")
     res: dict[str, float] = {}
-    if not gpu:
-        res["ceil_fp32_s"] = ceiling(b, d, s, torch.float32, dev, reps)
-        res["relu_fp32_s"] = sae_step("relu", b, d, s, 0, False, dev, reps)
-        res["topk_fp32_s"] = sae_step("topk", b, d, s, args.k, False, dev, reps)
-    res["ceil_bf16_s"] = ceiling(b, d, s, torch.bfloat16, dev, reps)
-    res["relu_bf16_s"] = sae_step("relu", b, d, s, 0, True, dev, reps)
-    res["topk_bf16_s"] = sae_step("topk", b, d, s, args.k, True, dev, reps)
+    for prec, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if gpu and prec == "fp32":
+            continue
+        fns = {f"ceil_{prec}_s": ceiling(b, d, s, dtype, dev),
+               f"relu_{prec}_s": sae_step("relu", b, d, s, 0, prec == "bf16", dev),
+               f"topk_{prec}_s": sae_step("topk", b, d, s, args.k, prec == "bf16", dev)}
+        res |= timed(fns, reps, dev)
+        del fns
     res["loader_rows_per_s"] = loader_rate(d, 65536 if args.quick else 262144, b)
     main_key = "bf16" if gpu else "fp32"
     value, ceil = flop / res[f"relu_{main_key}_s"] / 1e9, flop / res[f"ceil_{main_key}_s"] / 1e9

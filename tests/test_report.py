@@ -233,6 +233,8 @@ def test_rerun_replaces_report_and_refuses_foreign_folder(built_site: dict, tmp_
     assert r.exit_code == 2
     assert "already holds files that are not a saevctl report" in r.stderr
     assert (foreign / "notes.txt").read_text() == "keep me"
+    r = runner.invoke(app, ["report", "--index", str(built_site["index"]), "--out", "."])
+    assert r.exit_code == 2 and "is the working folder or holds it" in r.stderr
 
 
 def test_interrupted_report_keeps_previous_site(built_site: dict, tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ class Chromium:
         args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
                 f"--user-data-dir={profile}", "--no-first-run", "--no-default-browser-check",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-extensions", "--mute-audio", "about:blank"]
+                "--disable-extensions", "--disable-dev-shm-usage", "--mute-audio", "about:blank"]
         self.proc = subprocess.Popen(args, pass_fds=(3, 4), preexec_fn=child_fds,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for fd in (to_child, from_child, hi_in, hi_out):
@@ -70,7 +70,7 @@ class Chromium:
                         (self._replies.__setitem__(msg["id"], msg) if "id" in msg else self.events.append(msg))
                     self._cv.notify_all()
 
-    def call(self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 20) -> dict:
+    def call(self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 60) -> dict:
         self._next += 1
         msg: dict[str, Any] = {"id": self._next, "method": method, "params": params or {}}
         if session:
@@ -82,7 +82,7 @@ class Chromium:
         assert "error" not in reply, (method, reply["error"])
         return reply.get("result", {})
 
-    def wait_event(self, method: str, session: str, timeout: float = 20) -> dict:
+    def wait_event(self, method: str, session: str, timeout: float = 60) -> dict:
         with self._cv:
             ok = self._cv.wait_for(lambda: any(e["method"] == method and e.get("sessionId") == session for e in self.events), timeout)
         assert ok, f"no {method} within {timeout} s"

@@ -30,6 +30,9 @@ def is_report(dpath: Path) -> bool:
 
 def check_target(out_dpath: Path) -> None:
     """Refuse to replace a folder that is neither empty nor an earlier report."""
+    cwd = Path.cwd().resolve()
+    if out_dpath.resolve() == cwd or out_dpath.resolve() in cwd.parents:
+        raise OutputError(f"--out {out_dpath} is the working folder or holds it", "pass a new folder, e.g. --out report")
     if out_dpath.is_file():
         raise OutputError(f"--out {out_dpath} is a file", "pass a folder for the report")
     if out_dpath.is_dir() and any(out_dpath.iterdir()) and not is_report(out_dpath):

@@ -33,10 +33,12 @@ class SAEGroup:
         self.d = d
         first = specs[0]
         s = first.n_latents
-        self.hp = Hyper(first.activation, first.k, first.matryoshka or (s,), aux_coef, max(1, min(d // 2, s)))
+        rows = first.activation != "relu"
+        self.hp = Hyper(first.activation, first.k, first.matryoshka or (s,), aux_coef, max(1, min(d // 2, s)), rows)
         W_dec = torch.stack([_init_rows(sp, d, seed) for sp in specs])
         self.params: dict[str, Tensor] = {
-            "W_enc": W_dec.transpose(1, 2).contiguous(),  # (m, d, s); tied init: encoder = decoder transposed
+            # tied init: the encoder starts as the decoder transposed; layout per Hyper.enc_rows
+            "W_enc": W_dec.clone() if rows else W_dec.transpose(1, 2).contiguous(),
             "b_enc": torch.zeros(len(specs), s),
             "W_dec": W_dec,
             "b_dec": torch.zeros(len(specs), d),
@@ -105,7 +107,8 @@ class SAEGroup:
         )
         sae = SAE(cfg)
         with torch.no_grad():
-            sae.W_enc.copy_(self.params["W_enc"][i])
+            W_enc = self.params["W_enc"][i]
+            sae.W_enc.copy_(W_enc.t() if self.hp.enc_rows else W_enc)
             sae.b_enc.copy_(self.params["b_enc"][i])
             sae.W_dec.copy_(self.params["W_dec"][i])
             sae.b_dec.copy_(self.params["b_dec"][i])

@@ -22,6 +22,17 @@ def _autocast(x: Tensor, bf16: bool) -> contextlib.AbstractContextManager[object
     return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16)
 
 
+def _bmm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Batched matmul over the SAE axis. On CPU (or for one SAE) a loop of 2-D GEMMs: BLAS reads transposed
+    operands in place, where CPU bmm would first copy a transposed (batch, latents) operand."""
+    if a.is_cuda and len(a) > 1:
+        return torch.bmm(a, b) if bias is None else torch.baddbmm(bias, a, b)
+    if bias is None:
+        return torch.stack([torch.mm(a[i], b[i]) for i in range(len(a))]) if len(a) > 1 else torch.mm(a[0], b[0])[None]
+    outs = [torch.addmm(bias[i], a[i], b[i]) for i in range(len(a))]
+    return torch.stack(outs) if len(a) > 1 else outs[0][None]
+
+
 # ReLU firing statistics (L0, dead, dense) are counted on this many rows of each batch: the compare-and-count
 # pass over the whole (batch, latents) block would cost more than all the other elementwise work together.
 COUNT_ROWS = 512
@@ -37,13 +48,13 @@ def _dense_decode(f_mbs: Tensor, params: dict[str, Tensor], x_bd: Tensor, hp: Hy
     W_dec = params["W_dec"]
     b, d = x_bd.shape
     with _autocast(x_bd, bf16):
-        x_hat = torch.baddbmm(params["b_dec"][:, None, :], f_mbs, W_dec).float()
+        x_hat = _bmm(f_mbs, W_dec, params["b_dec"][:, None, :]).float()
     err = x_hat - x_bd
     loss_m = err.pow(2).mean((1, 2))
     g_xhat = err.mul_(2.0 / (b * d))
     with _autocast(x_bd, bf16):
-        g_W_dec = torch.bmm(g_xhat.transpose(1, 2).contiguous(), f_mbs).float().transpose(1, 2).contiguous()
-        g_f = torch.bmm(g_xhat, W_dec.transpose(1, 2))
+        g_W_dec = _bmm(f_mbs.transpose(1, 2), g_xhat).float()
+        g_f = _bmm(g_xhat, W_dec.transpose(1, 2))
     return loss_m, x_hat, g_f, g_W_dec, g_xhat.sum(1)
 
 
@@ -65,7 +76,7 @@ def _matryoshka_decode(f_mbs: Tensor, params: dict[str, Tensor], x_bd: Tensor, h
 
 def _relu_step(params: dict[str, Tensor], x_bd: Tensor, x_c: Tensor, coef_m: Tensor, hp: Hyper, bf16: bool):
     with _autocast(x_bd, bf16):
-        pre = torch.baddbmm(params["b_enc"][:, None, :], x_c, params["W_enc"])
+        pre = _bmm(x_c, params["W_enc"], params["b_enc"][:, None, :])
     f = torch.relu_(pre)
     recon_m, x_hat, g_f, g_W_dec, g_b_dec = _dense_decode(f, params, x_bd, hp, bf16)
     # L1 gradient and the ReLU mask in one pass (f >= 0, so |f|' = 1 where it fires)
@@ -76,8 +87,8 @@ def _relu_step(params: dict[str, Tensor], x_bd: Tensor, x_c: Tensor, coef_m: Ten
         g_pre = torch.ops.aten.threshold_backward(g_f, f, 0)
     ones = torch.ones(len(pre), 1, len(x_bd), device=x_bd.device, dtype=g_pre.dtype)
     with _autocast(x_bd, bf16):
-        g_W_enc = torch.bmm(x_c.transpose(1, 2).contiguous(), g_pre).float()
-        g_b_enc = torch.bmm(ones, g_pre).float()[:, 0]  # a GEMV: faster than a strided reduction
+        g_W_enc = _bmm(x_c.transpose(1, 2), g_pre).float()
+        g_b_enc = _bmm(ones, g_pre).float()[:, 0]  # a GEMV: faster than a strided reduction
     g_b_dec = g_b_dec.float() - torch.bmm(params["W_enc"], g_b_enc[:, :, None])[:, :, 0]
     n_counted = min(COUNT_ROWS, len(x_bd))
     fired = (f[:, :n_counted] > 0).sum(1, dtype=torch.float32)
@@ -104,12 +115,15 @@ def _select(pre_bs: Tensor, activation: str, k: int) -> tuple[Tensor, Tensor, Te
 
 
 def _sparse_encoder_grads(g_vals: Tensor, rows: Tensor, cols: Tensor, x_c_bd: Tensor, s: int) -> tuple[Tensor, Tensor]:
-    """dL/dW_enc (s, d) and dL/db_enc (s,) from gradients at the selected (row, col) entries only."""
+    """dL/dW_enc as (s, d) rows and dL/db_enc (s,) from gradients at the selected (row, col) entries only:
+    a CSR (latents x batch) matrix times the (batch x d) inputs."""
     g_b_enc = torch.zeros(s, device=g_vals.device, dtype=torch.float32).index_add_(0, cols, g_vals)
-    g_pre_T = torch.sparse_coo_tensor(torch.stack([cols, rows]), g_vals, (s, len(x_c_bd)), check_invariants=False
-    ).coalesce()
-    g_W_enc = torch.sparse.mm(g_pre_T, x_c_bd.float()).t()  # (d, s) like W_enc
-    return g_W_enc, g_b_enc
+    order = torch.argsort(cols, stable=True)  # rows stay ascending within a latent
+    counts = torch.bincount(cols, minlength=s)
+    crow = torch.zeros(s + 1, dtype=torch.int64, device=cols.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    g_pre_T = torch.sparse_csr_tensor(crow, rows[order], g_vals[order], (s, len(x_c_bd)), check_invariants=False)
+    return torch.sparse.mm(g_pre_T, x_c_bd.float()), g_b_enc
 
 
 def _sparse_one(i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor, x_c_bd: Tensor, dead_s, hp: Hyper):
@@ -134,7 +148,7 @@ def _sparse_one(i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor,
     if n_dead:
         aux, g_W_dec_aux, g_W_enc_aux, g_b_enc_aux = _auxk(pre_bs, dead_s, n_dead, x_bd - x_hat.detach(), W_dec, x_c_bd, hp)
         g_W_dec, g_W_enc, g_b_enc = g_W_dec + g_W_dec_aux, g_W_enc + g_W_enc_aux, g_b_enc + g_b_enc_aux
-    g_b_dec = g_b_dec - params["W_enc"][i] @ g_b_enc
+    g_b_dec = g_b_dec - g_b_enc @ params["W_enc"][i]  # W_enc rows: (s, d)
     fired = torch.bincount(cols[vals > 0], minlength=s).float()
     min_act = vals[vals > 0].min() if hp.activation == "batchtopk" and bool((vals > 0).any()) else x_bd.new_zeros(())
     grads = {"W_enc": g_W_enc, "b_enc": g_b_enc, "W_dec": g_W_dec, "b_dec": g_b_dec}
@@ -170,12 +184,13 @@ def step(
         aux_m = min_act = torch.zeros_like(loss_m)
     else:
         with _autocast(x_bd, bf16):
-            pre = torch.baddbmm(params["b_enc"][:, None, :], x_c, params["W_enc"])
+            pre = _bmm(x_c, params["W_enc"].transpose(1, 2), params["b_enc"][:, None, :])
         per = [
             _sparse_one(i, pre[i], params, x_bd, x_c[i], None if dead_ms is None else dead_ms[i], hp)
             for i in range(len(pre))
         ]
-        grads = {n: torch.stack([p[0][n] for p in per]) for n in params}
-        loss_m, x_hat, l1_m, fired, aux_m, min_act = (torch.stack([p[j] for p in per]) for j in range(1, 7))
+        stack = (lambda ts: ts[0][None]) if len(per) == 1 else torch.stack  # one SAE: a view, not a copy
+        grads = {n: stack([p[0][n] for p in per]) for n in params}
+        loss_m, x_hat, l1_m, fired, aux_m, min_act = (stack([p[j] for p in per]) for j in range(1, 7))
     err = (x_hat - x_bd).pow(2)
     return StepOut(grads, loss_m, err.mean((1, 2)), err.sum((1, 2)) / var, l1_m, aux_m, fired, min_act, n_counted)

@@ -25,6 +25,9 @@ class Hyper:
     """AuxK weight."""
     k_aux: int
     """Dead latents used by AuxK per token."""
+    enc_rows: bool = False
+    """W_enc is stored (m, s, d) (one row per latent: what the sparse TopK gradients produce) instead of
+    (m, d, s) (what the dense ReLU gradients produce); `SAE.W_enc` is always (d, s)."""
 
 
 @dataclass
@@ -93,7 +96,7 @@ def step(params: dict[str, Tensor], x_bd: Tensor, coef_m: Tensor, dead_ms: Tenso
         W_dec = params["W_dec"][i].detach().clone().requires_grad_()
         b_dec = params["b_dec"][i].detach().clone().requires_grad_()
         with torch.enable_grad():
-            pre = (x_bd - b_dec) @ W_enc + b_enc
+            pre = (x_bd - b_dec) @ (W_enc.t() if hp.enc_rows else W_enc) + b_enc
             f = train_codes(pre, hp.activation, hp.k)
             recon = recon_loss(f, W_dec, b_dec, x_bd, hp.prefixes)
             loss = recon

@@ -38,13 +38,14 @@ def _bmm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
 COUNT_ROWS = 512
 
 
-def _dense_decode(f_mbs: Tensor, params: dict[str, Tensor], x_bd: Tensor, hp: Hyper, bf16: bool):
+def _dense_decode(f_mbs: Tensor, params: dict[str, Tensor], x_bd: Tensor, hp: Hyper, bf16: bool, g_f_bias: Tensor):
     """Reconstruction loss of dense codes; returns (loss_m, x_hat_mbd, grad_f, grad_W_dec, grad_b_dec).
 
     Gradients by hand: autograd's bmm backward would copy the (m, b, s) codes into a transposed layout.
     """
     if len(hp.prefixes) > 1:
-        return _matryoshka_decode(f_mbs, params, x_bd, hp, bf16)
+        loss_m, x_hat, g_f, g_W, g_b = _matryoshka_decode(f_mbs, params, x_bd, hp, bf16)
+        return loss_m, x_hat, g_f.add_(g_f_bias.to(g_f.dtype)), g_W, g_b
     W_dec = params["W_dec"]
     b, d = x_bd.shape
     with _autocast(x_bd, bf16):
@@ -54,7 +55,7 @@ def _dense_decode(f_mbs: Tensor, params: dict[str, Tensor], x_bd: Tensor, hp: Hy
     g_xhat = err.mul_(2.0 / (b * d))
     with _autocast(x_bd, bf16):
         g_W_dec = _bmm(f_mbs.transpose(1, 2), g_xhat).float()
-        g_f = _bmm(g_xhat, W_dec.transpose(1, 2))
+        g_f = _bmm(g_xhat, W_dec.transpose(1, 2), g_f_bias.to(f_mbs.dtype))  # the bias write replaces an add pass
     return loss_m, x_hat, g_f, g_W_dec, g_xhat.sum(1)
 
 
@@ -80,11 +81,9 @@ def _relu_step(params: dict[str, Tensor], x_bd: Tensor, x_c: Tensor, coef_m: Ten
     f = torch.relu_(pre)
     recon_m, x_hat, g_f, g_W_dec, g_b_dec = _dense_decode(f, params, x_bd, hp, bf16)
     # L1 gradient and the ReLU mask in one pass (f >= 0, so |f|' = 1 where it fires)
-    if bf16:  # the tiny L1 term would vanish if added in bfloat16
-        g_pre = torch.where(f > 0, g_f.float() + coef_m[:, None, None] / len(x_bd), 0.0)
-    else:
-        g_f.add_(coef_m[:, None, None] / len(x_bd))
-        g_pre = torch.ops.aten.threshold_backward(g_f, f, 0)
+    # (in bfloat16 too: both terms scale with 1/batch, so the L1 term does not vanish next to the other)
+    g_f.add_((coef_m[:, None, None] / len(x_bd)).to(g_f.dtype))
+    g_pre = torch.ops.aten.threshold_backward(g_f, f, 0)
     ones = torch.ones(len(pre), 1, len(x_bd), device=x_bd.device, dtype=g_pre.dtype)
     with _autocast(x_bd, bf16):
         g_W_enc = _bmm(x_c.transpose(1, 2), g_pre).float()
@@ -92,7 +91,8 @@ def _relu_step(params: dict[str, Tensor], x_bd: Tensor, x_c: Tensor, coef_m: Ten
     g_b_dec = g_b_dec.float() - torch.bmm(params["W_enc"], g_b_enc[:, :, None])[:, :, 0]
     n_counted = min(COUNT_ROWS, len(x_bd))
     fired = (f[:, :n_counted] > 0).sum(1, dtype=torch.float32)
-    l1_m = f.sum((1, 2), dtype=torch.float32) / len(x_bd)
+    with _autocast(x_bd, bf16):
+        l1_m = _bmm(ones.to(f.dtype), f).float().sum((1, 2)) / len(x_bd)  # GEMV, not a strided reduction
     grads = {"W_enc": g_W_enc, "b_enc": g_b_enc, "W_dec": g_W_dec, "b_dec": g_b_dec}
     loss_m = recon_m + coef_m * l1_m
     return grads, loss_m, x_hat, l1_m, fired, n_counted

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from saevctl import workspace
 from saevctl.cli import app
 from saevctl.mine import Config, Index, run, vectors
+from saevctl.mine.scan import N_HIST
 from saevctl.store import open_store
 from test_mine import make_sae, plant
 
@@ -77,6 +78,8 @@ def env(tiny_store: Path, tiny_vit: str, image_dir: Path, tmp_path_factory: pyte
             break
         except AssertionError:
             continue
+    with torch.no_grad():
+        a.b_enc[0] = -1e6  # feature 0 never fires
     a.save(root / "a")
     c.save(root / "c")
     for name, store in (("a", tiny_store), ("b", tiny_store), ("c", store2)):
@@ -175,4 +178,14 @@ def test_index_api_used_by_other_stages(env: dict) -> None:
         assert sae_id == env["ids"][0]
         assert idx.feature_stats(sae_id, 7)["max"] == pytest.approx(500, rel=1e-3)
         assert idx.resolve_sae(env["ids"][2][:3]) == env["ids"][2]  # a unique prefix
-        assert len(idx.histogram(sae_id, 7)) == 34 and idx.images(sae_id)[0]["image_id"] == 0
+        assert len(idx.histogram(sae_id, 7)) == N_HIST and idx.images(sae_id)[0]["image_id"] == 0
+
+
+def test_a_dead_feature_is_shown_as_such(env: dict) -> None:
+    a, ix = env["ids"][0], str(env["ix"])
+    out = _ok(["features", "top", "--id", "0", "--index", ix, "--sae", a])
+    assert "top 0 images" in out and Path(re.search(r"grid: (\S+\.png)", out).group(1)).is_file()
+    out = _ok(["features", "show", "--id", "0", "--index", ix, "--sae", a])
+    assert "(never fires)" in out
+    out = _ok(["features", "list", "--sort", "n_fired", "--asc", "--limit", "1", "--index", ix, "--sae", a])
+    assert re.search(r"│\s+0\s+│\s+0\s+│", _first_row(out))

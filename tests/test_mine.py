@@ -186,6 +186,15 @@ def test_cli_mine_records_workspace_defaults(mined: dict, tiny_store: Path) -> N
     assert r.exit_code == 0, r.output
     with Index.open("index.duckdb") as ix:
         assert len(ix.sae_ids()) == 1 and ix.sae_info(ix.sae_ids()[0])["top_k"] == 25
+    # Options from a TOML file, the command line winning.
+    Path("mine.toml").write_text('top_k = 2\nby = "mean"\ntop_n = 5\n')
+    r = runner.invoke(app, ["mine", "--config", "mine.toml", "--top-n", "6"])
+    assert r.exit_code == 0, r.output
+    with Index.open("index.duckdb") as ix:
+        info = ix.sae_info(ix.sae_ids()[0])
+        assert (info["top_k"], info["rank_by"], info["top_n"]) == (2, "mean", 6)
+    r = runner.invoke(app, ["mine", "--by", "median"])
+    assert r.exit_code == 2 and "unknown --by" in r.stderr
 
 
 def test_locked_and_corrupt_index_give_one_line(mined: dict, tmp_path: Path) -> None:

@@ -151,11 +151,15 @@ def test_sigkilled_run_resumes_to_identical_weights(synth_store: Path, tmp_path:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not layout.train_sweep_fpath(killed).exists(), "the run finished before it could be killed"
-    torch.set_num_threads(1)
-    res = CliRunner().invoke(app, [*_cli_args(synth_store, killed), "--resume"])
-    assert res.exit_code == 0, res.output
-    assert "resumed at" in res.output.replace("\n", " ")
-    assert CliRunner().invoke(app, _cli_args(synth_store, clean)).exit_code == 0
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # same GEMM summation order as the subprocess, for bitwise equality
+    try:
+        res = CliRunner().invoke(app, [*_cli_args(synth_store, killed), "--resume"])
+        assert res.exit_code == 0, res.output
+        assert "resumed at" in res.output.replace("\n", " ")
+        assert CliRunner().invoke(app, _cli_args(synth_store, clean)).exit_code == 0
+    finally:
+        torch.set_num_threads(n_threads)
     for name in ("relu-w32-lr0.0003-l1-0.0008", "topk-w32-lr0.0003-k4"):
         a, b = SAE.load(killed / name), SAE.load(clean / name)
         for key, t in a.state_dict().items():
@@ -171,3 +175,26 @@ def test_resume_with_other_settings_is_refused(synth_store: Path, tmp_path: Path
     run(_small(synth_store, out))
     with pytest.raises(TrainingError, match="other settings"):
         run(_small(synth_store, out, lr=(1e-2,), resume=True))
+
+
+def test_toml_sweep_file(synth_store: Path, tmp_path: Path) -> None:
+    toml = tmp_path / "sweep.toml"
+    toml.write_text(f"""store = "{synth_store}"
+out = "{tmp_path / 'o'}"
+activation = ["topk"]
+k = [2, 4]
+lr = [1e-3]
+width = ["3x"]
+batch_size = 64
+n_tokens = 640
+device = "cpu"
+""")
+    res = CliRunner().invoke(app, ["train", "--config", str(toml), "--seed", "1"])
+    assert res.exit_code == 0, res.output
+    runs = json.loads(layout.train_sweep_fpath(tmp_path / "o").read_text())["runs"]
+    assert sorted(r["k"] for r in runs) == [2, 4] and {r["n_latents"] for r in runs} == {48}
+    assert runs[0]["final"]["l0"] <= 4
+    bad = tmp_path / "bad.toml"
+    bad.write_text('learning_rate = 3\n')
+    res = CliRunner().invoke(app, ["train", "--config", str(bad)])
+    assert res.exit_code == 2 and "unknown config keys ['learning_rate']" in res.output

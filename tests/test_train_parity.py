@@ -91,3 +91,16 @@ def test_fused_adam_matches_plain_adam() -> None:
         optim.adam_update_fused(twin, grads, m2, [1e-2, 3e-3], t)
     for k in params:
         torch.testing.assert_close(twin[k], params[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act,k", [("relu", 0), ("topk", 4), ("batchtopk", 4)])
+def test_cuda_stacked_step_matches_cpu_reference(act: str, k: int) -> None:
+    """On CUDA, same-shape SAEs run as one bmm; the result must match the CPU reference."""
+    specs = [RunSpec(f"s{i}", act, S, 1e-3, 3e-2 * (i + 1), k, ()) for i in range(3)]
+    cpu, gpu = SAEGroup(specs, D, 0, 1 / 32, "cpu"), SAEGroup(specs, D, 0, 1 / 32, "cuda")
+    x = torch.randn(B, D, generator=torch.Generator().manual_seed(4))
+    o_cpu = cpu.compute(x, 1.0, 10**8, "reference", False)
+    o_gpu = gpu.compute(x.cuda(), 1.0, 10**8, "fast", False)
+    for name in o_cpu.grads:
+        torch.testing.assert_close(o_gpu.grads[name].cpu(), o_cpu.grads[name], rtol=1e-3, atol=1e-4)

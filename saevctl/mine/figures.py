@@ -106,7 +106,7 @@ def save_png(img: Image.Image, fpath: Path) -> Path:
     import io
 
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", compress_level=1)  # ~4x faster to write than the default level, files ~1.2x larger
     atomic.write_bytes(fpath, buf.getvalue())
     return fpath
 

@@ -54,6 +54,7 @@ class Index:
         self.fpath = fpath
         self.con = con
         self.read_only = read_only
+        self._info: dict[str, dict[str, Any]] = {}  # sae_info per SAE; a read-only file cannot change
 
     # --- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -128,6 +129,8 @@ class Index:
 
     def sae_info(self, sae_id: str) -> dict[str, Any]:
         """The saes row plus its store's model description (spec, preprocess, layout...) as `model`."""
+        if sae_id in self._info:
+            return dict(self._info[sae_id])
         rows = _rows(self.con.execute(
             "SELECT s.*, st.model AS store_model, st.path AS store_path FROM saes s "
             "LEFT JOIN stores st USING (store_id) WHERE sae_id = ?", [sae_id]))
@@ -137,7 +140,9 @@ class Index:
         info["model"] = json.loads(info.pop("store_model") or "{}")
         info["config"] = json.loads(info["config"] or "{}")
         info["tokens"] = tuple(json.loads(info["tokens"]))
-        return info
+        if self.read_only:
+            self._info[sae_id] = info
+        return dict(info)
 
     def resolve_sae(self, ref: str | Path | None) -> str:
         """An SAE id from a checkpoint path, an id (or unique prefix of one), or None for the last mined."""
@@ -170,10 +175,7 @@ class Index:
         )
 
     def n_features(self, sae_id: str) -> int:
-        row = self.con.execute("SELECT n_latents FROM saes WHERE sae_id = ?", [sae_id]).fetchone()
-        if row is None:
-            self.sae_info(sae_id)  # raises the one-line error
-        return int(row[0])
+        return int(self.sae_info(sae_id)["n_latents"])
 
     def tokens(self, sae_id: str) -> tuple[str, ...]:
         """Token kinds mined for this SAE; the first is the default for every query."""

@@ -15,7 +15,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 # Log10 histogram of firing values: regular bins over [HIST_LO, HIST_HI) plus an underflow and an overflow bin.
-HIST_LO, HIST_HI, HIST_STEP = -4.0, 4.0, 0.25
+HIST_LO, HIST_HI, HIST_STEP = -4.0, 4.0, 0.1
 N_HIST = int(round((HIST_HI - HIST_LO) / HIST_STEP)) + 2
 # Features merged per block, so the transient copies of the exemplar state stay small.
 MERGE_BLOCK = 2048

@@ -45,6 +45,9 @@ def train(
     impl: str = typer.Option(None, "--impl", help="fast (default) or reference (plain, for checking)."),
     log_every: int = typer.Option(None, "--log-every", help="Steps between metric records (default 50)."),
     ckpt_every: int = typer.Option(None, "--ckpt-every", help="Steps between resumable checkpoints (default 1000)."),
+    aux_coef: float = typer.Option(None, "--aux-coef", help="AuxK loss weight for topk/batchtopk (default 1/32)."),
+    dead_after: int = typer.Option(None, "--dead-after", help="Tokens without firing before a latent counts as dead (default 1,000,000)."),
+    buffer_rows: int = typer.Option(None, "--buffer-rows", help="Activations in the shuffle buffer (default 131,072)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     wandb: bool = typer.Option(False, "--wandb", help="Also log to Weights & Biases (WANDB_MODE=offline works)."),
     config: Path = typer.Option(None, "--config", help="TOML file with any of these options; lists are sweep axes."),
@@ -61,6 +64,7 @@ def train(
         "matryoshka": _floats(matryoshka, "--matryoshka"), "n_tokens": n_tokens, "batch_size": batch_size,
         "lr_warmup": lr_warmup, "lr_decay": lr_decay, "sparsity_warmup": sparsity_warmup, "seed": seed,
         "device": device, "dtype": dtype, "impl": impl, "log_every": log_every, "ckpt_every": ckpt_every,
+        "aux_coef": aux_coef, "dead_after": dead_after, "buffer_rows": buffer_rows,
         "resume": resume or None, "wandb": wandb or None,
     }
     if given["k"] is not None:

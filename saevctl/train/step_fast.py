@@ -8,6 +8,7 @@ ReLU mask and L1 gradient are one elementwise pass, and TopK never forms a dense
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -79,10 +80,10 @@ def _relu_step(params: dict[str, Tensor], x_bd: Tensor, x_c: Tensor, coef_m: Ten
     with _autocast(x_bd, bf16):
         pre = _bmm(x_c, params["W_enc"], params["b_enc"][:, None, :])
     f = torch.relu_(pre)
-    recon_m, x_hat, g_f, g_W_dec, g_b_dec = _dense_decode(f, params, x_bd, hp, bf16)
-    # L1 gradient and the ReLU mask in one pass (f >= 0, so |f|' = 1 where it fires)
-    # (in bfloat16 too: both terms scale with 1/batch, so the L1 term does not vanish next to the other)
-    g_f.add_((coef_m[:, None, None] / len(x_bd)).to(g_f.dtype))
+    # the L1 gradient (|f|' = 1 where f fires) rides in as grad_f's GEMM bias; fine in bfloat16 too, as
+    # both terms scale with 1/batch. Then the ReLU mask is one pass.
+    l1_grad = (coef_m / len(x_bd))[:, None, None]
+    recon_m, x_hat, g_f, g_W_dec, g_b_dec = _dense_decode(f, params, x_bd, hp, bf16, l1_grad)
     g_pre = torch.ops.aten.threshold_backward(g_f, f, 0)
     ones = torch.ones(len(pre), 1, len(x_bd), device=x_bd.device, dtype=g_pre.dtype)
     with _autocast(x_bd, bf16):
@@ -122,7 +123,9 @@ def _sparse_encoder_grads(g_vals: Tensor, rows: Tensor, cols: Tensor, x_c_bd: Te
     counts = torch.bincount(cols, minlength=s)
     crow = torch.zeros(s + 1, dtype=torch.int64, device=cols.device)
     torch.cumsum(counts, 0, out=crow[1:])
-    g_pre_T = torch.sparse_csr_tensor(crow, rows[order], g_vals[order], (s, len(x_c_bd)), check_invariants=False)
+    with warnings.catch_warnings():  # torch calls CSR "beta" on every construction
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        g_pre_T = torch.sparse_csr_tensor(crow, rows[order], g_vals[order], (s, len(x_c_bd)), check_invariants=False)
     return torch.sparse.mm(g_pre_T, x_c_bd.float()), g_b_enc
 
 

@@ -22,8 +22,18 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "note: chromium not found; the browser tests will be skipped"; fi; }
 
+# The whole path on the offline defaults, in $(DEMO)/ (its saevctl.toml records the mined index and SAE).
+SAEVCTL := $(abspath $(BIN))/saevctl
 demo: $(STAMP)
-	$(BIN)/saevctl extract --model demo --images demo --layers 6,10 --out $(DEMO)/store
+	mkdir -p $(DEMO)
+	cd $(DEMO) && $(SAEVCTL) extract --model demo --images demo --layers 6,10 --out store
+	cd $(DEMO) && $(SAEVCTL) train --store store --layer 6 --activation topk --k 32 --width 16x \
+	    --batch-size 2048 --lr 1e-3 --out sae $$([ -d sae ] && echo --resume)
+	cd $(DEMO) && $(SAEVCTL) mine --sae sae --store store --index index.duckdb
+	cd $(DEMO) && $(SAEVCTL) features list --sort freq --limit 10
+	cd $(DEMO) && $(SAEVCTL) features top --id 100
+	cd $(DEMO) && $(SAEVCTL) report --out report --max-features 200
+	cd $(DEMO) && $(SAEVCTL) probe --image skimage:chelsea --head saliency --clamp top=0 --out probe-chelsea.png
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q

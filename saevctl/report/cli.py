@@ -18,6 +18,7 @@ def report(
     cols: int = typer.Option(None, "--cols", help="Tiles per grid row (default 5)."),
     neighbours: int = typer.Option(None, "--neighbours", help="Nearest features by decoder cosine listed per page (default 10)."),
     workers: int = typer.Option(None, "--workers", help="Drawing processes; 0 draws in this process (default: one per core up to 8, none for small reports)."),
+    max_features: int = typer.Option(None, "--max-features", help="Pages only for the N most frequent live features per SAE (default: every live feature)."),
     image_format: str = typer.Option(None, "--format", help="png (default) or jpeg (much smaller for large SAEs)."),
     config: Path = typer.Option(None, "--config", help="TOML file with any of these options (command-line values win)."),
 ) -> None:
@@ -29,7 +30,7 @@ def report(
 
     given: dict[str, Any] = {
         "index": index, "out": out, "saes": tuple(sae) if sae else None, "k": k, "cols": cols,
-        "neighbours": neighbours, "workers": workers, "image_format": image_format,
+        "neighbours": neighbours, "workers": workers, "image_format": image_format, "max_features": max_features,
     }
     cfg = merge_config(Config, load_toml(config) if config else {}, given)
     from rich.markup import escape

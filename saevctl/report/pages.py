@@ -165,7 +165,9 @@ def sae_section(sae: dict[str, Any], rows: list[list[Any]]) -> str:
     return (
         f"<section class=\"sae\" id=\"{esc(sae['anchor'])}\">\n<h2>{esc(sae['sae_id'])}</h2>\n"
         f"<p class=\"meta\">{esc(sae['summary'])}<br>{sae['n_pages']:,} features with pages; "
-        f"{skipped:,} never fired and were skipped (no page).</p>\n"
+        f"{skipped:,} never fired and were skipped (no page)"
+        + (f"; {sae['n_unlisted']:,} live features left out by --max-features" if sae.get("n_unlisted") else "")
+        + ".</p>\n"
         "<div class=\"controls\"><input type=\"search\" class=\"filter\" "
         "placeholder=\"filter: 12 &middot; a label word &middot; freq&gt;1e-3 max&gt;2\" "
         f"aria-label=\"filter the features of {esc(sae['sae_id'])}\"><span class=\"count\"></span></div>\n"

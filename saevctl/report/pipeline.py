@@ -43,6 +43,8 @@ class Config:
     """Nearest features (decoder cosine) listed on each page."""
     workers: int | None = None
     """Drawing processes (0: draw in this process; default: one per core up to 8, none for small reports)."""
+    max_features: int | None = None
+    """Write pages only for this many live features per SAE, the most frequent first (default: all)."""
     image_format: str = "png"
     """png, or jpeg (about 5x smaller grids for SAEs with tens of thousands of live features)."""
 
@@ -55,6 +57,8 @@ class Config:
             raise InputError(f"unknown image format {self.image_format!r}", "use png or jpeg")
         if (self.k is not None and self.k < 1) or self.cols < 1 or self.neighbours < 0:
             raise InputError("--k and --cols must be positive and --neighbours not negative", "pass positive numbers")
+        if self.max_features is not None and self.max_features < 1:
+            raise InputError("--max-features must be positive", "pass a positive number, or leave it out for all")
         if self.workers is not None and self.workers < 0:
             raise InputError("--workers must be 0 or more", "pass 0 to draw in one process")
 
@@ -89,12 +93,13 @@ def _sae_ids(idx: Any, refs: tuple[str, ...]) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def _fired(idx: Any, sae_id: str, tokens: tuple[str, ...]) -> np.ndarray:
-    """Features that fired on any mined token kind, ascending."""
-    row = idx.con.execute(
-        "SELECT list(DISTINCT feature ORDER BY feature) FROM features WHERE sae_id = ? AND n_fired > 0 AND list_contains(?, token)",
-        [sae_id, list(tokens)]).fetchone()
-    return np.asarray(row[0] or [], dtype=np.int64)
+def _fired(idx: Any, sae_id: str, tokens: tuple[str, ...], limit: int | None = None) -> np.ndarray:
+    """Features that fired on any mined token kind (the `limit` most frequent when given), ascending."""
+    rows = idx.con.execute(
+        "SELECT feature FROM features WHERE sae_id = ? AND n_fired > 0 AND list_contains(?, token) "
+        "GROUP BY feature ORDER BY max(freq) DESC, feature LIMIT ?",
+        [sae_id, list(tokens), limit if limit is not None else 2**62]).fetchall()
+    return np.sort(np.asarray([r[0] for r in rows], dtype=np.int64))
 
 
 def count_pages(cfg: Config) -> int:
@@ -102,7 +107,7 @@ def count_pages(cfg: Config) -> int:
     from saevctl.mine import Index
 
     with Index.open(resolve_index(cfg.index)) as idx:
-        return sum(len(_fired(idx, s, idx.tokens(s))) for s in _sae_ids(idx, cfg.saes))
+        return sum(len(_fired(idx, s, idx.tokens(s), cfg.max_features)) for s in _sae_ids(idx, cfg.saes))
 
 
 def _summary(info: dict[str, Any]) -> str:
@@ -134,10 +139,12 @@ def _context(idx: Any, sae_id: str, position: int, root: Path, cfg: Config) -> t
     info = idx.sae_info(sae_id)
     tokens = info["tokens"]
     dname = layout.report_sae_dname(sae_id, position)
-    fired = _fired(idx, sae_id, tokens)
+    fired = _fired(idx, sae_id, tokens, cfg.max_features)
+    n_live = len(fired) if cfg.max_features is None else len(_fired(idx, sae_id, tokens))
     sae = {"sae_id": sae_id, "dname": dname, "anchor": f"sae-{position}", "summary": _summary(info),
            "model_spec": info["model_spec"], "layer": info["layer"], "n_latents": int(info["n_latents"]),
-           "n_images": int(info["n_images"]), "n_pages": len(fired), "n_skipped": int(info["n_latents"]) - len(fired)}
+           "n_images": int(info["n_images"]), "n_pages": len(fired), "n_skipped": int(info["n_latents"]) - n_live,
+           "n_unlisted": n_live - len(fired)}
     ctx = _SaeContext(
         sae, info, tokens, (int(info["grid_h"]), int(info["grid_w"])), layout.report_sae_dpath(root, dname),
         {t: data.feature_table(idx, sae_id, t) for t in tokens}, {t: data.histograms(idx, sae_id, t) for t in tokens},

@@ -29,7 +29,8 @@ from saevctl.train.setup import Data, open_data, provenance
 log = logging.getLogger(__name__)
 # progress(steps_done_now, latest metric records or None)
 Progress = Callable[[int, list[dict[str, Any]] | None], None]
-RESUME_FREE = ("resume", "wandb", "wandb_project", "ckpt_every", "log_every", "device")
+# "out" is where the run lives, so a moved run folder still resumes.
+RESUME_FREE = ("resume", "wandb", "wandb_project", "ckpt_every", "log_every", "device", "out")
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class Result:
 def fingerprint(cfg: Config) -> dict[str, Any]:
     """Settings that must match to resume."""
     d = dataclasses.asdict(cfg)
-    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+    # Paths are compared resolved, so `--store store` from the run's folder equals `--store run/store`.
+    return {k: (str(v.resolve()) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
             for k, v in d.items() if k not in RESUME_FREE}
 
 

@@ -155,6 +155,10 @@ class Index:
         if ref in ids:
             return ref
         p = Path(ref).expanduser()
+        if p.exists():
+            from saevctl.sae.model import resolve_ckpt
+
+            p = resolve_ckpt(p)  # a one-SAE `train --out` folder names its only checkpoint
         cfg_fpath = layout.sae_config_fpath(p if p.is_dir() else p.parent)
         if p.exists() and cfg_fpath.is_file():
             try:

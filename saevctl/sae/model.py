@@ -146,7 +146,7 @@ class SAE(nn.Module):
     @classmethod
     def load(cls, dpath: str | Path, device: str | torch.device = "cpu") -> SAE:
         """Load a checkpoint folder (or its sae.safetensors / config.json path)."""
-        dpath = _resolve_ckpt(Path(dpath))
+        dpath = resolve_ckpt(Path(dpath))
         cpath, wpath = layout.sae_config_fpath(dpath), layout.sae_weights_fpath(dpath)
         if not cpath.is_file() or not wpath.is_file():
             raise CheckpointError(
@@ -172,7 +172,7 @@ class SAE(nn.Module):
         return sae.to(device).eval()
 
 
-def _resolve_ckpt(dpath: Path) -> Path:
+def resolve_ckpt(dpath: Path) -> Path:
     """A checkpoint folder from itself, one of its files, or a one-SAE `saevctl train --out` folder."""
     if dpath.is_file():
         return dpath.parent

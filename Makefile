@@ -31,7 +31,8 @@ demo: $(STAMP)
 	    --batch-size 2048 --lr 1e-3 --out sae $$([ -d sae ] && echo --resume)
 	cd $(DEMO) && $(SAEVCTL) mine --sae sae --store store --index index.duckdb
 	cd $(DEMO) && $(SAEVCTL) features list --sort freq --limit 10
-	cd $(DEMO) && $(SAEVCTL) features top --id 100
+	cd $(DEMO) && F=$$($(SAEVCTL) features list --sort max --where "img_freq BETWEEN 0.005 AND 0.2" --limit 1 --plain) \
+	    && $(SAEVCTL) features top --id $$F && $(SAEVCTL) features show --id $$F
 	cd $(DEMO) && $(SAEVCTL) report --out report --max-features 200
 	cd $(DEMO) && $(SAEVCTL) probe --image skimage:chelsea --head saliency --clamp top=0 --out probe-chelsea.png
 

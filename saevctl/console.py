@@ -63,4 +63,5 @@ def progress_bar(description: str, total: int | None, unit: str) -> Iterator[Cal
 
 def say_path(label: str, path: object) -> None:
     """Print where an artifact was written, in one recognisable style."""
-    console.print(f"[bold green]{label}:[/] {path}")
+    # soft_wrap keeps a long path on one line, so it can be copied even from a narrow or piped terminal.
+    console.print(f"[bold green]{label}:[/] {path}", soft_wrap=True, highlight=False)

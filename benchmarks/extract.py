@@ -35,15 +35,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="256 images, one repeat (about a minute on 2 cores)")
     ap.add_argument("--model", default="demo")
-    ap.add_argument("--images", type=int, default=None, help="demo images to use (default 512, quick 256)")
+    ap.add_argument("--images", type=int, default=None, help="demo images to use (default 1024, quick 256)")
     ap.add_argument("--layers", default="6,10")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=None, help="decoding threads (default: the Config default)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    n = args.images or (256 if args.quick else 512)
+    n = args.images or (256 if args.quick else 1024)
     repeats = args.repeats or (1 if args.quick else 2)
     layers = [int(x) for x in args.layers.split(",")]
 
@@ -61,7 +62,8 @@ def main() -> None:
         out = Path(tempfile.mkdtemp(prefix="saevctl-bench-"))
         try:
             cfg = Config(model=args.model, images=f"demo:{n}", layers=tuple(layers), out=out / "store",
-                         dtype=args.dtype, batch_size=args.batch_size, device=args.device)
+                         dtype=args.dtype, batch_size=args.batch_size, device=args.device,
+                         **({"n_workers": args.workers} if args.workers else {}))
             t0 = time.perf_counter()
             run(cfg, backbone=bb)
             full_s.append(time.perf_counter() - t0)

@@ -127,20 +127,22 @@ def test_disk_full_while_writing_leaves_a_resumable_store(
 ) -> None:
     """ENOSPC in the middle of a shard's files: one error line, no half shard, and the rerun completes the
     store byte for byte as an undisturbed run would (the session's tiny_store has the same settings)."""
-    real_save = np.save
+    from saevctl.store import writer
+
+    real_save = writer.save_npy
     saves = {"n": 0}
 
-    def filling_disk(file: Path, arr: np.ndarray, allow_pickle: bool = True) -> None:
+    def filling_disk(file: Path, chunks: list[np.ndarray]) -> None:
         saves["n"] += 1
         if saves["n"] > 6:  # shard 0 holds 4 arrays; shard 1 fails on its third
             Path(file).write_bytes(b"\x93NUMPY half a file")
             raise OSError(errno.ENOSPC, "No space left on device", str(file))
-        real_save(file, arr, allow_pickle=allow_pickle)
+        real_save(file, chunks)
 
     out = tmp_path / "s"
     args = extract_args(tiny_vit, image_dir, out, "--layers", "1,3", "--dtype", "float32", "--batch-size", "4",
                         "--images-per-shard", "4")
-    monkeypatch.setattr(np, "save", filling_disk)
+    monkeypatch.setattr(writer, "save_npy", filling_disk)
     res = cli(*args)
     assert res.exit_code == 2, res.output
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
@@ -153,7 +155,7 @@ def test_disk_full_while_writing_leaves_a_resumable_store(
     assert shards == ["000000"]  # no half shard, no temp folder left behind
     assert not json.loads(layout.store_manifest_fpath(out).read_text())["complete"]
 
-    monkeypatch.setattr(np, "save", real_save)  # space freed
+    monkeypatch.setattr(writer, "save_npy", real_save)  # space freed
     res = cli(*args)
     assert res.exit_code == 0, res.output
     assert "(1 resumed)" in res.stdout

@@ -159,3 +159,9 @@ def test_truncated_real_image_is_unreadable(tmp_path: Path) -> None:
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match="cannot read image"):
         open_image(str(tmp_path / "cut.jpg"))
+
+
+def test_demo_size_table_matches_the_photos():
+    from saevctl.data.images import DEMO_SIZES, _demo_array
+
+    assert {n: _demo_array(n).shape[:2] for n in DEMO_SIZES} == DEMO_SIZES

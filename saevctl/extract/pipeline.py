@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -111,6 +112,17 @@ def _check_range(x: torch.Tensor, dtype: str, layer: int, kind: str) -> None:
             f"layer {layer} {kind} activations reach {peak:.4g}, beyond float16's range ({FLOAT16_MAX:.0f})",
             "re-run with --dtype bfloat16 (same size, wider range) or --dtype float32, into a new --out",
         )
+
+
+def _background_priority() -> None:
+    """Lower the calling thread's CPU priority (Linux: per thread) so that decoding and writing yield to the
+    forward pass's compute threads, whose barriers stall when one of them is preempted."""
+    if os.environ.get("SAEVCTL_DECODE_NICE", "5") == "0" or not hasattr(os, "setpriority"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), int(os.environ.get("SAEVCTL_DECODE_NICE", "5")))
+    except OSError:  # not permitted here: run at normal priority
+        pass
 
 
 def _autocast(device: str, dtype: str) -> contextlib.AbstractContextManager[Any]:
@@ -220,7 +232,8 @@ def _extract_shards(
 ) -> None:
     on_cuda = device.startswith("cuda")
     pending: Future[None] | None = None
-    with ThreadPoolExecutor(cfg.n_workers) as decoders, ThreadPoolExecutor(1) as io:
+    with ThreadPoolExecutor(cfg.n_workers, initializer=_background_priority) as decoders, \
+            ThreadPoolExecutor(1, initializer=_background_priority) as io:
         asm = _ShardAssembler(bb, layers, cfg.tokens, cfg.dtype)
         for shard, last, fut in _batches(records, todo, cfg.batch_size, decoders, bb.preprocess):
             u8, rows = fut.result()

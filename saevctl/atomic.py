@@ -38,6 +38,17 @@ def translate_os_errors(path: Path) -> Iterator[None]:
         raise
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists, so temp files of a killed writer (named by its pid) can be cleaned."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def fsync_dir(dpath: Path) -> None:
     fd = os.open(dpath, os.O_RDONLY)
     try:

@@ -26,7 +26,7 @@ class _Group(typer.core.TyperGroup):
                 raise
             typer.echo(f"error: {e.one_line()}", err=True)
             ctx.exit(2)
-        except MemoryError as e:
+        except MemoryError:
             if ctx.params.get("debug"):
                 raise
             typer.echo("error: out of memory. Use a smaller --batch-size or fewer images per step.", err=True)

@@ -76,3 +76,15 @@ def set_defaults(cwd: Path | None = None, **values: str | Path | None) -> Path:
         extra.pop(SECTION, None)
         atomic.write_text(target, _render(ordered, extra))
     return fpath
+
+
+def index_or_default(index: Path | None) -> Path:
+    """The given index, else the one last mined in this workspace; a clear error when there is none."""
+    from saevctl.errors import IndexError_
+
+    if index is not None:
+        return Path(index)
+    value = get_default("index")
+    if not value:
+        raise IndexError_("no --index given and none mined in this workspace", "run saevctl mine --sae CKPT --store DIR, or pass --index")
+    return Path(value)

@@ -32,7 +32,7 @@ def test_extract_train_mine_report_probe(tiny_vit: str, image_dir: Path, tmp_pat
     listing = _ok(runner, ["features", "list", "--sort", "freq", "--limit", "3"])
     feature = int(next(line.split()[1] for line in listing.splitlines() if line.strip().startswith("│") and line.split()[1].isdigit()))
     top = _ok(runner, ["features", "top", "--id", str(feature)])
-    png = Path(next(tok for tok in top.replace("\n", "").split() if tok.endswith(".png")))
+    png = Path(next(line for line in top.splitlines() if line.startswith("grid: ")).removeprefix("grid: "))
     assert png.is_file() and png.stat().st_size > 1000
 
     _ok(runner, ["report", "--out", str(tmp_path / "report")])

@@ -72,7 +72,7 @@ def _from_folder(root: Path, spec: str) -> ImageSource:
     if not files:
         raise InputError(
             f"no images found in {root}",
-            f"put .jpg/.png/.webp/.bmp files there (searched recursively), or pass --images demo",
+            "put .jpg/.png/.webp/.bmp files there (searched recursively), or pass --images demo",
         )
     rel = [p.relative_to(root) for p in files]
     is_imagefolder = all(len(r.parts) == 2 for r in rel) and len({r.parts[0] for r in rel}) >= 2

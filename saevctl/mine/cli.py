@@ -26,24 +26,13 @@ SAE_HELP = ("SAE in the index: a checkpoint path or an SAE id (default: the work
             "in the index, else the index's last mined SAE).")
 
 
-def _index_path(index: Path | None) -> Path:
-    from saevctl.errors import IndexError_
-
-    if index is not None:
-        return index
-    value = workspace.get_default("index")
-    if not value:
-        raise IndexError_("no --index given and none mined in this workspace", "run saevctl mine --sae CKPT --store DIR, or pass --index")
-    return Path(value)
-
-
 def _open(index: Path | None, sae: str | None, quiet: bool = False) -> tuple[Any, str]:
     """Open the index read-only and resolve the SAE; print which ones are used (unless quiet)."""
     from saevctl.console import console
     from saevctl.errors import IndexError_
     from saevctl.mine.index import Index
 
-    idx = Index.open(_index_path(index))
+    idx = Index.open(workspace.index_or_default(index))
     if sae is not None:
         sae_id = idx.resolve_sae(sae)
     else:
@@ -310,7 +299,7 @@ def sql(
     from saevctl.console import console
     from saevctl.mine.index import Index
 
-    with Index.open(_index_path(index)) as idx:
+    with Index.open(workspace.index_or_default(index)) as idx:
         console.print(f"[dim]index {idx.fpath}[/]")
         cols, rows, truncated = idx.query(query, max_rows)
     t = Table(caption=f"first {max_rows} rows shown" if truncated else f"{len(rows)} rows")

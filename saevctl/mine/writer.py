@@ -23,20 +23,10 @@ from saevctl.mine.schema import PER_SAE_TABLES
 log = logging.getLogger(__name__)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _clean_stale_temps(fpath: Path) -> None:
     for tmp in fpath.parent.glob(f".{fpath.name}.tmp*"):
         suffix = tmp.name.rsplit(".tmp", 1)[-1].split(".")[0]
-        if suffix.isdigit() and not _pid_alive(int(suffix)):
+        if suffix.isdigit() and not atomic.pid_alive(int(suffix)):
             log.info("removing %s left by an interrupted mine", tmp)
             for extra in (tmp, tmp.with_name(tmp.name + ".wal")):
                 extra.unlink(missing_ok=True)

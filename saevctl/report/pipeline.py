@@ -78,12 +78,7 @@ class Result:
 
 def resolve_index(index: Path | None) -> Path:
     """The given index, else the workspace's last mined one."""
-    if index is not None:
-        return index
-    value = workspace.get_default("index")
-    if not value:
-        raise IndexError_("no --index given and none mined in this workspace", "run saevctl mine --sae CKPT --store DIR, or pass --index")
-    return Path(value)
+    return workspace.index_or_default(index)
 
 
 def _sae_ids(idx: Any, refs: tuple[str, ...]) -> list[str]:

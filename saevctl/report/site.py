@@ -42,22 +42,12 @@ def check_target(out_dpath: Path) -> None:
         )
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale(out_dpath: Path) -> None:
     """Delete build folders left by reports that were killed (their process is gone)."""
     for prefix in (f".{out_dpath.name}.tmp", f".{out_dpath.name}.old"):
         for p in out_dpath.parent.glob(f"{prefix}*") if out_dpath.parent.is_dir() else []:
             tail = p.name[len(prefix):]
-            if tail.isdigit() and int(tail) != os.getpid() and not _alive(int(tail)):
+            if tail.isdigit() and int(tail) != os.getpid() and not atomic.pid_alive(int(tail)):
                 log.info("removing %s left by an interrupted report", p)
                 shutil.rmtree(p, ignore_errors=True)
 

@@ -49,6 +49,9 @@ def progress_bar(description: str, total: int | None, unit: str) -> Iterator[Cal
             prog.start()
         prog.advance(task, n)
 
+    # A library call that learns the total only after listing its input sets it here.
+    advance.set_total = lambda n: prog.update(task, total=n)  # type: ignore[attr-defined]
+
     try:
         yield advance
     except BaseException:

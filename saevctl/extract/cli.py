@@ -39,11 +39,8 @@ def extract(
         "images_per_shard": images_per_shard,
     }
     cfg = merge_config(Config, load_toml(config) if config else {}, given)
-    from saevctl.data import resolve_images
-
-    total = len(resolve_images(cfg.images, cfg.max_images).records)
-    with progress_bar("extract", total, "img") as advance:
-        result = run(cfg, progress=advance)
+    with progress_bar("extract", None, "img") as advance:
+        result = run(cfg, progress=advance, on_total=advance.set_total)
     _summary(console, result)
     say_path("store", result.out)
 

@@ -195,9 +195,17 @@ def _layers_and_tokens(cfg: Config, bb: Backbone) -> list[int]:
     return layers
 
 
-def run(cfg: Config, progress: Progress | None = None, backbone: Backbone | None = None) -> Result:
-    """Extract (or resume extracting) the store described by `cfg`; `backbone` skips loading cfg.model."""
+def run(
+    cfg: Config,
+    progress: Progress | None = None,
+    backbone: Backbone | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> Result:
+    """Extract (or resume extracting) the store described by `cfg`; `backbone` skips loading cfg.model.
+    `on_total(n)` is told the number of images once the source is listed (for a progress bar)."""
     src = resolve_images(cfg.images, cfg.max_images)
+    if on_total:
+        on_total(len(src.records))
     device = resolve_device(cfg.device)
     bb = backbone if backbone is not None else load_backbone(cfg.model, device)
     if not cfg.tokens:

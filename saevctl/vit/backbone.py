@@ -153,7 +153,10 @@ class Backbone(nn.Module):
         cached = getattr(self, "_weights_sha256", None)
         if cached is None:
             h = hashlib.sha256()
-            for name, t in sorted(self.state_dict().items()):
+            # named_parameters/named_buffers list a tensor shared by two module paths once (the adapters
+            # register the model and its blocks), so large models are not hashed two or three times.
+            tensors = dict(self.named_parameters()) | dict(self.named_buffers())
+            for name, t in sorted(tensors.items()):
                 t = t.detach().cpu().contiguous()
                 h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
                 h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")

@@ -55,6 +55,7 @@ STAGE_CLIS = (
     "saevctl.mine.cli",
     "saevctl.report.cli",
     "saevctl.probe.cli",
+    "saevctl.eval.cli",
 )
 
 

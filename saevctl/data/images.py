@@ -158,15 +158,24 @@ def _demo_size(name: str) -> tuple[int, int]:
     return h, w
 
 
+@lru_cache(maxsize=None)
+def _demo_image(name: str, mirrored: bool) -> Image.Image:
+    img = Image.fromarray(_demo_array(name))
+    if mirrored:  # flipping each crop costs more than the crop: flip the photo once instead
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    img.load()  # unpack once; crops of a loaded image are plain copies (thread-safe, no re-decoding)
+    return img
+
+
 def _open_demo(path: str) -> Image.Image:
     name, _, crop = path.removeprefix("skimage:").partition("#")
-    arr = _demo_array(name)
-    if crop:
-        left, top, side, flip = (int(v) for v in crop.split(","))
-        arr = arr[top : top + side, left : left + side]
-        if flip:
-            arr = arr[:, ::-1]
-    return Image.fromarray(np.ascontiguousarray(arr))
+    if not crop:
+        return _demo_image(name, False).copy()
+    left, top, side, flip = (int(v) for v in crop.split(","))
+    img = _demo_image(name, bool(flip))
+    if flip:  # the crop's mirror image is the mirrored photo's crop at the mirrored offset
+        left = img.width - left - side
+    return img.crop((left, top, left + side, top + side))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

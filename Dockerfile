@@ -9,7 +9,11 @@ WORKDIR /opt/saevctl
 COPY pyproject.toml README.md ./
 COPY saevctl ./saevctl
 # faiss-gpu for the neighbour indexes on GPU; the code falls back to faiss-cpu when it is absent.
-RUN pip install '.[gpu]'
+# faiss-cpu (a base dependency) and faiss-gpu both install the `faiss` package folder: drop the CPU one
+# and reinstall the GPU one over the half-removed folder, so that `import faiss` is the GPU build.
+RUN pip install '.[gpu,hf]' \
+ && pip uninstall -y faiss-cpu \
+ && pip install --force-reinstall --no-deps faiss-gpu-cu12
 
 VOLUME ["/cache", "/work"]
 WORKDIR /work

@@ -33,8 +33,10 @@ demo: $(STAMP)
 	cd $(DEMO) && $(SAEVCTL) features list --sort freq --limit 10
 	cd $(DEMO) && F=$$($(SAEVCTL) features list --sort max --where "img_freq BETWEEN 0.005 AND 0.2" --limit 1 --plain) \
 	    && $(SAEVCTL) features top --id $$F && $(SAEVCTL) features show --id $$F
+	cd $(DEMO) && $(SAEVCTL) eval all --images demo:64 --store store --recon-max-images 512 --n-boot 500
 	cd $(DEMO) && $(SAEVCTL) report --out report --max-features 200
 	cd $(DEMO) && $(SAEVCTL) probe --image skimage:chelsea --head saliency --clamp top=0 --out probe-chelsea.png
+	cd $(DEMO) && $(SAEVCTL) eval card
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q

@@ -10,7 +10,7 @@ from pathlib import Path
 
 STORE_SCHEMA = 1
 SAE_SCHEMA = 1
-INDEX_SCHEMA = 1
+INDEX_SCHEMA = 2  # == len(saevctl.mine.schema.MIGRATIONS)
 HEAD_SCHEMA = 1
 
 
@@ -250,3 +250,69 @@ def report_feature_name(feature: int, kind: str = "page", token: str = "patches"
         return f"feature-{feature:06d}.html"
     suffix = "" if token == "patches" else f"-{token}"
     return f"{kind}-{feature:06d}{suffix}.{ext}"
+
+
+# --- evaluation (saevctl eval) ------------------------------------------------------------------
+
+EVAL_SCHEMA = 1
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80].lstrip(".") or "sae"
+
+
+def eval_dpath(index_fpath: Path | None, sae_name: str, cwd: Path | None = None) -> Path:
+    """Where `saevctl eval` writes for one SAE when --out is not given: beside the mined index
+    (index.duckdb.eval/<sae_id>/, which `saevctl report` links) when the SAE is mined there, else ./eval/<name>/."""
+    if index_fpath is not None:
+        return index_fpath.with_name(index_fpath.name + ".eval") / _safe_name(sae_name)
+    return (cwd or Path.cwd()) / "eval" / _safe_name(sae_name)
+
+
+def eval_summary_fpath(eval_dpath_: Path, kind: str) -> Path:
+    """JSON figures of one evaluation: splice.json, edits.json or recon.json."""
+    assert kind in ("splice", "edits", "recon"), kind
+    return eval_dpath_ / f"{kind}.json"
+
+
+def eval_card_fpath(eval_dpath_: Path) -> Path:
+    """The report card: one self-contained HTML page (inline CSS, no external assets)."""
+    return eval_dpath_ / "card.html"
+
+
+def eval_card_json_fpath(eval_dpath_: Path) -> Path:
+    """The report card's figures as JSON (format saevctl-eval-card, schema EVAL_SCHEMA)."""
+    return eval_dpath_ / "card.json"
+
+
+def report_eval_card_name() -> str:
+    """File name, inside an SAE's report folder, of the copy of its report card."""
+    return "eval-card.html"
+
+
+# --- per-patch / per-image class labels (extract --masks; features label) ---------------------------
+
+LABELS_SCHEMA = 1
+
+
+def store_labels_dpath(store_dpath: Path) -> Path:
+    """Class labels beside a store's activations, aligned with its rows (written by `extract --masks`)."""
+    return store_dpath / "labels"
+
+
+def store_patch_labels_fpath(store_dpath: Path) -> Path:
+    """int16 (n_rows, n_patches) class id per patch of each stored row; -1 unlabelled (or no mask)."""
+    return store_labels_dpath(store_dpath) / "patches.npy"
+
+
+def store_classes_fpath(store_dpath: Path) -> Path:
+    """{"schema", "classes", "source"}: class names by id (0 ignored); written last, marks complete labels."""
+    return store_labels_dpath(store_dpath) / "classes.json"
+
+
+# --- training under torchrun with --place-sweep ranks -----------------------------------------------
+
+
+def train_rank_state_dpath(out_dpath: Path, rank: int) -> Path:
+    """One rank's resumable state when a sweep's SAEs are spread over ranks (each rank saves its own groups)."""
+    return train_state_dpath(out_dpath) / f"rank-{rank:03d}"

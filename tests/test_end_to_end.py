@@ -1,5 +1,5 @@
 """The whole path through the CLI on a tiny real ViT and real image files: extract, train, mine,
-features, report, probe; each stage reads only what the previous one wrote."""
+features, eval, report, probe; each stage reads only what the previous one wrote."""
 
 from __future__ import annotations
 
@@ -35,8 +35,10 @@ def test_extract_train_mine_report_probe(tiny_vit: str, image_dir: Path, tmp_pat
     png = Path(next(line for line in top.splitlines() if line.startswith("grid: ")).removeprefix("grid: "))
     assert png.is_file() and png.stat().st_size > 1000
 
+    card = _ok(runner, ["eval", "all", "--images", str(image_dir), "--head", "timm", "--n-boot", "50"])
+    assert "recovered" in card
     _ok(runner, ["report", "--out", str(tmp_path / "report")])
-    assert (tmp_path / "report" / "index.html").is_file()
+    assert "report card</a>" in (tmp_path / "report" / "index.html").read_text()
 
     image = next(p for p in sorted(image_dir.rglob("*.png")))
     out_png = tmp_path / "probe.png"

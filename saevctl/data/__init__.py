@@ -1,4 +1,5 @@
-"""Image sources: folders, ImageFolder trees, path lists and the offline demo photos, with stable ids."""
+"""Image sources: folders, ImageFolder trees, path lists, the offline demo photos, WebDataset tars and Hugging Face
+datasets, with stable ids."""
 
 from saevctl.data.images import ImageRecord, ImageSource, open_image, resolve_images
 

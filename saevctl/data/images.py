@@ -6,6 +6,7 @@ Ids are positions in a sorted listing, so they are stable across runs of the sam
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from saevctl.data import hf, wds
 from saevctl.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -36,7 +38,7 @@ class ImageRecord:
     id: int
     """Position in the source listing (stable)."""
     path: str
-    """File path, or `skimage:NAME#...` for demo photos."""
+    """File path, `skimage:NAME#...` for demo photos, `wds:TAR#MEMBER` or `hf:SOURCE[:SPLIT]#ROW`."""
     label: str | None = None
     """Class from an ImageFolder subfolder or a list file's second column."""
 
@@ -46,7 +48,7 @@ class ImageSource:
     spec: str
     """The --images argument as given."""
     kind: str
-    """folder, imagefolder, list or demo."""
+    """folder, imagefolder, list, demo, wds or hf."""
     records: tuple[ImageRecord, ...]
 
     def fingerprint(self) -> str:
@@ -193,11 +195,19 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def open_image(path: str) -> Image.Image:
-    """Open one image as RGB; raises InputError when the file is missing or not a readable image."""
+    """Open one image as RGB; raises InputError when the file is missing or not a readable image.
+    `wds:TAR#MEMBER` and `hf:SOURCE[:SPLIT]#ROW` paths read one tar member or dataset row."""
     if path.startswith("skimage:"):
         return _open_demo(path)
+    if path.startswith((wds.PREFIX, hf.PREFIX)):
+        data, path = (wds if path.startswith(wds.PREFIX) else hf).open_bytes(path)
+        return _open_file(io.BytesIO(data), path)
+    return _open_file(path, path)
+
+
+def _open_file(fp: str | io.BytesIO, path: str) -> Image.Image:
     try:
-        with Image.open(path) as img:
+        with Image.open(fp) as img:
             img.load()
             return _to_rgb(img)
     except FileNotFoundError as e:
@@ -206,8 +216,23 @@ def open_image(path: str) -> Image.Image:
         raise InputError(f"cannot read image {path} ({type(e).__name__})", "the file is corrupt or not an image") from e
 
 
+def _from_wds(spec: str) -> ImageSource:
+    samples = wds.list_samples(spec)
+    records = tuple(ImageRecord(i, wds.record_path(s), s.label) for i, s in enumerate(samples))
+    return ImageSource(wds.normalize(spec), "wds", records)
+
+
+def _from_hf(spec: str) -> ImageSource:
+    rows = hf.list_rows(spec)
+    return ImageSource(hf.normalize(spec), "hf", tuple(ImageRecord(i, path, label) for i, (path, label) in enumerate(rows)))
+
+
 def resolve_images(spec: str, max_images: int | None = None) -> ImageSource:
-    """Folder (recursive; ImageFolder when every image sits in one class subfolder), list file, or demo[:N]."""
+    """Folder (recursive; ImageFolder when every image sits in one class subfolder), list file, demo[:N],
+    WebDataset shards (wds:/path/{000000..000099}.tar) or a Hugging Face dataset (hf:NAME[:split])."""
+    if spec.startswith((wds.PREFIX, hf.PREFIX)):
+        src = _from_wds(spec) if spec.startswith(wds.PREFIX) else _from_hf(spec)
+        return ImageSource(src.spec, src.kind, src.records[:max_images]) if max_images else src
     if spec == "demo" or spec.startswith("demo:"):
         n = DEFAULT_DEMO_N
         if spec.startswith("demo:"):

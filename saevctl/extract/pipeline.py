@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from saevctl import atomic
+from saevctl import atomic, dist
 from saevctl.config import resolve_device
 from saevctl.data import ImageRecord, open_image, resolve_images
 from saevctl.errors import InputError, SaevctlError, StoreError
+from saevctl.extract import labels, ranks
 from saevctl.store import StoreWriter
 from saevctl.store.format import DTYPES, FLOAT16_MAX, NP_DTYPES, TOKEN_KINDS, kind_shape, read_manifest, to_numpy
 from saevctl.vit import Backbone, Preprocess, load_backbone
@@ -36,7 +37,8 @@ class Config:
     model: str = "demo"
     """Model spec: demo, timm:NAME, local-dir:/path, hf-hub:org/name, open_clip:ARCH/PRETRAINED."""
     images: str = "demo"
-    """Image folder (recursive; ImageFolder labels from subfolders), a .txt list of paths, or demo[:N]."""
+    """Image folder (recursive; ImageFolder labels from subfolders), a .txt list of paths, demo[:N],
+    WebDataset tars (wds:/path/{000000..000099}.tar) or a Hugging Face dataset (hf:NAME[:split], hf:/dir)."""
     layers: tuple[int, ...] = (-1,)
     """Blocks whose output is stored (0-based; negative counts from the end)."""
     out: Path = Path("store")
@@ -55,6 +57,8 @@ class Config:
     """Images per shard (rounded up to a multiple of batch_size); the unit of resume."""
     n_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     """Threads decoding images ahead of the forward pass."""
+    masks: Path | None = None
+    """Folder of per-image PNG class masks (+ classes.txt): per-patch labels are stored beside the activations."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
@@ -81,8 +85,13 @@ class Result:
     already_complete: bool
 
 
-def _decode(records: list[ImageRecord], pre: Preprocess) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Open and transform a batch; unreadable images become table rows with status 'unreadable'."""
+def _decode(
+    records: list[ImageRecord], pre: Preprocess, lut: np.ndarray | None
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Open and transform a batch; unreadable images become table rows with status 'unreadable'.
+    With `lut` (CPU runs) the batch comes back normalised, float32 (b, 3, h, w), so the forward pass's
+    thread does nothing but the forward; without it (CUDA) as uint8 (b, h, w, 3), a quarter of the bytes
+    to copy to the device, normalised there."""
     arrays, rows = [], []
     for rec in records:
         row: dict[str, Any] = {"id": rec.id, "path": rec.path, "label": rec.label}
@@ -96,7 +105,12 @@ def _decode(records: list[ImageRecord], pre: Preprocess) -> tuple[np.ndarray, li
             row.update(width=None, height=None, status="unreadable", error=e.message)
         rows.append(row)
     size = pre.size
-    batch = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
+    if lut is None:
+        batch = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
+        return batch, rows
+    batch = np.empty((len(arrays), 3, size, size), np.float32)
+    for i, u8 in enumerate(arrays):
+        pre.normalize_into(u8, batch[i], lut)
     return batch, rows
 
 
@@ -158,7 +172,7 @@ class _ShardAssembler:
 
 
 def _store_config(cfg: Config, bb: Backbone, layers: list[int], src: Any, per_shard: int) -> dict[str, Any]:
-    return {
+    return labels.masks_config(cfg.masks) | {
         "model": bb.describe(),
         "images": {"spec": src.spec, "kind": src.kind, "n": len(src.records), "fingerprint": src.fingerprint()},
         "layers": layers,
@@ -169,7 +183,12 @@ def _store_config(cfg: Config, bb: Backbone, layers: list[int], src: Any, per_sh
 
 
 def _batches(
-    records: list[ImageRecord], ranges: list[tuple[int, int]], bs: int, pool: ThreadPoolExecutor, pre: Preprocess
+    records: list[ImageRecord],
+    ranges: list[tuple[int, int]],
+    bs: int,
+    pool: ThreadPoolExecutor,
+    pre: Preprocess,
+    lut: np.ndarray | None,
 ) -> Iterator[tuple[int, bool, Future[tuple[np.ndarray, list[dict[str, Any]]]]]]:
     """Yield (shard index, last batch of shard, decode future), keeping a few decodes in flight."""
     plan = [(s, lo, min(lo + bs, hi)) for s, (a, hi) in ranges for lo in range(a, hi, bs)]
@@ -179,7 +198,7 @@ def _batches(
     for i in range(len(plan)):
         while len(futures) < min(ahead, len(plan) - i):
             _, lo, hi = plan[i + len(futures)]
-            futures.append(pool.submit(_decode, records[lo:hi], pre))
+            futures.append(pool.submit(_decode, records[lo:hi], pre, lut))
         s, _, hi = plan[i]
         yield s, hi == ends[s], futures.pop(0)
 
@@ -204,28 +223,32 @@ def run(
     """Extract (or resume extracting) the store described by `cfg`; `backbone` skips loading cfg.model.
     `on_total(n)` is told the number of images once the source is listed (for a progress bar)."""
     src = resolve_images(cfg.images, cfg.max_images)
-    if on_total:
+    labels.before_extract(cfg.masks, src.records)  # mask errors come before any compute
+    single = dist.dist_info().world_size == 1  # under torchrun/srun each rank extracts its share of shards
+    if on_total and single:
         on_total(len(src.records))
-    device = resolve_device(cfg.device)
+    device = dist.rank_device(resolve_device(cfg.device))
+    dist.init_process_group(device)
     bb = backbone if backbone is not None else load_backbone(cfg.model, device)
     if not cfg.tokens:
         cfg = dataclasses.replace(cfg, tokens=tuple(k for k in ("patches", "cls") if k in bb.layout.kinds()))
     layers = _layers_and_tokens(cfg, bb)
     per_shard = -(-cfg.images_per_shard // cfg.batch_size) * cfg.batch_size
-    writer = StoreWriter(cfg.out, _store_config(cfg, bb, layers, src, per_shard), len(src.records))
-    if writer.is_complete:
+    plan = ranks.plan_shards(cfg.out, _store_config(cfg, bb, layers, src, per_shard), len(src.records))
+    if plan.complete:
         # Nothing is rewritten: a complete store stays byte for byte what it was.
-        return Result(cfg.out, read_manifest(cfg.out), len(writer.shard_ranges), True)
-    done = writer.done_shards()
-    todo = [(s, r) for s, r in enumerate(writer.shard_ranges) if s not in done]
+        return labels.after_extract(cfg, bb, Result(cfg.out, read_manifest(cfg.out), len(plan.writer.shard_ranges), True))
+    todo = list(plan.mine)
     per_image = sum(
         int(np.prod(kind_shape(k, bb.layout.n_patches, bb.layout.n_reg, bb.d_model))) for k in cfg.tokens
     ) * len(layers) * DTYPES[cfg.dtype].itemsize
     atomic.check_free_space(cfg.out, per_image * sum(hi - lo for _, (lo, hi) in todo))
-    if progress and done:
-        progress(sum(hi - lo for s, (lo, hi) in enumerate(writer.shard_ranges) if s in done))
-    _extract_shards(cfg, bb, layers, list(src.records), todo, writer, device, progress)
-    return Result(cfg.out, writer.finalize(), len(done), False)
+    if progress and plan.done and single:
+        progress(sum(hi - lo for s, (lo, hi) in enumerate(plan.writer.shard_ranges) if s in plan.done))
+    if on_total and not single:
+        on_total(sum(hi - lo for _, (lo, hi) in todo))
+    _extract_shards(cfg, bb, layers, list(src.records), todo, plan.writer, device, progress)
+    return labels.after_extract(cfg, bb, Result(cfg.out, ranks.finish(plan.writer), len(plan.done), False))
 
 
 def _extract_shards(
@@ -243,13 +266,15 @@ def _extract_shards(
     with ThreadPoolExecutor(cfg.n_workers, initializer=_background_priority) as decoders, \
             ThreadPoolExecutor(1, initializer=_background_priority) as io:
         asm = _ShardAssembler(bb, layers, cfg.tokens, cfg.dtype)
-        for shard, last, fut in _batches(records, todo, cfg.batch_size, decoders, bb.preprocess):
-            u8, rows = fut.result()
-            if len(u8):
-                x = torch.from_numpy(u8)
-                x = x.pin_memory().to(device, non_blocking=True) if on_cuda else x
+        lut = None if on_cuda else bb.preprocess.lookup_table()
+        for shard, last, fut in _batches(records, todo, cfg.batch_size, decoders, bb.preprocess, lut):
+            pixels, rows = fut.result()
+            if len(pixels):
+                x = torch.from_numpy(pixels)
+                if on_cuda:
+                    x = bb.preprocess.normalize(x.pin_memory().to(device, non_blocking=True))
                 with _autocast(device, cfg.dtype):
-                    outs = bb.forward_to(bb.preprocess.normalize(x), layers)
+                    outs = bb.forward_to(x, layers)
                 asm.add(outs, rows)
             else:
                 asm.rows.extend(rows)

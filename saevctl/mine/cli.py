@@ -157,11 +157,20 @@ def show(
         nz = [b for b in bins if b["count"]]
         rng = f"  ({nz[0]['lo']:.2g} .. {nz[-1]['hi']:.2g})" if nz else ""
         t.add_row("histogram", figures.sparkline([b["count"] for b in bins]) + rng)
+        for lab in idx.feature_label(sae_id, id) if st["token"] == "patches" else []:
+            t.add_row(f"label ({lab['level']})", _label_text(lab))
         console.print(t)
         hpath = figures.histogram_png(bins, f"{sae_id} feature {id} ({st['token']})",
                                       layout.feature_hist_fpath(idx.fpath, sae_id, id, st["token"]))
         _similar_table(console, idx, sae_id, query.similar(idx, sae_id, id, n_similar), f"similar to {id} (decoder cosine)")
         say_path("histogram", hpath)
+
+
+def _label_text(lab: dict[str, Any]) -> str:
+    if lab["class_name"] is None:
+        return "none (never fires on labelled data)"
+    thr = f" at > {lab['threshold']:.3g}" if lab["threshold"] is not None else ""
+    return f"{lab['class_name']}  AUROC {lab['auroc']:.3f}, F1 {lab['f1']:.3f}{thr}"
 
 
 def _similar_table(console: Any, idx: Any, sae_id: str, pairs: list[tuple[int, float]], title: str) -> None:
@@ -194,7 +203,7 @@ def similar(
 
 @features_app.command("list")
 def list_(
-    sort: str = typer.Option("freq", "--sort", help="freq, img_freq, mean, mean_all, max, img_mean, n_fired or feature."),
+    sort: str = typer.Option("freq", "--sort", help="freq, img_freq, mean, mean_all, max, img_mean, n_fired or feature; auroc or f1 once labelled (features label)."),
     where: str = typer.Option(None, "--where", help="SQL condition on those columns, e.g. \"freq > 1e-4 AND max > 2\"."),
     limit: int = typer.Option(20, "--limit", help="Rows to show."),
     ascending: bool = typer.Option(False, "--asc", help="Smallest first."),
@@ -202,28 +211,97 @@ def list_(
     index: Path = typer.Option(None, "--index", help=INDEX_HELP),
     token: str = typer.Option(None, "--token", help="patches or cls (default: the SAE's first token kind)."),
     plain: bool = typer.Option(False, "--plain", help="Print only the feature ids, one per line (for scripts)."),
+    label: str = typer.Option(None, "--label", help="Only features whose best class (from features label) is this name, case-insensitive."),
 ) -> None:
-    """Features sorted by a statistic, optionally filtered."""
+    """Features sorted by a statistic, optionally filtered; with labels (features label), their best class and AUROC."""
     from rich.table import Table
 
     from saevctl.console import console
 
     idx, sae_id = _open(index, sae, quiet=plain)
     with idx:
-        rows = idx.list_features(sae_id, sort, where, limit, token, descending=not ascending)
+        rows = idx.list_features(sae_id, sort, where, limit, token, descending=not ascending, label=label)
         counts = idx.feature_count(sae_id, token)
+        level = idx.primary_label_level(sae_id)
     if plain:
         for r in rows:
             typer.echo(str(r["feature"]))
         return
-    cols = ("feature", "freq", "img_freq", "mean", "max", "img_mean", "n_fired")
+    cols: tuple[str, ...] = ("feature", "freq", "img_freq", "mean", "max", "img_mean", "n_fired")
+    if rows and "label" in rows[0]:
+        cols += ("label", "auroc")
     t = Table(title=f"features by {sort}" + (f" where {where}" if where else "")
+              + (f" labelled {label!r} ({level} level)" if label else "")
               + f"  ({counts['alive']:,} of {counts['total']:,} ever fire)")
     for c in cols:
-        t.add_column(c, justify="right")
+        t.add_column(c, justify="left" if c == "label" else "right")
     for r in rows:
-        t.add_row(*(_fmt(r[c]) for c in cols))
+        t.add_row(*("" if r[c] is None else f"{r[c]:.3f}" if c == "auroc" else _fmt(r[c]) for c in cols))
     console.print(t)
+
+
+@features_app.command("label")
+def label_(
+    sae: str = typer.Option(None, "--sae", help=SAE_HELP),
+    store: Path = typer.Option(None, "--store", help="Store with labels, of the SAE's model and layer (default: the store the SAE was mined on)."),
+    index: Path = typer.Option(None, "--index", help=INDEX_HELP),
+    level: str = typer.Option(None, "--level", help="patch (extract --masks labels), image (ImageFolder labels, else mask classes present), or auto: every level the store has labels for (default auto)."),
+    thresholds: str = typer.Option(None, "--thresholds", help="F1 thresholds as fractions of each feature's max (default 0,0.1,0.2,0.3,0.5)."),
+    bins: int = typer.Option(None, "--bins", help="Histogram bins per feature for the streaming AUROC (default 256)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Images per chunk (default: about 16M codes)."),
+    device: str = typer.Option(None, "--device", help="auto, cpu or cuda (default auto)."),
+    top: int = typer.Option(20, "--top", help="Classes to show (best AUROC first)."),
+    config: Path = typer.Option(None, "--config", help="TOML file with any of these options (command-line values win)."),
+) -> None:
+    """Name features: for every feature and class, the AUROC and best F1 of the feature's patch (or image: max over patches) activations for 'this is class c'; writes each feature's best class and each class's best feature to the index."""
+    from saevctl.config import load_toml, merge_config
+    from saevctl.console import console, progress_bar, say_path
+    from saevctl.mine import label as labelling
+
+    labelling.upgrade_index(workspace.index_or_default(index))  # an index mined before labels existed
+    idx, sae_id = _open(index, sae)
+    idx.close()
+    given = {"sae": sae or sae_id, "store": store, "index": idx.fpath, "level": level, "n_bins": bins,
+             "thresholds": tuple(_floats(thresholds)) if thresholds else None, "batch_size": batch_size, "device": device}
+    cfg = merge_config(labelling.Config, load_toml(config) if config else {}, given)
+    with progress_bar("label", None, "img") as advance:
+        result = labelling.run(cfg, progress=advance, on_total=advance.set_total)
+    for lv in result.levels.values():
+        _label_table(console, lv, top)
+    say_path("index", result.index.resolve())
+    console.print(f"next: saevctl features list --label \"{_example_class(result)}\"   ·   saevctl sql \"SELECT * FROM class_features\"")
+
+
+def _floats(text: str) -> list[float]:
+    from saevctl.errors import InputError
+
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise InputError(f"bad --thresholds {text!r}", "write fractions of the max separated by commas, e.g. 0,0.1,0.3") from e
+
+
+def _label_table(console: Any, lv: Any, top: int) -> None:
+    from rich.table import Table
+
+    unit = "patches" if lv.level == "patch" else "images"
+    t = Table(title=f"{lv.level} level: best feature per class ({lv.n_items:,} labelled {unit})")
+    for col in ("class", "positives", "feature", "AUROC", "F1", "threshold"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    for r in lv.classes[:top]:
+        t.add_row(str(r["class_name"]), f"{r['n_positive']:,}", str(r["feature"]), f"{r['auroc']:.3f}",
+                  f"{r['f1']:.3f}", _fmt(r["threshold"]))
+    console.print(t)
+    cov = " · ".join(f"AUROC >= {k:g}: {v:.0%}" for k, v in lv.coverage.items())
+    console.print(f"{lv.level} level, {min(top, len(lv.classes))} of {lv.n_classes} classes shown; "
+                  f"classes with a feature at {cov}; AUROC binning error <= {lv.max_error:.1e}", highlight=False)
+
+
+def _example_class(result: Any) -> str:
+    for lv in result.levels.values():
+        if lv.classes:
+            return str(lv.classes[0]["class_name"]).replace('"', "")
+    return "CLASS"
 
 
 @features_app.command("match")

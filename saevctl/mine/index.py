@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 assert len(MIGRATIONS) == layout.INDEX_SCHEMA, "bump layout.INDEX_SCHEMA with each migration"
 
 SORTABLE = ("feature", "freq", "img_freq", "mean", "mean_all", "max", "img_mean", "n_fired")
+LABEL_SORTABLE = ("auroc", "f1")
+LABEL_LEVELS = ("patch", "image")
 
 
 def _connect(fpath: Path, read_only: bool, config: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
@@ -99,7 +101,7 @@ class Index:
             if self.read_only:
                 raise IndexError_(
                     f"the index {self.fpath} has the older schema {version}",
-                    "run saevctl mine once on it to upgrade it",
+                    "run saevctl mine (or saevctl features label) once on it to upgrade it",
                 )
             self._migrate(version)
 
@@ -237,23 +239,84 @@ class Index:
 
     def list_features(
         self, sae_id: str, sort: str = "freq", where: str | None = None, limit: int = 20,
-        token: str | None = None, descending: bool = True,
+        token: str | None = None, descending: bool = True, label: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Feature rows sorted by a statistic; `where` is a SQL condition on the features table's columns."""
-        if sort not in SORTABLE:
-            raise IndexError_(f"cannot sort by {sort!r}", f"use one of {', '.join(SORTABLE)}")
+        """Feature rows sorted by a statistic; `where` is a SQL condition on the features table's columns.
+
+        When the SAE is labelled (`features label`), rows also carry `label`, `auroc` and `f1` of the primary
+        level (patch, else image), which `where` and `sort` may use; `label` keeps features whose best class
+        is that name (case-insensitive)."""
+        level = self.primary_label_level(sae_id)
+        sortable = SORTABLE + (LABEL_SORTABLE if level else ())
+        if sort not in sortable:
+            raise IndexError_(f"cannot sort by {sort!r}", f"use one of {', '.join(sortable)}")
+        if label is not None and level is None:
+            raise IndexError_(f"SAE {sae_id} has no labels to filter by", f"run saevctl features label --sae {sae_id} first")
         token = self._token(sae_id, token)
         cond = ""
         if where:
             _check_expression(where)
             cond = f" AND ({where})"
+        params: list[Any] = [sae_id, level or "", sae_id, token]
+        if label is not None:
+            cond += " AND lower(label) = lower(?)"
+            params.append(label)
         order = "DESC" if descending else "ASC"
-        sql = (f"SELECT * FROM features WHERE sae_id = ? AND token = ?{cond} "
-               f"ORDER BY {sort} {order}, feature LIMIT ?")  # sort is from SORTABLE, never user text
+        nulls = "NULLS LAST" if sort in LABEL_SORTABLE else ""
+        # The CTE gives the caller's --where one flat set of column names (no ambiguous `feature` of a join).
+        sql = ("WITH l AS (SELECT feature, class_name AS label, auroc, f1 FROM feature_labels "
+               "  WHERE sae_id = ? AND level = ? AND token = 'patches'), "
+               "f AS (SELECT features.*, l.label, l.auroc, l.f1 FROM features LEFT JOIN l USING (feature) "
+               "  WHERE features.sae_id = ? AND features.token = ?) "
+               f"SELECT * FROM f WHERE TRUE{cond} ORDER BY {sort} {order} {nulls}, feature LIMIT ?")  # sort from a constant list
         try:
-            return _rows(self.con.execute(sql, [sae_id, token, int(limit)]))
+            rows = _rows(self.con.execute(sql, [*params, int(limit)]))
         except duckdb.Error as e:
-            raise IndexError_(f"bad --where {where!r}: {str(e).splitlines()[0]}", f"columns: {', '.join(SORTABLE)}") from e
+            raise IndexError_(f"bad --where {where!r}: {str(e).splitlines()[0]}", f"columns: {', '.join(sortable)}") from e
+        if level is None or token != "patches":
+            for r in rows:
+                for k in ("label", "auroc", "f1"):
+                    r.pop(k, None)
+        return rows
+
+    # --- labels (saevctl features label) ----------------------------------------------------------
+    def label_levels(self, sae_id: str) -> list[str]:
+        """Levels this SAE has labels at ('patch', 'image'), patch first."""
+        got = {r[0] for r in self.con.execute(
+            "SELECT DISTINCT level FROM class_features WHERE sae_id = ?", [sae_id]).fetchall()}
+        return [lv for lv in LABEL_LEVELS if lv in got]
+
+    def primary_label_level(self, sae_id: str) -> str | None:
+        """The level `features list/show` and the report show: patch when labelled at patch level, else image."""
+        levels = self.label_levels(sae_id)
+        return levels[0] if levels else None
+
+    def feature_labels(self, sae_id: str, level: str | None = None) -> list[dict[str, Any]]:
+        """One row per (feature, level): the feature's best class by AUROC (ties: F1); class_id/class_name are
+        None for a feature that never fired on labelled data. Columns as the feature_labels table."""
+        return _rows(self.con.execute(
+            "SELECT * FROM feature_labels WHERE sae_id = ? AND (? IS NULL OR level = ?) ORDER BY level DESC, feature",
+            [sae_id, level, level]))
+
+    def feature_label(self, sae_id: str, feature: int) -> list[dict[str, Any]]:
+        """One feature's label rows (one per level, patch first); empty when the SAE is not labelled."""
+        feature = self.check_feature(sae_id, feature)
+        return _rows(self.con.execute(
+            "SELECT * FROM feature_labels WHERE sae_id = ? AND feature = ? ORDER BY level DESC", [sae_id, feature]))
+
+    def class_features(self, sae_id: str, level: str | None = None) -> list[dict[str, Any]]:
+        """One row per (class, level): n_positive and the class's best feature by AUROC (feature None when the
+        class has no positives or no negatives). Columns as the class_features table."""
+        return _rows(self.con.execute(
+            "SELECT * FROM class_features WHERE sae_id = ? AND (? IS NULL OR level = ?) ORDER BY level DESC, class_id",
+            [sae_id, level, level]))
+
+    def label_coverage(self, sae_id: str, level: str, min_auroc: float) -> float:
+        """Share of classes with positives whose best feature reaches `min_auroc` (0.0 when no class has any)."""
+        hit, total = self.con.execute(
+            "SELECT count(*) FILTER (WHERE auroc >= ?), count(*) FROM class_features "
+            "WHERE sae_id = ? AND level = ? AND n_positive > 0", [float(min_auroc), sae_id, level]).fetchone()
+        return float(hit) / float(total) if total else 0.0
 
     # --- images ----------------------------------------------------------------------------------
     def images(self, sae_id: str) -> list[dict[str, Any]]:
@@ -331,7 +394,8 @@ class Index:
         return cols, rows[:max_rows] if truncated else rows, truncated
 
 
-TABLES = ("saes", "stores", "images", "features", "histograms", "exemplars", "image_features", "meta", "schema_migrations")
+TABLES = ("saes", "stores", "images", "features", "histograms", "exemplars", "image_features", "feature_labels",
+          "class_features", "meta", "schema_migrations")
 _FORBIDDEN = (";", "--", "/*")
 
 

@@ -34,6 +34,15 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE image_features (
             sae_id VARCHAR, token VARCHAR, image_id INTEGER, rank SMALLINT, feature INTEGER, value FLOAT)""",
     ],
+    [
+        # saevctl features label: each feature's best class, and each class's best feature (AUROC, F1).
+        """CREATE TABLE feature_labels (
+            sae_id VARCHAR, token VARCHAR, feature INTEGER, level VARCHAR, class_id INTEGER, class_name VARCHAR,
+            auroc DOUBLE, f1 DOUBLE, threshold DOUBLE)""",
+        """CREATE TABLE class_features (
+            sae_id VARCHAR, token VARCHAR, level VARCHAR, class_id INTEGER, class_name VARCHAR, n_positive BIGINT,
+            feature INTEGER, auroc DOUBLE, f1 DOUBLE, threshold DOUBLE)""",
+    ],
 ]
 
 # Tables with one SAE's rows (replaced as a whole when that SAE is mined again).

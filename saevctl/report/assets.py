@@ -35,11 +35,12 @@ ol.neighbours li { margin: .15em 0; }
 """
 
 # Each SAE section holds <script type="application/json" class="feature-data"> with
-# {"cols": [...], "rows": [[feature, freq, img_freq, mean, max, label, share, page, thumb], ...]}.
+# {"cols": [...], "rows": [[feature, freq, img_freq, mean, max, label, share, page, thumb, concept, auroc], ...],
+#  "labelled": whether concept/auroc (saevctl features label) are shown}.
 JS = """\
 "use strict";
 (function () {
-  var NUM = /^(feature|freq|img_freq|mean|max)\\s*(<=|>=|<|>|=)\\s*([-+]?[0-9.]+(?:e[-+]?[0-9]+)?)$/i;
+  var NUM = /^(feature|freq|img_freq|mean|max|auroc)\\s*(<=|>=|<|>|=)\\s*([-+]?[0-9.]+(?:e[-+]?[0-9]+)?)$/i;
   var STEP = 500;
   function fmt(v) {
     if (v === null || v === undefined) return "";
@@ -71,7 +72,8 @@ JS = """\
       return terms.every(function (t) {
         if (t.text !== undefined) {
           var label = row[col.label] === null ? "" : String(row[col.label]).toLowerCase();
-          return label.indexOf(t.text) >= 0 || String(row[col.feature]).indexOf(t.text) === 0;
+          var concept = data.labelled && row[col.concept] !== null ? String(row[col.concept]).toLowerCase() : "";
+          return label.indexOf(t.text) >= 0 || concept.indexOf(t.text) >= 0 || String(row[col.feature]).indexOf(t.text) === 0;
         }
         var v = row[col[t.key]];
         return v !== null && test(v, t.op, t.val);
@@ -105,6 +107,10 @@ JS = """\
         ["freq", "img_freq", "mean", "max"].forEach(function (k) { cell(tr, fmt(r[col[k]])); });
         var label = r[col.label] === null ? "" : r[col.label] + " (" + Math.round(100 * r[col.share]) + "%)";
         cell(tr, label, "text");
+        if (data.labelled) {
+          cell(tr, r[col.concept] === null ? "" : r[col.concept], "text");
+          cell(tr, fmt(r[col.auroc]));
+        }
         if (r[col.thumb]) {
           var a = document.createElement("a"), img = document.createElement("img");
           a.href = r[col.page]; img.src = r[col.thumb]; img.className = "thumb"; img.loading = "lazy";
@@ -128,7 +134,7 @@ JS = """\
       });
       th.addEventListener("click", function () {
         if (state.key === th.dataset.key) state.desc = !state.desc;
-        else { state.key = th.dataset.key; state.desc = th.dataset.key !== "feature" && th.dataset.key !== "label"; }
+        else { state.key = th.dataset.key; state.desc = ["feature", "label", "concept"].indexOf(th.dataset.key) < 0; }
         draw();
       });
     });

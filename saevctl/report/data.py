@@ -109,3 +109,11 @@ def neighbours(idx: Any, sae_id: str, features: np.ndarray, n: int) -> dict[int,
     for f, sims, ids in zip(features, sims_fk, ids_fk):
         out[int(f)] = [(int(i), float(s)) for i, s in zip(ids, sims) if i >= 0 and i != f][:n]
     return out
+
+
+def feature_labels(idx: Any, sae_id: str) -> dict[int, list[dict[str, Any]]]:
+    """Each feature's label rows from `features label` (one per level, patch first); empty when not labelled."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for r in idx.feature_labels(sae_id):
+        out.setdefault(int(r["feature"]), []).append(r)
+    return out

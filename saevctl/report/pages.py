@@ -20,7 +20,7 @@ from saevctl.report.assets import JS
 from saevctl.report.data import Exemplar
 
 esc = html.escape  # quote=True: safe in text and in double-quoted attributes
-TABLE_COLS = ("feature", "freq", "img_freq", "mean", "max", "label", "share", "page", "thumb")
+TABLE_COLS = ("feature", "freq", "img_freq", "mean", "max", "label", "share", "page", "thumb", "concept", "auroc")
 STAT_LABELS = {"freq": "firing frequency (tokens)", "img_freq": "firing frequency (images)",
                "mean": "mean when firing", "mean_all": "mean over all tokens", "max": "max",
                "img_mean": "mean of per-image score", "n_fired": "tokens fired"}
@@ -127,6 +127,21 @@ def token_section(token: str, stats: dict[str, Any], exs: list[Exemplar], grid_n
     return "\n".join(out)
 
 
+def labels_html(rows: list[dict[str, Any]]) -> str:
+    """The feature's best class per level (saevctl features label), or nothing when the SAE is not labelled."""
+    if not rows:
+        return ""
+    items = []
+    for r in rows:
+        if r["class_name"] is None:
+            items.append(f"<li>{esc(r['level'])} level: none (never fires on labelled data)</li>")
+            continue
+        thr = f" at &gt; {fmt(r['threshold'])}" if r["threshold"] is not None else ""
+        items.append(f"<li>{esc(r['level'])} level: <b class=\"concept\">{esc(r['class_name'])}</b> "
+                     f"<span class=\"meta\">AUROC {r['auroc']:.3f}, best F1 {r['f1']:.3f}{thr}</span></li>")
+    return "<section class=\"labels\"><h2>Concept (features label)</h2><ul>" + "".join(items) + "</ul></section>"
+
+
 def neighbours_html(near: list[tuple[int, float]] | None, pages: dict[int, str]) -> str:
     if near is None:
         return "<p class=\"dead\">neighbours unavailable: the index lacks this SAE's decoder directions</p>"
@@ -160,6 +175,9 @@ def sae_section(sae: dict[str, Any], rows: list[list[Any]]) -> str:
     """One SAE's block of the index page: summary, filter box, table skeleton and its rows as JSON."""
     heads = [("feature", "feature", ""), ("freq", "freq", ""), ("img_freq", "img freq", ""), ("mean", "mean", ""),
              ("max", "max", ""), ("label", "label (share of top images)", "text")]
+    labelled = bool(sae.get("label_level"))  # saevctl features label ran: each feature's best class and AUROC
+    if labelled:
+        heads += [("concept", f"concept ({sae['label_level']} level)", "text"), ("auroc", "AUROC", "")]
     ths = "".join(f"<th data-key=\"{k}\" class=\"{c}\">{esc(t)}</th>" for k, t, c in heads) + "<th>top image</th>"
     skipped = sae["n_skipped"]
     return (
@@ -168,12 +186,14 @@ def sae_section(sae: dict[str, Any], rows: list[list[Any]]) -> str:
         f"{skipped:,} never fired and were skipped (no page)"
         + (f"; {sae['n_unlisted']:,} live features left out by --max-features" if sae.get("n_unlisted") else "")
         + ".</p>\n"
-        "<div class=\"controls\"><input type=\"search\" class=\"filter\" "
+        + (f"<p class=\"card\"><a href=\"{esc(sae['card'])}\">report card</a> (saevctl eval all: reconstruction, "
+           "splice recovery, label coverage, edit specificity)</p>\n" if sae.get("card") else "")
+        + "<div class=\"controls\"><input type=\"search\" class=\"filter\" "
         "placeholder=\"filter: 12 &middot; a label word &middot; freq&gt;1e-3 max&gt;2\" "
         f"aria-label=\"filter the features of {esc(sae['sae_id'])}\"><span class=\"count\"></span></div>\n"
         f"<table class=\"features\"><thead><tr>{ths}</tr></thead><tbody></tbody></table>\n"
         "<button type=\"button\" class=\"more\" hidden>show more</button>\n"
-        f"<script type=\"application/json\" class=\"feature-data\">{script_json({'cols': TABLE_COLS, 'rows': rows})}</script>\n"
+        f"<script type=\"application/json\" class=\"feature-data\">{script_json({'cols': TABLE_COLS, 'rows': rows, 'labelled': labelled})}</script>\n"
         "</section>\n"
     )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,6 +127,8 @@ class _SaeContext:
     edges: list[tuple[float, float]]
     ext: str
     cols: int
+    labels: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    """Each feature's rows of features label (patch level first)."""
 
 
 def _context(idx: Any, sae_id: str, position: int, root: Path, cfg: Config) -> tuple[_SaeContext, np.ndarray]:
@@ -145,6 +148,8 @@ def _context(idx: Any, sae_id: str, position: int, root: Path, cfg: Config) -> t
         {t: data.feature_table(idx, sae_id, t) for t in tokens}, {t: data.histograms(idx, sae_id, t) for t in tokens},
         data.neighbours(idx, sae_id, fired, cfg.neighbours), {int(f): layout.report_feature_name(int(f)) for f in fired},
         hist_edges(), "jpg" if cfg.image_format == "jpeg" else "png", cfg.cols)
+    ctx.labels = data.feature_labels(idx, sae_id)
+    sae["label_level"] = idx.primary_label_level(sae_id)
     ctx.dpath.mkdir(parents=True)
     return ctx, fired
 
@@ -163,11 +168,14 @@ def _feature(ctx: _SaeContext, f: int, exs: dict[str, dict[int, list[data.Exempl
         f_stats = {c: ctx.stats[t][c][f] for c in data.STAT_COLUMNS}
         sections.append(pages.token_section(t, f_stats, t_exs, grid_name, ctx.hists[t].get(f), ctx.edges,
                                             ctx.grid[0] * ctx.grid[1], f))
+    sections.insert(0, pages.labels_html(ctx.labels.get(f, [])))
     near_html = pages.neighbours_html(None if ctx.near is None else ctx.near.get(f, []), ctx.page_names)
     text = pages.feature_page(ctx.sae, f, sections, near_html, prev_next, ctx.page_names)
     (ctx.dpath / ctx.page_names[f]).write_text(text, encoding="utf-8")
     t0 = ctx.tokens[0]
     row = _table_row(f, t0, ctx.stats[t0], exs[t0].get(f, []), ctx.sae["dname"], ctx.ext, ctx.page_names[f])
+    primary = next((r for r in ctx.labels.get(f, []) if r["level"] == ctx.sae["label_level"]), None)
+    row += [primary["class_name"], pages.num(primary["auroc"])] if primary else [None, None]
     return pictures.Job(f, grids), row
 
 
@@ -211,6 +219,15 @@ def _workers(cfg: Config, n_tiles: int) -> int:
     return pictures.auto_workers(n_tiles) if cfg.workers is None else cfg.workers
 
 
+def _copy_eval_card(index_fpath: Path, sae: dict[str, Any], root: Path) -> None:
+    """Copy the SAE's report card (saevctl eval all, written beside the index) into its folder, for the index page's link."""
+    card = layout.eval_card_fpath(layout.eval_dpath(index_fpath, sae["sae_id"]))
+    if card.is_file():
+        name = layout.report_eval_card_name()
+        shutil.copyfile(card, layout.report_sae_dpath(root, sae["dname"]) / name)
+        sae["card"] = f"saes/{sae['dname']}/{name}"
+
+
 def run(cfg: Config, progress: Progress | None = None) -> Result:
     """Write the report of `cfg.index` into `cfg.out` (atomically, as a whole folder); progress counts pages."""
     from saevctl.mine import Index
@@ -222,6 +239,7 @@ def run(cfg: Config, progress: Progress | None = None) -> Result:
     with Index.open(index_fpath) as idx, site.staged_site(cfg.out) as root:
         for position, sae_id in enumerate(_sae_ids(idx, cfg.saes)):
             sae, rows = _write_sae(idx, sae_id, position, root, cfg, progress)
+            _copy_eval_card(index_fpath, sae, root)
             saes.append(sae)
             sections.append(pages.sae_section(sae, rows))
             log.info("report: %s, %d pages, %d features never fired", sae_id, sae["n_pages"], sae["n_skipped"])

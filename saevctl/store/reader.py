@@ -215,6 +215,64 @@ class Store:
         """Image id of every stored row."""
         return np.array([im["id"] for im in self.images if im["row"] >= 0], dtype=np.int64)
 
+    # --- class labels (extract --masks; ImageFolder) -------------------------------------------------
+    def labels_info(self) -> dict[str, Any] | None:
+        """labels/classes.json (schema, classes, source, n_labelled_rows, ...); None without --masks."""
+        fpath = layout.store_classes_fpath(self.dpath)
+        if not fpath.is_file():
+            return None
+        try:
+            head = json.loads(fpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StoreError(f"{fpath} is not valid JSON", "run the same saevctl extract --masks command again") from e
+        if not isinstance(head, dict) or head.get("schema") != layout.LABELS_SCHEMA:
+            raise StoreError(f"{fpath} has labels schema {head.get('schema') if isinstance(head, dict) else None}, "
+                             f"this saevctl reads {layout.LABELS_SCHEMA}", "re-run saevctl extract --masks into a new --out")
+        return head
+
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        """Class names of the per-patch labels by id (classes[0] is the ignored class); None without --masks."""
+        head = self.labels_info()
+        return tuple(head["classes"]) if head else None
+
+    @property
+    def patch_labels(self) -> np.ndarray | None:
+        """Memory-mapped int16 (n_images, n_patches): class id of each patch of each stored row (aligned with the
+        activations' rows), -1 unlabelled; None when the store was extracted without --masks."""
+        if self.labels_info() is None:
+            return None
+        fpath = layout.store_patch_labels_fpath(self.dpath)
+        try:
+            arr = np.load(fpath, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise StoreError(f"the labels of {self.dpath} are damaged: {fpath} is unreadable",
+                             "run the same saevctl extract --masks command again") from e
+        if arr.dtype != np.int16 or arr.shape != (self.n_images, self.layout.n_patches):
+            raise StoreError(f"the labels of {self.dpath} are damaged: {fpath} holds {arr.dtype} {arr.shape}",
+                             "run the same saevctl extract --masks command again")
+        return arr
+
+    @property
+    def image_classes(self) -> tuple[str, ...] | None:
+        """Sorted image-label names (ImageFolder subfolders or a list file's labels); None when rows carry none."""
+        names = sorted({str(im["label"]) for im in self.images if im["row"] >= 0 and im.get("label") is not None})
+        return tuple(names) or None
+
+    @property
+    def image_labels(self) -> np.ndarray | None:
+        """int16 (n_images,): index into `image_classes` of each stored row's label, -1 none; None without labels."""
+        classes = self.image_classes
+        if classes is None:
+            return None
+        ids = {c: i for i, c in enumerate(classes)}
+        rows = [im for im in self.images if im["row"] >= 0]
+        out = np.full(self.n_images, -1, dtype=np.int16)
+        for im in rows:
+            if im.get("label") is not None:
+                out[im["row"]] = ids[str(im["label"])]
+        return out
+
 
 def open_store(dpath: str | Path) -> Store:
     dpath = Path(dpath)

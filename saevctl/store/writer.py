@@ -22,7 +22,7 @@ from saevctl.store.format import STORE_FORMAT, kind_shape, read_manifest
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     """Name the first settings that differ, for the error message."""
     parts = []
-    for key in ("model", "layers", "tokens", "dtype", "images", "images_per_shard"):
+    for key in ("model", "layers", "tokens", "dtype", "images", "images_per_shard", "masks"):
         a, b = old.get(key), new.get(key)
         if key == "model" and isinstance(a, dict) and isinstance(b, dict):
             if a.get("spec") != b.get("spec"):
@@ -35,6 +35,10 @@ def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
         elif key == "images" and isinstance(a, dict) and isinstance(b, dict):
             if a != b:
                 parts.append(f"images {a.get('spec')} ({a.get('n')}) vs {b.get('spec')} ({b.get('n')})")
+        elif key == "masks" and a != b:
+            name = lambda m: (m or {}).get("dpath") or "none"  # noqa: E731 - the class list is too long to print
+            same = name(a) == name(b)
+            parts.append(f"masks {name(a)} vs {name(b)}" + (" (other class names)" if same else ""))
         elif a != b:
             parts.append(f"{key} {a} vs {b}")
     return "; ".join(parts) or "settings"

@@ -48,11 +48,14 @@ def train(
     aux_coef: float = typer.Option(None, "--aux-coef", help="AuxK loss weight for topk/batchtopk (default 1/32)."),
     dead_after: int = typer.Option(None, "--dead-after", help="Tokens without firing before a latent counts as dead (default 1,000,000)."),
     buffer_rows: int = typer.Option(None, "--buffer-rows", help="Activations in the shuffle buffer (default 131,072)."),
+    drop_cache: bool = typer.Option(None, "--drop-cache/--keep-cache", help="Evict store pages from the page cache once read (default: only for one process on a store larger than half the RAM)."),
+    place_sweep: str = typer.Option(None, "--place-sweep", help="Under torchrun: data (default; each SAE data-parallel over all processes) or ranks (a sweep's SAEs spread over processes)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     wandb: bool = typer.Option(False, "--wandb", help="Also log to Weights & Biases (WANDB_MODE=offline works)."),
     config: Path = typer.Option(None, "--config", help="TOML file with any of these options; lists are sweep axes."),
 ) -> None:
-    """Train sparse autoencoders on a stored layer; every combination of the listed values in one data pass."""
+    """Train sparse autoencoders on a stored layer; every combination of the listed values in one data pass.
+    Multi-process: torchrun --nproc-per-node N -m saevctl train ... (see docs/train.md)."""
     from saevctl.config import load_toml, merge_config
     from saevctl.console import say_path
     from saevctl.train import Config
@@ -65,12 +68,21 @@ def train(
         "lr_warmup": lr_warmup, "lr_decay": lr_decay, "sparsity_warmup": sparsity_warmup, "seed": seed,
         "device": device, "dtype": dtype, "impl": impl, "log_every": log_every, "ckpt_every": ckpt_every,
         "aux_coef": aux_coef, "dead_after": dead_after, "buffer_rows": buffer_rows,
-        "resume": resume or None, "wandb": wandb or None,
+        "resume": resume or None, "wandb": wandb or None, "place_sweep": place_sweep, "drop_cache": drop_cache,
     }
     if given["k"] is not None:
         given["k"] = tuple(int(v) for v in given["k"])
     cfg = merge_config(Config, load_toml(config) if config else {}, given)
+    from saevctl.dist import is_main, shutdown
+
+    if not is_main():  # under torchrun only rank 0 shows the bar and the summary
+        from saevctl.train import run
+
+        run(cfg)
+        shutdown()
+        return
     result = _run_with_bar(cfg)
+    shutdown()
     _summary(result)
     for png in result.plots:
         say_path("plot", png)

@@ -85,6 +85,12 @@ class Config:
     """Also log metrics to Weights & Biases (needs `pip install wandb`; honours WANDB_MODE=offline)."""
     wandb_project: str = "saevctl"
     """Weights & Biases project name."""
+    drop_cache: bool | None = None
+    """Evict store pages from the page cache once read: None (auto) does so for one process reading a store
+    larger than half the machine's memory; several processes on a node share the pages, so auto keeps them."""
+    place_sweep: str = "data"
+    """Under torchrun: data (every SAE on every rank, each rank a slice of each batch, gradients averaged) or
+    ranks (a sweep's SAEs dealt round-robin to ranks, each rank reading every batch whole)."""
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -112,6 +118,8 @@ class Config:
             raise bad(f"unknown --impl {self.impl!r}", f"use {', '.join(IMPLS)}")
         if self.dtype not in COMPUTE_DTYPES:
             raise bad(f"unknown --dtype {self.dtype!r}", f"use {', '.join(COMPUTE_DTYPES)}")
+        if self.place_sweep not in ("data", "ranks"):
+            raise bad(f"unknown --place-sweep {self.place_sweep!r}", "use data or ranks")
         if self.lr_decay not in ("cosine", "linear", "constant"):
             raise bad(f"unknown --lr-decay {self.lr_decay!r}", "use cosine, linear or constant")
         if not (self.activation and self.width and self.lr):

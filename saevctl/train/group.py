@@ -4,7 +4,7 @@ per-latent firing trackers behind the dead/dense metrics and AuxK. Exports each 
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -13,6 +13,9 @@ from saevctl.sae.model import SAE, SAEConfig
 from saevctl.train import optim, step_fast, step_ref
 from saevctl.train.config import RunSpec
 from saevctl.train.step_ref import Hyper, StepOut
+
+if TYPE_CHECKING:
+    from saevctl.train.distributed import Comm
 
 THRESHOLD_EMA = 0.99
 
@@ -68,13 +71,15 @@ class SAEGroup:
         limit = torch.clamp(self.trackers["counted"], min=1, max=dead_after)
         return self.trackers["since_fired"] >= limit
 
-    def compute(self, x_bd: Tensor, coef_scale: float, dead_after: int, impl: str, bf16: bool) -> StepOut:
-        """Losses and gradients for this batch; nothing is updated yet (so a bad batch leaves no trace)."""
+    def compute(self, x_bd: Tensor, coef_scale: float, dead_after: int, impl: str, bf16: bool,
+                comm: Comm | None = None) -> StepOut:
+        """Losses and gradients for this batch (this rank's slice under data parallelism: `comm` makes BatchTopK
+        and AuxK see the global batch); nothing is updated yet (so a bad batch leaves no trace)."""
         coef_m = torch.tensor([sp.sparsity * coef_scale for sp in self.specs], device=x_bd.device)
         dead = None if self.hp.activation == "relu" else self.dead(dead_after)
         if impl == "reference":
-            return step_ref.step(self.params, x_bd, coef_m, dead, self.hp)
-        return step_fast.step(self.params, x_bd, coef_m, dead, self.hp, bf16=bf16)
+            return step_ref.step(self.params, x_bd, coef_m, dead, self.hp, comm)
+        return step_fast.step(self.params, x_bd, coef_m, dead, self.hp, bf16=bf16, comm=comm)
 
     @torch.no_grad()
     def apply(self, out: StepOut, step: int, lr_scale: float, fused: bool = True) -> None:

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,21 +17,23 @@ from typing import Any
 import torch
 
 import saevctl
-from saevctl import atomic, layout
+from saevctl import atomic, dist, layout
 from saevctl.config import resolve_device
-from saevctl.errors import OutputError, TrainingError
-from saevctl.train import optim, plots, state
+from saevctl.errors import OutputError, SaevctlError, TrainingError
+from saevctl.train import distributed, optim, plots, state
 from saevctl.train.config import Config, expand, group_specs
+from saevctl.train.distributed import Place
 from saevctl.train.group import SAEGroup
 from saevctl.train.loader import Prefetcher
 from saevctl.train.metrics import MetricsFile, Wandb, Window, read, require_wandb
 from saevctl.train.setup import Data, open_data, provenance
+from saevctl.train.step_ref import StepOut
 
 log = logging.getLogger(__name__)
 # progress(steps_done_now, latest metric records or None)
 Progress = Callable[[int, list[dict[str, Any]] | None], None]
 # "out" is where the run lives, so a moved run folder still resumes.
-RESUME_FREE = ("resume", "wandb", "wandb_project", "ckpt_every", "log_every", "device", "out")
+RESUME_FREE = ("resume", "wandb", "wandb_project", "ckpt_every", "log_every", "device", "out", "drop_cache")
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,15 @@ class Result:
     n_steps: int
     resumed_from: int | None
     """The step the run continued from (None for a fresh run)."""
+    data_wait_s: float = 0.0
+    """Seconds the training loop waited for the loader (this process): near 0 when reading kept up."""
 
 
 def fingerprint(cfg: Config) -> dict[str, Any]:
     """Settings that must match to resume."""
     d = dataclasses.asdict(cfg)
+    if d.get("place_sweep") == "data":
+        del d["place_sweep"]  # the default: runs started before the option existed still resume
     # Paths are compared resolved, so `--store store` from the run's folder equals `--store run/store`.
     return {k: (str(v.resolve()) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
             for k, v in d.items() if k not in RESUME_FREE}
@@ -68,8 +75,10 @@ def _check_out(cfg: Config) -> None:
     raise OutputError(f"output folder {out} holds other files", "choose an empty or new --out folder")
 
 
-def _build_groups(cfg: Config, data: Data, device: str) -> list[SAEGroup]:
-    specs = expand(cfg, data.d)
+def _build_groups(cfg: Config, data: Data, device: str, place: Place) -> list[SAEGroup]:
+    specs = _all_specs(cfg, data)
+    if place.mode == "ranks":  # dealt in sweep.json's order
+        specs = distributed.mine(specs, place.rank, place.world)
     return [SAEGroup(g, data.d, cfg.seed, cfg.aux_coef, device) for g in group_specs(specs)]
 
 
@@ -80,12 +89,31 @@ def _state_tensors(groups: list[SAEGroup], mean_d: torch.Tensor, scale: torch.Te
     return out
 
 
-def _restore(cfg: Config, groups: list[SAEGroup]) -> tuple[int, torch.Tensor, torch.Tensor] | None:
-    found = state.latest(cfg.out)
+def _state_dpath(cfg: Config, place: Place) -> Path:
+    if place.mode == "ranks":
+        return layout.train_rank_state_dpath(cfg.out, place.rank)
+    return layout.train_state_dpath(cfg.out)
+
+
+def _restore(cfg: Config, groups: list[SAEGroup], place: Place) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    dpath = _state_dpath(cfg, place)
+    at_most = None
+    if place.mode == "ranks" and place.comm is not None:
+        # every rank resumes at the newest step all ranks saved (older states are pruned only once all have)
+        own = state.latest(dpath)
+        at_most = place.comm.min_int(own[0]["step"] if own else 0)
+        if at_most == 0:
+            return None
+    found = state.latest(dpath, at_most)
     if found is None:
         return None
     header, tensors = found
     state.check_same_settings(header["config"], fingerprint(cfg), cfg.out)
+    if place.mode == "ranks" and header.get("world_size") != place.world:
+        raise TrainingError(
+            f"the run in {cfg.out} spread its SAEs over {header.get('world_size')} processes, not {place.world}",
+            "resume with the same --nproc-per-node, or train into a new --out",
+        )
     for j, g in enumerate(groups):
         g.load_state_tensors(tensors, f"g{j}.")
     log.info("resuming %s at step %d", cfg.out, header["step"])
@@ -93,13 +121,14 @@ def _restore(cfg: Config, groups: list[SAEGroup]) -> tuple[int, torch.Tensor, to
 
 
 def _export(cfg: Config, data: Data, groups: list[SAEGroup], norm: tuple[torch.Tensor, torch.Tensor],
-            step: int, n_steps: int, final: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+            step: int, n_steps: int, final: dict[str, dict[str, Any]], save: bool = True) -> list[dict[str, Any]]:
     runs = []
     for g in groups:
         for i, spec in enumerate(g.specs):
             prov = provenance(cfg, data, spec, step, n_steps, final.get(spec.name, {}))
             dpath = layout.train_run_dpath(cfg.out, spec.name)
-            g.to_sae(i, norm[0], norm[1], prov).save(dpath)
+            if save:
+                g.to_sae(i, norm[0], norm[1], prov).save(dpath)
             runs.append({"name": spec.name, "path": str(dpath), **spec.hyper(), "final": final.get(spec.name, {})})
     return runs
 
@@ -131,53 +160,71 @@ def _already_done(cfg: Config) -> Result | None:
 
 
 def run(cfg: Config, progress: Progress | None = None) -> Result:
-    """Train the sweep; with cfg.resume, continue from the last checkpoint in cfg.out (or return a finished run)."""
-    _check_out(cfg)
-    if cfg.wandb:
-        require_wandb()
-    if done := _already_done(cfg):
+    """Train the sweep; with cfg.resume, continue from the last checkpoint in cfg.out (or return a finished run).
+    Under torchrun every rank calls this: data parallel by default, or cfg.place_sweep == "ranks"."""
+    device = dist.rank_device(resolve_device(cfg.device))
+    place = distributed.place(cfg.place_sweep, device, cfg.batch_size)
+    error, done = None, None
+    try:
+        _check_out(cfg)
+        if cfg.wandb and place.main:
+            require_wandb()
+        done = _already_done(cfg)
+    except SaevctlError as e:
+        error = e
+    place.agree(error)  # every rank has checked before rank 0 writes anything
+    if done:
         return done
-    device = resolve_device(cfg.device)
-    data = open_data(cfg)
-    groups = _build_groups(cfg, data, device)
+    data = open_data(cfg, *((place.rank, place.world) if place.mode == "data" else (0, 1)), place.comm is None)
+    groups = _build_groups(cfg, data, device, place)
     n_steps = max(1, (cfg.n_tokens or data.loader.n_rows) // cfg.batch_size)
-    restored = _restore(cfg, groups) if cfg.resume else None
+    restored = _restore(cfg, groups, place) if cfg.resume else None
     if restored:
         start, mean_d, scale = restored
     else:
         start = 0
         mean_d, scale = data.normalization(cfg.n_norm_sample)
-    mean_d, scale = mean_d.to(device), scale.to(device)
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    mean_d, scale = mean_d.to(device).contiguous(), scale.to(device).reshape(())
+    if place.comm is not None and not restored:  # the same sample on every rank; rank 0's sums make them equal
+        place.comm.broadcast_(mean_d)
+        place.comm.broadcast_(scale)
+    if place.main:
+        cfg.out.mkdir(parents=True, exist_ok=True)
     try:
-        _train(cfg, data, groups, (mean_d, scale), start, n_steps, device, progress)
+        waited_s = _train(cfg, data, groups, (mean_d, scale), start, n_steps, device, place, progress)
     except torch.OutOfMemoryError as e:
         raise _oom(e, cfg) from e
     except RuntimeError as e:
         if "out of memory" in str(e) or "can't allocate memory" in str(e):
             raise _oom(e, cfg) from e
         raise
-    return _finish(cfg, data, groups, (mean_d, scale), n_steps, start if restored else None)
+    result = _finish(cfg, data, groups, (mean_d, scale), n_steps, start if restored else None, place)
+    place.barrier()  # no rank returns before rank 0 has written the summary
+    log.info("the training loop waited %.2f s for data", waited_s)
+    return dataclasses.replace(result, data_wait_s=waited_s)
 
 
 def _train(cfg: Config, data: Data, groups: list[SAEGroup], norm: tuple[torch.Tensor, torch.Tensor],
-           start: int, n_steps: int, device: str, progress: Progress | None) -> None:
+           start: int, n_steps: int, device: str, place: Place, progress: Progress | None) -> float:
+    """The steps from `start` to `n_steps`; returns the seconds spent waiting for batches."""
     mean_d, scale = norm
-    metrics = MetricsFile(layout.train_metrics_fpath(cfg.out), start if cfg.resume else None)
-    wb = Wandb(cfg.wandb_project, cfg.out.name, fingerprint(cfg), cfg.out) if cfg.wandb else None
+    metrics = MetricsFile(layout.train_metrics_fpath(cfg.out), start if cfg.resume else None) if place.main else None
+    wb = Wandb(cfg.wandb_project, cfg.out.name, fingerprint(cfg), cfg.out) if cfg.wandb and place.main else None
     window = Window(groups, torch.device(device))
     batches = Prefetcher(data.loader.batches(start), pin=device.startswith("cuda"))
     last_ckpt: int | None = start or None
-    bf16 = cfg.dtype == "bfloat16"
     # short runs (demos, tests) would otherwise spend most of their steps warming up
     lr_warmup, sp_warmup = min(cfg.lr_warmup, n_steps // 5), min(cfg.sparsity_warmup, n_steps // 5)
+    bf16 = cfg.dtype == "bfloat16"
+    batchtopk = any(g.hp.activation == "batchtopk" for g in groups)
     try:
         for t in range(start, n_steps):
             x_bd = (next(batches).to(device, non_blocking=True) - mean_d) * scale
             coef = optim.sparsity_factor(t, sp_warmup)
-            outs = [g.compute(x_bd, coef, cfg.dead_after, cfg.impl, bf16) for g in groups]
-            if not math.isfinite(float(sum(o.loss_m.sum() for o in outs))):
-                raise _non_finite(t, x_bd, last_ckpt, cfg.out)
+            outs = [g.compute(x_bd, coef, cfg.dead_after, cfg.impl, bf16, place.grad_comm) for g in groups]
+            if place.mode == "data":
+                place.comm.reduce_steps(outs, batchtopk)  # type: ignore[union-attr]
+            _check_finite(outs, t, x_bd, last_ckpt, cfg.out, place)
             lr_scale = optim.lr_factor(t, n_steps, lr_warmup, cfg.lr_decay)
             for g, o in zip(groups, outs):
                 g.apply(o, t, lr_scale, fused=cfg.impl == "fast")
@@ -186,57 +233,99 @@ def _train(cfg: Config, data: Data, groups: list[SAEGroup], norm: tuple[torch.Te
             records = None
             if done % cfg.log_every == 0 or done == n_steps:
                 records = window.records(done, done * cfg.batch_size, cfg.dead_after, lr_scale)
-                metrics.write(records)
+                records = _gather(records, cfg, data, place)
+                if metrics:
+                    metrics.write(records)
                 if wb:
                     wb.log(records)
             if done % cfg.ckpt_every == 0 and done < n_steps:
-                _checkpoint(cfg, data, groups, norm, done, n_steps, metrics)
+                _checkpoint(cfg, data, groups, norm, done, n_steps, metrics, place)
                 last_ckpt = done
             if progress:
                 progress(1, records)
     finally:
         batches.close()
-        metrics.close()
+        if metrics:
+            metrics.close()
         if wb:
             wb.finish()
+    return batches.waited_s
+
+
+def _check_finite(outs: list[StepOut], t: int, x_bd: torch.Tensor, last_ckpt: int | None, out: Path,
+                  place: Place) -> None:
+    """Raise on every rank alike: data mode reduced the losses already; in ranks mode one rank's NaN is summed in."""
+    total = sum(o.loss_m.sum() for o in outs).reshape(1).float()
+    if place.mode == "ranks":
+        total = place.comm.sum_(total)  # type: ignore[union-attr]
+    if not math.isfinite(float(total)):
+        raise _non_finite(t, x_bd, last_ckpt, out)
+
+
+def _gather(records: list[dict[str, Any]], cfg: Config, data: Data, place: Place) -> list[dict[str, Any]]:
+    """Every SAE's records on every rank (ranks mode), in the order one process would write them."""
+    if place.mode != "ranks":
+        return records
+    order = {s.name: i for i, s in enumerate(_all_specs(cfg, data))}
+    everyone = [r for part in place.comm.gather_json(records) for r in part]  # type: ignore[union-attr]
+    return sorted(everyone, key=lambda r: order[r["run"]])
+
+
+def _all_specs(cfg: Config, data: Data) -> list[Any]:
+    return [s for g in group_specs(expand(cfg, data.d)) for s in g]
 
 
 def _checkpoint(cfg: Config, data: Data, groups: list[SAEGroup], norm: tuple[torch.Tensor, torch.Tensor],
-                done: int, n_steps: int, metrics: MetricsFile) -> None:
+                done: int, n_steps: int, metrics: MetricsFile | None, place: Place) -> None:
+    """Data mode: rank 0 writes everything. Ranks mode: each rank its own SAEs and state part; old parts are
+    pruned only after every rank has written its new one, so a kill anywhere leaves a common step to resume."""
     t0 = time.perf_counter()
-    metrics.sync()
+    if metrics:
+        metrics.sync()
+    if place.mode == "data" and not place.main:
+        return
     _export(cfg, data, groups, norm, done, n_steps, {})
     header = {"config": fingerprint(cfg), "groups": [[s.name for s in g.specs] for g in groups],
-              "n_steps": n_steps, "saevctl_version": saevctl.__version__}
-    state.save(cfg.out, done, _state_tensors(groups, *norm), header)
+              "n_steps": n_steps, "saevctl_version": saevctl.__version__, "world_size": place.world}
+    dpath = _state_dpath(cfg, place)
+    state.save(dpath, done, _state_tensors(groups, *norm), header, prune_old=place.mode != "ranks")
+    if place.mode == "ranks":
+        place.barrier()
+        state.prune(dpath, done)
     log.info("checkpoint at step %d in %.1fs", done, time.perf_counter() - t0)
 
 
-def _final_metrics(cfg: Config) -> dict[str, dict[str, Any]]:
+def _final_metrics(cfg: Config, place: Place) -> dict[str, dict[str, Any]]:
     last: dict[str, dict[str, Any]] = {}
-    for r in read(layout.train_metrics_fpath(cfg.out)):
-        last[r["run"]] = {k: v for k, v in r.items() if k != "run"}
+    if place.main:
+        for r in read(layout.train_metrics_fpath(cfg.out)):
+            last[r["run"]] = {k: v for k, v in r.items() if k != "run"}
+    if place.comm is not None:
+        last = place.comm.gather_json(last)[0]  # rank 0's view of the metrics file, everywhere
     return last
 
 
 def _finish(cfg: Config, data: Data, groups: list[SAEGroup], norm: tuple[torch.Tensor, torch.Tensor],
-            n_steps: int, resumed_from: int | None) -> Result:
-    final = _final_metrics(cfg)
-    runs = _export(cfg, data, groups, norm, n_steps, n_steps, final)
+            n_steps: int, resumed_from: int | None, place: Place) -> Result:
+    final = _final_metrics(cfg, place)
+    runs = _export(cfg, data, groups, norm, n_steps, n_steps, final, save=place.main or place.mode == "ranks")
+    if place.mode == "ranks":
+        order = {s.name: i for i, s in enumerate(_all_specs(cfg, data))}
+        everyone = place.comm.gather_json(runs)  # type: ignore[union-attr]
+        runs = sorted((r for part in everyone for r in part), key=lambda r: order[r["name"]])
+    if not place.main:
+        return Result(cfg.out, runs, [], n_steps, resumed_from)
     summary = {
         "schema_version": layout.SAE_SCHEMA, "format": "saevctl-train-sweep", "complete": True,
         "saevctl_version": saevctl.__version__, "store": str(cfg.store), "layer": data.layer,
         "tokens": cfg.tokens, "n_steps": n_steps, "batch_size": cfg.batch_size,
         "n_tokens": n_steps * cfg.batch_size, "config": fingerprint(cfg), "runs": runs,
+        "world_size": place.world, "place_sweep": place.mode,
     }
     atomic.write_json(layout.train_sweep_fpath(cfg.out), summary)
     pdir = layout.train_plots_dpath(cfg.out)
     pngs = [plots.curves(read(layout.train_metrics_fpath(cfg.out)), pdir / "curves.png")]
     if all(r["final"] for r in runs):
         pngs.append(plots.mse_vs_l0(runs, pdir / "mse_vs_l0.png"))
-    state_dir = layout.train_state_dpath(cfg.out)
-    for f in state_dir.glob("*") if state_dir.is_dir() else []:
-        f.unlink()
-    if state_dir.is_dir():
-        state_dir.rmdir()
+    shutil.rmtree(layout.train_state_dpath(cfg.out), ignore_errors=True)
     return Result(cfg.out, runs, pngs, n_steps, resumed_from)

@@ -11,7 +11,7 @@ import torch
 from saevctl.errors import LayerError, TrainingError
 from saevctl.store import Store, open_store
 from saevctl.train.config import Config, RunSpec
-from saevctl.train.loader import ActivationLoader
+from saevctl.train.loader import ActivationLoader, store_exceeds_memory
 
 MODEL_KEYS = ("spec", "arch", "weights_sha256", "n_blocks", "d_model", "patch_size", "layout", "preprocess")
 
@@ -54,13 +54,17 @@ def pick_layer(store: Store, layer: int | None) -> int:
     return layer
 
 
-def open_data(cfg: Config) -> Data:
+def open_data(cfg: Config, rank: int = 0, world_size: int = 1, alone: bool = True) -> Data:
+    """The layer's loader; with world_size > 1 it yields rank `rank`'s slice of every global batch. `alone`: no
+    other process of this run reads the store (so dropping its pages from the page cache costs no one)."""
     store = open_store(cfg.store)
     layer = pick_layer(store, cfg.layer)
     view = store.layer(layer)
     kinds = ("patches", "cls") if cfg.tokens == "both" else (cfg.tokens,)
     arrays = {k: view.kind(k) for k in kinds}
-    loader = ActivationLoader(arrays, cfg.batch_size, cfg.buffer_rows, cfg.seed)
+    drop = cfg.drop_cache if cfg.drop_cache is not None else alone and store_exceeds_memory(arrays)
+    loader = ActivationLoader(arrays, cfg.batch_size, cfg.buffer_rows, cfg.seed, rank=rank, world_size=world_size,
+                              drop_cache=drop)
     return Data(store, layer, kinds, loader)
 
 

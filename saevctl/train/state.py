@@ -25,9 +25,10 @@ def _stem(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def save(out_dpath: Path, step: int, tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> Path:
-    """Write state at `step` (the number of steps done) and delete older states."""
-    dpath = layout.train_state_dpath(out_dpath)
+def save(dpath: Path, step: int, tensors: dict[str, torch.Tensor], header: dict[str, Any],
+         prune_old: bool = True) -> Path:
+    """Write state at `step` (the number of steps done) into the state folder `dpath`; delete older states
+    unless `prune_old` is False (several ranks each writing their own part prune after they all finished)."""
     dpath.mkdir(parents=True, exist_ok=True)
     wpath = dpath / f"{_stem(step)}.safetensors"
     tmp = wpath.with_name(f".{wpath.name}.tmp{os.getpid()}")
@@ -40,15 +41,20 @@ def save(out_dpath: Path, step: int, tensors: dict[str, torch.Tensor], header: d
     full["tensors_sha256"] = atomic.sha256_file(wpath)
     jpath = dpath / f"{_stem(step)}.json"
     atomic.write_json(jpath, full)
-    for old in dpath.glob("step-*"):
-        if not old.name.startswith(_stem(step)):
-            old.unlink(missing_ok=True)
+    if prune_old:
+        prune(dpath, step)
     return jpath
 
 
-def latest(out_dpath: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-    """The newest complete state in `out_dpath`, or None when there is none."""
-    dpath = layout.train_state_dpath(out_dpath)
+def prune(dpath: Path, keep_step: int) -> None:
+    """Delete every state in `dpath` but the one at `keep_step`."""
+    for old in dpath.glob("step-*"):
+        if not old.name.startswith(_stem(keep_step)):
+            old.unlink(missing_ok=True)
+
+
+def latest(dpath: Path, at_most: int | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """The newest complete state in the state folder `dpath` (at step `at_most` or before), or None."""
     if not dpath.is_dir():
         return None
     for jpath in sorted(dpath.glob("step-*.json"), reverse=True):
@@ -63,6 +69,8 @@ def latest(out_dpath: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | 
                 f"{layout.TRAIN_STATE_SCHEMA}",
                 "finish it with the saevctl version that started it, or start again in a new --out",
             )
+        if at_most is not None and int(header.get("step", 0)) > at_most:
+            continue
         wpath = jpath.with_suffix(".safetensors")
         if not wpath.is_file() or atomic.sha256_file(wpath) != header.get("tensors_sha256"):
             log.warning("skipping train state %s: its tensors are missing or do not match", jpath)

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saevctl.train.step_ref import Hyper, StepOut
+from saevctl.train.step_ref import Hyper, StepOut, batch_topk, centered_sq_sum
+
+if TYPE_CHECKING:
+    from saevctl.train.distributed import Comm
 
 
 def _autocast(x: Tensor, bf16: bool) -> contextlib.AbstractContextManager[object]:
@@ -99,7 +103,7 @@ def _relu_step(params: dict[str, Tensor], x_bd: Tensor, x_c: Tensor, coef_m: Ten
     return grads, loss_m, x_hat, l1_m, fired, n_counted
 
 
-def _select(pre_bs: Tensor, activation: str, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _select(pre_bs: Tensor, activation: str, k: int, comm: Comm | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Sparse codes as (rows, cols, vals, offsets), rows ascending; vals after the ReLU."""
     b, s = pre_bs.shape
     if activation == "topk":
@@ -107,7 +111,7 @@ def _select(pre_bs: Tensor, activation: str, k: int) -> tuple[Tensor, Tensor, Te
         rows = torch.arange(b, device=pre_bs.device).repeat_interleave(k)
         offsets = torch.arange(0, b * k, k, device=pre_bs.device)
         return rows, cols.flatten(), torch.relu(vals.flatten().float()), offsets
-    vals, flat = pre_bs.flatten().topk(b * k, sorted=False)
+    vals, flat = batch_topk(pre_bs.flatten(), b * k, comm)
     flat, order = flat.sort()
     rows, cols = flat // s, flat % s
     counts = torch.bincount(rows, minlength=b)
@@ -129,9 +133,10 @@ def _sparse_encoder_grads(g_vals: Tensor, rows: Tensor, cols: Tensor, x_c_bd: Te
     return torch.sparse.mm(g_pre_T, x_c_bd.float()), g_b_enc
 
 
-def _sparse_one(i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor, x_c_bd: Tensor, dead_s, hp: Hyper):
+def _sparse_one(i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor, x_c_bd: Tensor, dead_s, hp: Hyper,
+                comm: Comm | None):
     s = pre_bs.shape[1]
-    rows, cols, vals, offsets = _select(pre_bs, hp.activation, hp.k)
+    rows, cols, vals, offsets = _select(pre_bs, hp.activation, hp.k, comm)
     W_dec = params["W_dec"][i].detach().requires_grad_()
     b_dec = params["b_dec"][i].detach().requires_grad_()
     v = vals.detach().requires_grad_()
@@ -149,7 +154,8 @@ def _sparse_one(i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor,
     aux = x_bd.new_zeros(())
     n_dead = 0 if dead_s is None or hp.aux_coef <= 0 else int(dead_s.sum())
     if n_dead:
-        aux, g_W_dec_aux, g_W_enc_aux, g_b_enc_aux = _auxk(pre_bs, dead_s, n_dead, x_bd - x_hat.detach(), W_dec, x_c_bd, hp)
+        resid = x_bd - x_hat.detach()
+        aux, g_W_dec_aux, g_W_enc_aux, g_b_enc_aux = _auxk(pre_bs, dead_s, n_dead, resid, W_dec, x_c_bd, hp, comm)
         g_W_dec, g_W_enc, g_b_enc = g_W_dec + g_W_dec_aux, g_W_enc + g_W_enc_aux, g_b_enc + g_b_enc_aux
     g_b_dec = g_b_dec - g_b_enc @ params["W_enc"][i]  # W_enc rows: (s, d)
     fired = torch.bincount(cols[vals > 0], minlength=s).float()
@@ -158,7 +164,8 @@ def _sparse_one(i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor,
     return grads, recon.detach() + aux, x_hat.detach(), vals.sum() / len(x_bd), fired, aux, min_act
 
 
-def _auxk(pre_bs: Tensor, dead_s: Tensor, n_dead: int, resid_bd: Tensor, W_dec: Tensor, x_c_bd: Tensor, hp: Hyper):
+def _auxk(pre_bs: Tensor, dead_s: Tensor, n_dead: int, resid_bd: Tensor, W_dec: Tensor, x_c_bd: Tensor, hp: Hyper,
+          comm: Comm | None):
     masked = torch.where(dead_s, pre_bs, torch.full_like(pre_bs, float("-inf")))
     k = min(hp.k_aux, n_dead)
     vals, cols = masked.topk(k, dim=-1, sorted=False)
@@ -169,15 +176,16 @@ def _auxk(pre_bs: Tensor, dead_s: Tensor, n_dead: int, resid_bd: Tensor, W_dec: 
     W = W_dec.detach().requires_grad_()
     with torch.enable_grad():
         e_hat = F.embedding_bag(cols, W, torch.arange(0, b * k, k, device=pre_bs.device), mode="sum", per_sample_weights=v)
-        denom = (resid_bd - resid_bd.mean(0)).pow(2).sum().clamp_min(1e-12)
-        aux = hp.aux_coef * (e_hat - resid_bd).pow(2).sum() / denom
+        denom = centered_sq_sum(resid_bd, comm).clamp_min(1e-12)  # global under data parallelism (step_ref)
+        aux = hp.aux_coef * (comm.world if comm else 1) * (e_hat - resid_bd).pow(2).sum() / denom
         g_v, g_W = torch.autograd.grad(aux, (v, W))
     g_W_enc, g_b_enc = _sparse_encoder_grads(g_v * (vals > 0), rows, cols, x_c_bd, pre_bs.shape[1])
     return aux.detach(), g_W, g_W_enc, g_b_enc
 
 
 def step(
-    params: dict[str, Tensor], x_bd: Tensor, coef_m: Tensor, dead_ms: Tensor | None, hp: Hyper, bf16: bool = False
+    params: dict[str, Tensor], x_bd: Tensor, coef_m: Tensor, dead_ms: Tensor | None, hp: Hyper, bf16: bool = False,
+    comm: Comm | None = None,
 ) -> StepOut:
     x_c = x_bd[None] - params["b_dec"][:, None, :]
     var = (x_bd - x_bd.mean(0)).pow(2).sum().clamp_min(1e-12)
@@ -189,7 +197,7 @@ def step(
         with _autocast(x_bd, bf16):
             pre = _bmm(x_c, params["W_enc"].transpose(1, 2), params["b_enc"][:, None, :])
         per = [
-            _sparse_one(i, pre[i], params, x_bd, x_c[i], None if dead_ms is None else dead_ms[i], hp)
+            _sparse_one(i, pre[i], params, x_bd, x_c[i], None if dead_ms is None else dead_ms[i], hp, comm)
             for i in range(len(pre))
         ]
         stack = (lambda ts: ts[0][None]) if len(per) == 1 else torch.stack  # one SAE: a view, not a copy

@@ -6,9 +6,13 @@ It defines the maths; `step_fast` must match it (tests/test_train_parity.py). Sl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from saevctl.train.distributed import Comm
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,26 @@ class StepOut:
     """Rows of the batch that `fired_ms` counts (the fast ReLU step counts a fixed sample of them)."""
 
 
-def train_codes(pre_bs: Tensor, activation: str, k: int) -> Tensor:
+def batch_topk(pre_flat: Tensor, n_local: int, comm: Comm | None = None) -> tuple[Tensor, Tensor]:
+    """(values, flat indices) of the batch's n_local largest pre-activations. Data parallel: of this rank's
+    entries among the global batch's world * n_local largest, so selection matches one process (up to ties)."""
+    if comm is None:
+        return pre_flat.topk(n_local, sorted=False)
+    n = n_local * comm.world
+    vals, idx = pre_flat.topk(min(n, pre_flat.numel()), sorted=False)
+    keep = vals >= comm.kth_largest(vals, n)
+    return vals[keep], idx[keep]
+
+
+def centered_sq_sum(resid_bd: Tensor, comm: Comm | None = None) -> Tensor:
+    """sum_b ||r_b - mean(r)||^2 over the (global) batch: the AuxK normaliser."""
+    if comm is None:
+        return (resid_bd - resid_bd.mean(0)).pow(2).sum()
+    mean_d = comm.sum_(resid_bd.sum(0)) / (len(resid_bd) * comm.world)
+    return comm.sum_((resid_bd - mean_d).pow(2).sum())
+
+
+def train_codes(pre_bs: Tensor, activation: str, k: int, comm: Comm | None = None) -> Tensor:
     """The training-time nonlinearity, dense."""
     if activation == "relu":
         return torch.relu(pre_bs)
@@ -59,7 +82,7 @@ def train_codes(pre_bs: Tensor, activation: str, k: int) -> Tensor:
         vals, idx = pre_bs.topk(k, dim=-1)
         return torch.zeros_like(pre_bs).scatter(-1, idx, torch.relu(vals))
     b, s = pre_bs.shape
-    vals, idx = pre_bs.flatten().topk(b * k)
+    vals, idx = batch_topk(pre_bs.flatten(), b * k, comm)
     return torch.zeros_like(pre_bs).flatten().scatter(0, idx, torch.relu(vals)).view(b, s)
 
 
@@ -72,8 +95,11 @@ def recon_loss(f_bs: Tensor, W_dec_sd: Tensor, b_dec_d: Tensor, x_bd: Tensor, pr
     return total / len(prefixes)
 
 
-def aux_loss(pre_bs: Tensor, dead_s: Tensor, resid_bd: Tensor, W_dec_sd: Tensor, k_aux: int) -> Tensor:
-    """AuxK: reconstruct the residual from the top dead latents, normalised by the residual's variance."""
+def aux_loss(pre_bs: Tensor, dead_s: Tensor, resid_bd: Tensor, W_dec_sd: Tensor, k_aux: int,
+             comm: Comm | None = None) -> Tensor:
+    """AuxK: reconstruct the residual from the top dead latents, normalised by the residual's variance.
+    Data parallel: normalised by the global batch's variance and scaled by the world size, so that the mean
+    over ranks (what gradient averaging takes) is the global loss."""
     n_dead = int(dead_s.sum())
     if n_dead == 0:
         return pre_bs.new_zeros(())
@@ -81,11 +107,12 @@ def aux_loss(pre_bs: Tensor, dead_s: Tensor, resid_bd: Tensor, W_dec_sd: Tensor,
     vals, idx = masked.topk(min(k_aux, n_dead), dim=-1)
     codes = torch.zeros_like(pre_bs).scatter(-1, idx, torch.relu(vals))
     e_hat = codes @ W_dec_sd
-    denom = (resid_bd - resid_bd.mean(0)).pow(2).sum().clamp_min(1e-12)
-    return (e_hat - resid_bd).pow(2).sum() / denom
+    denom = centered_sq_sum(resid_bd, comm).clamp_min(1e-12)
+    return (e_hat - resid_bd).pow(2).sum() / denom * (comm.world if comm else 1)
 
 
-def step(params: dict[str, Tensor], x_bd: Tensor, coef_m: Tensor, dead_ms: Tensor | None, hp: Hyper) -> StepOut:
+def step(params: dict[str, Tensor], x_bd: Tensor, coef_m: Tensor, dead_ms: Tensor | None, hp: Hyper,
+         comm: Comm | None = None) -> StepOut:
     m = params["W_enc"].shape[0]
     grads = {name: torch.zeros_like(p) for name, p in params.items()}
     outs: dict[str, list[Tensor]] = {n: [] for n in ("loss", "mse", "fvu", "l1", "aux", "fired", "min_act")}
@@ -97,7 +124,7 @@ def step(params: dict[str, Tensor], x_bd: Tensor, coef_m: Tensor, dead_ms: Tenso
         b_dec = params["b_dec"][i].detach().clone().requires_grad_()
         with torch.enable_grad():
             pre = (x_bd - b_dec) @ (W_enc.t() if hp.enc_rows else W_enc) + b_enc
-            f = train_codes(pre, hp.activation, hp.k)
+            f = train_codes(pre, hp.activation, hp.k, comm)
             recon = recon_loss(f, W_dec, b_dec, x_bd, hp.prefixes)
             loss = recon
             if hp.activation == "relu":
@@ -105,7 +132,7 @@ def step(params: dict[str, Tensor], x_bd: Tensor, coef_m: Tensor, dead_ms: Tenso
             aux = pre.new_zeros(())
             if hp.activation != "relu" and dead_ms is not None and hp.aux_coef > 0:
                 resid = x_bd - (f @ W_dec + b_dec).detach()
-                aux = hp.aux_coef * aux_loss(pre, dead_ms[i], resid, W_dec, hp.k_aux)
+                aux = hp.aux_coef * aux_loss(pre, dead_ms[i], resid, W_dec, hp.k_aux, comm)
                 loss = loss + aux
             g = torch.autograd.grad(loss, (W_enc, b_enc, W_dec, b_dec))
         for name, gi in zip(("W_enc", "b_enc", "W_dec", "b_dec"), g):

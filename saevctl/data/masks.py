@@ -1,0 +1,196 @@
+"""Segmentation-mask folders (ADE20K style): one single-channel PNG of class ids per image, plus class names.
+
+`open_masks(dir)` finds the masks and the class file; `patch_labels` turns one mask into a class id per ViT patch.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from saevctl.errors import InputError
+
+if TYPE_CHECKING:
+    from saevctl.vit.preprocess import Preprocess
+
+log = logging.getLogger(__name__)
+
+CLASSES_TXT = "classes.txt"
+ADE_OBJECT_INFO = "objectInfo150.csv"
+ADE_OBJECT_INFO_TXT = "objectInfo150.txt"  # ADEChallengeData2016's own copy: tab-separated, names "a, b"
+IGNORED = 0
+"""Pixel value of 'other / unlabelled' (ADE20K's 0): never a class of a patch."""
+UNLABELLED = -1
+"""Patch (or image row) label meaning: no class (majority 0, no mask, or unreadable mask)."""
+
+
+class MaskSizeError(InputError):
+    """A mask whose pixel size differs from its image's: the folder pairs masks with the wrong images."""
+
+
+@dataclass(frozen=True)
+class MaskSet:
+    dpath: Path
+    """The mask folder (searched recursively for <image stem>.png)."""
+    classes: tuple[str, ...]
+    """Class names by id; classes[0] is the ignored 'other' class."""
+    by_stem: Mapping[str, tuple[Path, ...]] = field(default_factory=dict, repr=False, compare=False)
+    """Mask files by file stem (several when two sub-folders hold the same name)."""
+
+    def path_for(self, image_path: str) -> Path | None:
+        """The mask of an image, matched by file stem; None when there is none.
+
+        When several masks share the stem, the one whose parent folders match the image's wins.
+        """
+        p = Path(image_path)
+        found = self.by_stem.get(p.stem, ())
+        if len(found) <= 1:
+            return found[0] if found else None
+        for depth in range(1, len(p.parts)):
+            tail = p.parts[-1 - depth : -1]
+            hits = [m for m in found if m.relative_to(self.dpath).parts[:-1][-depth:] == tail]
+            if len(hits) == 1:
+                return hits[0]
+        raise InputError(
+            f"{len(found)} masks in {self.dpath} are named {p.stem}.png ({found[0]}, {found[1]})",
+            "give each image's mask a unique name, or mirror the image folders' layout in the mask folder",
+        )
+
+    @property
+    def fingerprint(self) -> dict[str, object]:
+        """What a store records so that a resume with other masks is refused."""
+        return {"dpath": str(self.dpath), "classes": list(self.classes)}
+
+
+def _read_classes_txt(fpath: Path) -> tuple[str, ...]:
+    try:
+        lines = fpath.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read the class file {fpath} ({type(e).__name__})", "write one UTF-8 class name per line") from e
+    names = tuple(line.strip() for line in lines)
+    while names and not names[-1]:
+        names = names[:-1]
+    if len(names) < 2:
+        raise InputError(f"the class file {fpath} names {len(names)} classes",
+                         "line 0 names the ignored class (e.g. other), lines 1.. name the classes")
+    return names
+
+
+def _read_object_info(fpath: Path) -> tuple[str, ...]:
+    """ADE20K's objectInfo150.csv (Idx,Ratio,Train,Val,Name; 'building;edifice' -> 'building') or the
+    challenge zip's tab-separated objectInfo150.txt ('building, edifice' -> 'building')."""
+    try:
+        with open(fpath, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if fpath.suffix == ".txt" else ","))
+        by_id = {int(r["Idx"]): r["Name"].replace(";", ",").split(",")[0].strip() for r in rows}
+    except (OSError, UnicodeDecodeError, KeyError, ValueError, TypeError, AttributeError) as e:
+        raise InputError(f"cannot read the class file {fpath} ({type(e).__name__})",
+                         "it needs ADE20K's Idx and Name columns") from e
+    if not by_id or min(by_id) < 1:
+        raise InputError(f"the class file {fpath} lists no classes with Idx >= 1", "use ADE20K's objectInfo150.csv")
+    names = ["other"] + [by_id.get(i, f"class {i}") for i in range(1, max(by_id) + 1)]
+    return tuple(names)
+
+
+def read_classes(dpath: Path) -> tuple[str, ...]:
+    """Class names of a mask folder: DIR/classes.txt, else ADE20K's objectInfo150.csv (or .txt) in DIR, its parent
+    or its grandparent (ADEChallengeData2016/objectInfo150.txt beside annotations/training/)."""
+    if (dpath / CLASSES_TXT).is_file():
+        return _read_classes_txt(dpath / CLASSES_TXT)
+    for d in (dpath, dpath.parent, dpath.parent.parent):
+        for name in (ADE_OBJECT_INFO, ADE_OBJECT_INFO_TXT):
+            if (d / name).is_file():
+                return _read_object_info(d / name)
+    raise InputError(
+        f"the mask folder {dpath} has no class file ({CLASSES_TXT} in it, or {ADE_OBJECT_INFO} or .txt in it, its parent or grandparent)",
+        f"add {CLASSES_TXT}: one class name per line, line 0 the ignored class",
+    )
+
+
+def open_masks(dpath: str | Path) -> MaskSet:
+    """Index a mask folder; a missing folder, a folder without PNGs or without a class file is an InputError."""
+    dpath = Path(dpath).expanduser()
+    if not dpath.is_dir():
+        raise InputError(f"mask folder {dpath} does not exist", "pass the folder of per-image PNG masks to --masks")
+    dpath = dpath.resolve()
+    by_stem: dict[str, list[Path]] = {}
+    for p in sorted(dpath.rglob("*.png")):
+        rel = p.relative_to(dpath)
+        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
+            by_stem.setdefault(p.stem, []).append(p)
+    if not by_stem:
+        raise InputError(f"the mask folder {dpath} holds no .png masks",
+                         "put one single-channel PNG of class ids per image there, named <image stem>.png")
+    classes = read_classes(dpath)
+    return MaskSet(dpath, classes, {k: tuple(v) for k, v in by_stem.items()})
+
+
+def read_mask(mask_fpath: Path) -> np.ndarray:
+    """A mask as an (h, w) int32 array of class ids; InputError when it is unreadable or not single-channel."""
+    try:
+        with Image.open(mask_fpath) as img:
+            img.load()
+            if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
+                raise InputError(f"mask {mask_fpath} is a {img.mode} image, not single-channel class ids",
+                                 "save masks as 8- or 16-bit greyscale (or palette) PNGs whose values are class ids")
+            return np.asarray(img).astype(np.int32)
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        raise InputError(f"cannot read mask {mask_fpath} ({type(e).__name__})", "the file is corrupt or not a PNG") from e
+
+
+def mask_geometry(ids_hw: np.ndarray, pre: Preprocess) -> np.ndarray:
+    """Apply the model's resize/crop/pad to a class-id array with nearest-neighbour sampling: (size, size) int32.
+
+    The ids travel as RGB (id >> 16, id >> 8, id & 255) through `Preprocess.geometry` itself, so the geometry is
+    exactly the model's; nearest sampling copies whole pixels, and black padding decodes to the ignored id 0.
+    """
+    assert ids_hw.min(initial=0) >= 0 and ids_hw.max(initial=0) < 1 << 24, "class ids fit in 24 bits"
+    rgb = np.stack([(ids_hw >> 16) & 255, (ids_hw >> 8) & 255, ids_hw & 255], axis=-1).astype(np.uint8)
+    nearest = dataclasses.replace(pre, interpolation="nearest")
+    out = np.asarray(nearest.geometry(Image.fromarray(rgb, "RGB")), dtype=np.int32)
+    return (out[..., 0] << 16) | (out[..., 1] << 8) | out[..., 2]
+
+
+def majority_per_patch(ids_hw: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
+    """Most common id among each patch's pixels, row-major over the grid: (gh * gw,) int16, -1 where that is 0.
+
+    Ties go to the smaller id (so a patch half 'other' and half a class counts as unlabelled).
+    """
+    gh, gw = grid_hw
+    h, w = ids_hw.shape
+    assert h % gh == 0 and w % gw == 0, (ids_hw.shape, grid_hw)
+    ph, pw = h // gh, w // gw
+    patches = ids_hw.reshape(gh, ph, gw, pw).transpose(0, 2, 1, 3).reshape(gh * gw, ph * pw)
+    # Dense ids for the bincount, so a mask using id 40000 does not allocate 40000 counters per patch.
+    uniq, dense = np.unique(patches, return_inverse=True)
+    dense = dense.reshape(patches.shape)
+    k = len(uniq)
+    counts = np.bincount((np.arange(gh * gw)[:, None] * k + dense).ravel(), minlength=gh * gw * k).reshape(gh * gw, k)
+    best = uniq[counts.argmax(1)]
+    return np.where(best == IGNORED, UNLABELLED, best).astype(np.int16)
+
+
+def patch_labels(
+    mask_fpath: Path, image_size: tuple[int, int], pre: Preprocess, grid_hw: tuple[int, int], *, image: str | None = None
+) -> np.ndarray:
+    """Class id of each patch (row-major, int16, -1 unlabelled) of the image whose mask this is.
+
+    `image_size` is the image's (width, height); a mask of another size is an InputError (`image` names it).
+    """
+    ids_hw = read_mask(Path(mask_fpath))
+    mh, mw = ids_hw.shape
+    iw, ih = image_size
+    if (mw, mh) != (iw, ih):
+        raise MaskSizeError(f"mask {mask_fpath} is {mw}x{mh} but its image {image or ''} is {iw}x{ih}".replace("  ", " "),
+                         "masks must have their image's exact pixel size (width x height)")
+    if int(ids_hw.max(initial=0)) > 0x7FFF:
+        raise InputError(f"mask {mask_fpath} holds class id {int(ids_hw.max())}", "class ids must be below 32768")
+    return majority_per_patch(mask_geometry(ids_hw, pre), grid_hw)

@@ -1,0 +1,170 @@
+"""The report card: one self-contained HTML page (inline CSS, no script, no external asset) and a JSON file with
+the same figures: reconstruction, splice recovery, label coverage and edit specificity of one SAE.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from saevctl import atomic, layout
+from saevctl.eval.common import FORMAT, jsonable, kinds_text
+
+esc = html.escape  # quote=True: safe in text and in double-quoted attributes
+CARD_FORMAT = FORMAT + "-card"
+SECTIONS = ("recon", "splice", "coverage", "edits")
+TITLES = {"recon": "Reconstruction", "splice": "Behaviour kept when spliced in", "coverage": "Label coverage",
+          "edits": "Are edits specific"}
+CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
+CSS = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem auto;max-width:60rem;padding:0 1rem;color:#1c1c1c}
+h1{font-size:1.5rem;margin-bottom:.2rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd}
+.meta{color:#666;font-size:.9rem}.skip{color:#8a5a00}table{border-collapse:collapse;margin:.6rem 0}
+th,td{padding:.25rem .7rem;text-align:right;border-bottom:1px solid #eee}th{background:#f6f6f6}
+td.text,th.text{text-align:left}.big{font-size:1.6rem;font-weight:600}
+.bar{background:#eee;width:16rem;height:.8rem;display:inline-block;vertical-align:middle;position:relative}
+.bar span{background:#3a7bd5;height:100%;display:block}.ci{color:#666;font-size:.85rem}
+""".strip()
+
+
+def num(v: Any, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{float(v):.{digits}g}"
+
+
+def pct(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{100 * float(v):.1f}%"
+
+
+def _ci(c: dict[str, Any] | None, f: Any = num) -> str:
+    if not c:
+        return "n/a"
+    return f"{esc(f(c.get('mean')))} <span class=\"ci\">[{esc(f(c.get('lo')))}, {esc(f(c.get('hi')))}]</span>"
+
+
+def _bar(share: Any) -> str:
+    if share is None or not math.isfinite(float(share)):
+        return ""
+    width = max(0.0, min(1.0, float(share))) * 100
+    return f"<span class=\"bar\" role=\"img\" aria-label=\"{width:.0f} percent\"><span style=\"width:{width:.1f}%\"></span></span>"
+
+
+def _table(head: list[str], rows: list[list[str]], text_cols: int = 1) -> str:
+    ths = "".join(f"<th class=\"{'text' if i < text_cols else ''}\">{esc(h)}</th>" for i, h in enumerate(head))
+    trs = "".join("<tr>" + "".join(f"<td class=\"{'text' if i < text_cols else ''}\">{c}</td>" for i, c in enumerate(r))
+                  + "</tr>" for r in rows)
+    return f"<table><thead><tr>{ths}</tr></thead><tbody>{trs}</tbody></table>\n"
+
+
+# --- sections ------------------------------------------------------------------------------------------
+
+
+def recon_html(r: dict[str, Any]) -> str:
+    rows = [["MSE (normalised space, per element)", esc(num(r["mse"]))],
+            ["normalised MSE (fraction of variance unexplained)", esc(num(r["nmse"]))],
+            ["L0 (active latents per token)", esc(num(r["l0"]))],
+            ["dead latents (never fired)", esc(pct(r["dead"]))],
+            ["dense latents (fire on > 1% of tokens)", esc(pct(r["dense"]))]]
+    return (_table(["figure", "value"], rows)
+            + f"<p class=\"meta\">{r['n_tokens']:,} tokens of {r['n_images']:,} images from the store "
+            f"<code>{esc(str(r['store']))}</code>.</p>\n")
+
+
+def splice_html(s: dict[str, Any]) -> str:
+    first = s["metrics"][0]
+    rec = first["recovery"]["mean"]
+    out = (f"<p><span class=\"big\">{esc(pct(rec))}</span> {_bar(rec)} of the head's performance recovered "
+           f"((spliced &minus; ablated) / (original &minus; ablated), {esc(first['label'])}).</p>\n")
+    rows = [[esc(m["label"]), _ci(m["original"]), _ci(m["spliced"]), _ci(m["ablated"]), _ci(m["recovery"], pct)]
+            for m in s["metrics"]]
+    out += _table(["metric", "original", "spliced", "mean-ablated", "recovered"], rows)
+    out += (f"<p class=\"meta\">head <code>{esc(str(s['head']))}</code> ({esc(s['task'])}); "
+            f"{esc(kinds_text(s['kinds']))} tokens at layer {s['layer']} replaced; {s['n_images']:,} images; "
+            f"ablation mean from {esc(s['mean_source'])}; 95% bootstrap CIs over images.</p>\n")
+    return out
+
+
+def coverage_html(c: dict[str, Any]) -> str:
+    return (f"<p><span class=\"big\">{esc(pct(c['coverage']))}</span> {_bar(c['coverage'])} of the {c['n_classes']:,} "
+            f"labelled classes have a feature with patch-level AUROC &ge; {esc(num(c['min_auroc']))} "
+            f"({c['n_covered']:,} classes).</p>\n")
+
+
+def edits_html(e: dict[str, Any], limit: int = 40) -> str:
+    rows = []
+    classes = e["classes"]
+    body = sorted(classes[:-1], key=lambda r: -r["n_target"])[:limit] + classes[-1:]
+    for r in body:
+        name = f"all {r['n_classes']} classes" if r["class_id"] is None else f"{r['class']} (feature {r['feature']})"
+        for i, (cond, v) in enumerate(r["conditions"].items()):
+            rows.append([esc(name) if i == 0 else "", esc(cond), _ci(v["target"], pct), _ci(v["other"], pct)])
+    more = len(classes) - 1 - min(limit, len(classes) - 1)
+    return (_table(["class", "condition", "target change rate", "other change rate"], rows, text_cols=2)
+            + (f"<p class=\"meta\">{more} more classes in edits.json.</p>\n" if more > 0 else "")
+            + f"<p class=\"meta\">Each class's feature set to {esc(str(e['value']))} on the class's patches of "
+            f"{e['n_images']:,} masked images. Target: patches the head predicted as that class before the edit; "
+            "other: every other patch of those images. Controls: a random feature of similar firing frequency and a "
+            "random direction of the edit's norm, on the same patches. 95% bootstrap CIs over images.</p>\n")
+
+
+RENDER = {"recon": recon_html, "splice": splice_html, "coverage": coverage_html, "edits": edits_html}
+
+
+def card_html(card: dict[str, Any]) -> str:
+    sae = card["sae"]
+    desc = (f"model {sae.get('model_spec')}, layer {sae.get('layer')}, {sae.get('n_latents', 0):,} latents, "
+            f"{sae.get('activation')}" + (f" k={sae['k']}" if sae.get("k") else "") + f", {kinds_text(sae.get('tokens', []))} tokens")
+    parts = ["<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n",
+             f"<meta http-equiv=\"Content-Security-Policy\" content=\"{esc(CSP)}\">\n",
+             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n",
+             f"<title>{esc('report card: ' + str(sae['name']))}</title>\n<style>{CSS}</style>\n</head>\n<body>\n",
+             f"<h1>SAE report card: {esc(str(sae['name']))}</h1>\n",
+             f"<p class=\"meta\">{esc(desc)}<br><code>{esc(str(sae['path']))}</code> &middot; made {esc(card['created'])}</p>\n"]
+    for name in SECTIONS:
+        parts.append(f"<section id=\"{name}\">\n<h2>{esc(TITLES[name])}</h2>\n")
+        if card["sections"].get(name) is not None:
+            parts.append(RENDER[name](card["sections"][name]))
+        else:
+            parts.append(f"<p class=\"skip\">Not evaluated: {esc(card['skipped'].get(name, 'not asked for'))}.</p>\n")
+        parts.append("</section>\n")
+    parts.append("</body>\n</html>\n")
+    return "".join(parts)
+
+
+def write_card(dpath: Path, sae: dict[str, Any], sections: dict[str, Any],
+               skipped: dict[str, str]) -> tuple[Path, Path, dict[str, Any]]:
+    """Write card.html and card.json into `dpath` (each atomically); returns their paths and the card's figures."""
+    card = {"schema_version": layout.EVAL_SCHEMA, "format": CARD_FORMAT,
+            "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "sae": sae,
+            "sections": {k: sections.get(k) for k in SECTIONS}, "skipped": skipped}
+    card = jsonable(card)
+    html_fpath, json_fpath = layout.eval_card_fpath(dpath), layout.eval_card_json_fpath(dpath)
+    atomic.write_json(json_fpath, card)
+    atomic.write_text(html_fpath, card_html(card))
+    return html_fpath, json_fpath, card
+
+
+def read_card(dpath: Path) -> dict[str, Any]:
+    """card.json of an eval folder, checked for format and schema."""
+    import json
+
+    from saevctl.errors import InputError
+
+    fpath = layout.eval_card_json_fpath(dpath)
+    try:
+        card = json.loads(fpath.read_text())
+    except FileNotFoundError as e:
+        raise InputError(f"no report card at {fpath}", "run saevctl eval all first (or pass its --out)") from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"the report card {fpath} is unreadable ({type(e).__name__})", "run saevctl eval all again") from e
+    if card.get("format") != CARD_FORMAT or card.get("schema_version") != layout.EVAL_SCHEMA:
+        raise InputError(f"{fpath} is not a report card of schema {layout.EVAL_SCHEMA}", "run saevctl eval all again")
+    return card

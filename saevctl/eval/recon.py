@@ -1,0 +1,159 @@
+"""Reconstruction quality of an SAE over an activation store, streamed a chunk of tokens at a time:
+MSE, normalised MSE (fraction of variance unexplained), L0, dead and dense latents.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from saevctl import atomic, layout
+from saevctl.config import resolve_device
+from saevctl.errors import InputError, StoreError
+from saevctl.eval import common
+from saevctl.probe.session import resolve_sae_path
+from saevctl.train.metrics import DENSE_RATE  # dense: fires on more than this share of tokens, as training reports
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    sae: Path | None = None
+    """SAE checkpoint folder (default: the workspace's SAE)."""
+    store: Path | None = None
+    """Activation store of the SAE's model and layer (default: the store it was trained on)."""
+    index: Path | None = None
+    """Mined index that holds the SAE: the summary is written beside it (default: the workspace's)."""
+    out: Path | None = None
+    """JSON summary path (default: recon.json in the SAE's eval folder)."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    batch_tokens: int = 4096
+    """Tokens encoded at once (memory: batch_tokens x n_latents floats)."""
+    max_images: int | None = None
+    """Use only the first N stored images."""
+
+    def __post_init__(self) -> None:
+        for name in ("sae", "store", "index", "out"):  # TOML gives strings
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)).expanduser())
+        if self.batch_tokens < 1:
+            raise InputError("--batch-tokens must be positive", "pass e.g. 4096")
+
+
+@dataclass
+class ReconResult:
+    mse: float
+    """Mean squared error per element in the SAE's normalised space (what training reports)."""
+    nmse: float
+    """Sum of squared errors over the sum of squared deviations from the mean token (FVU)."""
+    l0: float
+    """Mean number of active latents per token."""
+    dead: float
+    """Share of latents that never fired on the evaluated tokens."""
+    dense: float
+    """Share of latents firing on more than 1% of the evaluated tokens."""
+    n_tokens: int
+    n_images: int
+    store: Path
+    kinds: tuple[str, ...]
+    summary: Path
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def figures(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("mse", "nmse", "l0", "dead", "dense", "n_tokens", "n_images")}
+
+
+def default_store(sae: Any) -> Path:
+    ref = sae.cfg.train.get("store") if isinstance(sae.cfg.train, dict) else None
+    if not ref:
+        raise StoreError("no --store given and the SAE does not record the store it was trained on",
+                         "pass --store DIR")
+    return Path(ref)
+
+
+class _Sums:
+    """Float64 running sums; deviations are taken from the SAE's own mean so the variance stays well conditioned."""
+
+    def __init__(self, sae: Any) -> None:
+        d, s = sae.cfg.d, sae.cfg.n_latents
+        self.shift = sae.act_mean.detach().double().cpu()
+        self.sq_err_norm = self.sq_err = self.sq_dev = self.l0 = 0.0
+        self.sum_dev = torch.zeros(d, dtype=torch.float64)
+        self.fired = torch.zeros(s, dtype=torch.float64)
+        self.n = 0
+
+    @torch.no_grad()
+    def add(self, sae: Any, x_nd: torch.Tensor) -> None:
+        codes = sae.encode(x_nd)
+        err = (sae.decode(codes) - x_nd.to(codes.dtype)).double()
+        scale = float(sae.act_scale)
+        self.sq_err += float(err.pow(2).sum())
+        self.sq_err_norm += float(err.pow(2).sum()) * scale * scale
+        dev = x_nd.double().cpu() - self.shift
+        self.sum_dev += dev.sum(0)
+        self.sq_dev += float(dev.pow(2).sum())
+        fired = codes > 0
+        self.l0 += float(fired.sum())
+        self.fired += fired.sum(0).double().cpu()
+        self.n += len(x_nd)
+
+    def result(self, d: int) -> dict[str, float]:
+        n = max(self.n, 1)
+        var = self.sq_dev - float(self.sum_dev.pow(2).sum()) / n
+        rate = self.fired / n
+        return {"mse": self.sq_err_norm / (n * d), "nmse": self.sq_err / var if var > 0 else float("nan"),
+                "l0": self.l0 / n, "dead": float((self.fired == 0).double().mean()),
+                "dense": float((rate > DENSE_RATE).double().mean())}
+
+
+def run_recon(cfg: ReconConfig, progress: Progress | None = None, sae: Any = None,
+              on_total: Callable[[int], None] | None = None) -> ReconResult:
+    """Encode and decode every stored token of the kinds the SAE was trained on; progress counts images
+    (`on_total` learns how many once the store is open)."""
+    from saevctl.sae import SAE
+    from saevctl.store import open_store
+
+    t0 = time.perf_counter()
+    sae_path = resolve_sae_path(cfg.sae)
+    sae = sae if sae is not None else SAE.load(sae_path, device=resolve_device(cfg.device))
+    sae.eval().requires_grad_(False)
+    store_dpath = cfg.store or default_store(sae)
+    store = open_store(store_dpath)
+    kinds = tuple(k for k in sae.cfg.tokens if k in ("patches", "cls"))
+    layer = sae.cfg.layer if sae.cfg.layer >= 0 else sae.cfg.layer % int(store.model["n_blocks"])
+    common.check_store_model(store, sae, layer, kinds)
+    n_images = min(store.n_images, cfg.max_images or store.n_images)
+    if on_total:
+        on_total(n_images)
+    device = next(sae.parameters()).device
+    sums = _Sums(sae)
+    arrays = [store.layer(layer).kind(k) for k in kinds]
+    per_image = sum(int(np.prod(a.shape[1:-1], dtype=np.int64)) for a in arrays)
+    step = max(1, cfg.batch_tokens // max(per_image, 1))
+    for lo in range(0, n_images, step):
+        hi = min(lo + step, n_images)
+        for arr in arrays:
+            x = arr.torch(slice(lo, hi)).reshape(-1, arr.shape[-1]).to(device)
+            sums.add(sae, x.float())
+        if progress:
+            progress(hi - lo)
+    summary = cfg.out or layout.eval_summary_fpath(common.out_dpath(sae_path, cfg.index), "recon")
+    res = ReconResult(**sums.result(sae.cfg.d), n_tokens=sums.n, n_images=n_images, store=store_dpath, kinds=kinds,
+                      summary=summary, seconds=time.perf_counter() - t0)
+    atomic.write_json(summary, {
+        "schema_version": layout.EVAL_SCHEMA, "format": common.FORMAT + "-recon", "sae": str(sae_path),
+        "store": str(store_dpath), "layer": layer, "kinds": list(kinds), **common.jsonable(res.figures()),
+        "dense_rate": DENSE_RATE, "seconds": res.seconds,
+    })
+    return res

@@ -1,0 +1,184 @@
+"""The mask pass of `extract --masks`: one class id per patch of every stored row, beside the activations.
+
+Runs after the activation pass (it needs the final row numbers); skipped when labels matching the masks exist.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from saevctl import atomic, layout
+from saevctl.data.images import ImageRecord
+from saevctl.data.masks import UNLABELLED, MaskSet, MaskSizeError, patch_labels
+from saevctl.errors import InputError
+from saevctl.vit.preprocess import Preprocess
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int], None]
+
+
+def check_masks(masks: MaskSet, records: Sequence[ImageRecord]) -> int:
+    """Before any compute: every mask found has its image's size (headers only); at least one image has a mask.
+
+    Returns how many images have a mask. Unreadable images are left to the activation pass to report.
+    """
+    n_found = 0
+    for rec in records:
+        mask_fpath = masks.path_for(rec.path)
+        if mask_fpath is None:
+            continue
+        n_found += 1
+        try:
+            with Image.open(rec.path) as img:
+                image_size = img.size
+            with Image.open(mask_fpath) as mask:
+                mask_size = mask.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue  # read fully later: an unreadable image has no row, an unreadable mask labels nothing
+        if mask_size != image_size:
+            raise MaskSizeError(
+                f"mask {mask_fpath} is {mask_size[0]}x{mask_size[1]} but its image {rec.path} is "
+                f"{image_size[0]}x{image_size[1]}",
+                "masks must have their image's exact pixel size (width x height)",
+            )
+    if not n_found:
+        raise InputError(f"no image has a mask in {masks.dpath} (masks are matched by file stem: <image stem>.png)",
+                         "pass the mask folder of these images")
+    log.info("%d of %d images have a mask in %s", n_found, len(records), masks.dpath)
+    return n_found
+
+
+def _labels_header(masks: MaskSet, n_labelled: int, n_unreadable: int) -> dict[str, Any]:
+    return {"schema": layout.LABELS_SCHEMA, "classes": list(masks.classes), "source": str(masks.dpath),
+            "n_labelled_rows": n_labelled, "n_unreadable_masks": n_unreadable}
+
+
+def labels_match(store_dpath: Path, masks: MaskSet, n_rows: int, n_patches: int) -> bool:
+    """Whether complete labels from these masks already sit beside the store."""
+    try:
+        head = json.loads(layout.store_classes_fpath(store_dpath).read_text())
+        arr = np.load(layout.store_patch_labels_fpath(store_dpath), mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return False
+    return (isinstance(head, dict) and head.get("schema") == layout.LABELS_SCHEMA
+            and head.get("classes") == list(masks.classes) and head.get("source") == str(masks.dpath)
+            and arr.dtype == np.int16 and arr.shape == (n_rows, n_patches))
+
+
+def _one_row(masks: MaskSet, im: dict[str, Any], pre: Preprocess, grid_hw: tuple[int, int]) -> tuple[np.ndarray | None, bool]:
+    """(labels or None when the image has no mask, whether its mask was unreadable)."""
+    mask_fpath = masks.path_for(im["path"])
+    if mask_fpath is None:
+        return None, False
+    try:
+        labels = patch_labels(mask_fpath, (int(im["width"]), int(im["height"])), pre, grid_hw, image=im["path"])
+    except MaskSizeError:
+        raise
+    except InputError as e:
+        log.warning("ignoring mask %s: %s", mask_fpath, e.message)
+        return None, True
+    if int(labels.max(initial=0)) >= len(masks.classes):
+        raise InputError(f"mask {mask_fpath} uses class id {int(labels.max())}, but the class file names ids "
+                         f"0..{len(masks.classes) - 1}", "add the missing class names to the class file")
+    return labels, False
+
+
+def write_labels(
+    store_dpath: Path, masks: MaskSet, images: list[dict[str, Any]], pre: Preprocess, grid_hw: tuple[int, int],
+    n_workers: int = 4, progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Label every stored row (images with row >= 0) and write labels/patches.npy then labels/classes.json."""
+    rows = [im for im in images if im.get("row", -1) >= 0]
+    n_patches = grid_hw[0] * grid_hw[1]
+    out_fpath = layout.store_patch_labels_fpath(store_dpath)
+    tmp = out_fpath.with_name(f".{out_fpath.name}.tmp{os.getpid()}")
+    n_labelled = n_unreadable = 0
+    with atomic.translate_os_errors(out_fpath):
+        out_fpath.parent.mkdir(parents=True, exist_ok=True)
+        # A memory map cannot be empty: a store without rows gets a plain (0, n_patches) array.
+        arr_np = (np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(len(rows), n_patches)) if rows
+                  else np.zeros((0, n_patches), dtype=np.int16))
+        try:
+            arr_np[:] = UNLABELLED
+            # PIL decodes and resizes without the GIL, so threads scale over the masks.
+            with ThreadPoolExecutor(max(1, n_workers)) as pool:
+                done = pool.map(lambda im: _one_row(masks, im, pre, grid_hw), rows)
+                for im, (labels, unreadable) in zip(rows, done):
+                    if labels is not None:
+                        arr_np[im["row"]] = labels
+                        n_labelled += 1
+                    n_unreadable += unreadable
+                    if progress:
+                        progress(1)
+            if rows:
+                arr_np.flush()
+            else:
+                with open(tmp, "wb") as f:
+                    np.lib.format.write_array(f, arr_np, allow_pickle=False)
+            del arr_np
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, out_fpath)
+        finally:
+            tmp.unlink(missing_ok=True)
+    header = _labels_header(masks, n_labelled, n_unreadable)
+    atomic.write_json(layout.store_classes_fpath(store_dpath), header)
+    log.info("labelled %d of %d rows from %s", n_labelled, len(rows), masks.dpath)
+    return header
+
+
+def ensure_labels(
+    store_dpath: Path, masks: MaskSet, pre: Preprocess, grid_hw: tuple[int, int], n_workers: int = 4,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Write the store's labels unless labels from these masks are already complete (resume)."""
+    from saevctl.store import open_store
+
+    store = open_store(store_dpath)
+    if labels_match(store_dpath, masks, store.n_images, grid_hw[0] * grid_hw[1]):
+        return json.loads(layout.store_classes_fpath(store_dpath).read_text())
+    # A half-written pair (killed between the two files) is stale: classes.json goes first.
+    layout.store_classes_fpath(store_dpath).unlink(missing_ok=True)
+    return write_labels(store_dpath, masks, store.images, pre, grid_hw, n_workers, progress)
+
+
+# --- hooks called by extract.pipeline.run ---------------------------------------------------------------
+
+
+def masks_config(masks: str | Path | None) -> dict[str, Any]:
+    """The store-config entry for --masks (none without it, so stores made without masks keep their config):
+    a resume with another mask folder or other class names is refused like any other changed setting."""
+    if masks is None:
+        return {}
+    from saevctl.data.masks import read_classes
+
+    dpath = Path(masks).expanduser().resolve()
+    return {"masks": {"dpath": str(dpath), "classes": list(read_classes(dpath))}}
+
+
+def before_extract(masks: str | Path | None, records: Sequence[ImageRecord]) -> None:
+    """Refuse a bad mask folder (missing, no PNGs, no class file, wrong sizes) before the model even loads."""
+    if masks is not None:
+        from saevctl.data.masks import open_masks
+
+        check_masks(open_masks(masks), records)
+
+
+def after_extract(cfg: Any, bb: Any, result: Any) -> Any:
+    """Write (or keep) the store's labels once its activations are complete; rank 0 only under torchrun."""
+    from saevctl import dist
+    from saevctl.data.masks import open_masks
+
+    if cfg.masks is not None and dist.is_main():
+        lay = bb.layout
+        ensure_labels(result.out, open_masks(cfg.masks), bb.preprocess, (lay.grid_h, lay.grid_w), cfg.n_workers)
+    return result

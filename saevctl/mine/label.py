@@ -1,0 +1,397 @@
+"""`features label`: which class each feature detects, and which feature best detects each class, from the
+store's per-patch (extract --masks) or per-image (ImageFolder) labels, streamed chunk by chunk into the index.
+
+Per feature and class: AUROC of the feature's activation for 'this patch/image is class c' and the best F1 of
+'activation > t' over a few thresholds t (fractions of the feature's max). Method and error: docs/eval.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from saevctl.config import resolve_device
+from saevctl.errors import IndexError_, InputError, StoreError
+from saevctl.mine.index import Index
+from saevctl.mine.labelstats import ClassHistograms, scores
+from saevctl.store import Store, open_store
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int], None]
+LEVELS = ("patch", "image", "auto")
+# Codes materialised per chunk (floats), as in mining; bounds the working set whatever the store size.
+CHUNK_CODES = 1 << 24
+
+
+@dataclass(frozen=True)
+class Config:
+    sae: str | Path | None = None
+    """SAE checkpoint folder or SAE id already mined into the index (None: the index's last mined SAE)."""
+    store: Path | None = None
+    """Activation store with labels (default: the store the SAE was mined on, as recorded in the index)."""
+    index: Path = Path("index.duckdb")
+    """Mined index the labels are written to (feature_labels and class_features tables)."""
+    level: str = "auto"
+    """patch (mask labels), image (ImageFolder labels, else 'the image contains class c' from masks), or auto
+    (every level the store has labels for: patch with masks, image with ImageFolder labels)."""
+    thresholds: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5)
+    """F1 thresholds as fractions of each feature's max activation (rounded to histogram bin edges)."""
+    n_bins: int = 256
+    """Histogram bins per feature over (0, max]; AUROC counts values in one bin as ties."""
+    batch_size: int | None = None
+    """Images per chunk (default: as many as keep about 16M codes in memory)."""
+    max_memory_mb: float = 1024
+    """Budget for the histograms; more features than fit are done in several passes over the store."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "index", Path(self.index))
+        if self.store is not None:
+            object.__setattr__(self, "store", Path(self.store))
+        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        if self.level not in LEVELS:
+            raise InputError(f"unknown --level {self.level!r}", "use patch, image or auto")
+        if not self.thresholds or any(not 0.0 <= t < 1.0 for t in self.thresholds):
+            raise InputError(f"bad thresholds {self.thresholds}", "give fractions of the max in [0, 1), e.g. 0,0.1,0.3")
+        if self.n_bins < 2 or self.max_memory_mb <= 0 or (self.batch_size is not None and self.batch_size < 1):
+            raise InputError("--bins must be at least 2, the batch size and memory budget positive", "pass larger values")
+
+
+@dataclass(frozen=True)
+class LevelResult:
+    level: str
+    n_items: int
+    """Labelled patches (patch level) or images (image level) that took part."""
+    n_classes: int
+    """Classes with at least one positive and one negative item."""
+    coverage: dict[float, float]
+    """Share of those classes whose best feature reaches each AUROC in COVERAGE_AT."""
+    max_error: float
+    """Largest bound on the binned AUROC's error among the written rows (see docs/eval.md)."""
+    classes: list[dict[str, Any]] = field(default_factory=list)
+    """class_features rows, best AUROC first."""
+
+
+@dataclass(frozen=True)
+class Result:
+    index: Path
+    sae_id: str
+    levels: dict[str, LevelResult]
+    n_passes: int
+    seconds: float
+
+
+COVERAGE_AT = (0.7, 0.8, 0.9)
+
+
+@dataclass
+class _Labels:
+    """One level's labels: per chunk, (item, class) pairs for the items of rows lo..hi."""
+
+    level: str
+    classes: tuple[str, ...]
+    pairs: Callable[[int, int], tuple[np.ndarray, np.ndarray]]
+    skip_class: int | None = None
+    """Class id never used as a label (a mask's ignored id 0)."""
+    multi_label: bool = False
+    """Items may carry several classes (image-level presence from masks)."""
+
+
+def _single_pairs(labels: np.ndarray) -> Callable[[int, int], tuple[np.ndarray, np.ndarray]]:
+    """One class per item: patch labels (rows, patches), flattened row-major like the codes, or image labels (rows,)."""
+    def pairs(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        lab = np.asarray(labels[lo:hi]).reshape(-1)
+        items = np.flatnonzero(lab >= 0)
+        return items, lab[items].astype(np.int64)
+    return pairs
+
+
+def _presence_pairs(patch_labels: np.ndarray, n_classes: int) -> Callable[[int, int], tuple[np.ndarray, np.ndarray]]:
+    """Image-level labels from masks: an image is positive for every class that labels one of its patches."""
+    def pairs(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        lab = np.asarray(patch_labels[lo:hi])
+        present = np.zeros((len(lab), n_classes), dtype=bool)
+        r, p = np.nonzero(lab >= 0)
+        present[r, lab[r, p]] = True
+        items, cls = np.nonzero(present)
+        return items, cls.astype(np.int64)
+    return pairs
+
+
+def level_labels(store: Store, level: str) -> list[_Labels]:
+    """The labels of each requested level; a one-line error when the store has none for it."""
+    masks, images = store.patch_labels, store.image_labels
+    hint = "extract the store with --masks DIR (per-patch labels) or from an ImageFolder tree (image labels)"
+    if level == "auto":
+        levels = [lv for lv, ok in (("patch", masks is not None), ("image", images is not None)) if ok]
+        if not levels:
+            raise StoreError(f"the store {store.dpath} holds no class labels", hint)
+        return [lab for lv in levels for lab in level_labels(store, lv)]
+    if level == "patch":
+        if masks is None:
+            raise StoreError(f"the store {store.dpath} holds no per-patch labels", "re-extract it with --masks DIR")
+        return [_Labels("patch", store.classes or (), _single_pairs(masks), skip_class=0)]
+    if images is not None:
+        return [_Labels("image", store.image_classes or (), _single_pairs(images))]
+    if masks is not None:
+        n = len(store.classes or ())
+        return [_Labels("image", store.classes or (), _presence_pairs(masks, n), skip_class=0, multi_label=True)]
+    raise StoreError(f"the store {store.dpath} holds no image labels", hint)
+
+
+def upgrade_index(index_fpath: Path) -> None:
+    """Migrate an index mined before the label tables existed (labelling writes to it anyway)."""
+    if index_fpath.is_file():
+        Index.open(index_fpath, read_only=False).close()
+
+
+def _resolve(cfg: Config) -> tuple[str, dict[str, Any], np.ndarray]:
+    """SAE id, its index info and each feature's max on patch tokens; errors before any compute."""
+    upgrade_index(cfg.index)
+    with Index.open(cfg.index) as idx:
+        sae_id = idx.resolve_sae(None if cfg.sae is None else str(cfg.sae))
+        info = idx.sae_info(sae_id)
+        if "patches" not in info["tokens"]:
+            raise IndexError_(f"SAE {sae_id} was mined on {', '.join(info['tokens'])} tokens", "labels need patch tokens")
+        n = int(info["n_latents"])
+        rows = idx.list_features(sae_id, sort="feature", limit=n, token="patches", descending=False)
+    max_s = np.zeros(n, dtype=np.float64)
+    max_s[[r["feature"] for r in rows]] = [r["max"] for r in rows]
+    return sae_id, info, max_s
+
+
+def _load(cfg: Config, info: dict[str, Any], device: str) -> tuple[Any, Store, int]:
+    from saevctl.mine.pipeline import check_match
+    from saevctl.sae import SAE
+
+    store_dpath = cfg.store or Path(info.get("store_path") or "")
+    if cfg.store is None and not store_dpath.is_dir():
+        raise StoreError(f"the store {info.get('store_path')} that {info['sae_id']} was mined on is gone", "pass --store DIR")
+    sae_dpath = Path(cfg.sae) if cfg.sae is not None and Path(cfg.sae).exists() else Path(info["ckpt_path"])
+    if not sae_dpath.exists():
+        raise IndexError_(f"the checkpoint of {info['sae_id']} recorded in the index ({sae_dpath}) is gone", "pass --sae PATH to it")
+    sae = SAE.load(sae_dpath, device)
+    store = open_store(store_dpath)
+    return sae, store, check_match(sae, store, sae_dpath)
+
+
+def _feature_blocks(n_latents: int, labels: list[_Labels], cfg: Config) -> list[tuple[int, int]]:
+    """Feature ranges whose histograms fit the memory budget: each is one pass over the store."""
+    per_feature = sum((len(lab.classes) + 1) * cfg.n_bins * 4 for lab in labels)
+    size = max(1, min(n_latents, int(cfg.max_memory_mb * (1 << 20)) // per_feature))
+    return [(lo, min(lo + size, n_latents)) for lo in range(0, n_latents, size)]
+
+
+class _Best:
+    """Running best feature per class (by AUROC, ties: F1, then the smaller feature id) over feature blocks."""
+
+    def __init__(self, n_classes: int) -> None:
+        self.auroc = np.full(n_classes, -np.inf)
+        self.f1 = np.full(n_classes, -np.inf)
+        self.threshold = np.full(n_classes, np.nan)
+        self.error = np.full(n_classes, np.nan)
+        self.feature = np.full(n_classes, -1, dtype=np.int64)
+
+    def fold(self, f0: int, auroc_fc: np.ndarray, f1_fc: np.ndarray, thr_fc: np.ndarray, err_fc: np.ndarray) -> None:
+        a = np.where(np.isnan(auroc_fc), -np.inf, auroc_fc)
+        top = a.max(0)
+        f1 = np.where(a >= top[None, :], f1_fc, -np.inf)
+        f = f1.argmax(0)  # first maximum: the smallest feature id among equals
+        c = np.arange(a.shape[1])
+        better = (top > self.auroc) | ((top == self.auroc) & (f1[f, c] > self.f1))
+        better &= np.isfinite(top)
+        self.auroc[better], self.f1[better] = top[better], f1[f, c][better]
+        self.threshold[better], self.error[better] = thr_fc[f, c][better], err_fc[f, c][better]
+        self.feature[better] = f0 + f[better]
+
+
+def _feature_rows(f0: int, lab: _Labels, auroc_fc: np.ndarray, f1_fc: np.ndarray, thr_fc: np.ndarray,
+                  fired_f: np.ndarray) -> dict[str, np.ndarray]:
+    """feature_labels columns of a block: each feature's best class (None for features that never fired)."""
+    a = np.where(np.isnan(auroc_fc), -np.inf, auroc_fc)
+    top = a.max(1)
+    best = np.where(a >= top[:, None], f1_fc, -np.inf).argmax(1)
+    rows = np.arange(len(a))
+    ok = fired_f & np.isfinite(top)
+    class_id = np.where(ok, best, -1)
+    names = np.array([lab.classes[c] if c >= 0 else None for c in class_id], dtype=object)
+    return {"feature": (f0 + rows).astype(np.int32), "class_id": class_id.astype(np.int32), "class_name": names,
+            "auroc": np.where(np.isfinite(top), top, np.nan),
+            "f1": np.where(ok, f1_fc[rows, best], 0.0), "threshold": np.where(ok, thr_fc[rows, best], np.nan)}
+
+
+def _folded(sae: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalisation and decoder bias folded into the encoder, as mining's fused encoder does (saevctl/mine/encode.py):
+    pre-activations = x @ w_ds + bias_s for raw x."""
+    with torch.no_grad():
+        return (sae.W_enc * sae.act_scale).contiguous(), sae.b_enc - (sae.act_mean * sae.act_scale + sae.b_dec) @ sae.W_enc
+
+
+def _block_codes(sae: Any, encode: Callable[..., torch.Tensor], folded: tuple[torch.Tensor, torch.Tensor],
+                 x_nd: torch.Tensor, f0: int, f1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Non-zero codes of features f0..f1 as (item, feature - f0, value). TopK SAEs give them straight from
+    their top-k (no dense codes, no scan); the other activations are encoded densely by mining's encoder."""
+    if sae.cfg.activation == "topk":
+        w_ds, bias_s = folded
+        vals_nk, idx_nk = torch.addmm(bias_s, x_nd.to(w_ds.dtype), w_ds).topk(sae.cfg.k, dim=-1)
+        keep = (vals_nk > 0) & (idx_nk >= f0) & (idx_nk < f1)
+        nz_i, j = keep.nonzero(as_tuple=True)
+        return nz_i, idx_nk[nz_i, j] - f0, vals_nk[nz_i, j]
+    codes_nf = encode(x_nd)[:, f0:f1]
+    nz_i, nz_f = codes_nf.nonzero(as_tuple=True)
+    return nz_i, nz_f, codes_nf[nz_i, nz_f]
+
+
+def _one_pass(sae: Any, store: Store, layer: int, labels: list[_Labels], max_s: np.ndarray, f0: int, f1: int,
+              cfg: Config, device: str, progress: Progress | None) -> dict[str, ClassHistograms]:
+    """Stream the store once, folding features f0..f1's codes into one ClassHistograms per level."""
+    from saevctl.mine.encode import make_encoder
+    from saevctl.mine.pipeline import _chunks, _prefetched
+
+    p, s, f = store.layout.n_patches, sae.cfg.n_latents, f1 - f0
+    per = cfg.batch_size or max(1, min(1024, CHUNK_CODES // (s * p)))
+    big = store.n_images * p >= 1 << 31
+    max_f = torch.from_numpy(max_s[f0:f1]).to(device)
+    hists = {lab.level: ClassHistograms(max_f, len(lab.classes), cfg.n_bins, big, lab.multi_label) for lab in labels}
+    encode, folded = make_encoder(sae), _folded(sae)
+    with torch.inference_mode():
+        for row0, rows in _prefetched(_chunks({"patches": store.layer(layer).kind("patches")}, per)):
+            x_bpd = rows["patches"].to(device)
+            b = x_bpd.shape[0]
+            nz_i, nz_f, vals = _block_codes(sae, encode, folded, x_bpd.reshape(b * p, -1), f0, f1)
+            for lab in labels:
+                items, cls = (torch.from_numpy(a).to(device) for a in lab.pairs(row0, row0 + b))
+                if lab.level == "patch":
+                    hists["patch"].update_sparse(b * p, nz_i, nz_f, vals, items, cls)
+                else:  # the image's score: max over its patches (codes are >= 0, so absent = 0)
+                    img_bf = torch.zeros(b * f, device=device).scatter_reduce_(
+                        0, (nz_i // p) * f + nz_f, vals.float(), "amax").view(b, f)
+                    hists["image"].update(img_bf, items, cls)
+            if progress:
+                progress(b)
+    return hists
+
+
+def _edges(cfg: Config) -> list[int]:
+    return sorted({min(cfg.n_bins - 1, round(t * cfg.n_bins)) for t in cfg.thresholds})
+
+
+def compute(sae: Any, store: Store, layer: int, labels: list[_Labels], max_s: np.ndarray, cfg: Config, device: str,
+            progress: Progress | None = None) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, _Best], dict[str, Any]]:
+    """(feature_labels columns per level, best feature per class per level, counts per level + passes)."""
+    blocks = _feature_blocks(sae.cfg.n_latents, labels, cfg)
+    feats: dict[str, list[dict[str, np.ndarray]]] = {lab.level: [] for lab in labels}
+    best = {lab.level: _Best(len(lab.classes)) for lab in labels}
+    counts: dict[str, Any] = {"n_passes": len(blocks)}
+    edges = _edges(cfg)
+    for f0, f1 in blocks:
+        hists = _one_pass(sae, store, layer, labels, max_s, f0, f1, cfg, device, progress)
+        for lab in labels:
+            h = hists[lab.level]
+            if lab.skip_class is not None:
+                h.n_pos_c[lab.skip_class] = 0  # never a label; keeps it out of 'classes with positives'
+            counts[lab.level] = (h.n_items, h.n_pos_c.cpu().numpy())
+            fired_f = (h.all_counts().sum(1) > 0).cpu().numpy()
+            for lo in range(0, f1 - f0, 256):  # float32 scratch of 256 x classes x bins at a time
+                sc = scores(h, edges, lo, lo + 256)
+                arrs = [t.cpu().numpy() for t in (sc.auroc_fc, sc.f1_fc, sc.threshold_fc, sc.error_fc)]
+                if lab.skip_class is not None:
+                    arrs[0][:, lab.skip_class] = np.nan
+                feats[lab.level].append(_feature_rows(f0 + lo, lab, arrs[0], arrs[1], arrs[2], fired_f[lo : lo + 256]))
+                best[lab.level].fold(f0 + lo, *arrs)
+    merged = {lv: {k: np.concatenate([b[k] for b in bs]) for k in bs[0]} for lv, bs in feats.items()}
+    return merged, best, counts
+
+
+def _class_rows(lab: _Labels, best: _Best, n_pos_c: np.ndarray) -> dict[str, np.ndarray]:
+    """class_features columns: every class but the ignored one, with its best feature (None without one)."""
+    ids = np.array([c for c in range(len(lab.classes)) if c != lab.skip_class], dtype=np.int64)
+    found = np.isfinite(best.auroc[ids])
+    return {"class_id": ids.astype(np.int32), "class_name": np.array([lab.classes[c] for c in ids], dtype=object),
+            "n_positive": n_pos_c[ids].astype(np.int64),
+            "feature": np.where(found, best.feature[ids], -1).astype(np.int32),
+            "auroc": np.where(found, best.auroc[ids], np.nan), "f1": np.where(found, best.f1[ids], np.nan),
+            "threshold": np.where(found, best.threshold[ids], np.nan)}
+
+
+def _insert(idx: Index, table: str, cols: dict[str, np.ndarray], prefix: dict[str, Any], null_if_neg: tuple[str, ...]) -> None:
+    """Bulk insert numpy columns (NaN and -1 ids become NULL) with constant prefix columns; bound values only."""
+    name = f"_new_{table}"
+    idx.con.register(name, cols)
+    try:
+        targets = ", ".join(f'"{c}"' for c in [*prefix, *cols])
+        exprs = []
+        for c, a in cols.items():
+            if c in null_if_neg:
+                exprs.append(f'CASE WHEN "{c}" < 0 THEN NULL ELSE "{c}" END')
+            elif a.dtype.kind == "f":
+                exprs.append(f'CASE WHEN isnan("{c}") THEN NULL ELSE "{c}" END')
+            else:
+                exprs.append(f'"{c}"')
+        sources = ", ".join(["?"] * len(prefix) + exprs)
+        idx.con.execute(f"INSERT INTO {table} ({targets}) SELECT {sources} FROM {name}", list(prefix.values()))
+    finally:
+        idx.con.unregister(name)
+
+
+def write(index_fpath: Path, sae_id: str, tables: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]) -> None:
+    """Replace this SAE's rows of the written levels in one transaction (other levels and SAEs stay)."""
+    with Index.open(index_fpath, read_only=False) as idx:  # migrates an index mined before labels existed
+        idx.con.execute("BEGIN TRANSACTION")
+        try:
+            for level, (feat_cols, class_cols) in tables.items():
+                for table in ("feature_labels", "class_features"):  # constants, never user text
+                    idx.con.execute(f"DELETE FROM {table} WHERE sae_id = ? AND level = ?", [sae_id, level])
+                prefix = {"sae_id": sae_id, "token": "patches", "level": level}
+                _insert(idx, "feature_labels", feat_cols, prefix, ("class_id",))
+                _insert(idx, "class_features", class_cols, prefix, ("feature",))
+            idx.con.execute("COMMIT")
+        except BaseException:
+            idx.con.execute("ROLLBACK")
+            raise
+
+
+def _level_result(level: str, n_items: int, class_cols: dict[str, np.ndarray]) -> LevelResult:
+    keep = (class_cols["n_positive"] > 0) & (class_cols["feature"] >= 0)
+    auroc = class_cols["auroc"][keep]
+    coverage = {t: float((auroc >= t).mean()) if len(auroc) else 0.0 for t in COVERAGE_AT}
+    rows = [{k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in class_cols.items()} for i in np.flatnonzero(keep)]
+    rows.sort(key=lambda r: (-r["auroc"], r["class_id"]))
+    return LevelResult(level, n_items, int(keep.sum()), coverage, math.nan, rows)
+
+
+def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int], None] | None = None) -> Result:
+    """Label every feature of `cfg.sae` (already mined into `cfg.index`) from the store's labels; write the index.
+
+    `on_total(n)` is told the number of images to stream (images x passes) before the first chunk."""
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    sae_id, info, max_s = _resolve(cfg)
+    sae, store, layer = _load(cfg, info, device)
+    labels = level_labels(store, cfg.level)
+    blocks = _feature_blocks(sae.cfg.n_latents, labels, cfg)
+    if on_total:
+        on_total(store.n_images * len(blocks))
+    feats, best, counts = compute(sae, store, layer, labels, max_s, cfg, device, progress)
+    tables, results = {}, {}
+    for lab in labels:
+        n_items, n_pos_c = counts[lab.level]
+        class_cols = _class_rows(lab, best[lab.level], n_pos_c)
+        tables[lab.level] = (feats[lab.level], class_cols)
+        res = _level_result(lab.level, n_items, class_cols)
+        err = best[lab.level].error[class_cols["class_id"].astype(np.int64)]
+        results[lab.level] = LevelResult(**{**res.__dict__, "max_error": float(np.nanmax(err)) if np.isfinite(err).any() else 0.0})
+    write(cfg.index, sae_id, tables)
+    secs = time.perf_counter() - t0
+    log.info("labelled %s at %s level(s) in %.1f s (%d pass(es))", sae_id, ", ".join(results), secs, counts["n_passes"])
+    return Result(cfg.index, sae_id, results, int(counts["n_passes"]), secs)
+

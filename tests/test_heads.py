@@ -98,6 +98,24 @@ def test_train_segment_reports_miou(seg_data, tiny_vit, tmp_path):
     assert header["metrics"]["val_miou"] > 0.6
 
 
+def test_train_segment_reads_the_mask_folders_class_file(seg_data, tiny_vit, tmp_path):
+    """Without --class-names the mask folder's classes.txt names the classes, read as extract --masks reads it:
+    value 0 is 'other', so only the square is a trained class."""
+    import shutil
+
+    images, masks, _ = seg_data
+    own = tmp_path / "masks"
+    shutil.copytree(masks, own)
+    (own / "classes.txt").write_text("other\nsquare\n")
+    out = tmp_path / "seg"
+    r = invoke("heads", "train", "--task", "segment", "--images", images, "--masks", own,
+               "--model", tiny_vit, "--out", out, "--device", "cpu", "--epochs", "200")
+    assert r.exit_code == 0, r.output
+    header = read_head_header(out)
+    assert header["classes"] == ["other", "square"]
+    assert header["metrics"]["val_miou"] > 0.5
+
+
 def test_heads_list_shows_ready_and_trained(color_folder, tiny_vit):
     r = invoke("heads", "list")
     assert r.exit_code == 0 and "saliency" in r.output and "no trained heads" in r.output

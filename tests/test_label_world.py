@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from saevctl.extract import Config as ExtractConfig
@@ -96,7 +95,6 @@ def _pipeline(tiny_vit: str, root: Path, images: Path, masks: Path, sae_dpath: P
     return sae_dpath, coverage
 
 
-@pytest.mark.slow
 def test_planted_concepts_are_found_and_shuffled_labels_are_not(tiny_vit: str, tmp_path: Path) -> None:
     t0 = time.perf_counter()
     pre = load_backbone(tiny_vit, "cpu").preprocess

@@ -231,3 +231,11 @@ def test_two_ranks_write_the_same_labels(tiny_vit: str, image_dir: Path, tmp_pat
     assert code == 0, err
     for fpath in (layout.store_patch_labels_fpath, layout.store_classes_fpath):
         assert fpath(tmp_path / "one").read_bytes() == fpath(tmp_path / "two").read_bytes()
+
+
+def test_the_mask_pass_advances_the_progress_to_its_total(tiny_vit: str, image_dir: Path, tmp_path: Path) -> None:
+    masks = write_masks(image_dir, tmp_path / "masks")
+    totals, done = [], []
+    run(Config(model=tiny_vit, images=str(image_dir), layers=(1,), out=tmp_path / "s", masks=masks, dtype="float32",
+               device="cpu"), progress=done.append, on_total=totals.append)
+    assert totals == [2 * 13] and sum(done) == 2 * 13  # 13 listed images (one corrupt), activations then masks

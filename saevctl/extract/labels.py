@@ -144,11 +144,17 @@ def ensure_labels(
     from saevctl.store import open_store
 
     store = open_store(store_dpath)
+    n_no_row = len(store.images) - store.n_images  # unreadable images: listed, nothing to label
     if labels_match(store_dpath, masks, store.n_images, grid_hw[0] * grid_hw[1]):
+        if progress:
+            progress(len(store.images))
         return json.loads(layout.store_classes_fpath(store_dpath).read_text())
     # A half-written pair (killed between the two files) is stale: classes.json goes first.
     layout.store_classes_fpath(store_dpath).unlink(missing_ok=True)
-    return write_labels(store_dpath, masks, store.images, pre, grid_hw, n_workers, progress)
+    header = write_labels(store_dpath, masks, store.images, pre, grid_hw, n_workers, progress)
+    if progress and n_no_row:
+        progress(n_no_row)
+    return header
 
 
 # --- hooks called by extract.pipeline.run ---------------------------------------------------------------
@@ -173,12 +179,14 @@ def before_extract(masks: str | Path | None, records: Sequence[ImageRecord]) -> 
         check_masks(open_masks(masks), records)
 
 
-def after_extract(cfg: Any, bb: Any, result: Any) -> Any:
-    """Write (or keep) the store's labels once its activations are complete; rank 0 only under torchrun."""
+def after_extract(cfg: Any, bb: Any, result: Any, progress: Progress | None = None) -> Any:
+    """Write (or keep) the store's labels once its activations are complete; rank 0 only under torchrun.
+    `progress` is advanced once per listed image (the extract bar counts images twice with --masks)."""
     from saevctl import dist
     from saevctl.data.masks import open_masks
 
     if cfg.masks is not None and dist.is_main():
         lay = bb.layout
-        ensure_labels(result.out, open_masks(cfg.masks), bb.preprocess, (lay.grid_h, lay.grid_w), cfg.n_workers)
+        ensure_labels(result.out, open_masks(cfg.masks), bb.preprocess, (lay.grid_h, lay.grid_w), cfg.n_workers,
+                      progress)
     return result

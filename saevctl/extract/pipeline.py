@@ -226,7 +226,7 @@ def run(
     labels.before_extract(cfg.masks, src.records)  # mask errors come before any compute
     single = dist.dist_info().world_size == 1  # under torchrun/srun each rank extracts its share of shards
     if on_total and single:
-        on_total(len(src.records))
+        on_total(len(src.records) * (2 if cfg.masks else 1))  # --masks: the mask pass advances the bar again
     device = dist.rank_device(resolve_device(cfg.device))
     dist.init_process_group(device)
     bb = backbone if backbone is not None else load_backbone(cfg.model, device)
@@ -248,7 +248,8 @@ def run(
     if on_total and not single:
         on_total(sum(hi - lo for _, (lo, hi) in todo))
     _extract_shards(cfg, bb, layers, list(src.records), todo, plan.writer, device, progress)
-    return labels.after_extract(cfg, bb, Result(cfg.out, ranks.finish(plan.writer), len(plan.done), False))
+    result = Result(cfg.out, ranks.finish(plan.writer), len(plan.done), False)
+    return labels.after_extract(cfg, bb, result, progress if single else None)
 
 
 def _extract_shards(

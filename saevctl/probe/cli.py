@@ -16,7 +16,7 @@ def heads_train(
     images: str = typer.Option(None, "--images", "-i", help="Image folder (ImageFolder for classify), .txt list of paths, or demo[:N]."),
     model: str = typer.Option(None, "--model", "-m", help="Model spec the head reads (default demo)."),
     masks: Path = typer.Option(None, "--masks", help="segment: folder of PNG masks of class indices, named like the images."),
-    class_names: Path = typer.Option(None, "--class-names", help="segment: one class name per line (line i = mask value i), or ADE20K's objectInfo150.csv."),
+    class_names: Path = typer.Option(None, "--class-names", help="segment: one class name per line (line i = mask value i), or ADE20K's objectInfo150.csv (default: the mask folder's classes.txt or objectInfo150.csv, as extract --masks reads it)."),
     out: Path = typer.Option(None, "--out", "-o", help="Head folder (default heads/<task>)."),
     layer: int = typer.Option(None, "--layer", "-l", help="Block the head reads; -1 = the final tokens after the model's norm (default)."),
     pool: str = typer.Option(None, "--pool", help="classify: cls, mean or auto (default auto: cls when the model has one)."),

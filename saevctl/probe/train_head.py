@@ -19,6 +19,7 @@ from PIL import Image
 from saevctl import layout
 from saevctl.config import resolve_device
 from saevctl.data import ImageRecord, open_image, resolve_images
+from saevctl.data.masks import IGNORED, read_classes
 from saevctl.errors import InputError, SaevctlError
 from saevctl.probe.heads import LinearClassifyHead, LinearSegmentHead, describe_model, save_head
 from saevctl.vit import Backbone, load_backbone
@@ -38,7 +39,8 @@ class HeadTrainConfig:
     masks: Path | None = None
     """segment: folder of PNG masks, one per image with the same file stem (searched recursively)."""
     class_names: Path | None = None
-    """segment: one class name per line (line i names mask value i), or ADE20K's objectInfo150.csv."""
+    """segment: one class name per line (line i names mask value i), or ADE20K's objectInfo150.csv; default:
+    the mask folder's own class file as `extract --masks` finds it (value 0 then means 'other')."""
     out: Path | None = None
     """Head folder (default heads/<task>)."""
     layer: int = -1
@@ -102,6 +104,14 @@ def read_class_names(fpath: Path) -> tuple[list[str], int]:
     if not lines:
         raise InputError(f"the class-name file {fpath} is empty", "write one class name per line")
     return lines, 0
+
+
+def _mask_folder_classes(masks: Path) -> tuple[str, ...] | None:
+    """Class names from the mask folder's class file (classes.txt, objectInfo150), if it has one."""
+    try:
+        return read_classes(masks.expanduser().resolve())
+    except InputError:
+        return None
 
 
 def _pair_masks(records: list[ImageRecord], masks: Path) -> list[tuple[ImageRecord, Path]]:
@@ -263,14 +273,18 @@ def _train_segment(cfg: HeadTrainConfig, bb: Backbone, layer: int, records: list
     pairs = _pair_masks(records, Path(cfg.masks))
     if progress and len(pairs) < len(records):
         progress(len(records) - len(pairs))  # images without a mask are skipped
+    ignore = cfg.ignore_index
     if cfg.class_names is not None:
         classes, offset = read_class_names(cfg.class_names)
+    elif (found := _mask_folder_classes(Path(cfg.masks))) is not None:
+        # the folder's own class file, read as `extract --masks` reads it: value 0 is 'other', never a class
+        classes, offset, ignore = list(found), 0, IGNORED
     else:
         seen = set().union(*(np.unique(np.asarray(Image.open(m))).tolist() for _, m in pairs)) - {cfg.ignore_index}
         classes, offset = [f"class {v}" for v in range(max(seen, default=0) + 1)], 0
     lay = bb.layout
     kept, x = _features(bb, layer, [r for r, _ in pairs], cfg, device, lambda t: t[:, lay.n_prefix :], progress)
-    pix = np.stack([mask_to_input(Image.open(pairs[i][1]), bb, offset, len(classes), cfg.ignore_index) for i in kept])
+    pix = np.stack([mask_to_input(Image.open(pairs[i][1]), bb, offset, len(classes), ignore) for i in kept])
     y = torch.from_numpy(np.stack([patch_labels(p, lay.grid_h, lay.grid_w) for p in pix])).to(x.device)
     tr, va = _split(len(kept), cfg)
     w, b = _fit(x[tr].reshape(-1, bb.d_model), y[tr].reshape(-1), len(classes), cfg)

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -129,20 +130,20 @@ def test_disk_full_while_writing_leaves_a_resumable_store(
     store byte for byte as an undisturbed run would (the session's tiny_store has the same settings)."""
     from saevctl.store import writer
 
-    real_save = writer.save_npy
+    real_write = writer.write_rows
     saves = {"n": 0}
 
-    def filling_disk(file: Path, chunks: list[np.ndarray]) -> None:
+    def filling_disk(f: Any, arr: np.ndarray) -> None:
         saves["n"] += 1
-        if saves["n"] > 6:  # shard 0 holds 4 arrays; shard 1 fails on its third
-            Path(file).write_bytes(b"\x93NUMPY half a file")
-            raise OSError(errno.ENOSPC, "No space left on device", str(file))
-        real_save(file, chunks)
+        if saves["n"] > 6:  # shard 0 holds 4 arrays of one batch; shard 1 fails on its third
+            f.write(b"half a batch")
+            raise OSError(errno.ENOSPC, "No space left on device", f.name)
+        real_write(f, arr)
 
     out = tmp_path / "s"
     args = extract_args(tiny_vit, image_dir, out, "--layers", "1,3", "--dtype", "float32", "--batch-size", "4",
                         "--images-per-shard", "4")
-    monkeypatch.setattr(writer, "save_npy", filling_disk)
+    monkeypatch.setattr(writer, "write_rows", filling_disk)
     res = cli(*args)
     assert res.exit_code == 2, res.output
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
@@ -155,7 +156,7 @@ def test_disk_full_while_writing_leaves_a_resumable_store(
     assert shards == ["000000"]  # no half shard, no temp folder left behind
     assert not json.loads(layout.store_manifest_fpath(out).read_text())["complete"]
 
-    monkeypatch.setattr(writer, "save_npy", real_save)  # space freed
+    monkeypatch.setattr(writer, "write_rows", real_write)  # space freed
     res = cli(*args)
     assert res.exit_code == 0, res.output
     assert "(1 resumed)" in res.stdout

@@ -2,7 +2,7 @@
 same global batch (relu, topk, and batchtopk with AuxK active), checkpoints are written once, a SIGKILLed 2-process
 run resumes, and a sweep spread over ranks gives the SAEs a 1-process sweep gives.
 
-Tolerance: weights after 40-120 Adam steps agree to atol 1e-5 (observed ~2e-7): the 2-process gradient is the
+Tolerance: weights after 40 to 600 Adam steps agree to atol 1e-5 (observed ~2e-7 after 40): the 2-process gradient is the
 float32 average of two half-batch means, the 1-process one the mean of the whole batch.
 """
 

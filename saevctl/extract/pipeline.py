@@ -25,6 +25,7 @@ from saevctl.data import ImageRecord, open_image, resolve_images
 from saevctl.errors import InputError, SaevctlError, StoreError
 from saevctl.extract import labels, ranks
 from saevctl.store import StoreWriter
+from saevctl.store.writer import ShardStream
 from saevctl.store.format import DTYPES, FLOAT16_MAX, NP_DTYPES, TOKEN_KINDS, kind_shape, read_manifest, to_numpy
 from saevctl.vit import Backbone, Preprocess, load_backbone
 
@@ -145,30 +146,59 @@ def _autocast(device: str, dtype: str) -> contextlib.AbstractContextManager[Any]
     return contextlib.nullcontext()
 
 
-class _ShardAssembler:
-    """Collects batch outputs of one shard as numpy arrays in the store dtype."""
+class _ShardSink:
+    """Streams one shard to disk from the background thread: the cast to the store dtype, the range check and
+    the write of each batch overlap the next forward pass, and the shard's end leaves one batch to flush."""
 
-    def __init__(self, bb: Backbone, layers: list[int], tokens: tuple[str, ...], dtype: str) -> None:
-        self.bb, self.layers, self.tokens, self.dtype = bb, layers, tokens, dtype
-        self.chunks: dict[tuple[int, str], list[np.ndarray]] = {(l, k): [] for l in layers for k in tokens}
+    MAX_QUEUED = 2  # batches of outputs waiting for the writer (bounds memory)
+
+    def __init__(self, writer: StoreWriter, index: int, bb: Backbone, layers: list[int], cfg: Config,
+                 io: ThreadPoolExecutor) -> None:
+        self.bb, self.tokens, self.dtype, self.io = bb, cfg.tokens, cfg.dtype, io
+        lay = bb.layout
+        spec = {(layer, kind): (NP_DTYPES[cfg.dtype], kind_shape(kind, lay.n_patches, lay.n_reg, bb.d_model))
+                for layer in layers for kind in cfg.tokens}
         self.rows: list[dict[str, Any]] = []
+        self.stream: Future[ShardStream] = io.submit(ShardStream, writer, index, spec)
+        self.queued: list[Future[None]] = [self.stream]  # type: ignore[list-item]
+
+    def _wait(self, keep: int) -> None:
+        while len(self.queued) > keep:
+            self.queued.pop(0).result()  # surfaces write errors (disk full, overflow) in the main thread
 
     def add(self, outs: dict[int, torch.Tensor], rows: list[dict[str, Any]]) -> None:
         self.rows.extend(rows)
+        self._wait(self.MAX_QUEUED)
+        self.queued.append(self.io.submit(self._write, outs))
+
+    def _write(self, outs: dict[int, torch.Tensor]) -> None:
+        arrays = {}
         for layer, x_btd in outs.items():
             parts = self.bb.layout.split(x_btd)
             for kind in self.tokens:
                 _check_range(parts[kind], self.dtype, layer, kind)
-                self.chunks[(layer, kind)].append(to_numpy(parts[kind], self.dtype))
+                arrays[(layer, kind)] = to_numpy(parts[kind], self.dtype)
+        self.stream.result().append(arrays)
 
-    def arrays(self) -> dict[tuple[int, str], list[np.ndarray]]:
-        """Row chunks per (layer, kind); the writer streams them into one file each."""
-        lay = self.bb.layout
-        out = {}
-        for (layer, kind), chunks in self.chunks.items():
-            shape = kind_shape(kind, lay.n_patches, lay.n_reg, self.bb.d_model)
-            out[(layer, kind)] = chunks or [np.zeros((0, *shape), NP_DTYPES[self.dtype])]
-        return out
+    def close(self) -> Future[None]:
+        """Queue the shard's completion (header counts, fsync, rename); the future fails if any write did."""
+        rows, queued = list(self.rows), list(self.queued)
+
+        def finish() -> None:
+            for fut in queued:  # all done: the writer is one thread, first in first out
+                if fut.exception() is not None:
+                    self.abort()
+                    raise fut.exception()  # type: ignore[misc]
+            self.stream.result().close(rows)
+
+        return self.io.submit(finish)
+
+    def abort(self) -> None:
+        for fut in self.queued:
+            with contextlib.suppress(Exception):
+                fut.result()
+        if self.stream.done() and self.stream.exception() is None:
+            self.stream.result().abort()
 
 
 def _store_config(cfg: Config, bb: Backbone, layers: list[int], src: Any, per_shard: int) -> dict[str, Any]:
@@ -264,27 +294,33 @@ def _extract_shards(
 ) -> None:
     on_cuda = device.startswith("cuda")
     pending: Future[None] | None = None
+    sink: _ShardSink | None = None
     with ThreadPoolExecutor(cfg.n_workers, initializer=_background_priority) as decoders, \
             ThreadPoolExecutor(1, initializer=_background_priority) as io:
-        asm = _ShardAssembler(bb, layers, cfg.tokens, cfg.dtype)
-        lut = None if on_cuda else bb.preprocess.lookup_table()
-        for shard, last, fut in _batches(records, todo, cfg.batch_size, decoders, bb.preprocess, lut):
-            pixels, rows = fut.result()
-            if len(pixels):
-                x = torch.from_numpy(pixels)
-                if on_cuda:
-                    x = bb.preprocess.normalize(x.pin_memory().to(device, non_blocking=True))
-                with _autocast(device, cfg.dtype):
-                    outs = bb.forward_to(x, layers)
-                asm.add(outs, rows)
-            else:
-                asm.rows.extend(rows)
-            if progress:
-                progress(len(rows))
-            if last:
-                if pending is not None:
-                    pending.result()  # surfaces write errors (disk full) before queuing more
-                pending = io.submit(writer.write_shard, shard, asm.arrays(), asm.rows)
-                asm = _ShardAssembler(bb, layers, cfg.tokens, cfg.dtype)
-        if pending is not None:
-            pending.result()
+        try:
+            lut = None if on_cuda else bb.preprocess.lookup_table()
+            for shard, last, fut in _batches(records, todo, cfg.batch_size, decoders, bb.preprocess, lut):
+                if sink is None:
+                    sink = _ShardSink(writer, shard, bb, layers, cfg, io)
+                pixels, rows = fut.result()
+                if len(pixels):
+                    x = torch.from_numpy(pixels)
+                    if on_cuda:
+                        x = bb.preprocess.normalize(x.pin_memory().to(device, non_blocking=True))
+                    with _autocast(device, cfg.dtype):
+                        outs = bb.forward_to(x, layers)
+                    sink.add(outs, rows)
+                else:
+                    sink.rows.extend(rows)
+                if progress:
+                    progress(len(rows))
+                if last:
+                    if pending is not None:
+                        pending.result()  # the previous shard is complete before this one is queued to close
+                    pending, sink = sink.close(), None
+            if pending is not None:
+                pending.result()
+        except BaseException:
+            if sink is not None:
+                sink.abort()  # no half shard is left behind; the shard is redone on resume
+            raise

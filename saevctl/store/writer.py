@@ -6,6 +6,7 @@ The manifest is written first (complete=false) and rewritten with counts once ev
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -68,6 +69,85 @@ def save_npy(fpath: Path, chunks: list[np.ndarray]) -> None:
             assert c.dtype == first.dtype and c.shape[1:] == first.shape[1:], (c.dtype, c.shape)
             if c.size:
                 f.write(memoryview(np.ascontiguousarray(c)).cast("B"))
+
+
+NPY_HEADER_BYTES = 128
+"""Streamed shard arrays get a fixed-size .npy header, rewritten in place once the row count is known."""
+
+
+def npy_header(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes:
+    """A version 1.0 .npy header padded to exactly NPY_HEADER_BYTES (a multiple of 64, as the format asks)."""
+    d = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+    text = "{" + "".join(f"'{k}': {v!r}, " for k, v in d.items()) + "}"  # numpy's own spelling of the dict
+    body_len = NPY_HEADER_BYTES - 10
+    body = text.encode("latin1").ljust(body_len - 1) + b"\n"
+    assert len(body) == body_len, f"npy header for {shape} does not fit in {NPY_HEADER_BYTES} bytes"
+    return b"\x93NUMPY\x01\x00" + body_len.to_bytes(2, "little") + body
+
+
+def write_rows(f: Any, arr: np.ndarray) -> None:
+    """Append one chunk of rows to an open shard file (one function, so tests can make the disk fill up)."""
+    if arr.size:
+        f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+
+
+class ShardStream:
+    """One shard written batch by batch from the background thread while the forward pass runs, so that only
+    the last batch is left to write when the shard ends; `close` makes it appear atomically, `abort` removes it."""
+
+    def __init__(self, writer: StoreWriter, index: int, arrays: dict[tuple[int, str], tuple[Any, tuple[int, ...]]]):
+        self.final = layout.store_shard_dpath(writer.dpath, index)
+        self.tmp = self.final.with_name(f".{self.final.name}.tmp")
+        self.spec = arrays
+        self.rows = {key: 0 for key in arrays}
+        self.files: dict[tuple[int, str], Any] = {}
+        with atomic.translate_os_errors(self.final):
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir(parents=True)
+            for (layer, kind), (dtype, row_shape) in arrays.items():
+                f = open(self.tmp / layout.shard_array_name(layer, kind), "wb")  # noqa: SIM115 - closed in close/abort
+                self.files[(layer, kind)] = f
+                f.write(npy_header(dtype, (0, *row_shape)))
+
+    def append(self, arrays: dict[tuple[int, str], np.ndarray]) -> None:
+        with atomic.translate_os_errors(self.final):
+            for key, arr in arrays.items():
+                assert arr.dtype == np.dtype(self.spec[key][0]) and arr.shape[1:] == self.spec[key][1], key
+                write_rows(self.files[key], arr)
+                self.rows[key] += len(arr)
+            for f in self.files.values():
+                f.flush()
+                os.fdatasync(f.fileno())  # flush as we go, so that close() has almost nothing left to wait for
+
+    def close(self, images: list[dict[str, Any]]) -> None:
+        try:
+            self._close(images)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _close(self, images: list[dict[str, Any]]) -> None:
+        with atomic.translate_os_errors(self.final):
+            for key, f in self.files.items():
+                f.seek(0)
+                f.write(npy_header(self.spec[key][0], (self.rows[key], *self.spec[key][1])))
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+            text = "".join(json.dumps(im) + "\n" for im in images)
+            atomic_text = self.tmp / layout.shard_images_name()
+            with open(atomic_text, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(self.tmp, self.final)
+            atomic.fsync_dir(self.final.parent)
+
+    def abort(self) -> None:
+        for f in self.files.values():
+            f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class StoreWriter:

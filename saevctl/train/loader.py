@@ -231,6 +231,7 @@ class ActivationLoader:
             out.append(from_numpy(self._read_rows(ch.blocks, take), self.dtype).float())
             got += len(take)
             if got >= n:
+                self._released.clear()  # the sample is not part of a training pass
                 return torch.cat(out)
         raise AssertionError("unreachable")
 

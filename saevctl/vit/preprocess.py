@@ -74,6 +74,8 @@ class Preprocess:
         if self.mode == "letterbox":
             scale = self.size / max(w, h)
             nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+            if (nw, nh) == (self.size, self.size):  # a square image fills the canvas: no padding to paste
+                return img.resize((nw, nh), flt) if (w, h) != (nw, nh) else img
             canvas = Image.new("RGB", (self.size, self.size), (0, 0, 0))
             canvas.paste(img.resize((nw, nh), flt), ((self.size - nw) // 2, (self.size - nh) // 2))
             return canvas

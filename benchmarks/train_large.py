@@ -9,9 +9,9 @@ fresh process, at the same time, on a small store of the same shape read into th
 its loader never waits for the disk). Each process gets half the cores; rows/s are counted over the interval
 in which both train, so load from other jobs on a shared machine hits both alike. Ratio = big-store rows/s
 over in-RAM rows/s; each process also reports the share of time its training loop waited for data.
-Memory: a cgroup cap cannot be set on this machine, so the big-store process reports what a cgroup would
-charge it that it cannot give back: peak resident memory (anonymous + mapped file pages); the budget is a
-third of the store (store >= 3x the memory used). `fincore` gives the store's pages left in the page cache
+Memory: the big-store run starts inside a child memory cgroup capped at a third of the store (page cache
+included), so the store is 3x the memory it may use; where no cgroup can be made, its peak resident memory
+(anonymous + mapped file pages) is checked against the same budget instead. `fincore` gives the store's pages left in the page cache
 (reclaimable), and /proc/self/io read_bytes shows the rows came from disk.
 """
 
@@ -130,11 +130,46 @@ def child(args: argparse.Namespace) -> None:
                       "disk_read_bytes": _proc("io", "read_bytes") - io0[0]}))
 
 
-def start_child(store: Path, out: Path, steps: int, args: argparse.Namespace, drop: bool) -> subprocess.Popen[str]:
+def memory_cgroup(limit_bytes: int) -> Path | None:
+    """A child memory cgroup of this process's own (cgroup v1 or v2) capped at `limit_bytes`, page cache
+    included; None where the hierarchy is not writable. Nesting under our own cgroup keeps the parent's limits."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, rel = line.split(":", 2)
+        if "memory" in controllers.split(","):  # v1
+            base, limit_file = Path("/sys/fs/cgroup/memory") / rel.lstrip("/"), "memory.limit_in_bytes"
+            break
+    else:
+        rel = next(ln.split(":", 2)[2] for ln in Path("/proc/self/cgroup").read_text().splitlines() if ln.startswith("0::"))
+        base, limit_file = Path("/sys/fs/cgroup") / rel.lstrip("/"), "memory.max"
+    group = base / f"saevctl-bench-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / limit_file).write_text(str(limit_bytes))
+    except OSError:
+        if group.is_dir():
+            group.rmdir()
+        return None
+    return group
+
+
+def cgroup_peak(group: Path | None) -> int | None:
+    for name in ("memory.max_usage_in_bytes", "memory.peak"):
+        if group is not None and (group / name).is_file():
+            return int((group / name).read_text())
+    return None
+
+
+def start_child(store: Path, out: Path, steps: int, args: argparse.Namespace, drop: bool,
+                group: Path | None = None) -> subprocess.Popen[str]:
     cmd = [sys.executable, __file__, "--child", "--store", str(store), "--out", str(out), "--steps", str(steps),
            "--batch", str(args.batch), "--activation", args.activation, "--width", str(args.width), "--k", str(args.k),
            "--drop-cache", "yes" if drop else "no", "--dtype", args.dtype]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def enter_group() -> None:  # runs in the child before exec: all its memory, page cache too, is charged there
+        if group is not None:
+            (group / "cgroup.procs").write_text(str(os.getpid()))
+
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=enter_group)
 
 
 def finish_child(proc: subprocess.Popen[str]) -> dict:
@@ -170,6 +205,8 @@ def main() -> None:
                     loader is tested hardest) or float32")
     ap.add_argument("--dir", type=Path, default=None, help="where to write the stores (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the stores")
+    ap.add_argument("--memory-cap-gib", type=float, default=None,
+                    help="cgroup memory cap (page cache included) for the big-store run (default: a third of the store)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for name in ("--store", "--out", "--steps", "--drop-cache"):
@@ -195,11 +232,19 @@ def main() -> None:
         big_steps = n_big * PATCHES // args.batch  # one epoch: every row of the big store read once
         warm(small)
         evict(big)
-        procs = [start_child(big, root / "sae-big", big_steps, args, drop=True),
+        cap = int((args.memory_cap_gib or gib / 3) * 2**30)
+        group = memory_cgroup(cap)
+        print(f"memory cap for the big-store run: {cap / 2**30:.2f} GiB "
+              + ("(cgroup " + str(group) + ")" if group else "(no writable cgroup here: peak RSS is reported instead)"),
+              flush=True)
+        procs = [start_child(big, root / "sae-big", big_steps, args, drop=True, group=group),
                  start_child(small, root / "sae-small", big_steps, args, drop=False)]
         disk, ram = finish_child(procs[0]), finish_child(procs[1])
+        disk["cgroup_cap"], disk["cgroup_peak"] = (cap if group else None), cgroup_peak(group)
         left = cached_bytes(big)
     finally:
+        if "group" in locals() and group is not None:
+            group.rmdir()
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     report(args, disk, ram, left, n_big * img_bytes, n_small * img_bytes)
@@ -223,8 +268,13 @@ def report(args: argparse.Namespace, disk: dict, ram: dict, left: int | None, st
           f"{disk['peak_rss_file'] / g:.2f}) vs budget {budget / g:.2f} GiB = store / 3: "
           f"{'ok' if disk['peak_rss'] <= budget else 'OVER'} (store = {store_bytes / disk['peak_rss']:.1f}x peak RSS); "
           f"store pages left in the page cache (reclaimable): {'n/a' if left is None else f'{left / g:.2f} GiB'}")
+    cap, peak = disk.get("cgroup_cap"), disk.get("cgroup_peak")
+    if cap:
+        print(f"cgroup cap {cap / g:.2f} GiB (store = {store_bytes / cap:.1f}x the cap), peak charged to it "
+              f"(process + page cache) {'n/a' if peak is None else f'{peak / g:.2f} GiB'}")
     if args.json:
         args.json.write_text(json.dumps({
+            "cgroup_cap_gib": None if not cap else cap / g, "cgroup_peak_gib": None if peak is None else peak / g,
             "metric": "train_rows_per_s_store_3x_memory", "value": disk["rows_per_s"], "ceiling": ram["rows_per_s"],
             "ratio": ratio, "overlap_s": both_s, "data_wait_frac_big": wait["disk"],
             "data_wait_frac_ram": wait["ram"], "store_gib": store_bytes / g, "memory_budget_gib": budget / g,

@@ -297,7 +297,7 @@ def all_cmd(
     for item in card_table(res.figures):
         console.print(item)
     say_path("card", res.card)
-    say_path("figures", res.card_json)
+    say_path("card data", res.card_json)
 
 
 @eval_app.command("card")

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from saevctl.errors import InputError
 from saevctl.train.group import SAEGroup

@@ -5,6 +5,7 @@ Imports torch only inside functions, so `saevctl --help` stays light; every call
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -226,8 +227,11 @@ def raise_if_any_failed(error: BaseException | None) -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group (no-op without one)."""
+    """Leave the process group together (no-op without one): a rank that tears its connections down while a
+    peer is still finishing its last collective can make that peer's transport threads abort the process."""
     if _is_initialized():
         import torch.distributed as tdist
 
+        with contextlib.suppress(RuntimeError, DistError):
+            barrier()
         tdist.destroy_process_group()

@@ -60,15 +60,11 @@ def _remove_stale_temps(dpath: Path) -> None:
 def save_npy(fpath: Path, chunks: list[np.ndarray]) -> None:
     """Write row chunks as one .npy file without first concatenating them (one copy fewer per shard)."""
     first = chunks[0]
-    n_rows = sum(len(c) for c in chunks)
-    header = {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False,
-              "shape": (n_rows, *first.shape[1:])}
     with open(fpath, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, header)
+        f.write(npy_header(first.dtype, (sum(len(c) for c in chunks), *first.shape[1:])))
         for c in chunks:
             assert c.dtype == first.dtype and c.shape[1:] == first.shape[1:], (c.dtype, c.shape)
-            if c.size:
-                f.write(memoryview(np.ascontiguousarray(c)).cast("B"))
+            write_rows(f, c)
 
 
 NPY_HEADER_BYTES = 128

@@ -24,6 +24,13 @@ def load_toml(fpath: Path) -> dict[str, Any]:
         raise InputError(f"config file {fpath} is not valid TOML ({e})", "fix the file's syntax") from e
 
 
+def coerce_paths(cfg: Any, *names: str) -> None:
+    """Turn the named fields of a frozen Config into expanded Paths (a TOML file gives them as strings)."""
+    for name in names:
+        if getattr(cfg, name) is not None:
+            object.__setattr__(cfg, name, Path(getattr(cfg, name)).expanduser())
+
+
 def merge_config(cls: type[C], file_values: dict[str, Any], cli_values: dict[str, Any]) -> C:
     """Build `cls` from TOML values overridden by explicitly given CLI values (None means not given)."""
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]

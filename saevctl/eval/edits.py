@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from saevctl import atomic, layout
-from saevctl.config import resolve_device
+from saevctl.config import coerce_paths, resolve_device
 from saevctl.data import resolve_images
 from saevctl.errors import IndexError_, InputError, ProbeError
 from saevctl.eval import common
@@ -70,9 +70,7 @@ class EditsConfig:
     """Threads decoding images ahead of the forward pass."""
 
     def __post_init__(self) -> None:
-        for name in ("masks", "sae", "index", "out"):  # TOML gives strings
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, Path(getattr(self, name)).expanduser())
+        coerce_paths(self, "masks", "sae", "index", "out")  # TOML gives strings
         feats = self.features.split(",") if isinstance(self.features, str) else self.features
         object.__setattr__(self, "features", tuple(f.strip() for f in feats if f.strip()))
         if self.batch_size < 1 or self.n_boot < 10:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from saevctl import atomic, layout
-from saevctl.config import resolve_device
+from saevctl.config import coerce_paths, resolve_device
 from saevctl.errors import InputError, StoreError
 from saevctl.eval import common
 from saevctl.probe.session import resolve_sae_path
@@ -43,9 +43,7 @@ class ReconConfig:
     """Use only the first N stored images."""
 
     def __post_init__(self) -> None:
-        for name in ("sae", "store", "index", "out"):  # TOML gives strings
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, Path(getattr(self, name)).expanduser())
+        coerce_paths(self, "sae", "store", "index", "out")  # TOML gives strings
         if self.batch_tokens < 1:
             raise InputError("--batch-tokens must be positive", "pass e.g. 4096")
 

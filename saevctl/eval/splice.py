@@ -17,7 +17,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from saevctl import atomic, layout
-from saevctl.config import resolve_device
+from saevctl.config import coerce_paths, resolve_device
 from saevctl.data import resolve_images
 from saevctl.errors import InputError
 from saevctl.eval import common, metrics
@@ -62,9 +62,7 @@ class SpliceConfig:
     """Threads decoding images ahead of the forward pass."""
 
     def __post_init__(self) -> None:
-        for name in ("sae", "masks", "store", "index", "out"):  # TOML gives strings
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, Path(getattr(self, name)).expanduser())
+        coerce_paths(self, "sae", "masks", "store", "index", "out")  # TOML gives strings
         if self.batch_size < 1 or self.n_boot < 10:
             raise InputError("--batch-size must be positive and --n-boot at least 10", "pass larger values")
 

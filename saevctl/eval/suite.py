@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from saevctl import layout
-from saevctl.config import resolve_device
+from saevctl.config import coerce_paths, resolve_device
 from saevctl.errors import InputError
 from saevctl.eval import card, common
 from saevctl.eval.edits import MIN_AUROC, EditsConfig, run_edits
@@ -62,9 +62,7 @@ class AllConfig:
     """Seed for the controls and the bootstraps."""
 
     def __post_init__(self) -> None:
-        for name in ("sae", "store", "masks", "index", "out"):  # TOML gives strings
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, Path(getattr(self, name)).expanduser())
+        coerce_paths(self, "sae", "store", "masks", "index", "out")  # TOML gives strings
 
 
 @dataclass

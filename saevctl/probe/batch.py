@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from saevctl import atomic, layout
-from saevctl.config import resolve_device
+from saevctl.config import coerce_paths, resolve_device
 from saevctl.data import ImageRecord, open_image, resolve_images
 from saevctl.errors import ProbeError, SaevctlError
 from saevctl.probe.edit import EditPlan, Patches, apply_edit, make_plan, parse_clamp, parse_patches
@@ -73,9 +73,7 @@ class BatchConfig:
     def __post_init__(self) -> None:
         clamps = self.clamps.split(",") if isinstance(self.clamps, str) else self.clamps
         object.__setattr__(self, "clamps", tuple(c.strip() for c in clamps if c.strip()))
-        for name in ("sae", "index", "out"):  # TOML gives strings
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, Path(getattr(self, name)).expanduser())
+        coerce_paths(self, "sae", "index", "out")  # TOML gives strings
         if not self.clamps:
             raise ProbeError("no --clamp given", "pass at least one edit, e.g. --clamp 6909=0")
         if self.batch_size < 1 or self.n_boot < 10:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from saevctl import layout
-from saevctl.config import resolve_device
+from saevctl.config import coerce_paths, resolve_device
 from saevctl.data import open_image
 from saevctl.errors import ProbeError
 from saevctl.probe.edit import Clamp, apply_edit, make_plan, parse_clamp, parse_patches, static_mask
@@ -51,9 +51,7 @@ class Config:
     def __post_init__(self) -> None:
         clamps = self.clamps.split(",") if isinstance(self.clamps, str) else self.clamps
         object.__setattr__(self, "clamps", tuple(c.strip() for c in clamps if c.strip()))
-        for name in ("sae", "index", "out"):  # TOML gives strings
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, Path(getattr(self, name)).expanduser())
+        coerce_paths(self, "sae", "index", "out")  # TOML gives strings
         if not self.clamps:
             raise ProbeError("no --clamp given", "pass at least one edit, e.g. --clamp 6909=0")
 

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from saevctl import layout
-from saevctl.config import resolve_device
+from saevctl.config import coerce_paths, resolve_device
 from saevctl.data import ImageRecord, open_image, resolve_images
-from saevctl.data.masks import IGNORED, read_classes
+from saevctl.data.masks import IGNORED, mask_geometry, read_classes
 from saevctl.errors import InputError, SaevctlError
 from saevctl.probe.heads import LinearClassifyHead, LinearSegmentHead, describe_model, save_head
 from saevctl.vit import Backbone, load_backbone
@@ -67,9 +67,7 @@ class HeadTrainConfig:
     """Seed for the validation split and the initialisation."""
 
     def __post_init__(self) -> None:
-        for name in ("masks", "class_names", "out"):  # TOML gives strings
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, Path(getattr(self, name)).expanduser())
+        coerce_paths(self, "masks", "class_names", "out")  # TOML gives strings
         if self.task not in ("classify", "segment"):
             raise InputError(f"unknown --task {self.task!r}", "use classify or segment")
         if self.task == "segment" and self.masks is None:
@@ -128,8 +126,11 @@ def _pair_masks(records: list[ImageRecord], masks: Path) -> list[tuple[ImageReco
 
 def mask_to_input(mask: Image.Image, bb: Backbone, offset: int, n_classes: int, ignore: int) -> np.ndarray:
     """A mask through the image's geometry (nearest), as class indices; -1 where unlabelled or padded."""
+    # The same nearest-neighbour geometry as `extract --masks` (16-bit ids survive it); the white canvas marks
+    # what the geometry padded, which is never labelled even where id 0 is a real class.
+    ids = mask if mask.mode in ("L", "P", "I", "I;16", "I;16B", "I;16L") else mask.convert("L")
+    values = mask_geometry(np.asarray(ids).astype(np.int32), bb.preprocess).astype(np.int64)
     geo = dataclasses.replace(bb.preprocess, interpolation="nearest")
-    values = np.asarray(geo.geometry(mask.convert("L").convert("RGB")))[..., 0].astype(np.int64)
     valid = np.asarray(geo.geometry(Image.new("RGB", mask.size, (255, 255, 255))))[..., 0] > 127
     labels = values - offset
     bad = ~valid | (values == ignore) | (labels < 0) | (labels >= n_classes)

@@ -5,7 +5,6 @@ Importing this module must stay cheap: stage CLIs import torch only inside their
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
@@ -14,6 +13,13 @@ import typer
 
 import saevctl
 from saevctl.errors import SaevctlError
+from saevctl.eval import cli as eval_cli
+from saevctl.extract import cli as extract_cli
+from saevctl.mine import cli as mine_cli
+from saevctl.probe import cli as probe_cli
+from saevctl.report import cli as report_cli
+from saevctl.sae import cli as sae_cli
+from saevctl.train import cli as train_cli
 
 class _Group(typer.core.TyperGroup):
     """Runs subcommands, turning SaevctlError into one stderr line and exit 2 (tracebacks with --debug)."""
@@ -47,17 +53,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# Each module defines `register(app)`; the order is the pipeline's.
-STAGE_CLIS = (
-    "saevctl.extract.cli",
-    "saevctl.train.cli",
-    "saevctl.sae.cli",
-    "saevctl.mine.cli",
-    "saevctl.report.cli",
-    "saevctl.probe.cli",
-    "saevctl.eval.cli",
-)
-
 
 def _version(value: bool) -> None:
     if value:
@@ -80,18 +75,9 @@ def root(
     )
 
 
-def _register_stages() -> None:
-    for name in STAGE_CLIS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name and name.startswith(e.name):
-                continue  # stage not built into this version
-            raise
-        module.register(app)
-
-
-_register_stages()
+# The stages' command-line faces, in the pipeline's order; each adds its commands to the root.
+for stage_cli in (extract_cli, train_cli, sae_cli, mine_cli, report_cli, probe_cli, eval_cli):
+    stage_cli.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

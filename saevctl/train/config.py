@@ -7,67 +7,59 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from saevctl.config import DeviceOpts, check_finite, opt
 from saevctl.errors import InputError
 
-ACTIVATIONS = ("relu", "topk", "batchtopk")
-TOKENS = ("patches", "cls", "both")
-IMPLS = ("fast", "reference")
-COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
-def _tuple(value: Any) -> tuple[Any, ...]:
-    if isinstance(value, (list, tuple)):
-        return tuple(value)
-    if isinstance(value, str):
-        return tuple(v.strip() for v in value.split(",") if v.strip())
-    return (value,)
+Activation = Literal["relu", "topk", "batchtopk"]
+ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
 
 
 @dataclass(frozen=True)
-class Config:
-    store: Path = Path("store")
+class Config(DeviceOpts):
+    store: Path = opt(Path("store"), short="-s")
     """Activation store folder made by `saevctl extract`."""
-    layer: int | None = None
+    layer: int | None = opt(None, short="-l")
     """Block whose activations are used (default: the store's only layer, or its last one)."""
-    tokens: str = "patches"
+    tokens: Literal["patches", "cls", "both"] = "patches"
     """Token kind(s) trained on: patches, cls, or both."""
-    out: Path = Path("sae")
+    out: Path = opt(Path("sae"), short="-o")
     """Output folder: one checkpoint folder per SAE, metrics.jsonl, plots/, sweep.json, state/."""
-    activation: tuple[str, ...] = ("relu",)
-    """Sparsifying activation(s): relu (L1 penalty), topk (AuxK revives dead latents), batchtopk."""
-    width: tuple[str, ...] = ("16x",)
-    """Dictionary size(s): a multiple of d ('16x') or an absolute count ('8192')."""
+    activation: tuple[Activation, ...] = opt(("relu",), short="-a")
+    """Sparsifying activation(s), a comma list sweeps: relu (L1 penalty), topk (AuxK revives dead latents),
+    batchtopk."""
+    width: tuple[str, ...] = opt(("16x",), short="-w")
+    """Dictionary size(s), a comma list sweeps: a multiple of d ('16x') or an absolute count ('8192')."""
     lr: tuple[float, ...] = (3e-4,)
-    """Adam peak learning rate(s)."""
+    """Adam peak learning rate(s), a comma list sweeps."""
     sparsity: tuple[float, ...] = (8e-4,)
-    """L1 coefficient(s) for relu SAEs (the paper's lambda); ignored by topk/batchtopk."""
+    """L1 coefficient(s) for relu SAEs (the paper's lambda), a comma list sweeps; ignored by topk/batchtopk."""
     k: tuple[int, ...] = (32,)
-    """Active latents per token for topk/batchtopk; ignored by relu."""
+    """Active latents per token for topk/batchtopk, a comma list sweeps; ignored by relu."""
     matryoshka: tuple[float, ...] = ()
-    """Nested prefix sizes trained to reconstruct on their own: fractions of the width (<= 1) or counts."""
-    aux_coef: float = 1 / 32
+    """Nested prefix sizes trained to reconstruct on their own: fractions of the width (<= 1) or counts,
+    e.g. 0.0625,0.25."""
+    aux_coef: float = opt(1 / 32, default_text="1/32")
     """AuxK loss weight for topk/batchtopk (reconstructs the residual from dead latents)."""
     n_tokens: int | None = None
     """Activations to train on in total (default: one pass over the store's rows)."""
-    batch_size: int = 4096
+    batch_size: int = opt(4096, short="-b")
     """Activations per step (each is fed to every SAE of the sweep)."""
     lr_warmup: int = 200
     """Steps of linear learning-rate warmup."""
-    lr_decay: str = "cosine"
+    lr_decay: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate decay after warmup: cosine (to 0), linear (to 0) or constant."""
     sparsity_warmup: int = 500
     """Steps over which the L1 coefficient ramps linearly from 0 (as in the paper)."""
     seed: int = 0
     """Seed for weight init and data order; the same seed gives the same SAEs."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
     """Matmul precision: float32, or bfloat16 (autocast on AMX CPUs and GPUs; weights stay float32)."""
-    impl: str = "fast"
+    impl: Literal["fast", "reference"] = "fast"
     """fast (stacked, fused, sparse TopK decoder) or reference (plain per-SAE autograd, for checking)."""
     log_every: int = 50
     """Steps between metric records (JSONL, progress bar, wandb)."""
@@ -85,52 +77,31 @@ class Config:
     """Also log metrics to Weights & Biases (needs `pip install wandb`; honours WANDB_MODE=offline)."""
     wandb_project: str = "saevctl"
     """Weights & Biases project name."""
-    drop_cache: bool | None = None
-    """Evict store pages from the page cache once read: None (auto) does so for one process reading a store
-    larger than half the machine's memory; several processes on a node share the pages, so auto keeps them."""
-    place_sweep: str = "data"
+    drop_cache: bool | None = opt(None, flag="--drop-cache/--keep-cache")
+    """Evict store pages from the page cache once read (default: only for one process reading a store larger than
+    half the machine's memory; several processes on a node share the pages, so then they are kept)."""
+    place_sweep: Literal["data", "ranks"] = "data"
     """Under torchrun: data (every SAE on every rank, each rank a slice of each batch, gradients averaged) or
     ranks (a sweep's SAEs dealt round-robin to ranks, each rank reading every batch whole)."""
 
-    def __post_init__(self) -> None:
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        set_("store", Path(self.store))
-        set_("out", Path(self.out))
-        for name in ("activation", "width", "lr", "sparsity", "k", "matryoshka"):
-            set_(name, _tuple(getattr(self, name)))
-        set_("width", tuple(str(w) for w in self.width))
-        set_("lr", tuple(float(v) for v in self.lr))
-        set_("sparsity", tuple(float(v) for v in self.sparsity))
-        set_("k", tuple(int(v) for v in self.k))
-        set_("matryoshka", tuple(float(v) for v in self.matryoshka))
-        self._check()
-
-    def _check(self) -> None:
-        def bad(what: str, hint: str) -> InputError:
-            return InputError(what, hint)
-
-        for a in self.activation:
-            if a not in ACTIVATIONS:
-                raise bad(f"unknown --activation {a!r}", f"use {', '.join(ACTIVATIONS)}")
-        if self.tokens not in TOKENS:
-            raise bad(f"unknown --tokens {self.tokens!r}", f"use {', '.join(TOKENS)}")
-        if self.impl not in IMPLS:
-            raise bad(f"unknown --impl {self.impl!r}", f"use {', '.join(IMPLS)}")
-        if self.dtype not in COMPUTE_DTYPES:
-            raise bad(f"unknown --dtype {self.dtype!r}", f"use {', '.join(COMPUTE_DTYPES)}")
-        if self.place_sweep not in ("data", "ranks"):
-            raise bad(f"unknown --place-sweep {self.place_sweep!r}", "use data or ranks")
-        if self.lr_decay not in ("cosine", "linear", "constant"):
-            raise bad(f"unknown --lr-decay {self.lr_decay!r}", "use cosine, linear or constant")
+    def check(self) -> None:
+        super().check()
         if not (self.activation and self.width and self.lr):
-            raise bad("empty sweep axis", "give at least one --activation, --width and --lr")
-        if any(v <= 0 for v in self.lr) or any(v < 0 for v in self.sparsity) or any(v < 1 for v in self.k):
-            raise bad("--lr must be > 0, --sparsity >= 0 and --k >= 1", "fix the values")
+            raise InputError("empty sweep axis", "give at least one --activation, --width and --lr")
+        for v in self.lr:
+            check_finite("lr", v, low=0, low_open=True)
+        for v in self.sparsity:
+            check_finite("sparsity", v, low=0)
+        for v in self.matryoshka:
+            check_finite("matryoshka", v, low=0, low_open=True)
+        check_finite("aux_coef", self.aux_coef, low=0)
+        if any(v < 1 for v in self.k):
+            raise InputError("--k must be >= 1", "pass at least one active latent per token")
         for name in ("batch_size", "log_every", "ckpt_every", "buffer_rows", "n_norm_sample", "dead_after"):
             if getattr(self, name) < 1:
-                raise bad(f"{name.replace('_', '-')} must be positive", "pass a positive number")
+                raise InputError(f"--{name.replace('_', '-')} must be positive", "pass a positive number")
         if self.n_tokens is not None and self.n_tokens < self.batch_size:
-            raise bad("--n-tokens is smaller than one batch", "train on at least --batch-size activations")
+            raise InputError("--n-tokens is smaller than one batch", "train on at least --batch-size activations")
         for w in self.width:
             parse_width(w, 1)
 

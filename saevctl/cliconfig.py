@@ -18,6 +18,8 @@ from saevctl.config import FieldSpec, field_specs, load_toml, merge_config
 
 C = TypeVar("C")
 CONFIG_HELP = "TOML file with any of these options (command-line values win; lists are sweep axes where a field sweeps)."
+REGISTERED: dict[str, type[Any]] = {}
+"""Every command made from a Config, by its name (the tests check each one's help against its docstrings)."""
 _PY_TYPES = {"path": Path, "int": int, "float": float, "str": str, "bool": bool}
 
 
@@ -90,6 +92,7 @@ def config_command(app: typer.Typer, name: str, cls: type[Any], **command_kwargs
         command.__annotations__ = {p.name: p.annotation for p in params}
         del command.__wrapped__  # typer must see the generated signature, not fn's
         app.command(name, **command_kwargs)(command)
+        REGISTERED[f"{app.info.name or ''} {name}".strip()] = cls
         return fn
 
     return decorate

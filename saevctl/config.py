@@ -280,6 +280,10 @@ def merge_config(cls: type[C], file_values: Mapping[str, Any], cli_values: Mappi
     if unknown:
         raise InputError(f"unknown config keys {unknown}", f"valid keys: {', '.join(sorted(names))}")
     values = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
+    for spec in field_specs(cls):
+        if spec.required and values.get(spec.name) is None:
+            where = spec.cli.flag.split("/")[0] if spec.cli.flag else spec.flag
+            raise InputError(f"no {where} given", f"pass {where} (or set {spec.name} in the --config file)")
     return cls(**values)
 
 

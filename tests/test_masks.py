@@ -20,7 +20,7 @@ from saevctl.data.masks import MaskSizeError, majority_per_patch, mask_geometry,
 from saevctl.errors import InputError
 from saevctl.extract import Config, run
 from saevctl.store import open_store
-from saevctl.vit.preprocess import Preprocess
+from saevctl.data.preprocess import Preprocess
 
 runner = CliRunner()
 PRE = Preprocess(32, (0.5,) * 3, (0.5,) * 3, mode="center_crop", crop_pct=0.9, interpolation="bicubic")

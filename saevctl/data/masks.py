@@ -19,7 +19,7 @@ from PIL import Image
 from saevctl.errors import InputError
 
 if TYPE_CHECKING:
-    from saevctl.vit.preprocess import Preprocess
+    from saevctl.data.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 

@@ -4,30 +4,36 @@ edits are specific to their class, and a one-page report card. `saevctl eval spl
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-_EXPORTS = {
-    "SpliceConfig": "saevctl.eval.splice",
-    "SpliceResult": "saevctl.eval.splice",
-    "run_splice": "saevctl.eval.splice",
-    "EditsConfig": "saevctl.eval.edits",
-    "EditsResult": "saevctl.eval.edits",
-    "run_edits": "saevctl.eval.edits",
-    "ReconConfig": "saevctl.eval.recon",
-    "ReconResult": "saevctl.eval.recon",
-    "run_recon": "saevctl.eval.recon",
-    "AllConfig": "saevctl.eval.suite",
-    "AllResult": "saevctl.eval.suite",
-    "run_all": "saevctl.eval.suite",
-    "recovery": "saevctl.eval.metrics",
-}
-__all__ = list(_EXPORTS)
+from saevctl.lazy import lazy_exports
 
+if TYPE_CHECKING:
+    from saevctl.eval.edits import EditsConfig, EditsResult, run_edits
+    from saevctl.eval.metrics import recovery
+    from saevctl.eval.recon import ReconConfig, ReconResult, run_recon
+    from saevctl.eval.splice import SpliceConfig, SpliceResult, run_splice
+    from saevctl.eval.suite import AllConfig, AllResult, run_all
 
-def __getattr__(name: str) -> Any:
-    # Lazy, so that `saevctl --help` (which imports eval.cli) does not import torch.
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(name)
+__all__ = [
+    "AllConfig", "AllResult", "EditsConfig", "EditsResult", "ReconConfig", "ReconResult", "SpliceConfig",
+    "SpliceResult", "recovery", "run_all", "run_edits", "run_recon", "run_splice",
+]
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "SpliceConfig": "saevctl.eval.splice",
+        "SpliceResult": "saevctl.eval.splice",
+        "run_splice": "saevctl.eval.splice",
+        "EditsConfig": "saevctl.eval.edits",
+        "EditsResult": "saevctl.eval.edits",
+        "run_edits": "saevctl.eval.edits",
+        "ReconConfig": "saevctl.eval.recon",
+        "ReconResult": "saevctl.eval.recon",
+        "run_recon": "saevctl.eval.recon",
+        "AllConfig": "saevctl.eval.suite",
+        "AllResult": "saevctl.eval.suite",
+        "run_all": "saevctl.eval.suite",
+        "recovery": "saevctl.eval.metrics",
+    },
+)

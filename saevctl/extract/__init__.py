@@ -5,15 +5,19 @@ Use `run(Config(...))` from Python; `saevctl extract` is a thin CLI over it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+from saevctl.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from saevctl.extract.pipeline import Config, Result, run
 
 __all__ = ["Config", "Result", "run"]
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy, so that `saevctl --help` (which imports extract.cli) does not import torch.
-    if name in __all__:
-        from saevctl.extract import pipeline
-
-        return getattr(pipeline, name)
-    raise AttributeError(name)
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "Config": "saevctl.extract.pipeline",
+        "Result": "saevctl.extract.pipeline",
+        "run": "saevctl.extract.pipeline",
+    },
+)

@@ -20,7 +20,7 @@ from saevctl import atomic, layout
 from saevctl.data.images import ImageRecord
 from saevctl.data.masks import UNLABELLED, MaskSet, MaskSizeError, patch_labels
 from saevctl.errors import InputError
-from saevctl.vit.preprocess import Preprocess
+from saevctl.data.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]

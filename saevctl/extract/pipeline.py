@@ -26,7 +26,7 @@ from saevctl.errors import InputError, SaevctlError, StoreError
 from saevctl.extract import labels, ranks
 from saevctl.store import StoreWriter
 from saevctl.store.writer import ShardStream
-from saevctl.store.format import DTYPES, FLOAT16_MAX, NP_DTYPES, TOKEN_KINDS, kind_shape, read_manifest, to_numpy
+from saevctl.store.format import FLOAT16_MAX, NP_DTYPES, TOKEN_KINDS, kind_shape, read_manifest, to_numpy
 from saevctl.vit import Backbone, Preprocess, load_backbone
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,8 @@ class Config:
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "layers", tuple(self.layers))
         object.__setattr__(self, "tokens", tuple(self.tokens))
-        if self.dtype not in DTYPES:
-            raise InputError(f"unknown --dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
+        if self.dtype not in NP_DTYPES:
+            raise InputError(f"unknown --dtype {self.dtype!r}", f"use one of {', '.join(NP_DTYPES)}")
         bad = [t for t in self.tokens if t not in TOKEN_KINDS]
         if bad:
             raise InputError(f"unknown token kind(s) {bad}", f"use a comma list of {', '.join(TOKEN_KINDS)}")
@@ -271,7 +271,7 @@ def run(
     todo = list(plan.mine)
     per_image = sum(
         int(np.prod(kind_shape(k, bb.layout.n_patches, bb.layout.n_reg, bb.d_model))) for k in cfg.tokens
-    ) * len(layers) * DTYPES[cfg.dtype].itemsize
+    ) * len(layers) * NP_DTYPES[cfg.dtype].itemsize
     atomic.check_free_space(cfg.out, per_image * sum(hi - lo for _, (lo, hi) in todo))
     if progress and plan.done and single:
         progress(sum(hi - lo for s, (lo, hi) in enumerate(plan.writer.shard_ranges) if s in plan.done))

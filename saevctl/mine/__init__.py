@@ -4,19 +4,21 @@ exemplars and image -> feature rows. `run(Config(...))` mines; `Index.open(path)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+from saevctl.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from saevctl.mine.index import Index
+    from saevctl.mine.pipeline import Config, Result, run
 
 __all__ = ["Config", "Index", "Result", "run"]
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy, so that `saevctl --help` (which imports mine.cli) does not import torch or duckdb.
-    if name == "Index":
-        from saevctl.mine.index import Index
-
-        return Index
-    if name in __all__:
-        from saevctl.mine import pipeline
-
-        return getattr(pipeline, name)
-    raise AttributeError(name)
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "Config": "saevctl.mine.pipeline",
+        "Result": "saevctl.mine.pipeline",
+        "run": "saevctl.mine.pipeline",
+        "Index": "saevctl.mine.index",
+    },
+)

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 from saevctl import atomic
 from saevctl.data import open_image
 from saevctl.errors import SaevctlError
-from saevctl.vit import Preprocess
+from saevctl.data.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 TILE_PX = 160

@@ -4,27 +4,33 @@ head's output changes (one image, or many images against controls). `saevctl hea
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-_EXPORTS = {
-    "Config": "saevctl.probe.probe",
-    "Result": "saevctl.probe.probe",
-    "run": "saevctl.probe.probe",
-    "BatchConfig": "saevctl.probe.batch",
-    "BatchResult": "saevctl.probe.batch",
-    "run_batch": "saevctl.probe.batch",
-    "HeadTrainConfig": "saevctl.probe.train_head",
-    "train_head": "saevctl.probe.train_head",
-    "resolve_head": "saevctl.probe.heads",
-    "Prober": "saevctl.probe.session",
-}
-__all__ = list(_EXPORTS)
+from saevctl.lazy import lazy_exports
 
+if TYPE_CHECKING:
+    from saevctl.probe.batch import BatchConfig, BatchResult, run_batch
+    from saevctl.probe.heads import resolve_head
+    from saevctl.probe.probe import Config, Result, run
+    from saevctl.probe.session import Prober
+    from saevctl.probe.train_head import HeadTrainConfig, train_head
 
-def __getattr__(name: str) -> Any:
-    # Lazy, so that `saevctl --help` (which imports probe.cli) does not import torch.
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(name)
+__all__ = [
+    "BatchConfig", "BatchResult", "Config", "HeadTrainConfig", "Prober", "Result", "resolve_head", "run",
+    "run_batch", "train_head",
+]
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "Config": "saevctl.probe.probe",
+        "Result": "saevctl.probe.probe",
+        "run": "saevctl.probe.probe",
+        "BatchConfig": "saevctl.probe.batch",
+        "BatchResult": "saevctl.probe.batch",
+        "run_batch": "saevctl.probe.batch",
+        "HeadTrainConfig": "saevctl.probe.train_head",
+        "train_head": "saevctl.probe.train_head",
+        "resolve_head": "saevctl.probe.heads",
+        "Prober": "saevctl.probe.session",
+    },
+)

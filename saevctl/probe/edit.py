@@ -14,7 +14,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from saevctl.errors import ProbeError
-from saevctl.vit.backbone import TokenLayout
+from saevctl.store.format import TokenLayout
 
 PATCH_FORMS = "all, fired, r,c;r,c (patch rows/columns) or box:x0,y0,x1,y1 (model-input pixels)"
 

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from saevctl import atomic, layout
 from saevctl.errors import OutputError, ProbeError
-from saevctl.vit.backbone import Backbone, TokenLayout
+from saevctl.store.format import TokenLayout
+from saevctl.vit.backbone import Backbone
 
 log = logging.getLogger(__name__)
 

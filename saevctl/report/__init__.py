@@ -5,15 +5,20 @@ Use `run(Config(...))` from Python; `saevctl report` is a thin CLI over it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+from saevctl.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from saevctl.report.pipeline import Config, Result, count_pages, run
 
 __all__ = ["Config", "Result", "count_pages", "run"]
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy, so that `saevctl --help` (which imports report.cli) does not import numpy, duckdb or torch.
-    if name in __all__:
-        from saevctl.report import pipeline
-
-        return getattr(pipeline, name)
-    raise AttributeError(name)
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "Config": "saevctl.report.pipeline",
+        "Result": "saevctl.report.pipeline",
+        "count_pages": "saevctl.report.pipeline",
+        "run": "saevctl.report.pipeline",
+    },
+)

@@ -5,15 +5,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+from saevctl.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from saevctl.sae.model import SAE, SAEConfig
 
 __all__ = ["SAE", "SAEConfig"]
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy so CLI help stays torch-free.
-    if name in __all__:
-        from saevctl.sae import model
-
-        return getattr(model, name)
-    raise AttributeError(name)
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "SAE": "saevctl.sae.model",
+        "SAEConfig": "saevctl.sae.model",
+    },
+)

@@ -1,6 +1,6 @@
 """Read an activation store without loading it: each (layer, kind) is a `ShardedArray` over memory maps.
 
-`open_store(dir).layer(6).patches[10:20]` reads only those rows from disk.
+`open_store(dir).layer(6).patches[10:20]` reads only those rows from disk. Imports no torch (`.torch()` loads it).
 """
 
 from __future__ import annotations
@@ -9,15 +9,23 @@ import bisect
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from saevctl import layout
 from saevctl.errors import LayerError, StoreError
-from saevctl.store.format import NP_DTYPES, from_numpy, kind_shape, read_manifest
-from saevctl.vit.backbone import TokenLayout
+from saevctl.store.format import (
+    NP_DTYPES,
+    TokenLayout,
+    bfloat16_to_float32,
+    from_numpy,
+    kind_shape,
+    read_manifest,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ShardedArray:
@@ -104,9 +112,7 @@ class ShardedArray:
     def __getitem__(self, idx: Any) -> np.ndarray:
         """Rows as numpy; bfloat16 stores come back as float32 (numpy has no bfloat16)."""
         rows = self._rows(idx)
-        if self.dtype == "bfloat16":
-            return from_numpy(rows, self.dtype).float().numpy()
-        return rows
+        return bfloat16_to_float32(rows) if self.dtype == "bfloat16" else rows
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         a = self[:]

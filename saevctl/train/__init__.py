@@ -3,19 +3,20 @@ sweeps in one pass over the data. Use `run(Config(...))` from Python; `saevctl t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+from saevctl.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from saevctl.train.config import Config
+    from saevctl.train.loop import Result, run
 
 __all__ = ["Config", "Result", "run"]
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy, so that `saevctl --help` (which imports train.cli) does not import torch.
-    if name == "Config":
-        from saevctl.train.config import Config
-
-        return Config
-    if name in ("Result", "run"):
-        from saevctl.train import loop
-
-        return getattr(loop, name)
-    raise AttributeError(name)
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "Config": "saevctl.train.config",
+        "Result": "saevctl.train.loop",
+        "run": "saevctl.train.loop",
+    },
+)

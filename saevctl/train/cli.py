@@ -41,29 +41,37 @@ def _run_with_bar(cfg: Any) -> Any:
 
     from saevctl.console import RateColumn, err_console
     from saevctl.train import run
-    from saevctl.train.config import expand
-    from saevctl.train.setup import open_data
 
-    data = open_data(cfg)
-    n_steps = max(1, (cfg.n_tokens or data.loader.n_rows) // cfg.batch_size)
-    n_saes = len(expand(cfg, data.d))
     cols = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), RateColumn("step"),
             TimeRemainingColumn(), TextColumn("{task.fields[metrics]}")]
-    with Progress(*cols, console=err_console) as prog:
-        task = prog.add_task("train", total=n_steps, metrics=f"{n_saes} SAE(s)")
+    prog = Progress(*cols, console=err_console)
+    task = prog.add_task("train", total=None, metrics="")
 
-        def progress(n: int, records: list[dict[str, Any]] | None) -> None:
-            fields = {}
-            if records:
-                r = records[0]
-                more = f" (+{len(records) - 1} more)" if len(records) > 1 else ""
-                fields["metrics"] = (f"{r['run']}: fvu {r['fvu']:.3f} L0 {r['l0']:.1f} "
-                                     f"dead {r['dead']:.1%} dense {r['dense']:.1%}{more}")
-            prog.update(task, advance=n, **fields)
+    def on_total(n_steps: int, n_saes: int) -> None:
+        # The bar appears only once the data is open, so a set-up error is the first and only line on stderr.
+        prog.update(task, total=n_steps, metrics=f"{n_saes} SAE(s)")
+        prog.start()
 
-        result = run(cfg, progress=progress)
-        if result.resumed_from == result.n_steps:
-            prog.update(task, completed=n_steps, metrics="already complete")
+    def progress(n: int, records: list[dict[str, Any]] | None) -> None:
+        fields = {}
+        if records:
+            r = records[0]
+            more = f" (+{len(records) - 1} more)" if len(records) > 1 else ""
+            fields["metrics"] = (f"{r['run']}: fvu {r['fvu']:.3f} L0 {r['l0']:.1f} "
+                                 f"dead {r['dead']:.1%} dense {r['dense']:.1%}{more}")
+        prog.update(task, advance=n, **fields)
+
+    try:
+        result = run(cfg, progress=progress, on_total=on_total)
+    except BaseException:
+        if prog.live.is_started:
+            prog.live.transient = True  # the error, not a half bar, is what stays on the screen
+            prog.stop()
+        raise
+    if result.resumed_from == result.n_steps:
+        prog.update(task, total=result.n_steps, completed=result.n_steps, metrics="already complete")
+    if prog.live.is_started:
+        prog.stop()
     return result
 
 

@@ -159,9 +159,10 @@ def _already_done(cfg: Config) -> Result | None:
     return Result(cfg.out, summary["runs"], pngs, summary["n_steps"], summary["n_steps"])
 
 
-def run(cfg: Config, progress: Progress | None = None) -> Result:
+def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int, int], None] | None = None) -> Result:
     """Train the sweep; with cfg.resume, continue from the last checkpoint in cfg.out (or return a finished run).
-    Under torchrun every rank calls this: data parallel by default, or cfg.place_sweep == "ranks"."""
+    Under torchrun every rank calls this: data parallel by default, or cfg.place_sweep == "ranks".
+    `on_total(n_steps, n_saes)` is called once the data is open, before the first step."""
     device = dist.rank_device(resolve_device(cfg.device))
     place = distributed.place(cfg.place_sweep, device, cfg.batch_size)
     error, done = None, None
@@ -178,6 +179,8 @@ def run(cfg: Config, progress: Progress | None = None) -> Result:
     data = open_data(cfg, *((place.rank, place.world) if place.mode == "data" else (0, 1)), place.comm is None)
     groups = _build_groups(cfg, data, device, place)
     n_steps = max(1, (cfg.n_tokens or data.loader.n_rows) // cfg.batch_size)
+    if on_total is not None:
+        on_total(n_steps, sum(g.n for g in groups))
     restored = _restore(cfg, groups, place) if cfg.resume else None
     if restored:
         start, mean_d, scale = restored

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from saevctl.errors import LayerError, TrainingError
+from saevctl.errors import TrainingError
+from saevctl.layers import model_n_blocks, resolve_layer
 from saevctl.store import Store, open_store
 from saevctl.train.config import Config, RunSpec
 from saevctl.train.loader import ActivationLoader, store_exceeds_memory
@@ -39,26 +40,12 @@ class Data:
         return mean_d.float(), (self.d / msq).sqrt().float()
 
 
-def pick_layer(store: Store, layer: int | None) -> int:
-    if layer is None:
-        return store.layers[-1]
-    if layer < 0 and layer not in store.layers:
-        n_blocks = store.model.get("n_blocks") or store.model.get("depth")
-        if n_blocks:
-            layer += int(n_blocks)
-    if layer not in store.layers:
-        raise LayerError(
-            f"the store at {store.dpath} holds layers {store.layers}, not {layer}",
-            f"pick --layer from {store.layers}",
-        )
-    return layer
-
-
 def open_data(cfg: Config, rank: int = 0, world_size: int = 1, alone: bool = True) -> Data:
     """The layer's loader; with world_size > 1 it yields rank `rank`'s slice of every global batch. `alone`: no
     other process of this run reads the store (so dropping its pages from the page cache costs no one)."""
     store = open_store(cfg.store)
-    layer = pick_layer(store, cfg.layer)
+    # None: the last stored layer; negative counts from the model's end
+    layer = resolve_layer(cfg.layer, model_n_blocks(store.model), available=store.layers, what=f"the store at {store.dpath}")
     view = store.layer(layer)
     kinds = ("patches", "cls") if cfg.tokens == "both" else (cfg.tokens,)
     arrays = {k: view.kind(k) for k in kinds}

@@ -5,8 +5,9 @@ Specs: `demo`, `timm:NAME`, `local-dir:/path`, `hf-hub:org/name`, `open_clip:ARC
 
 from __future__ import annotations
 
-from saevctl.vit.backbone import Backbone, TokenLayout
+from saevctl.store.format import TokenLayout
+from saevctl.vit.backbone import Backbone
 from saevctl.vit.load import load_backbone, parse_spec
-from saevctl.vit.preprocess import Preprocess
+from saevctl.data.preprocess import Preprocess
 
 __all__ = ["Backbone", "Preprocess", "TokenLayout", "load_backbone", "parse_spec"]

@@ -6,62 +6,15 @@ Extraction records `forward_to`; the probe edits the residual stream and calls `
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from saevctl.errors import LayerError
-from saevctl.vit.preprocess import Preprocess
-
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """Where each token kind sits along the token axis: [CLS] [registers...] [patches...]."""
-
-    n_cls: int
-    """1 when the model has a CLS token, else 0."""
-    n_reg: int
-    """Register tokens after the CLS token (DINOv2-reg), else 0."""
-    grid_h: int
-    """Patch-grid rows."""
-    grid_w: int
-    """Patch-grid columns."""
-
-    @property
-    def n_patches(self) -> int:
-        return self.grid_h * self.grid_w
-
-    @property
-    def n_prefix(self) -> int:
-        return self.n_cls + self.n_reg
-
-    @property
-    def n_tokens(self) -> int:
-        return self.n_prefix + self.n_patches
-
-    def kinds(self) -> list[str]:
-        """Token kinds this model has, in storage order."""
-        out = ["patches"]
-        if self.n_cls:
-            out.append("cls")
-        if self.n_reg:
-            out.append("registers")
-        return out
-
-    def split(self, x_btd: Tensor) -> dict[str, Tensor]:
-        """Split all tokens into kinds: patches (b, p, d), cls (b, d), registers (b, r, d)."""
-        out = {"patches": x_btd[:, self.n_prefix :]}
-        if self.n_cls:
-            out["cls"] = x_btd[:, 0]
-        if self.n_reg:
-            out["registers"] = x_btd[:, self.n_cls : self.n_prefix]
-        return out
-
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
+from saevctl.layers import resolve_layer
+from saevctl.store.format import TokenLayout
+from saevctl.data.preprocess import Preprocess
 
 
 class Backbone(nn.Module):
@@ -95,13 +48,9 @@ class Backbone(nn.Module):
         """The model's own output from finalized tokens: class logits, or an embedding."""
         raise NotImplementedError
 
-    def check_layer(self, layer: int) -> int:
-        if not -self.n_blocks <= layer < self.n_blocks:
-            raise LayerError(
-                f"layer {layer} is outside {self.spec}, which has blocks 0..{self.n_blocks - 1}",
-                f"choose layers between 0 and {self.n_blocks - 1} (negative counts from the end)",
-            )
-        return layer % self.n_blocks
+    def check_layer(self, layer: int | None) -> int:
+        """The block number `layer` names in this model (negative counts from the end; None: the last block)."""
+        return resolve_layer(layer, self.n_blocks, what=self.spec)
 
     def run_blocks(self, x_btd: Tensor, start: int, stop: int) -> Tensor:
         """Run blocks start..stop-1."""

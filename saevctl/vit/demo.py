@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from saevctl.atomic import sha256_file, translate_os_errors, write_bytes, write_json
 from saevctl.errors import ModelError
 from saevctl.layout import downloads_dpath, models_dpath
-from saevctl.vit.preprocess import Preprocess
+from saevctl.data.preprocess import Preprocess
 
 if TYPE_CHECKING:
     import onnx

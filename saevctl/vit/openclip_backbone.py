@@ -6,8 +6,9 @@ import torch
 from torch import Tensor, nn
 
 from saevctl.errors import ModelError
-from saevctl.vit.backbone import Backbone, TokenLayout
-from saevctl.vit.preprocess import Preprocess
+from saevctl.store.format import TokenLayout
+from saevctl.vit.backbone import Backbone
+from saevctl.data.preprocess import Preprocess
 
 
 class _BatchFirst(nn.Module):

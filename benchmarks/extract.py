@@ -52,7 +52,9 @@ def main() -> None:
     src = resolve_images(f"demo:{n}")
     pre = bb.preprocess
     u8 = [torch.from_numpy(pre.to_uint8(open_image(r.path))) for r in src.records]
-    batches = [pre.normalize(torch.stack(u8[i : i + args.batch_size])).to(args.device) for i in range(0, n, args.batch_size)]
+    batches = [
+        pre.normalize(torch.stack(u8[i : i + args.batch_size])).to(args.device) for i in range(0, n, args.batch_size)
+    ]
     bare_forward(bb, batches[:1], layers)  # warm-up
 
     bare_s, full_s = [], []

@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import mine as mine_bench  # noqa: E402  (benchmarks/mine.py: synthetic store, sparse SAE, bare encode)
+from saevctl import atomic, layout
+from saevctl.mine import Config as MineConfig
+from saevctl.mine import run as mine
+from saevctl.mine.label import Config, run
+from saevctl.sae import SAE
 
-from saevctl import atomic, layout  # noqa: E402
-from saevctl.mine import Config as MineConfig  # noqa: E402
-from saevctl.mine import run as mine  # noqa: E402
-from saevctl.mine.label import Config, run  # noqa: E402
-from saevctl.sae import SAE  # noqa: E402
+import mine as mine_bench  # benchmarks/mine.py: synthetic store, sparse SAE, bare encode
 
 N_CLASSES = 150
 
@@ -98,7 +98,9 @@ def peak_memory(root: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer images, features and repeats (about a minute on 2 cores)")
+    ap.add_argument(
+        "--quick", action="store_true", help="fewer images, features and repeats (about a minute on 2 cores)"
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()

@@ -30,7 +30,7 @@ from saevctl.store import StoreWriter, open_store
 
 
 def synthetic_store(dpath: Path, n: int, p: int, d: int, seed: int = 0) -> Path:
-    side = int(round(p**0.5))
+    side = round(p**0.5)
     model = {"spec": "synthetic", "arch": "none", "weights_sha256": "0" * 64, "n_blocks": 12, "d_model": d,
              "patch_size": 14, "layout": {"n_cls": 1, "n_reg": 0, "grid_h": side, "grid_w": side},
              "preprocess": {"size": 14 * side, "mean": [0.5] * 3, "std": [0.5] * 3, "mode": "squash"}}
@@ -107,50 +107,92 @@ def peak_memory(root: Path, n: int) -> dict:
     here = str(Path(__file__).parent)
     bodies = {
         "encode_only": f"b.bare_encode(SAE.load({str(ckpt)!r}), Path({str(store)!r}))",
-        "mine": f"from saevctl.mine import Config, run; run(Config(sae=Path({str(ckpt)!r}), store=Path({str(store)!r}), "
-                f"index=Path({str(root / 'ix24k.duckdb')!r}), device='cpu', set_defaults=False))",
+        "mine": "from saevctl.mine import Config, run; "
+        f"run(Config(sae=Path({str(ckpt)!r}), store=Path({str(store)!r}), "
+        f"index=Path({str(root / 'ix24k.duckdb')!r}), device='cpu', set_defaults=False))",
     }
     out = {}
     for name, body in bodies.items():
-        res = subprocess.run([sys.executable, "-c", code.format(here=here, body=body)], capture_output=True, text=True, check=True)
+        res = subprocess.run(
+            [sys.executable, "-c", code.format(here=here, body=body)], capture_output=True, text=True, check=True
+        )
         out[f"{name}_peak_mib"] = int(res.stdout.strip().splitlines()[-1]) / 1024
     out["topk_state_mib"] = 24576 * 25 * 256 * 2 / 2**20  # float16 per-patch codes of the exemplars
     return out
 
 
-def synthetic_index(root: Path, n_images: int, s: int, k: int = 25, top_n: int = 32, p: int = 256, d: int = 384) -> tuple[Path, str]:
+def synthetic_index(
+    root: Path, n_images: int, s: int, k: int = 25, top_n: int = 32, p: int = 256, d: int = 384
+) -> tuple[Path, str]:
     """An index of n_images with s features, written through the same writer mine uses (no scan)."""
     from saevctl.mine import vectors, writer
-    from saevctl.mine.scan import N_HIST
+    from saevctl.mine.schema import N_HIST
 
     rng = np.random.default_rng(0)
     fpath = root / "big.duckdb"
     sae_id = "synthetic-00000000"
     with writer.staged_index(fpath) as idx:
-        model = {"spec": "synthetic", "weights_sha256": "0" * 64, "layout": {"n_cls": 1, "n_reg": 0, "grid_h": 16, "grid_w": 16},
-                 "preprocess": {"size": 224, "mean": [0.5] * 3, "std": [0.5] * 3, "mode": "squash"}}
+        model = {
+            "spec": "synthetic",
+            "weights_sha256": "0" * 64,
+            "layout": {"n_cls": 1, "n_reg": 0, "grid_h": 16, "grid_w": 16},
+            "preprocess": {"size": 224, "mean": [0.5] * 3, "std": [0.5] * 3, "mode": "squash"},
+        }
         images = [{"id": i, "row": i, "path": f"skimage:astronaut#{i % 300},{i % 200},200,{i % 2}", "label": None,
                    "width": 200, "height": 200} for i in range(n_images)]
         writer.put_store(idx, "bigstore", {"path": "/synthetic", "fingerprint": "x", "model_spec": "synthetic",
                                            "model_sha256": "0" * 64, "model": model, "n_images": n_images,
                                            "grid_h": 16, "grid_w": 16}, images)
-        writer.put_sae_row(idx, {"sae_id": sae_id, "name": "synthetic", "ckpt_path": "/none", "weights_sha256": "1" * 64,
-                                 "store_id": "bigstore", "model_spec": "synthetic", "model_sha256": "0" * 64, "layer": 6,
-                                 "d": d, "n_latents": s, "activation": "relu", "tokens": json.dumps(["patches"]),
-                                 "top_k": k, "top_n": top_n, "rank_by": "max", "n_images": n_images, "n_patches": p,
-                                 "grid_h": 16, "grid_w": 16, "seconds": 0.0, "config": "{}"})
+        writer.put_sae_row(
+            idx,
+            {
+                "sae_id": sae_id,
+                "name": "synthetic",
+                "ckpt_path": "/none",
+                "weights_sha256": "1" * 64,
+                "store_id": "bigstore",
+                "model_spec": "synthetic",
+                "model_sha256": "0" * 64,
+                "layer": 6,
+                "d": d,
+                "n_latents": s,
+                "activation": "relu",
+                "tokens": json.dumps(["patches"]),
+                "top_k": k,
+                "top_n": top_n,
+                "rank_by": "max",
+                "n_images": n_images,
+                "n_patches": p,
+                "grid_h": 16,
+                "grid_w": 16,
+                "seconds": 0.0,
+                "config": "{}",
+            },
+        )
         f = np.arange(s, dtype=np.int32)
-        feats = {"feature": f, "freq": rng.random(s) * 1e-2, "img_freq": rng.random(s), "mean": rng.random(s),
-                 "mean_all": rng.random(s), "max": rng.random(s) * 10, "img_mean": rng.random(s), "n_fired": rng.integers(0, 10**6, s)}
+        feats = {
+            "feature": f,
+            "freq": rng.random(s) * 1e-2,
+            "img_freq": rng.random(s),
+            "mean": rng.random(s),
+            "mean_all": rng.random(s),
+            "max": rng.random(s) * 10,
+            "img_mean": rng.random(s),
+            "n_fired": rng.integers(0, 10**6, s),
+        }
         hf = np.repeat(f, 10)
         hist = {"feature": hf, "bin": np.tile(np.arange(10, 20, dtype=np.int16), s), "lo": np.zeros(s * 10),
                 "hi": np.ones(s * 10), "count": rng.integers(1, 1000, s * 10)}
         acts = (rng.random((s * k // 100 + 1, p)) * (rng.random((s * k // 100 + 1, p)) < 0.05)).astype("<f2")
         blobs = np.array([acts[i % len(acts)].tobytes() for i in range(s * k)], dtype=object)
-        ex = {"feature": np.repeat(f, k), "rank": np.tile(np.arange(k, dtype=np.int16), s),
-              "image_id": rng.integers(0, n_images, s * k).astype(np.int32),
-              "value": np.sort(rng.random((s, k)).astype(np.float32), 1)[:, ::-1].reshape(-1), "n_fired": np.full(s * k, 12, np.int16),
-              "acts": blobs}
+        ex = {
+            "feature": np.repeat(f, k),
+            "rank": np.tile(np.arange(k, dtype=np.int16), s),
+            "image_id": rng.integers(0, n_images, s * k).astype(np.int32),
+            "value": np.sort(rng.random((s, k)).astype(np.float32), 1)[:, ::-1].reshape(-1),
+            "n_fired": np.full(s * k, 12, np.int16),
+            "acts": blobs,
+        }
         imf = {"image_id": np.repeat(np.arange(n_images, dtype=np.int32), top_n),
                "rank": np.tile(np.arange(top_n, dtype=np.int16), n_images),
                "feature": rng.integers(0, s, n_images * top_n).astype(np.int32),
@@ -205,16 +247,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="saevctl-bench-mine-") as tmp:
         root = Path(tmp)
         tp = throughput(root, n, repeats)
-        print(f"mine:        {tp['value']:,.0f} activations/s  ({tp['n_acts']:,} patch activations, 6,144 features, {tp['mine_s']:.2f} s)")
+        print(f"mine:        {tp['value']:,.0f} activations/s  ({tp['n_acts']:,} patch activations, 6,144 features, "
+              f"{tp['mine_s']:.2f} s)")
         print(f"bare encode: {tp['ceiling']:,.0f} activations/s  ({tp['bare_s']:.2f} s)")
         print(f"ratio:       {tp['value'] / tp['ceiling']:.2f}  (target >= 0.8; vs mining's own fused encode "
               f"{tp['ratio_vs_fused_encode']:.2f}, {tp['fused_encode_s']:.2f} s)")
         mem = peak_memory(root, 64 if args.quick else 256)
-        print(f"peak RSS at 24,576 features: mine {mem['mine_peak_mib']:,.0f} MiB, encode only {mem['encode_only_peak_mib']:,.0f} MiB "
-              f"(exemplar state {mem['topk_state_mib']:.0f} MiB)")
+        print(f"peak RSS at 24,576 features: mine {mem['mine_peak_mib']:,.0f} MiB, "
+              f"encode only {mem['encode_only_peak_mib']:,.0f} MiB (exemplar state {mem['topk_state_mib']:.0f} MiB)")
         lat = latency(root, 100_000, 24576, 5 if args.quick else 15)
-        print(f"index of {lat['latency_images']:,} images, {lat['latency_features']:,} features ({lat['index_mib']:.0f} MiB): "
-              f"features top {lat['top_query_ms']:.1f} ms (with PNG {lat['top_with_png_ms']:.0f} ms), "
+        print(f"index of {lat['latency_images']:,} images, {lat['latency_features']:,} features "
+              f"({lat['index_mib']:.0f} MiB): features top {lat['top_query_ms']:.1f} ms "
+              f"(with PNG {lat['top_with_png_ms']:.0f} ms), "
               f"features similar {lat['similar_ms']:.1f} ms (median, excluding Python start-up)")
     result = {"metric": "mine activations/s", "value": tp["value"], "ceiling": tp["ceiling"],
               "ratio": tp["value"] / tp["ceiling"], **{k: v for k, v in tp.items() if k not in ("value", "ceiling")},

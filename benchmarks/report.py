@@ -21,13 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mine import sparse_sae, synthetic_store  # noqa: E402  (benchmarks/mine.py)
+from saevctl.mine import Config as MineConfig
+from saevctl.mine import Index
+from saevctl.mine import run as mine
+from saevctl.report import Config, data, pictures, run
 
-from saevctl.mine import Config as MineConfig  # noqa: E402
-from saevctl.mine import Index  # noqa: E402
-from saevctl.mine import run as mine  # noqa: E402
-from saevctl.report import Config, run  # noqa: E402
-from saevctl.report import data, pictures  # noqa: E402
+from mine import sparse_sae, synthetic_store  # benchmarks/mine.py
 
 
 def build_index(root: Path, n_images: int, n_latents: int) -> Path:

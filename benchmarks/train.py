@@ -125,7 +125,8 @@ def main() -> None:
         "ceiling": round(ceil, 2),
         "ratio": round(value / ceil, 3),
         "shape": {"batch": b, "d": d, "latents": s, "k": args.k},
-        "device": torch.cuda.get_device_name() if gpu else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads",
+        "device": (torch.cuda.get_device_name() if gpu
+                   else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"),
         **{k: round(v, 4) for k, v in res.items()},
     }
     for prec in ("fp32", "bf16"):

@@ -11,8 +11,8 @@ in which both train, so load from other jobs on a shared machine hits both alike
 over in-RAM rows/s; each process also reports the share of time its training loop waited for data.
 Memory: the big-store run starts inside a child memory cgroup capped at a third of the store (page cache
 included), so the store is 3x the memory it may use; where no cgroup can be made, its peak resident memory
-(anonymous + mapped file pages) is checked against the same budget instead. `fincore` gives the store's pages left in the page cache
-(reclaimable), and /proc/self/io read_bytes shows the rows came from disk.
+(anonymous + mapped file pages) is checked against the same budget instead. `fincore` gives the store's pages
+left in the page cache (reclaimable), and /proc/self/io read_bytes shows the rows came from disk.
 """
 
 from __future__ import annotations
@@ -139,7 +139,9 @@ def memory_cgroup(limit_bytes: int) -> Path | None:
             base, limit_file = Path("/sys/fs/cgroup/memory") / rel.lstrip("/"), "memory.limit_in_bytes"
             break
     else:
-        rel = next(ln.split(":", 2)[2] for ln in Path("/proc/self/cgroup").read_text().splitlines() if ln.startswith("0::"))
+        rel = next(
+            ln.split(":", 2)[2] for ln in Path("/proc/self/cgroup").read_text().splitlines() if ln.startswith("0::")
+        )
         base, limit_file = Path("/sys/fs/cgroup") / rel.lstrip("/"), "memory.max"
     group = base / f"saevctl-bench-{os.getpid()}"
     try:
@@ -205,8 +207,12 @@ def main() -> None:
                     loader is tested hardest) or float32")
     ap.add_argument("--dir", type=Path, default=None, help="where to write the stores (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the stores")
-    ap.add_argument("--memory-cap-gib", type=float, default=None,
-                    help="cgroup memory cap (page cache included) for the big-store run (default: a third of the store)")
+    ap.add_argument(
+        "--memory-cap-gib",
+        type=float,
+        default=None,
+        help="cgroup memory cap (page cache included) for the big-store run (default: a third of the store)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for name in ("--store", "--out", "--steps", "--drop-cache"):

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 
 from saevctl.config import FieldSpec, field_specs, load_toml, merge_config
+from saevctl.errors import InputError
 
 C = TypeVar("C")
 CONFIG_HELP = "TOML file with any of these options (command-line values win; lists are sweep axes where a field sweeps)."
@@ -51,26 +52,42 @@ def help_text(spec: FieldSpec) -> str:
 
 def _parameter(spec: FieldSpec) -> inspect.Parameter:
     names = [*(spec.cli.flag or spec.flag).split(" "), *([spec.cli.short] if spec.cli.short else [])]
-    many_or_choice = spec.many or spec.choices
-    annotation: Any = str if many_or_choice and spec.kind != "bool" else _PY_TYPES[spec.kind]
+    # A list field is a comma list (--layers 6,11); with `repeat` also a repeatable option (--sae a --sae b,c).
+    # Without it a repeated option keeps its last value, as every option always has (scripts rely on it).
+    annotation: Any = (list[str] if spec.many and spec.cli.repeat else str if (spec.many or spec.choices)
+                       and spec.kind != "bool" else _PY_TYPES[spec.kind])
     metavar = "|".join(spec.choices) if spec.choices and not spec.many else None
     if spec.many:
         metavar = f"{spec.kind.upper()},..." if not spec.choices else ",".join(spec.choices[:2]) + ",..."
+    if spec.cli.argument:
+        arg = typer.Argument(... if spec.required else None, help=help_text(spec), show_default=False,
+                             metavar=metavar, hidden=spec.cli.hidden)
+        return inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=arg, annotation=annotation)
     info = typer.Option(None, *names, help=help_text(spec), show_default=False, metavar=metavar,
                         hidden=spec.cli.hidden)
     return inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
 
 
-def build_config(cls: type[C], given: dict[str, Any], config: Path | None) -> C:
-    """The Config from a TOML file (if any) overridden by the options given on the command line."""
-    return merge_config(cls, load_toml(config) if config else {}, given)
+def build_config(cls: type[C], given: dict[str, Any], config: Path | None,
+                 missing: Mapping[str, str] | None = None) -> C:
+    """The Config from a TOML file (if any) overridden by the options given on the command line.
+
+    `missing` {field: hint}: a required field given nowhere is the one line "missing --flag. Pass <hint>." (the
+    wording of the commands that always said so), before the generic check of `merge_config`."""
+    file_values = load_toml(config) if config else {}
+    for name, hint in (missing or {}).items():
+        if given.get(name) is None and file_values.get(name) is None:
+            spec = next(s for s in field_specs(cls) if s.name == name)
+            raise InputError(f"missing {(spec.cli.flag or spec.flag).split('/')[0]}", f"pass {hint}")
+    return merge_config(cls, file_values, given)
 
 
-def config_command(app: typer.Typer, name: str, cls: type[Any], **command_kwargs: Any
-                   ) -> Callable[[Callable[..., None]], Callable[..., None]]:
+def config_command(app: typer.Typer, name: str, cls: type[Any], *, missing: Mapping[str, str] | None = None,
+                   **command_kwargs: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Register `fn(cfg, **extra)` as `saevctl <name>` with one option per field of `cls` and `--config`.
 
-    `fn`'s own keyword parameters (typer options for presentation only, e.g. `--plain`) are kept beside them."""
+    `fn`'s own keyword parameters (typer options for presentation only, e.g. `--plain`) are kept beside them;
+    `missing` words the error of a required field left out (see `build_config`)."""
 
     def decorate(fn: Callable[..., None]) -> Callable[..., None]:
         specs = field_specs(cls)
@@ -84,7 +101,10 @@ def config_command(app: typer.Typer, name: str, cls: type[Any], **command_kwargs
         def command(**kwargs: Any) -> None:
             config = kwargs.pop("config", None)
             extra = {p.name: kwargs.pop(p.name) for p in own}
-            cfg = build_config(cls, kwargs, config)
+            for s in specs:
+                if s.many and isinstance(kwargs.get(s.name), list):
+                    kwargs[s.name] = ",".join(kwargs[s.name])  # repeated options: one comma list
+            cfg = build_config(cls, kwargs, config, missing)
             fn(cfg, **extra)
 
         params = [*generated, *own, config_param]

@@ -19,7 +19,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, ClassVar, Literal, TypeVar
 
 from saevctl.errors import InputError
@@ -40,12 +40,18 @@ class CliMeta:
     """How the default reads in --help (else the default value itself, or nothing for None)."""
     hidden: bool = False
     """Not offered on the command line (a Python-only or TOML-only setting)."""
+    argument: bool = False
+    """A positional argument (`saevctl sae import SRC`) rather than an option; required unless it has a default."""
+    repeat: bool = False
+    """A list option that may also be repeated (`--sae a --sae b`); otherwise a repeated option keeps its last
+    value, as options always have."""
 
 
 def opt(default: Any = dataclasses.MISSING, *, short: str | None = None, flag: str | None = None,
-        default_text: str | None = None, hidden: bool = False, factory: Any = dataclasses.MISSING) -> Any:
+        default_text: str | None = None, hidden: bool = False, argument: bool = False, repeat: bool = False,
+        factory: Any = dataclasses.MISSING) -> Any:
     """A dataclass field carrying its command-line spelling (`x: int = opt(3, short="-x")`)."""
-    meta = {"cli": CliMeta(short, flag, default_text, hidden)}
+    meta = {"cli": CliMeta(short, flag, default_text, hidden, argument, repeat)}
     if factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -185,11 +191,15 @@ def _one(spec: FieldSpec, value: Any, where: str) -> Any:
             if isinstance(value, bool):
                 return _bad(value)
             return float(value)
+        if isinstance(value, PurePath):  # a str field naming "a path or an id" takes a Path from Python callers
+            return str(value)
         return value if isinstance(value, str) else _bad(value)
     except (TypeError, ValueError, OverflowError) as e:
         example = {"int": "an integer", "float": "a number", "path": "a path", "bool": "true or false"}.get(spec.kind, "text")
-        raise InputError(f"bad {where} {value!r}", f"{where} takes {example}"
-                         + (", or a comma-separated list" if spec.many else "")) from e
+        if spec.many:
+            plural = {"int": "integers", "float": "numbers", "path": "paths"}.get(spec.kind, "values")
+            example += f", or comma-separated {plural}"
+        raise InputError(f"bad {where} {value!r}", f"{where} takes {example}") from e
 
 
 def _bad(value: Any) -> Any:
@@ -323,28 +333,40 @@ class StatsOpts(ConfigBase):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SaeTarget(DeviceOpts):
-    """The SAE under test, the mined index that holds its statistics, and the task head it is tested on."""
+class SaeRef(ConfigBase):
+    """An SAE checkpoint and the mined index that holds it (for commands that need no task head, e.g. eval recon)."""
 
     sae: Path | None = opt(None, short="-s")
     """SAE checkpoint folder (default: the workspace's SAE)."""
-    head: str | None = None
-    """saliency (demo model), timm (the model's own classifier), clip (with --classes), or a trained head folder
-    (default: saliency on the demo model, else timm)."""
-    classes: str | None = None
-    """Prompts for --head clip, comma-separated: "a photo of a cat,a photo of a dog"."""
     index: Path | None = None
     """Mined index holding the SAE (default: the workspace's): its statistics give Nx clamps and matched controls,
     and outputs go beside it so saevctl report links them."""
 
 
 @dataclass(frozen=True, kw_only=True)
-class IndexQuery(ConfigBase):
-    """A mined index and one SAE in it, for the commands that read the index."""
+class SaeTarget(SaeRef, DeviceOpts):
+    """The SAE under test, the mined index that holds its statistics, and the task head it is tested on."""
+
+    head: str | None = None
+    """saliency (demo model), timm (the model's own classifier), clip (with --classes), or a trained head folder
+    (default: saliency on the demo model, else timm)."""
+    classes: str | None = None
+    """Prompts for --head clip, comma-separated: "a photo of a cat,a photo of a dog"."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexOpt(ConfigBase):
+    """A mined index, for the commands that read it whole (saevctl sql)."""
 
     index: Path | None = None
     """DuckDB index to read (default: the one last mined in this workspace, recorded in ./saevctl.toml, else in
     $SAEVCTL_HOME/last.toml)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexQuery(IndexOpt):
+    """A mined index and one SAE in it, for the commands that read the index."""
+
     sae: str | None = None
     """SAE in the index: a checkpoint path or an SAE id (default: the workspace's last mined SAE when it is in the
     index, else the index's last mined SAE)."""

@@ -6,11 +6,20 @@ Keeps rich imports and styling in one place so every command looks and behaves t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-from rich.progress import ProgressColumn, Task
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 console = Console()
@@ -29,9 +38,25 @@ class RateColumn(ProgressColumn):
         return Text("" if speed is None else f"{speed:,.1f} {self.unit}/s", style="progress.data.speed")
 
 
+class Advance:
+    """`advance(n)` moves a bar on; `advance.set_total(n)` sets its total, for a library call that learns the
+    total only after listing its input (pass both to `run(cfg, progress=advance, on_total=advance.set_total)`)."""
+
+    def __init__(self, prog: Progress, task: TaskID) -> None:
+        self.prog, self.task = prog, task
+
+    def __call__(self, n: int) -> None:
+        if not self.prog.live.is_started:
+            self.prog.start()
+        self.prog.advance(self.task, n)
+
+    def set_total(self, n: int) -> None:
+        self.prog.update(self.task, total=n)
+
+
 @contextlib.contextmanager
-def progress_bar(description: str, total: int | None, unit: str) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar with a rate; yields `advance(n)`. It appears at the first advance, so set-up
+def progress_bar(description: str, total: int | None, unit: str) -> Iterator[Advance]:
+    """A rich progress bar with a rate; yields an `Advance`. It appears at the first advance, so set-up
     errors (bad model, bad folder) print alone."""
     columns = [
         TextColumn("[bold]{task.description}"),
@@ -43,17 +68,8 @@ def progress_bar(description: str, total: int | None, unit: str) -> Iterator[Cal
     ]
     prog = Progress(*columns, console=err_console, transient=False)
     task = prog.add_task(description, total=total)
-
-    def advance(n: int) -> None:
-        if not prog.live.is_started:
-            prog.start()
-        prog.advance(task, n)
-
-    # A library call that learns the total only after listing its input sets it here.
-    advance.set_total = lambda n: prog.update(task, total=n)  # type: ignore[attr-defined]
-
     try:
-        yield advance
+        yield Advance(prog, task)
     except BaseException:
         # On failure the bar vanishes so the error is the only thing left on stderr.
         if prog.live.is_started:

@@ -36,6 +36,11 @@ class StoreError(SaevctlError):
     """An activation store that is missing, of another schema, or made with other settings."""
 
 
+class MismatchError(SaevctlError):
+    """An SAE used with a store or model it does not fit: other weights, a layer or token kind not stored, or
+    another width."""
+
+
 class OutputError(SaevctlError):
     """An output location that holds something else, or no room left to write."""
 

@@ -41,7 +41,8 @@ def resolve_layer(layer: int | None, n_blocks: int | None, *, available: Sequenc
         layer += n_blocks
     if available is not None:
         if layer not in available:
-            raise LayerError(f"{what} holds layers {list(available)}, not {given}", f"pick --layer from {list(available)}")
+            choices = list(available)
+            raise LayerError(f"{what} holds layers {choices}, not {given}", f"pick --layer from {choices}")
         return layer
     if n_blocks is not None and not 0 <= layer < n_blocks:
         raise LayerError(

@@ -24,7 +24,8 @@ def home_dpath() -> Path:
 
 
 def cache_dpath() -> Path:
-    """Re-creatable downloads and converted weights: $SAEVCTL_CACHE, else $XDG_CACHE_HOME/saevctl or ~/.cache/saevctl."""
+    """Re-creatable downloads and converted weights: $SAEVCTL_CACHE, else $XDG_CACHE_HOME/saevctl or
+    ~/.cache/saevctl."""
     env = os.environ.get("SAEVCTL_CACHE")
     if env:
         return Path(env).expanduser()
@@ -245,7 +246,8 @@ def report_sae_dpath(out_dpath: Path, sae_dname: str) -> Path:
 
 
 def report_feature_name(feature: int, kind: str = "page", token: str = "patches", ext: str = "png") -> str:
-    """File name, inside an SAE's folder, of a feature's page ('page'), exemplar grid ('grid') or thumbnail ('thumb')."""
+    """File name, inside an SAE's folder, of a feature's page ('page'), exemplar grid ('grid') or thumbnail
+    ('thumb')."""
     if kind == "page":
         return f"feature-{feature:06d}.html"
     suffix = "" if token == "patches" else f"-{token}"

@@ -6,11 +6,13 @@ SAEVCTL_HOME is the fallback when the working directory has no file (or no such 
 
 from __future__ import annotations
 
+import json
 import logging
 import tomllib
 from pathlib import Path
 
 from saevctl import atomic, layout
+from saevctl.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -88,3 +90,35 @@ def index_or_default(index: Path | None) -> Path:
     if not value:
         raise IndexError_("no --index given and none mined in this workspace", "run saevctl mine --sae CKPT --store DIR, or pass --index")
     return Path(value)
+
+
+def resolve_sae_ref(sae: Path | str | None) -> Path:
+    """The SAE a command names: `sae` (~ expanded), else this workspace's default SAE; a clear error when neither.
+
+    The path is kept as given (a `train --out` folder stays that folder); `resolve_ckpt` finds the checkpoint in it.
+    """
+    if sae is not None:
+        return Path(sae).expanduser()
+    default = get_default("sae")
+    if default is None:
+        raise CheckpointError("no --sae given and this workspace has no default SAE", "pass --sae path/to/checkpoint")
+    return Path(default)
+
+
+def resolve_ckpt(dpath: Path) -> Path:
+    """A checkpoint folder from itself, one of its files, or a one-SAE `saevctl train --out` folder."""
+    if dpath.is_file():
+        return dpath.parent
+    sweep = layout.train_sweep_fpath(dpath)
+    if not layout.sae_config_fpath(dpath).is_file() and sweep.is_file():
+        try:
+            runs = json.loads(sweep.read_text()).get("runs", [])
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{sweep} is corrupt", "re-run saevctl train --resume to rewrite it") from e
+        if len(runs) == 1:
+            return layout.train_run_dpath(dpath, runs[0]["name"])
+        names = ", ".join(r["name"] for r in runs[:3])
+        more = ", ..." if len(runs) > 3 else ""
+        raise CheckpointError(f"{dpath} holds {len(runs)} SAEs from a sweep",
+                              f"pass one of its folders, e.g. {dpath / runs[0]['name']} (runs: {names}{more})")
+    return dpath

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-TINY_ARGS = dict(img_size=32, patch_size=8, depth=4, num_classes=3, embed_dim=32, num_heads=2)
+TINY_ARGS = {"img_size": 32, "patch_size": 8, "depth": 4, "num_classes": 3, "embed_dim": 32, "num_heads": 2}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

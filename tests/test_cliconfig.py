@@ -102,3 +102,32 @@ def test_a_missing_required_option_is_one_line():
     r = CliRunner().invoke(_toy_app([]), ["toy"])
     assert r.exit_code != 0 and isinstance(r.exception, InputError)
     assert "no --name given" in str(r.exception)
+
+
+@dataclass(frozen=True)
+class Positional(ConfigBase):
+    src: Path = opt(argument=True)
+    """Where from."""
+    tags: tuple[str, ...] = opt((), flag="--tag", repeat=True)
+    """Tags, repeatable or a comma list."""
+    layers: tuple[int, ...] = (1,)
+    """A comma list; repeating it keeps the last, as for any option."""
+
+
+def test_positional_arguments_and_repeatable_lists():
+    seen: list[Positional] = []
+    app = typer.Typer()
+
+    @config_command(app, "pos", Positional)
+    def pos(cfg: Positional) -> None:
+        seen.append(cfg)
+
+    @app.command("other")
+    def other() -> None:
+        pass
+
+    r = CliRunner().invoke(app, ["pos", "a.pt", "--tag", "x", "--tag", "y,z", "--layers", "3", "--layers", "4,5"])
+    assert r.exit_code == 0, r.output
+    assert seen[-1] == Positional(src=Path("a.pt"), tags=("x", "y", "z"), layers=(4, 5))
+    r = CliRunner().invoke(app, ["pos"])
+    assert r.exit_code == 2 and "Missing argument" in r.output

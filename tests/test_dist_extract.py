@@ -203,7 +203,7 @@ def test_missing_rank_fails_after_the_timeout(monkeypatch: pytest.MonkeyPatch) -
                         ("SAEVCTL_DIST_TIMEOUT_S", "1")):
         monkeypatch.setenv(name, value)
     t0 = time.monotonic()
-    with pytest.raises(dist.DistError, match="rank 0 of 2 could not meet the other ranks at 127.0.0.1") as e:
+    with pytest.raises(dist.DistError, match=r"rank 0 of 2 could not meet the other ranks at 127.0.0.1") as e:
         dist.init_process_group("cpu")
     assert time.monotonic() - t0 < 30
     assert "SAEVCTL_DIST_TIMEOUT_S" in e.value.one_line()

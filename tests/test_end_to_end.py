@@ -30,7 +30,13 @@ def test_extract_train_mine_report_probe(tiny_vit: str, image_dir: Path, tmp_pat
 
     # Workspace defaults: no --index/--sae from here on.
     listing = _ok(runner, ["features", "list", "--sort", "freq", "--limit", "3"])
-    feature = int(next(line.split()[1] for line in listing.splitlines() if line.strip().startswith("│") and line.split()[1].isdigit()))
+    feature = int(
+        next(
+            line.split()[1]
+            for line in listing.splitlines()
+            if line.strip().startswith("│") and line.split()[1].isdigit()
+        )
+    )
     top = _ok(runner, ["features", "top", "--id", str(feature)])
     png = Path(next(line for line in top.splitlines() if line.startswith("grid: ")).removeprefix("grid: "))
     assert png.is_file() and png.stat().st_size > 1000

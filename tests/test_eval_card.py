@@ -17,6 +17,7 @@ from saevctl.cli import app
 from saevctl.eval.recon import ReconConfig, run_recon
 from saevctl.sae import SAE
 from saevctl.vit import load_backbone
+
 from test_eval_edits import LAYER, seg, seg_head  # noqa: F401  (shared fixtures)
 from test_eval_splice import identity_sae
 from test_probe_edit import make_sae
@@ -94,7 +95,7 @@ def test_all_errors_are_one_line(tiny_bb, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def labelled_path(seg, seg_head, tiny_vit, tmp_path_factory):  # noqa: F811
+def labelled_path(seg, seg_head, tiny_vit, tmp_path_factory):
     """A detector SAE whose feature 0 fires exactly where the segment head predicts 'square' (its encoder column is the
     head's square-minus-background direction), taken through extract --masks, mine, features label, eval all, report."""
     from safetensors.torch import load_file

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from saevctl.cli import app
 from saevctl.eval.edits import EditsConfig, change_counts, make_rows_plan, rates, run_edits
 from saevctl.vit import load_backbone
+
 from test_probe_edit import make_sae
 
 LAYER = 1
@@ -55,8 +56,19 @@ def seg_head(seg, tiny_vit, tmp_path_factory) -> Path:
 
     images, masks = seg
     out = tmp_path_factory.mktemp("head") / "seg"
-    return train_head(HeadTrainConfig(task="segment", images=str(images), masks=masks, class_names=masks / "classes.txt",
-                                      model=tiny_vit, layer=LAYER, out=out, epochs=100, device="cpu")).out
+    return train_head(
+        HeadTrainConfig(
+            task="segment",
+            images=str(images),
+            masks=masks,
+            class_names=masks / "classes.txt",
+            model=tiny_vit,
+            layer=LAYER,
+            out=out,
+            epochs=100,
+            device="cpu",
+        )
+    ).out
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +105,19 @@ def test_rates_and_plan_helpers():
 
 def test_planted_feature_edit_is_specific(planted, seg_head, seg, tmp_path):
     images, masks = seg
-    res = run_edits(EditsConfig(images=str(images), masks=masks, sae=planted, head=str(seg_head),
-                                features=("square=0",), value="-30x", out=tmp_path / "e.json", device="cpu", n_boot=300))
+    res = run_edits(
+        EditsConfig(
+            images=str(images),
+            masks=masks,
+            sae=planted,
+            head=str(seg_head),
+            features=("square=0",),
+            value="-30x",
+            out=tmp_path / "e.json",
+            device="cpu",
+            n_boot=300,
+        )
+    )
     assert res.n_images == 12 and res.n_unmasked == 0
     square, overall = res.rows[0], res.overall
     assert square["class"] == "square" and square["feature"] == 0 and square["value"] == pytest.approx(-30.0)
@@ -160,5 +183,7 @@ def test_classify_head_and_unknown_class_are_one_line(planted, seg_head, seg):
 
 def test_no_labels_and_no_index_is_one_line(planted, seg_head, seg):
     images, masks = seg
-    line = _one_line(invoke("eval", "edits", "--sae", planted, "--head", seg_head, "--images", images, "--masks", masks))
+    line = _one_line(
+        invoke("eval", "edits", "--sae", planted, "--head", seg_head, "--images", images, "--masks", masks)
+    )
     assert "none mined in this workspace" in line

@@ -13,13 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from conftest import make_tiny_vit
 from saevctl.cli import app
 from saevctl.eval import metrics
 from saevctl.eval.splice import SpliceConfig, image_means, run_splice, store_means
 from saevctl.probe.heads import describe_model
 from saevctl.sae import SAE, SAEConfig
 from saevctl.vit import load_backbone
+
+from conftest import make_tiny_vit
 
 LAYER = 1
 

@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_vit
-from tiny_models import direct_forward, make_overflowing_vit, make_tiny_clip
 from typer.testing import CliRunner
 
 from saevctl import layout
@@ -24,6 +22,9 @@ from saevctl.errors import InputError, StoreError
 from saevctl.extract import Config, run
 from saevctl.store import open_store
 from saevctl.vit import load_backbone
+
+from conftest import make_tiny_vit
+from tiny_models import direct_forward, make_overflowing_vit, make_tiny_clip
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -63,7 +64,9 @@ def test_half_stores_equal_direct_forward_rounded(
             assert torch.equal(got, reference[layer][kind].to(TORCH_DTYPES[dtype]))  # exactly the rounded forward
 
 
-def test_float16_error_against_float32_is_small(tmp_path: Path, tiny_vit: str, image_dir: Path, tiny_store: Path) -> None:
+def test_float16_error_against_float32_is_small(
+    tmp_path: Path, tiny_vit: str, image_dir: Path, tiny_store: Path
+) -> None:
     """Measured on this tiny ViT: relative error (Frobenius) about 2.5e-4 for float16 and 2e-3 for bfloat16.
 
     float16 keeps 11 significant bits, so its rounding error is at most 2^-11 of each value; bfloat16 keeps 8.
@@ -108,7 +111,7 @@ def test_registers_are_stored_when_the_model_has_them(tmp_path: Path, image_dir:
 
 
 def test_registers_on_a_model_without_them_is_an_error(tmp_path: Path, tiny_vit: str, image_dir: Path) -> None:
-    with pytest.raises(InputError, match="has no registers tokens .it has patches, cls."):
+    with pytest.raises(InputError, match=r"has no registers tokens .it has patches, cls."):
         extract(tmp_path, tiny_vit, str(image_dir), "noreg", tokens=("patches", "registers"))
     assert not (tmp_path / "noreg").exists()  # refused before anything was written
 
@@ -159,7 +162,11 @@ def test_negative_layers_and_max_images(tmp_path: Path, tiny_vit: str, image_dir
 
 
 def snapshot(dpath: Path) -> dict[str, tuple[bytes, int]]:
-    return {p.relative_to(dpath).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(dpath.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(dpath).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(dpath.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_rerunning_a_complete_store_changes_nothing(tmp_path: Path, tiny_vit: str, image_dir: Path) -> None:

@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import Result
-from conftest import make_tiny_vit
 from typer.testing import CliRunner
 
 from saevctl import layout
 from saevctl.cli import app
 from saevctl.store import open_store
+
+from conftest import make_tiny_vit
 
 
 def cli(*args: str) -> Result:
@@ -81,13 +82,17 @@ def test_output_folder_holding_something_else(tiny_vit: str, image_dir: Path, tm
     (tmp_path / "thesis").mkdir()
     (tmp_path / "thesis" / "chapter1.tex").write_text("precious")
     res = cli(*extract_args(tiny_vit, image_dir, tmp_path / "thesis", "--layers", "1"))
-    assert_one_line_error(res, "already holds other files and is not an activation store", "Choose an empty or new --out")
+    assert_one_line_error(
+        res, "already holds other files and is not an activation store", "Choose an empty or new --out"
+    )
     assert sorted(p.name for p in (tmp_path / "thesis").iterdir()) == ["chapter1.tex"]
     (tmp_path / "afile").write_text("x")
     assert_one_line_error(cli(*extract_args(tiny_vit, image_dir, tmp_path / "afile")), "is a file", "folder path")
 
 
-def test_existing_store_of_another_model_or_layer_set(tiny_vit: str, image_dir: Path, tiny_store: Path, tmp_path: Path) -> None:
+def test_existing_store_of_another_model_or_layer_set(
+    tiny_vit: str, image_dir: Path, tiny_store: Path, tmp_path: Path
+) -> None:
     same = ["--layers", "1,3", "--dtype", "float32", "--batch-size", "4", "--images-per-shard", "4"]
     before = {p: p.read_bytes() for p in tiny_store.rglob("*") if p.is_file()}
     other_model = "local-dir:" + str(make_tiny_vit(tmp_path / "other-vit", seed=7))
@@ -109,7 +114,9 @@ def test_store_of_other_weights_under_the_same_name(image_dir: Path, tmp_path: P
     assert_one_line_error(cli(*args), f"model local-dir:{vit} now has other weights (sha256")
 
 
-def test_no_disk_space_before_starting(tiny_vit: str, image_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_disk_space_before_starting(
+    tiny_vit: str, image_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = shutil.disk_usage
 
     def nearly_full(path: str | os.PathLike[str]) -> object:
@@ -203,7 +210,9 @@ def test_all_images_unreadable_still_makes_a_store(tiny_vit: str, tmp_path: Path
         (["--images", "demo:0"], ("bad demo size", "at least 1")),
     ],
 )
-def test_bad_options(tiny_vit: str, image_dir: Path, tmp_path: Path, option: list[str], phrases: tuple[str, ...]) -> None:
+def test_bad_options(
+    tiny_vit: str, image_dir: Path, tmp_path: Path, option: list[str], phrases: tuple[str, ...]
+) -> None:
     args = extract_args(tiny_vit, image_dir, tmp_path / "out", "--layers", "1")
     if option[0] == "--images":
         args[args.index("--images") + 1] = option[1]
@@ -223,8 +232,11 @@ def test_cuda_without_a_gpu(tiny_vit: str, image_dir: Path, tmp_path: Path) -> N
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "saevctl", "--debug", "extract", "--images", str(tmp_path / "missing"), "--model", "demo"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "SAEVCTL_HOME": str(tmp_path)})
+    cmd = [sys.executable, "-m", "saevctl", "--debug", "extract", "--images", str(tmp_path / "missing"),
+           "--model", "demo"]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "SAEVCTL_HOME": str(tmp_path)}
+    )
     assert proc.returncode not in (0, 2)
     assert "Traceback (most recent call last)" in proc.stderr
     assert "saevctl.errors.InputError: image folder" in proc.stderr
@@ -272,3 +284,10 @@ def test_config_file(tiny_vit: str, image_dir: Path, tmp_path: Path) -> None:
     toml.write_text('layers = [2]\nbatchsize = 4\n')
     assert_one_line_error(cli("extract", "--config", str(toml)), "unknown config keys ['batchsize']", "batch_size")
     assert_one_line_error(cli("extract", "--config", str(tmp_path / "none.toml")), "does not exist")
+
+
+def test_images_must_be_named() -> None:
+    """A bare `saevctl extract` does not start the 2,048-image demo on its own: the image source is asked for."""
+    assert_one_line_error(cli("extract"), "no --images given", "Pass --images DIR (or --images demo")
+    assert_one_line_error(cli("extract", "--model", "demo", "--out", "x"), "no --images given")
+    assert not Path("x").exists()

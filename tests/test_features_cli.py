@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 from saevctl import workspace
 from saevctl.cli import app
 from saevctl.mine import Config, Index, run, vectors
-from saevctl.mine.scan import N_HIST
+from saevctl.mine.schema import N_HIST
 from saevctl.store import open_store
+
 from test_mine import make_sae, plant
 
 runner = CliRunner()
@@ -54,9 +55,10 @@ def env(tiny_store: Path, tiny_vit: str, image_dir: Path, tmp_path_factory: pyte
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import make_tiny_vit
     from saevctl.extract import Config as ExtractConfig
     from saevctl.extract import run as extract
+
+    from conftest import make_tiny_vit
 
     root = tmp_path_factory.mktemp("features")
     ix = root / "ix.duckdb"
@@ -152,11 +154,25 @@ def test_search_finds_the_planted_feature_on_its_patch(env: dict) -> None:
     assert re.search(r"│\s+7\s+│", _first_row(out))  # first row of the table
     assert Path(re.search(r"search: (\S+\.png)", out.replace("\n", "")).group(1)).is_file()
     # The same patch chosen by a box in model-input pixels (32 px input, 8 px patches).
-    out = _ok(["features", "search", "--image", env["path"], "--box", f"{c * 8 + 1},{r * 8 + 1},{c * 8 + 7},{r * 8 + 7}",
-               "--index", ix, "--sae", a])
+    out = _ok(
+        [
+            "features",
+            "search",
+            "--image",
+            env["path"],
+            "--box",
+            f"{c * 8 + 1},{r * 8 + 1},{c * 8 + 7},{r * 8 + 7}",
+            "--index",
+            ix,
+            "--sae",
+            a,
+        ]
+    )
     assert re.search(r"│\s+7\s+│", _first_row(out))
     _fails(["features", "search", "--image", "/no/such.png", "--index", ix], "does not exist")
-    _fails(["features", "search", "--image", env["path"], "--patches", "9,9", "--index", ix], "outside the 4x4 patch grid")
+    _fails(
+        ["features", "search", "--image", env["path"], "--patches", "9,9", "--index", ix], "outside the 4x4 patch grid"
+    )
     _fails(["features", "search", "--image", env["path"], "--box", "0,0,99,99", "--index", ix], "not inside")
 
 

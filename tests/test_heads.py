@@ -16,7 +16,14 @@ from saevctl import layout
 from saevctl.cli import app
 from saevctl.errors import ProbeError
 from saevctl.probe.heads import load_head, read_head_header
-from saevctl.probe.train_head import HeadTrainConfig, mask_to_input, mean_iou, patch_labels, read_class_names, train_head
+from saevctl.probe.train_head import (
+    HeadTrainConfig,
+    mask_to_input,
+    mean_iou,
+    patch_labels,
+    read_class_names,
+    train_head,
+)
 from saevctl.vit import Preprocess, load_backbone
 
 
@@ -34,7 +41,7 @@ def color_folder(tmp_path_factory) -> Path:
         for i in range(10):
             arr = np.clip(np.array(base) + rng.integers(-30, 30, (40, 40, 3)), 0, 255).astype(np.uint8)
             img = Image.fromarray(arr)
-            ImageDraw.Draw(img).ellipse(tuple(int(v) for v in rng.integers(0, 30, 2)) + (38, 38), fill=(128, 128, 128))
+            ImageDraw.Draw(img).ellipse((*tuple(int(v) for v in rng.integers(0, 30, 2)), 38, 38), fill=(128, 128, 128))
             img.save(root / cls / f"{cls}{i}.png")
     return root
 
@@ -114,6 +121,22 @@ def test_train_segment_reads_the_mask_folders_class_file(seg_data, tiny_vit, tmp
     header = read_head_header(out)
     assert header["classes"] == ["other", "square"]
     assert header["metrics"]["val_miou"] > 0.5
+
+
+def test_train_segment_refuses_a_mask_of_another_size(seg_data, tmp_path):
+    """The size check `extract --masks` makes, before the model loads: a mask must be its image's size."""
+    import shutil
+
+    images, masks, names = seg_data
+    own = tmp_path / "masks"
+    shutil.copytree(masks, own)
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(own / "im03.png")
+    r = invoke("heads", "train", "--task", "segment", "--images", images, "--masks", own, "--class-names", names,
+               "--model", "nosuch:model", "--device", "cpu")
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: mask {own / 'im03.png'} is 16x16 but its image "), r.output
+    assert "is 32x32" in lines[0], r.output
 
 
 def test_heads_list_shows_ready_and_trained(color_folder, tiny_vit):

@@ -50,7 +50,7 @@ def test_lists_rows_with_class_names(saved: tuple[Path, list[Path]]) -> None:
     val = resolve_images(f"hf:{dpath}:validation")
     assert [r.label for r in val.records] == [files[i].parent.name for i in (5, 1, 3)]
     assert np.array_equal(np.asarray(open_image(val.records[0].path)), np.asarray(open_image(str(files[5]))))
-    with pytest.raises(InputError, match="has no split 'test' .it has train, validation"):
+    with pytest.raises(InputError, match=r"has no split 'test' .it has train, validation"):
         resolve_images(f"hf:{dpath}:test")
     assert len(resolve_images(f"hf:{dpath}", max_images=2).records) == 2
 
@@ -59,7 +59,14 @@ def test_same_activations_as_image_files(saved: tuple[Path, list[Path]], tiny_vi
     dpath, files = saved
     lst = tmp_path / "list.txt"
     lst.write_text("".join(f"{p}\t{p.parent.name}\n" for p in files))
-    common = dict(model=tiny_vit, layers=(1, 3), dtype="float32", batch_size=4, images_per_shard=4, device="cpu")
+    common = {
+        "model": tiny_vit,
+        "layers": (1, 3),
+        "dtype": "float32",
+        "batch_size": 4,
+        "images_per_shard": 4,
+        "device": "cpu",
+    }
     a = run(Config(images=f"hf:{dpath}:train", out=tmp_path / "from-hf", **common))
     b = run(Config(images=str(lst), out=tmp_path / "from-files", **common))
     assert a.manifest["n_rows"] == 12 and a.manifest["n_failed"] == 1
@@ -72,7 +79,9 @@ def test_same_activations_as_image_files(saved: tuple[Path, list[Path]], tiny_vi
 def test_single_dataset_of_file_paths(image_dir: Path, tmp_path: Path) -> None:
     """A plain Dataset (no splits) whose image cells point at files; no ClassLabel column, so no labels."""
     files = [p for p in _image_files(image_dir) if "corrupt" not in p.name]
-    ds = datasets.Dataset.from_dict({"img": [str(p) for p in files]}, features=datasets.Features({"img": datasets.Image()}))
+    ds = datasets.Dataset.from_dict(
+        {"img": [str(p) for p in files]}, features=datasets.Features({"img": datasets.Image()})
+    )
     ds.save_to_disk(str(tmp_path / "plain"))
     src = resolve_images(f"hf:{tmp_path / 'plain'}")
     assert len(src.records) == len(files) and all(r.label is None for r in src.records)
@@ -87,7 +96,10 @@ def test_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     cases = [
-        ("hf:ILSVRC/imagenet-1k:validation", "cannot reach the Hugging Face hub at 127.0.0.1 to load ILSVRC/imagenet-1k"),
+        (
+            "hf:ILSVRC/imagenet-1k:validation",
+            "cannot reach the Hugging Face hub at 127.0.0.1 to load ILSVRC/imagenet-1k",
+        ),
         (f"hf:{tmp_path}/missing", "is not a dataset saved with save_to_disk"),
         (f"hf:{no_images}", "has no image column (columns: text)"),
     ]

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import draw_image
 from PIL import Image
 
 from saevctl.data import open_image, resolve_images
 from saevctl.data.images import DEFAULT_DEMO_N, DEMO_PHOTOS
 from saevctl.errors import InputError
+
+from conftest import draw_image
 
 
 def test_folder_is_recursive_sorted_and_skips_hidden_and_non_images(tmp_path: Path) -> None:
@@ -81,7 +82,7 @@ def test_bad_sources(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="single image file"):
         resolve_images(str(tmp_path / "one.png"))
     (tmp_path / "blob.dat").write_bytes(bytes(range(256)))
-    with pytest.raises(InputError, match="cannot read .* as a text list"):
+    with pytest.raises(InputError, match=r"cannot read .* as a text list"):
         resolve_images(str(tmp_path / "blob.dat"))
     for bad in ("demo:0", "demo:-3", "demo:many"):
         with pytest.raises(InputError, match="bad demo size"):
@@ -147,7 +148,7 @@ def test_pixel_formats_become_rgb(tmp_path: Path) -> None:
 def test_corrupt_files_raise_input_error(tmp_path: Path, content: bytes) -> None:
     f = tmp_path / "bad.png"
     f.write_bytes(content)
-    with pytest.raises(InputError, match="cannot read image .*bad.png") as info:
+    with pytest.raises(InputError, match=r"cannot read image .*bad.png") as info:
         open_image(str(f))
     assert info.value.one_line().endswith("The file is corrupt or not an image.")
 

@@ -19,6 +19,7 @@ from saevctl.mine.label import Config as LabelConfig
 from saevctl.mine.label import run as label
 from saevctl.mine.labelstats import ClassHistograms, auroc_reference, f1_reference, scores
 from saevctl.store import open_store
+
 from test_masks import write_masks
 from test_mine import make_sae
 
@@ -112,8 +113,16 @@ def env(tiny_vit: str, image_dir: Path, tmp_path_factory: pytest.TempPathFactory
     topk.save(root / "topk")
     mined_topk = run(Config(sae=root / "topk", store=store, index=index, device="cpu", set_defaults=False))
     shutil.copyfile(index, root / "unlabelled.duckdb")  # each test labels its own copy
-    return {"unlabelled": root / "unlabelled.duckdb", "root": root, "store": store, "sae": sae, "sae_dpath": root / "sae",
-            "index": index, "sae_id": mined.sae_id, "topk": (topk, root / "topk", mined_topk.sae_id)}
+    return {
+        "unlabelled": root / "unlabelled.duckdb",
+        "root": root,
+        "store": store,
+        "sae": sae,
+        "sae_dpath": root / "sae",
+        "index": index,
+        "sae_id": mined.sae_id,
+        "topk": (topk, root / "topk", mined_topk.sae_id),
+    }
 
 
 def _tie_bound(v_n: np.ndarray, positive_n: np.ndarray, mx: float, n_bins: int) -> float:
@@ -209,7 +218,7 @@ def test_image_level_from_masks_is_class_presence(env: dict, tmp_path: Path) -> 
 
     lab = np.array([[1, 1, -1, 3], [-1, -1, -1, -1], [2, 2, 2, 2]], dtype=np.int16)
     items, cls = _presence_pairs(lab, 4)(0, 3)
-    assert list(zip(items.tolist(), cls.tolist())) == [(0, 1), (0, 3), (2, 2)]
+    assert list(zip(items.tolist(), cls.tolist(), strict=True)) == [(0, 1), (0, 3), (2, 2)]
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------

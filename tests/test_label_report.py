@@ -15,27 +15,35 @@ from saevctl.mine.label import Config as LabelConfig
 from saevctl.mine.label import run as label
 from saevctl.report import Config as ReportConfig
 from saevctl.report import run as report
+
 from test_label import _copy_index, env  # noqa: F401  (shared fixture)
 from test_report_browser import CHROMIUM, Chromium
 
 
 @pytest.fixture(scope="module")
-def site(env: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:  # noqa: F811
+def site(env: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("label-report")
     index = _copy_index(env, root)
     unlabelled = report(ReportConfig(index=index, out=root / "plain", workers=1))
     label(LabelConfig(sae=env["sae_dpath"], index=index, device="cpu"))
     labelled = report(ReportConfig(index=index, out=root / "site", workers=1))
-    return {"index": index, "out": root / "site", "plain": root / "plain", "result": labelled, "plain_result": unlabelled}
+    return {
+        "index": index,
+        "out": root / "site",
+        "plain": root / "plain",
+        "result": labelled,
+        "plain_result": unlabelled,
+    }
 
 
 def _table_json(index_html: Path) -> dict[str, Any]:
     text = index_html.read_text()
-    start = text.index('<script type="application/json" class="feature-data">') + len('<script type="application/json" class="feature-data">')
+    tag = '<script type="application/json" class="feature-data">'
+    start = text.index(tag) + len(tag)
     return json.loads(text[start : text.index("</script>", start)])
 
 
-def test_report_carries_concepts_only_when_labelled(site: dict, env: dict) -> None:  # noqa: F811
+def test_report_carries_concepts_only_when_labelled(site: dict, env: dict) -> None:
     plain = _table_json(layout.report_index_fpath(site["plain"]))
     assert plain["labelled"] is False and "concept (" not in layout.report_index_fpath(site["plain"]).read_text()
     got = _table_json(layout.report_index_fpath(site["out"]))
@@ -54,7 +62,7 @@ def test_report_carries_concepts_only_when_labelled(site: dict, env: dict) -> No
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed")
-def test_concept_column_sorts_and_filters_in_chromium(site: dict, env: dict, tmp_path: Path) -> None:  # noqa: F811
+def test_concept_column_sorts_and_filters_in_chromium(site: dict, env: dict, tmp_path: Path) -> None:
     b = Chromium(tmp_path / "profile")
     try:
         s = b.open(layout.report_index_fpath(site["out"]).as_uri())

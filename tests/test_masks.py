@@ -17,16 +17,18 @@ from typer.testing import CliRunner
 from saevctl import layout
 from saevctl.cli import app
 from saevctl.data.masks import MaskSizeError, majority_per_patch, mask_geometry, open_masks, patch_labels
+from saevctl.data.preprocess import Preprocess
 from saevctl.errors import InputError
 from saevctl.extract import Config, run
 from saevctl.store import open_store
-from saevctl.data.preprocess import Preprocess
 
 runner = CliRunner()
 PRE = Preprocess(32, (0.5,) * 3, (0.5,) * 3, mode="center_crop", crop_pct=0.9, interpolation="bicubic")
 
 
-def write_masks(image_dir: Path, out: Path, seed: int = 0, classes: tuple[str, ...] = ("other", "sky", "grass", "tree")) -> Path:
+def write_masks(
+    image_dir: Path, out: Path, seed: int = 0, classes: tuple[str, ...] = ("other", "sky", "grass", "tree")
+) -> Path:
     """A random block mask (ids 0..len(classes)-1) of each image's exact size, mirroring the image folders."""
     rng = np.random.default_rng(seed)
     for img_fpath in sorted(image_dir.rglob("*")):
@@ -63,7 +65,7 @@ def reference_labels(ids_hw: np.ndarray, pre: Preprocess, grid: tuple[int, int])
     nw, nh = (scale, int(scale * h / w)) if w <= h else (int(scale * w / h), scale)
     ys, xs = _nearest_sources(h, nh), _nearest_sources(w, nw)
     resized = ids_hw[ys][:, xs] if (nw, nh) != (w, h) else ids_hw
-    top, left = int(round((nh - pre.size) / 2.0)), int(round((nw - pre.size) / 2.0))
+    top, left = round((nh - pre.size) / 2.0), round((nw - pre.size) / 2.0)
     crop = resized[top : top + pre.size, left : left + pre.size]
     gh, gw = grid
     ph, pw = pre.size // gh, pre.size // gw
@@ -81,7 +83,8 @@ def reference_labels(ids_hw: np.ndarray, pre: Preprocess, grid: tuple[int, int])
        seed=st.integers(0, 2**16))
 def test_patch_majority_follows_the_models_resize_and_crop(w: int, h: int, n_cls: int, block: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    ids = np.kron(rng.integers(0, n_cls, (h // block + 1, w // block + 1)), np.ones((block, block), dtype=np.int64))[:h, :w]
+    blocks = rng.integers(0, n_cls, (h // block + 1, w // block + 1))
+    ids = np.kron(blocks, np.ones((block, block), dtype=np.int64))[:h, :w]
     got = majority_per_patch(mask_geometry(ids.astype(np.int32), PRE), (4, 4))
     assert got.dtype == np.int16
     np.testing.assert_array_equal(got, reference_labels(ids, PRE, (4, 4)))
@@ -128,7 +131,7 @@ def test_class_files_errors_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="does not exist"):
         open_masks(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="holds no .png masks"):
+    with pytest.raises(InputError, match=r"holds no .png masks"):
         open_masks(tmp_path / "empty")
 
 
@@ -227,7 +230,9 @@ def test_two_ranks_write_the_same_labels(tiny_vit: str, image_dir: Path, tmp_pat
     masks = write_masks(image_dir, tmp_path / "masks")
     run(Config(model=tiny_vit, images=str(image_dir), layers=(1,), out=tmp_path / "one", masks=masks,
                dtype="float32", batch_size=2, images_per_shard=2, device="cpu"))
-    code, _, err = _finish(_torchrun(2, [*_extract_args(tiny_vit, image_dir, tmp_path / "two", "1"), "--masks", str(masks)]))
+    code, _, err = _finish(
+        _torchrun(2, [*_extract_args(tiny_vit, image_dir, tmp_path / "two", "1"), "--masks", str(masks)])
+    )
     assert code == 0, err
     for fpath in (layout.store_patch_labels_fpath, layout.store_classes_fpath):
         assert fpath(tmp_path / "one").read_bytes() == fpath(tmp_path / "two").read_bytes()

@@ -35,7 +35,9 @@ def make_sae(store_dpath: Path, dpath: Path, layer: int = 3, n_latents: int = 48
     torch.manual_seed(seed)
     cfg = SAEConfig(d=store.d, n_latents=n_latents, model=model or store.model, layer=layer, tokens=tokens, **kw)
     sae = SAE(cfg)
-    sae.set_normalization(store.layer(layer if layer in store.layers else store.layers[0]).patches.torch().reshape(-1, store.d))
+    sae.set_normalization(
+        store.layer(layer if layer in store.layers else store.layers[0]).patches.torch().reshape(-1, store.d)
+    )
     with torch.no_grad():
         sae.b_enc.fill_(-0.5)  # sparser than a plain random init
     return sae
@@ -44,7 +46,7 @@ def make_sae(store_dpath: Path, dpath: Path, layer: int = 3, n_latents: int = 48
 def plant(sae: SAE, store_dpath: Path, feature: int, layer: int = 3, rows: tuple[int, ...] = (5,)) -> tuple[int, int]:
     """Make `feature` fire on exactly one patch, of the first plantable store row in `rows`; returns (row, patch)."""
     x_npd = open_store(store_dpath).layer(layer).patches.torch().float()
-    n, p, d = x_npd.shape
+    _n, p, d = x_npd.shape
     with torch.no_grad():
         x_norm = sae.normalize(x_npd.reshape(-1, d)) - sae.b_dec
         for src in (r * p + i for r in rows for i in range(p)):  # a patch that is its own direction's argmax
@@ -89,7 +91,9 @@ def mined(tiny_store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     sae = make_sae(tiny_store, root / "sae", tokens=("patches", "cls"))
     row, patch = plant(sae, tiny_store, feature=7)
     sae.save(root / "sae")
-    res = run(Config(sae=root / "sae", store=tiny_store, index=root / "ix.duckdb", top_k=4, device="cpu", set_defaults=False))
+    res = run(
+        Config(sae=root / "sae", store=tiny_store, index=root / "ix.duckdb", top_k=4, device="cpu", set_defaults=False)
+    )
     return {"root": root, "sae": sae, "res": res, "planted": (7, row, patch)}
 
 
@@ -105,7 +109,11 @@ def test_planted_feature_fires_only_where_planted(mined: dict, tiny_store: Path)
         assert ex[0]["path"] == next(im["path"] for im in store.images if im["id"] == image_id)
         st = ix.feature_stats(sae_id, f)
         assert st["n_fired"] == 1 and st["img_freq"] == pytest.approx(1 / store.n_images)
-        assert st["max"] == pytest.approx(ex[0]["value"]) and ex[0]["value"] == pytest.approx(500, rel=1e-3) and st["freq"] == pytest.approx(1 / (store.n_images * 16))
+        assert (
+            st["max"] == pytest.approx(ex[0]["value"])
+            and ex[0]["value"] == pytest.approx(500, rel=1e-3)
+            and st["freq"] == pytest.approx(1 / (store.n_images * 16))
+        )
         assert sum(b["count"] for b in ix.histogram(sae_id, f)) == 1
         assert any(r["feature"] == f for r in ix.image_features(sae_id, image_id))
 
@@ -135,7 +143,9 @@ def test_index_equals_brute_force_encode(mined: dict, tiny_store: Path) -> None:
         # CLS tokens were mined too (the SAE lists them): one value per image.
         cls = sae.encode(store.layer(3).cls.torch().float())
         ex = ix.top_exemplars(sae_id, 0, token="cls")
-        assert [e["value"] for e in ex] == pytest.approx([v for v in cls[:, 0].topk(4).values.tolist() if v > 0], rel=1e-5)
+        assert [e["value"] for e in ex] == pytest.approx(
+            [v for v in cls[:, 0].topk(4).values.tolist() if v > 0], rel=1e-5
+        )
         assert len(ex[0]["acts"]) == 0
 
 
@@ -203,13 +213,23 @@ def test_locked_and_corrupt_index_give_one_line(mined: dict, tmp_path: Path) -> 
     ix_fpath = tmp_path / "locked.duckdb"
     shutil.copyfile(mined["res"].index, ix_fpath)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('ready', flush=True); time.sleep(60)",
-         str(ix_fpath)], stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('ready', flush=True); time.sleep(60)",
+            str(ix_fpath),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "ready"
         r = runner.invoke(app, ["features", "list", "--index", str(ix_fpath)])
         assert r.exit_code == 2 and "is locked by another process" in r.output
-        r = runner.invoke(app, ["mine", "--sae", str(mined["root"] / "sae"), "--store", str(mined["res"].index), "--index", str(ix_fpath)])
+        r = runner.invoke(
+            app,
+            ["mine", "--sae", str(mined["root"] / "sae"), "--store", str(mined["res"].index), "--index", str(ix_fpath)],
+        )
         assert r.exit_code == 2
     finally:
         holder.kill()

@@ -11,7 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from saevctl.mine.scan import HIST_LO, HIST_STEP, N_HIST, FeatureScanner, StreamingTopK, hist_edges
+from saevctl.mine.scan import FeatureScanner, StreamingTopK
+from saevctl.mine.schema import HIST_LO, HIST_STEP, N_HIST, hist_edges
 
 
 @st.composite
@@ -72,7 +73,7 @@ def test_streaming_topk_equals_topk_of_concatenation(stream: tuple[torch.Tensor,
 @given(code_streams())
 def test_feature_stats_equal_brute_force(stream: tuple[torch.Tensor, list[int], int]) -> None:
     codes, cuts, k = stream
-    n, p, s = codes.shape
+    _n, _p, s = codes.shape
     st_ = _feed(codes, cuts, k).stats()
     flat = codes.reshape(-1, s)
     assert torch.equal(st_.n_fired, (flat > 0).sum(0))
@@ -102,7 +103,7 @@ def _near_edge(v: float) -> bool:
 @given(code_streams())
 def test_image_features_are_each_images_top_features(stream: tuple[torch.Tensor, list[int], int]) -> None:
     codes, cuts, k = stream
-    n, p, s = codes.shape
+    n, _p, s = codes.shape
     ids, rank, feat, val = _feed(codes, cuts, k).image_features()
     scores = codes.amax(1)
     for i in range(n):

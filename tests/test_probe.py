@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import make_tiny_vit
 from saevctl.cli import app
 from saevctl.probe.batch import BatchConfig, run_batch
 from saevctl.probe.heads import describe_model, save_head
 from saevctl.vit import load_backbone
+
+from conftest import make_tiny_vit
 from test_probe_edit import images_bchw, make_sae
 
 LAYER = 1
@@ -80,11 +81,23 @@ def test_single_image_patch_choice_and_top(planted_sae, image_dir, tmp_path):
     from saevctl.probe import Config, run
 
     img = str(sorted(image_dir.rglob("*.png"))[0])
-    res = run(Config(image=img, clamps=("0=20",), sae=planted_sae, head="timm", patches="0,0;3,3", out=tmp_path / "a.png", device="cpu"))
+    res = run(
+        Config(
+            image=img,
+            clamps=("0=20",),
+            sae=planted_sae,
+            head="timm",
+            patches="0,0;3,3",
+            out=tmp_path / "a.png",
+            device="cpu",
+        )
+    )
     assert res.edited_hw.sum() == 2 and res.edited_hw[0, 0] and res.edited_hw[3, 3]
     assert res.summary["tv"] > 0
     res0 = run(Config(image=img, clamps=("0=1",), sae=planted_sae, head="timm", out=tmp_path / "b.png", device="cpu"))
-    np.testing.assert_allclose(res0.after, res0.before, atol=1e-6)  # feature 0 is 1 everywhere: setting it to 1 is a no-op
+    np.testing.assert_allclose(
+        res0.after, res0.before, atol=1e-6
+    )  # feature 0 is 1 everywhere: setting it to 1 is a no-op
     top = run(Config(image=img, clamps=("top=0",), sae=planted_sae, head="timm", out=tmp_path / "c.png", device="cpu"))
     from saevctl.data import open_image
     from saevctl.sae import SAE
@@ -143,7 +156,10 @@ def _early_head(bb, tmp_path: Path) -> Path:
     [
         (["--clamp", "64=0"], "error: feature 64 is out of range: this SAE has features 0..63"),
         (["--clamp", "0=0", "--patches", "4,1"], "error: patch (4,1) is outside the 4x4 patch grid"),
-        (["--clamp", "3=2x"], "error: --clamp 3=2x needs feature 3's max activation, but no mined index covers this SAE"),
+        (
+            ["--clamp", "3=2x"],
+            "error: --clamp 3=2x needs feature 3's max activation, but no mined index covers this SAE",
+        ),
         (["--clamp", "0=0", "--head", "saliency"], "error: the saliency head is made for the demo model"),
         (["--clamp", "0=0", "--head", "nohead"], "error: unknown head 'nohead'"),
         (["--clamp", "0=0", "--head", "OTHER"], "was made for local-dir:"),
@@ -197,7 +213,11 @@ def test_nx_clamp_reads_the_mined_index(tiny_bb, tiny_store, image_dir, tmp_path
         best = index.list_features(sid, sort="max", limit=1)[0]
     f, peak = int(best["feature"]), float(best["max"])
     img = str(sorted(image_dir.rglob("*.png"))[0])
-    res = run(Config(image=img, clamps=(f"{f}=2x",), sae=sae_dir, head="timm", index=idx, out=tmp_path / "x.png", device="cpu"))
+    res = run(
+        Config(
+            image=img, clamps=(f"{f}=2x",), sae=sae_dir, head="timm", index=idx, out=tmp_path / "x.png", device="cpu"
+        )
+    )
     assert res.values == [pytest.approx(2 * peak)]
     batch = run_batch(BatchConfig(images=str(image_dir), clamps=(f"{f}=0.5x",), sae=sae_dir, head="timm", index=idx,
                                   out=tmp_path / "b.png", device="cpu", n_boot=50, max_images=4))
@@ -223,10 +243,16 @@ def test_segment_head_single_and_batch(planted_sae, tiny_bb, image_dir, tmp_path
 
     head = str(_segment_head(tiny_bb, tmp_path))
     img = str(sorted(image_dir.rglob("*.png"))[0])
-    res = run(Config(image=img, clamps=("0=40",), sae=planted_sae, head=head, patches="all", out=tmp_path / "s.png", device="cpu"))
+    res = run(
+        Config(
+            image=img, clamps=("0=40",), sae=planted_sae, head=head, patches="all", out=tmp_path / "s.png", device="cpu"
+        )
+    )
     assert res.task == "segment" and res.before.shape == (3, 32, 32)
     shares = res.summary["rows"]
-    assert sum(r["before"] for r in shares) == pytest.approx(1.0) and sum(r["after"] for r in shares) == pytest.approx(1.0)
+    assert sum(r["before"] for r in shares) == pytest.approx(1.0) and sum(r["after"] for r in shares) == pytest.approx(
+        1.0
+    )
     changed = float((res.before.argmax(0) != res.after.argmax(0)).mean())
     assert res.summary["changed"] == pytest.approx(changed) and changed > 0
     r = invoke("probe", "--sae", planted_sae, "--images", image_dir, "--clamp", "0=40", "--head", head,
@@ -240,7 +266,9 @@ def test_segment_head_single_and_batch(planted_sae, tiny_bb, image_dir, tmp_path
 def test_probe_reads_a_toml_config(planted_sae, image_dir, tmp_path):
     cfg = tmp_path / "probe.toml"
     img = sorted(image_dir.rglob("*.png"))[0]
-    cfg.write_text(f'image = "{img}"\nclamps = ["0=20"]\nhead = "timm"\npatches = "all"\nout = "{tmp_path / "t.png"}"\n')
+    cfg.write_text(
+        f'image = "{img}"\nclamps = ["0=20"]\nhead = "timm"\npatches = "all"\nout = "{tmp_path / "t.png"}"\n'
+    )
     r = invoke("probe", "--sae", planted_sae, "--config", cfg)
     assert r.exit_code == 0, r.output
     assert "on 16 patches" in r.output and (tmp_path / "t.png").is_file()
@@ -273,7 +301,7 @@ def test_probe_on_cuda_matches_cpu(planted_sae, image_dir, tmp_path):
     from saevctl.probe import Config, run
 
     img = str(sorted(image_dir.rglob("*.png"))[0])
-    kw = dict(image=img, clamps=("0=20",), sae=planted_sae, head="timm", patches="all")
+    kw = {"image": img, "clamps": ("0=20",), "sae": planted_sae, "head": "timm", "patches": "all"}
     cpu = run(Config(**kw, out=tmp_path / "c.png", device="cpu"))
     gpu = run(Config(**kw, out=tmp_path / "g.png", device="cuda"))
     np.testing.assert_allclose(gpu.after, cpu.after, atol=1e-4)

@@ -12,16 +12,25 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import draw_image
 from saevctl.errors import ProbeError
 from saevctl.probe.edit import (
-    EditPlan, apply_edit, direction_generator, edit_fast, edit_reference, feature_codes, parse_clamp, parse_patches, random_direction_edit,
+    EditPlan,
+    apply_edit,
+    direction_generator,
+    edit_fast,
+    edit_reference,
+    feature_codes,
+    parse_clamp,
+    parse_patches,
+    random_direction_edit,
     static_mask,
 )
 from saevctl.probe.heads import describe_model, resolve_head, save_head
 from saevctl.probe.session import Prober
 from saevctl.sae import SAE, SAEConfig
 from saevctl.vit import load_backbone
+
+from conftest import draw_image
 
 TINY_CLIP = {
     "embed_dim": 16,
@@ -82,7 +91,8 @@ def _linear_head_dir(bb, dpath: Path, task: str, layer: int) -> Path:
 
 
 def _check_zero_edit(prober: Prober, x: torch.Tensor) -> None:
-    """Split at the SAE's layer = plain forward; an empty edit and an edit to each feature's own value change nothing."""
+    """Split at the SAE's layer = plain forward; an empty edit and an edit to each feature's own value change
+    nothing."""
     lay, sae = prober.bb.layout, prober.sae
     plain = prober.plain(x)
     x_btd = prober.prefix(x)
@@ -92,7 +102,9 @@ def _check_zero_edit(prober: Prober, x: torch.Tensor) -> None:
     n, p, k = own.shape
     for fast in (True, False):
         empty = EditPlan(feats, torch.full((n, k), 9.0), torch.zeros(n, p, k, dtype=torch.bool))
-        torch.testing.assert_close(prober.outputs(apply_edit(sae, x_btd, lay, empty, fast=fast)), plain, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            prober.outputs(apply_edit(sae, x_btd, lay, empty, fast=fast)), plain, rtol=1e-4, atol=1e-5
+        )
     for j in (0, p - 1):  # values are per image, so "its own value" is set on one patch at a time
         mask = torch.zeros(n, p, k, dtype=torch.bool)
         mask[:, j] = True

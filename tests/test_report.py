@@ -23,8 +23,8 @@ from typer.testing import CliRunner
 
 from saevctl import layout, workspace
 from saevctl.cli import app
-from saevctl.mine import Index
 from saevctl.mine import Config as MineConfig
+from saevctl.mine import Index
 from saevctl.mine import run as mine
 from saevctl.report import Config, run
 from saevctl.report import site as report_site
@@ -37,12 +37,12 @@ DEAD = (0, 5, 9)  # features made never to fire
 
 def build_site_inputs(root: Path, tiny_vit: str) -> dict:
     """Images with HTML in their names and labels -> real store -> SAE (some features dead) -> real mine."""
-    from conftest import draw_image
-
     from saevctl.extract import Config as ExtractConfig
     from saevctl.extract import run as extract
     from saevctl.sae import SAE, SAEConfig
     from saevctl.store import open_store
+
+    from conftest import draw_image
 
     images = root / "images"
     rng = np.random.default_rng(1)
@@ -172,10 +172,41 @@ def test_names_and_labels_are_escaped(built_site: dict) -> None:
     texts = {p: p.read_text(encoding="utf-8") for p in pages}
     for p, text in texts.items():
         assert "<img src=x" not in text and "<i>'x'" not in text, p
-        assert all(tag in ("html", "head", "meta", "title", "link", "body", "nav", "a", "h1", "small", "p", "section",
-                           "h2", "h3", "table", "thead", "tbody", "tr", "th", "td", "span", "img", "svg", "rect", "title",
-                           "text", "line", "ol", "li")
-                   for tag, _ in _parse(p).tags), p
+        assert all(
+            tag
+            in (
+                "html",
+                "head",
+                "meta",
+                "title",
+                "link",
+                "body",
+                "nav",
+                "a",
+                "h1",
+                "small",
+                "p",
+                "section",
+                "h2",
+                "h3",
+                "table",
+                "thead",
+                "tbody",
+                "tr",
+                "th",
+                "td",
+                "span",
+                "img",
+                "svg",
+                "rect",
+                "title",
+                "text",
+                "line",
+                "ol",
+                "li",
+            )
+            for tag, _ in _parse(p).tags
+        ), p
         for tag, attrs in _parse(p).tags:
             assert not any(k.startswith("on") for k in attrs), (p, tag, attrs)
     with_evil = [p for p, t in texts.items() if html.escape(EVIL_NAME) in t]
@@ -291,7 +322,9 @@ def test_cli_uses_workspace_index_and_prints_paths(built_site: dict) -> None:
 def test_cli_errors_are_one_line(built_site: dict, tmp_path: Path) -> None:
     r = runner.invoke(app, ["report", "--out", "x"])
     assert r.exit_code == 2 and r.stderr.strip() == (
-        "error: no --index given and none mined in this workspace. Run saevctl mine --sae CKPT --store DIR, or pass --index.")
+        "error: no --index given and none mined in this workspace. "
+        "Run saevctl mine --sae CKPT --store DIR, or pass --index."
+    )
     r = runner.invoke(app, ["report", "--index", str(tmp_path / "nope.duckdb")])
     assert r.exit_code == 2 and "no index at" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = runner.invoke(app, ["report", "--index", str(built_site["index"]), "--format", "gif"])
@@ -299,6 +332,18 @@ def test_cli_errors_are_one_line(built_site: dict, tmp_path: Path) -> None:
     r = runner.invoke(app, ["report", "--index", str(built_site["index"]), "--sae", "no-such-sae"])
     assert r.exit_code == 2 and "no SAE 'no-such-sae'" in r.stderr
     assert not Path("report").exists()
+
+
+def test_report_runs_without_torch(report_inputs: dict, tmp_path: Path) -> None:
+    """A report reads the index and draws its pictures without importing torch or the ViT package."""
+    out = tmp_path / "site"
+    code = (f"import sys\nfrom saevctl.report import Config, run\n"
+            f"run(Config(index={str(report_inputs['index'])!r}, out={str(out)!r}, workers=0))\n"
+            "heavy = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'saevctl.vit')))\n"
+            "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert layout.report_index_fpath(out).is_file()
 
 
 def test_bulk_reads_equal_the_index_methods(built_site: dict) -> None:
@@ -314,7 +359,9 @@ def test_bulk_reads_equal_the_index_methods(built_site: dict) -> None:
                 exs = data.exemplars(idx, sae_id, token, 0, idx.n_features(sae_id) - 1, 100, grid)
                 for f in range(idx.n_features(sae_id)):
                     want = idx.feature_stats(sae_id, f, token)
-                    assert {c: table[c][f] for c in data.STAT_COLUMNS} == pytest.approx({c: want[c] for c in data.STAT_COLUMNS})
+                    assert {c: table[c][f] for c in data.STAT_COLUMNS} == pytest.approx(
+                        {c: want[c] for c in data.STAT_COLUMNS}
+                    )
                     counts = [b["count"] for b in idx.histogram(sae_id, f, token)]
                     assert list(hists.get(f, np.zeros(len(counts), int))) == counts
                     ref = idx.top_exemplars(sae_id, f, token=token)
@@ -322,7 +369,7 @@ def test_bulk_reads_equal_the_index_methods(built_site: dict) -> None:
                     assert [(e.rank, e.image_id, e.path, e.label, e.n_fired) for e in got] == [
                         (r["rank"], r["image_id"], r["path"], r["label"], r["n_fired"] or 0) for r in ref]
                     assert [e.value for e in got] == pytest.approx([r["value"] for r in ref])
-                    for e, r in zip(got, ref):
+                    for e, r in zip(got, ref, strict=True):
                         if len(r["acts"]):
                             np.testing.assert_array_equal(e.acts_hw, r["acts"].reshape(grid))
                         else:

@@ -6,6 +6,7 @@ Skipped when Debian's `chromium` is not installed (`make system-deps` installs i
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -26,9 +27,15 @@ from saevctl.mine import Index
 from test_report import DEAD, EVIL_LABEL, EVIL_NAME, built_site, report_inputs  # noqa: F401  (shared fixtures)
 
 # SAEVCTL_CHROMIUM, when set, is the only browser tried (set it to "none" to check the skip).
-_CANDIDATES = [os.environ["SAEVCTL_CHROMIUM"]] if "SAEVCTL_CHROMIUM" in os.environ else [shutil.which("chromium"), "/usr/bin/chromium"]
+_CANDIDATES = (
+    [os.environ["SAEVCTL_CHROMIUM"]]
+    if "SAEVCTL_CHROMIUM" in os.environ
+    else [shutil.which("chromium"), "/usr/bin/chromium"]
+)
 CHROMIUM = next((p for p in _CANDIDATES if p and Path(p).is_file()), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian package `chromium`; run `make system-deps`)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="headless Chromium not installed (Debian package `chromium`; run `make system-deps`)"
+)
 
 
 class Chromium:
@@ -84,7 +91,9 @@ class Chromium:
 
     def wait_event(self, method: str, session: str, timeout: float = 60) -> dict:
         with self._cv:
-            ok = self._cv.wait_for(lambda: any(e["method"] == method and e.get("sessionId") == session for e in self.events), timeout)
+            ok = self._cv.wait_for(
+                lambda: any(e["method"] == method and e.get("sessionId") == session for e in self.events), timeout
+            )
         assert ok, f"no {method} within {timeout} s"
         return next(e for e in self.events if e["method"] == method and e.get("sessionId") == session)
 
@@ -94,13 +103,19 @@ class Chromium:
         s = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Runtime", "Log", "Page"):
             self.call(f"{domain}.enable", session=s)
-        self.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, s)
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+            s,
+        )
         self.call("Page.navigate", {"url": url}, s)
         self.wait_event("Page.loadEventFired", s)
         return s
 
     def eval(self, session: str, expression: str) -> Any:
-        res = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True}, session)
+        res = self.call(
+            "Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True}, session
+        )
         assert "exceptionDetails" not in res, res["exceptionDetails"]
         return res["result"].get("value")
 
@@ -129,10 +144,8 @@ class Chromium:
         return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(AssertionError, OSError):
             self.call("Browser.close", timeout=5)
-        except (AssertionError, OSError):
-            pass
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
@@ -157,7 +170,8 @@ def test_index_page_loads_sorts_and_filters(browser: Chromium, built_site: dict)
     with Index.open(built_site["index"]) as idx:
         sae_id = idx.sae_ids()[0]
         rows = idx.list_features(sae_id, sort="feature", where="n_fired > 0", limit=1000, descending=False)
-    rows_js = "[...document.querySelector('section.sae').querySelectorAll('table.features tbody tr')].map(r => +r.dataset.feature)"
+    rows_js = ("[...document.querySelector('section.sae').querySelectorAll('table.features tbody tr')]"
+               ".map(r => +r.dataset.feature)")
     assert browser.eval(s, "document.querySelectorAll('section.sae').length") == 2
     # Default order: freq descending (ties by id).
     want = [r["feature"] for r in sorted(rows, key=lambda r: (-r["freq"], r["feature"]))]
@@ -194,15 +208,19 @@ def test_feature_page_shows_grid_and_escaped_names(browser: Chromium, built_site
     names = browser.eval(s, "[...document.querySelectorAll('.image-name')].map(e => e.textContent)")
     assert EVIL_NAME in names
     assert browser.eval(s, "document.querySelectorAll('img[src=x], [onerror]').length") == 0
-    grid = browser.eval(s, "(() => { const i = document.querySelector('img.grid'); const r = i.getBoundingClientRect();"
-                           " return {w: i.naturalWidth, h: i.naturalHeight, complete: i.complete, x: r.x, y: r.y, width: r.width, height: r.height}; })()")
+    grid = browser.eval(
+        s,
+        "(() => { const i = document.querySelector('img.grid'); const r = i.getBoundingClientRect();"
+        " return {w: i.naturalWidth, h: i.naturalHeight, complete: i.complete,"
+        " x: r.x, y: r.y, width: r.width, height: r.height}; })()",
+    )
     assert grid["complete"] and grid["w"] > 300 and grid["h"] > 150, grid
     assert browser.eval(s, "document.querySelectorAll('svg.hist rect.bar').length") >= 1
     assert browser.eval(s, "document.querySelectorAll('ol.neighbours li').length") == 5
     assert browser.problems(s) == []
 
     page = np.asarray(browser.screenshot(s), dtype=np.float32)
-    x, y, w, h = (int(round(grid[k])) for k in ("x", "y", "width", "height"))
+    x, y, w, h = (round(grid[k]) for k in ("x", "y", "width", "height"))
     region = page[y : y + h, x : x + w]
     assert region.size and region.std() > 25, f"the grid region looks blank (std {region.std():.1f})"
     # Many distinct colours (photos under a heat overlay), not a flat or missing picture.
@@ -220,7 +238,9 @@ def test_every_feature_page_loads_clean(browser: Chromium, built_site: dict) -> 
     assert len(fpaths) == sum(x["n_pages"] for x in built_site["result"].saes)
     for fpath in fpaths:
         browser.call("Page.navigate", {"url": fpath.as_uri()}, s)
-        browser.eval(s, "new Promise(r => document.readyState === 'complete' ? r(1) : addEventListener('load', () => r(1)))")
+        browser.eval(
+            s, "new Promise(r => document.readyState === 'complete' ? r(1) : addEventListener('load', () => r(1)))"
+        )
         ok = browser.eval(s, "[...document.images].every(i => i.complete && i.naturalWidth > 0)")
         assert ok, f"{fpath.name}: a picture failed to load"
     assert browser.problems(s) == []

@@ -1,20 +1,25 @@
-"""`saevctl sae import` / `sae info`: saev sae.pt files built by hand (JSON line + torch.save of plain tensors),
-SAELens and sparsify folders; imported SAEs must encode/decode exactly as the source's formulas say."""
+"""`saevctl sae import` / `sae info`: imported SAEs must encode/decode exactly as the real packages do (fixtures in
+tests/data written by saev, SAELens and sparsify themselves, see the make_*_fixture.py scripts there), plus saev
+sae.pt files built by hand (JSON line + torch.save of plain tensors) for the header variants and refusals."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from saevctl.cli import app
 from saevctl.sae import SAE
+from saevctl.sae.convert import import_sae
 
 D, S = 12, 48
+DATA = Path(__file__).resolve().parent / "data"
+TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def _weights(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -39,17 +44,75 @@ def _saev_header(act: dict) -> dict:
     return {"schema": 2, "cfg": {"d_vit": D, "exp_factor": S // D, "seed": 0, "activation": act}, "lib": "x"}
 
 
-def test_saev_relu_import_matches_saev_formula(tmp_path: Path) -> None:
-    w = _weights()
-    src = _write_saev(tmp_path / "run" / "sae.pt", _saev_header({"cls": "Relu", "params": {}}), w)
+# (fixture folder, source format, our activation, source version recorded)
+REAL = [
+    ("saev-0.1.0", "saev", "relu", "saev 0.1.0 (no header schema)"),
+    ("saev-d991de3/relu", "saev", "relu", "schema 1, lib 0.1.0"),
+    ("saev-d991de3/topk", "saev", "topk", "schema 1, lib 0.1.0"),
+    ("saev-3d73f1f/relu", "saev", "relu", "schema 5, lib 0.1.0"),
+    ("saev-3d73f1f/topk", "saev", "topk", "schema 5, lib 0.1.0"),
+    ("saev-3d73f1f/batchtopk", "saev", "batchtopk", "schema 5, lib 0.1.0"),
+    ("saelens-6.54.12/standard", "saelens", "relu", "6.54.12"),
+    ("saelens-6.54.12/standard-no-bdec-in", "saelens", "relu", "6.54.12"),
+    ("saelens-6.54.12/topk", "saelens", "topk", "6.54.12"),
+    ("saelens-6.54.12/topk-rescaled", "saelens", "topk", "6.54.12"),
+]
+
+
+@pytest.mark.parametrize(("rel", "fmt", "act", "version"), REAL, ids=[r[0] for r in REAL])
+def test_import_matches_the_real_package(tmp_path: Path, rel: str, fmt: str, act: str, version: str) -> None:
+    exp = load_file(str(DATA / rel / "expected.safetensors"))
+    sae = SAE.load(import_sae(DATA / rel, tmp_path / "o"))
+    assert (sae.cfg.activation, sae.cfg.train["source_format"], sae.cfg.train["source_version"]) == (act, fmt, version)
+    if act == "topk":  # saev keeps negative top-k values, ours (and SAELens's) zero them: the fixtures have none
+        assert int((exp["codes"] < 0).sum()) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(exp["x"]), exp["codes"], **TOL)
+        torch.testing.assert_close(sae.decode(exp["codes"]), exp["x_hat"], **TOL)
+        torch.testing.assert_close(sae(exp["x"]).x_hat, exp["x_hat"], **TOL)
+
+
+def test_sparsify_import_matches_sparsify(tmp_path: Path) -> None:
+    src = DATA / "sparsify-1.3.3" / "topk"
+    exp = load_file(str(src / "expected.safetensors"))
+    sae = SAE.load(import_sae(src, tmp_path / "o"))
+    assert (sae.cfg.activation, sae.cfg.k, sae.cfg.train["source_format"]) == ("topk", 8, "sparsify")
+    codes = torch.zeros(len(exp["x"]), sae.cfg.n_latents).scatter(-1, exp["top_indices"], exp["top_acts"])
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(exp["x"]), codes, **TOL)
+        torch.testing.assert_close(sae.decode(codes), exp["x_hat"], **TOL)
+
+
+def test_saev_0_1_0_import_via_cli_records_layer_and_source(tmp_path: Path) -> None:
+    src = DATA / "saev-0.1.0" / "sae.pt"
     res = CliRunner().invoke(app, ["sae", "import", str(src), "--out", str(tmp_path / "ours"), "--layer", "7"])
     assert res.exit_code == 0, res.output
     sae = SAE.load(tmp_path / "ours")
     assert sae.cfg.activation == "relu" and sae.cfg.layer == 7 and sae.cfg.train["source_format"] == "saev"
-    x = torch.randn(5, D)
-    f_ref = torch.relu(x @ w["W_enc"] + w["b_enc"])  # saev encodes without subtracting b_dec
-    torch.testing.assert_close(sae.encode(x), f_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sae.decode(f_ref), f_ref @ w["W_dec"] + w["b_dec"], rtol=1e-5, atol=1e-5)
+    exp = load_file(str(DATA / "saev-0.1.0" / "expected.safetensors"))
+    with torch.no_grad():  # saev 0.1.0 encodes (x - b_dec) W_enc + b_enc
+        torch.testing.assert_close(sae.encode(exp["x"]), exp["codes"], **TOL)
+    res = CliRunner().invoke(app, ["sae", "info", str(tmp_path / "ours")], terminal_width=200)
+    assert res.exit_code == 0 and "saev 0.1.0 (no header schema)" in res.output, res.output
+
+
+def test_saev_schema1_commits_that_stopped_subtracting_b_dec(tmp_path: Path) -> None:
+    """A few 2025-07-31 saev commits wrote schema 1 without subtracting b_dec; their header's commit says so."""
+    lines = (DATA / "saev-d991de3" / "relu" / "sae.pt").read_bytes().split(b"\n", 1)
+    header = json.loads(lines[0]) | {"commit": "9f39cf8"}
+    src = tmp_path / "sae.pt"
+    src.write_bytes((json.dumps(header) + "\n").encode() + lines[1])
+    sae = SAE.load(import_sae(src, tmp_path / "o"))
+    w = torch.load(io.BytesIO(lines[1]), weights_only=True)
+    x = load_file(str(DATA / "saev-d991de3" / "relu" / "expected.safetensors"))["x"]
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x), torch.relu(x @ w["W_enc"] + w["b_enc"]), **TOL)
+
+
+def test_unknown_saev_schema_is_refused(tmp_path: Path) -> None:
+    src = _write_saev(tmp_path / "sae.pt", {"schema": 99, "cfg": {"activation": {"cls": "Relu"}}}, _weights())
+    res = CliRunner().invoke(app, ["sae", "import", str(src), "-o", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "schema 99" in res.output
 
 
 def test_saev_topk_and_legacy_headers(tmp_path: Path) -> None:
@@ -139,3 +202,12 @@ def test_info_errors(tmp_path: Path, what: str) -> None:
         (path / "readme.txt").write_text("hi")
     res = CliRunner().invoke(app, ["sae", "info", str(path)])
     assert res.exit_code == 2 and "is not an SAE checkpoint" in res.output
+
+
+def test_saelens_per_token_normalisation_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "ln"
+    src.mkdir()
+    (src / "cfg.json").write_text(json.dumps({"architecture": "standard", "normalize_activations": "layer_norm"}))
+    save_file(_weights(), str(src / "sae_weights.safetensors"))
+    res = CliRunner().invoke(app, ["sae", "import", str(src), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "layer_norm" in res.output and not (tmp_path / "o").exists()

@@ -93,11 +93,21 @@ def test_sharded_array_refuses_bad_indices(tmp_path: Path) -> None:
     assert np.asarray(arr).shape == (5, 3) and arr.nbytes == 60 and arr.ndim == 2
 
 
-def tiny_config(dtype: str = "float32", tokens: tuple[str, ...] = ("patches", "cls"), per_shard: int = 3) -> dict[str, Any]:
+def tiny_config(
+    dtype: str = "float32", tokens: tuple[str, ...] = ("patches", "cls"), per_shard: int = 3
+) -> dict[str, Any]:
     """A store config of the shape the extract stage writes: d=4, 2x2 patch grid, 1 CLS, 2 registers."""
     return {
-        "model": {"spec": "local-dir:/nowhere", "arch": "test", "weights_sha256": "ab" * 32, "n_blocks": 4, "d_model": 4,
-                  "patch_size": 8, "layout": {"n_cls": 1, "n_reg": 2, "grid_h": 2, "grid_w": 2}, "preprocess": {}},
+        "model": {
+            "spec": "local-dir:/nowhere",
+            "arch": "test",
+            "weights_sha256": "ab" * 32,
+            "n_blocks": 4,
+            "d_model": 4,
+            "patch_size": 8,
+            "layout": {"n_cls": 1, "n_reg": 2, "grid_h": 2, "grid_w": 2},
+            "preprocess": {},
+        },
         "images": {"spec": "x", "kind": "folder", "n": 8, "fingerprint": "f"},
         "layers": [0, 2],
         "tokens": list(tokens),
@@ -112,7 +122,9 @@ def write_store(dpath: Path, cfg: dict[str, Any], n_images: int, unreadable: set
     rng = np.random.default_rng(seed)
     w = StoreWriter(dpath, cfg, n_images)
     shapes = {"patches": (4, 4), "cls": (4,), "registers": (2, 4)}
-    expected: dict[tuple[int, str], list[np.ndarray]] = {(l, k): [] for l in cfg["layers"] for k in cfg["tokens"]}
+    expected: dict[tuple[int, str], list[np.ndarray]] = {
+        (layer, k): [] for layer in cfg["layers"] for k in cfg["tokens"]
+    }
     for s, (lo, hi) in enumerate(w.shard_ranges):
         ok = [i for i in range(lo, hi) if i not in unreadable]
         arrays = {}
@@ -143,7 +155,13 @@ def test_store_round_trip(tmp_path: Path, dtype: str) -> None:
         np.testing.assert_array_equal(arr[:], want)
         assert isinstance(arr.parts[0], np.memmap)  # backed by the files, not loaded
     m = store.manifest
-    assert m["complete"] and m["n_images"] == 8 and m["n_rows"] == 5 and m["n_failed"] == 3 and m["failed_ids"] == [1, 6, 7]
+    assert (
+        m["complete"]
+        and m["n_images"] == 8
+        and m["n_rows"] == 5
+        and m["n_failed"] == 3
+        and m["failed_ids"] == [1, 6, 7]
+    )
     assert m["shapes"] == {"patches": [5, 4, 4], "cls": [5, 4], "registers": [5, 2, 4]}
     assert [im["id"] for im in store.images] == list(range(8))
     assert [im["row"] for im in store.images] == [0, -1, 1, 2, 3, 4, -1, -1]
@@ -193,7 +211,9 @@ def test_incomplete_store_is_refused_until_resumed(tmp_path: Path) -> None:
     write_store(tmp_path / "s", tiny_config(), n_images=8, unreadable=set(), finalize=False)
     with pytest.raises(StoreError) as info:
         open_store(tmp_path / "s")
-    assert "incomplete" in info.value.one_line() and "Run the same saevctl extract command again" in info.value.one_line()
+    assert (
+        "incomplete" in info.value.one_line() and "Run the same saevctl extract command again" in info.value.one_line()
+    )
     w = StoreWriter(tmp_path / "s", tiny_config(), 8)  # same settings: resumes, and every shard is there
     assert w.done_shards() == {0, 1, 2} and not w.is_complete
     w.finalize()

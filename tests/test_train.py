@@ -33,8 +33,8 @@ def synth_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _small(store: Path, out: Path, **kw: object) -> Config:
-    base = dict(store=store, out=out, width=("2x",), batch_size=64, n_tokens=64 * 40, log_every=10,
-                lr_warmup=5, sparsity_warmup=10, device="cpu", n_norm_sample=2048)
+    base = {"store": store, "out": out, "width": ("2x",), "batch_size": 64, "n_tokens": 64 * 40, "log_every": 10,
+                "lr_warmup": 5, "sparsity_warmup": 10, "device": "cpu", "n_norm_sample": 2048}
     return Config(**(base | kw))
 
 
@@ -164,7 +164,7 @@ def test_sigkilled_run_resumes_to_identical_weights(synth_store: Path, tmp_path:
         a, b = SAE.load(killed / name), SAE.load(clean / name)
         for key, t in a.state_dict().items():
             assert torch.equal(t, b.state_dict()[key]), (name, key)
-    strip = lambda p: [ln for ln in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    strip = lambda p: list((p / "metrics.jsonl").read_text().splitlines())  # noqa: E731
     assert strip(killed) == strip(clean)
     again = CliRunner().invoke(app, [*_cli_args(synth_store, killed), "--resume"])
     assert again.exit_code == 0  # a finished run resumes to itself

@@ -2,8 +2,8 @@
 same global batch (relu, topk, and batchtopk with AuxK active), checkpoints are written once, a SIGKILLed 2-process
 run resumes, and a sweep spread over ranks gives the SAEs a 1-process sweep gives.
 
-Tolerance: weights after 40 to 600 Adam steps agree to atol 1e-5 (observed ~2e-7 after 40): the 2-process gradient is the
-float32 average of two half-batch means, the 1-process one the mean of the whole batch.
+Tolerance: weights after 40 to 600 Adam steps agree to atol 1e-5 (observed ~2e-7 after 40): the 2-process gradient is
+the float32 average of two half-batch means, the 1-process one the mean of the whole batch.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _args(store: Path, out: Path, **kw: object) -> list[str]:
 def _config(args: list[str]) -> Config:
     """The Config the CLI builds from `_args` output (for the in-process 1-process reference)."""
     it = iter(args[1:])
-    kw = {k[2:].replace("-", "_"): v for k, v in zip(it, it)}
+    kw = {k[2:].replace("-", "_"): v for k, v in zip(it, it, strict=True)}
     ints = {"batch_size", "n_tokens", "log_every", "ckpt_every", "seed", "dead_after"}
     kw = {k: int(v) if k in ints else v for k, v in kw.items()}
     if "resume" in kw:

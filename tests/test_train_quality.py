@@ -48,3 +48,23 @@ def test_topk_recovers_the_dictionary(dictionary_store: tuple[syn.Dictionary, Pa
     frac = syn.recovered_fraction(dic.atoms_ad, sae.W_dec.detach().numpy())
     assert frac >= 0.9, f"TopK SAE recovered only {frac:.0%} of the atoms"
     assert sae.cfg.train["final"]["fvu"] < 0.3
+
+
+def test_auxk_revives_dead_latents_in_a_short_run(tmp_path: Path) -> None:
+    """500k tokens, under the default --dead-after of 1M: the threshold is capped at a tenth of the run, so the AuxK
+    loss sees dead latents and brings them back (with the loss switched off, more stay dead)."""
+    dic = syn.make_dictionary(32, 512, mean_active=3, alpha=0.5, seed=0)  # more atoms than live latents want
+    batch, steps = 1000, 500
+    store = syn.write_store(
+        tmp_path / "store", syn.sample(dic, batch * steps, noise=0.02, seed=2), images_per_shard=4096
+    )
+
+    def dead(aux_coef: float) -> float:
+        cfg = Config(store=store, out=tmp_path / f"aux{aux_coef}", width=("16x",), batch_size=batch, lr_warmup=20,
+                     log_every=50, device="cpu", activation=("topk",), lr=(3e-2,), k=(4,), aux_coef=aux_coef)
+        assert cfg.dead_after_tokens(steps) == batch * steps // 10
+        return float(run(cfg).runs[0]["final"]["dead"])
+
+    with_aux, without = dead(1 / 32), dead(0.0)
+    assert without > 0.05, "the set-up must produce dead latents for the test to mean anything"
+    assert with_aux < 0.5 * without, f"AuxK left {with_aux:.1%} dead vs {without:.1%} without it"

@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import draw_image, make_tiny_vit
-from tiny_models import make_tiny_clip
 
 from saevctl.errors import LayerError, ModelError
 from saevctl.vit import load_backbone, parse_spec
+
+from conftest import draw_image, make_tiny_vit
+from tiny_models import make_tiny_clip
 
 # name -> timm overrides; all keep the conftest's 32 px input, 8 px patches, 4 blocks, width 32.
 TIMM_VARIANTS = {
@@ -36,7 +37,10 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
 @pytest.fixture(scope="module")
 def timm_variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("variants")
-    return {name: "local-dir:" + str(make_tiny_vit(root / name.replace("+", "_"), seed=3, **ov)) for name, ov in TIMM_VARIANTS.items()}
+    return {
+        name: "local-dir:" + str(make_tiny_vit(root / name.replace("+", "_"), seed=3, **ov))
+        for name, ov in TIMM_VARIANTS.items()
+    }
 
 
 def images_bchw(n: int = 3, seed: int = 0) -> torch.Tensor:
@@ -46,7 +50,10 @@ def images_bchw(n: int = 3, seed: int = 0) -> torch.Tensor:
 def hooked_block_outputs(blocks: torch.nn.ModuleList, run: object) -> dict[int, torch.Tensor]:
     """Block outputs recorded by forward hooks on the library's own modules (the reference for forward_to)."""
     seen: dict[int, torch.Tensor] = {}
-    handles = [b.register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o.detach().clone())) for k, b in enumerate(blocks)]
+    handles = [
+        b.register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o.detach().clone()))
+        for k, b in enumerate(blocks)
+    ]
     try:
         with torch.no_grad():
             run()  # type: ignore[operator]
@@ -220,7 +227,7 @@ def test_unknown_model_names(spec: str, match: str) -> None:
 
 
 def test_local_dir_that_is_not_a_model_folder(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="missing config.json, model.safetensors"):
+    with pytest.raises(ModelError, match=r"missing config.json, model.safetensors"):
         load_backbone(f"local-dir:{tmp_path}")
     (tmp_path / "config.json").write_text("{not json")
     (tmp_path / "model.safetensors").write_bytes(b"")
@@ -248,7 +255,11 @@ def closed_port() -> str:
 
 @pytest.mark.parametrize(
     "spec",
-    ["timm:vit_tiny_patch16_224.augreg_in21k", "hf-hub:timm/vit_tiny_patch16_224.augreg_in21k", "open_clip:ViT-B-32/openai"],
+    [
+        "timm:vit_tiny_patch16_224.augreg_in21k",
+        "hf-hub:timm/vit_tiny_patch16_224.augreg_in21k",
+        "open_clip:ViT-B-32/openai",
+    ],
 )
 @pytest.mark.parametrize("hub", ["refused", "black-hole"])
 def test_hub_names_fail_fast_offline(
@@ -268,7 +279,11 @@ def test_hub_names_fail_fast_offline(
     assert time.monotonic() - t0 < 15
     line = info.value.one_line()
     assert "\n" not in line and f"the model hub ({endpoint}) is unreachable and it is not in the local cache" in line
-    assert ("local-dir:/that/folder" in line) if not spec.startswith("open_clip") else ("open_clip:ViT-B-32/path/to/" in line)
+    assert (
+        ("local-dir:/that/folder" in line)
+        if not spec.startswith("open_clip")
+        else ("open_clip:ViT-B-32/path/to/" in line)
+    )
     assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # restored for the rest of the process
 
 
@@ -331,7 +346,9 @@ def test_preprocess_round_trips_through_its_dict(tiny_vit: str) -> None:
     assert u8.shape == (32, 32, 3) and u8.dtype == np.uint8 and u8.flags.writeable
 
 
-def test_hub_name_in_the_local_cache_loads_offline(tiny_vit: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_name_in_the_local_cache_loads_offline(
+    tiny_vit: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A model downloaded earlier keeps working without the hub: the loader falls back to the HF cache."""
     import shutil
 

@@ -75,7 +75,7 @@ def test_listing_groups_by_key_with_labels(shards: tuple[str, list[Path]]) -> No
     assert src.records[2].path.endswith("shard-000000.tar#s0/00002" + files[2].suffix.lower())
     assert resolve_images(spec).fingerprint() == src.fingerprint()
     assert len(resolve_images(spec, max_images=4).records) == 4
-    for rec, p in zip(src.records, files):
+    for rec, p in zip(src.records, files, strict=True):
         if p.name.startswith("zz_corrupt"):
             with pytest.raises(InputError, match="cannot read image"):
                 open_image(rec.path)
@@ -87,7 +87,11 @@ def test_reads_by_offset_after_a_fresh_index_and_from_threads(shards: tuple[str,
     spec, files = shards
     src = resolve_images(spec)
     wds._INDEX._members.clear()  # a later stage in a new process: the tar is indexed on first read
-    want = {r.path: np.asarray(open_image(str(p))) for r, p in zip(src.records, files) if "corrupt" not in p.name}
+    want = {
+        r.path: np.asarray(open_image(str(p)))
+        for r, p in zip(src.records, files, strict=True)
+        if "corrupt" not in p.name
+    }
     bad: list[str] = []
 
     def read_all() -> None:
@@ -108,7 +112,14 @@ def test_same_activations_as_image_files(shards: tuple[str, list[Path]], tiny_vi
     spec, files = shards
     lst = tmp_path / "list.txt"
     lst.write_text("".join(f"{p}\t{p.parent.name}\n" for p in files))
-    common = dict(model=tiny_vit, layers=(1, 3), dtype="float32", batch_size=4, images_per_shard=4, device="cpu")
+    common = {
+        "model": tiny_vit,
+        "layers": (1, 3),
+        "dtype": "float32",
+        "batch_size": 4,
+        "images_per_shard": 4,
+        "device": "cpu",
+    }
     a = run(Config(images=spec, out=tmp_path / "from-wds", **common))
     b = run(Config(images=str(lst), out=tmp_path / "from-files", **common))
     assert a.manifest["n_rows"] == b.manifest["n_rows"] == 12 and a.manifest["n_failed"] == 1

@@ -43,8 +43,9 @@ def make_tiny_clip(dpath: Path, seed: int = 0) -> tuple[str, Path]:
 def make_overflowing_vit(dpath: Path) -> Path:
     """A tiny timm ViT whose residual stream holds 1e5 in one channel: beyond float16, fine for bfloat16."""
     import timm
-    from conftest import TINY_ARGS
     from timm.models._hub import save_for_hf
+
+    from conftest import TINY_ARGS
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_ARGS)

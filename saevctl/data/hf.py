@@ -76,12 +76,11 @@ def _check_hub_reachable(name: str) -> None:
 def _pick_split(dd: Any, source: str, split: str | None) -> Any:
     names = list(dd.keys())
     if split is None:
-        if DEFAULT_SPLIT in names or len(names) != 1:
-            split = DEFAULT_SPLIT
-        else:
-            split = names[0]
+        split = DEFAULT_SPLIT if DEFAULT_SPLIT in names or len(names) != 1 else names[0]
     if split not in names:
-        raise InputError(f"{source} has no split {split!r} (it has {', '.join(names)})", f"write hf:{source}:{names[0]}")
+        raise InputError(
+            f"{source} has no split {split!r} (it has {', '.join(names)})", f"write hf:{source}:{names[0]}"
+        )
     return dd[split]
 
 
@@ -102,7 +101,7 @@ def _load(source: str, split: str | None, local: bool) -> Any:
         _check_hub_reachable(source)
     try:
         return ds_lib.load_dataset(source, split=split or DEFAULT_SPLIT)
-    except Exception as e:  # noqa: BLE001 - the hub client raises many kinds; all mean "cannot load it"
+    except Exception as e:  # the hub client raises many kinds; all mean "cannot load it"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise InputError(
             f"cannot load {source} from the Hugging Face hub ({first})",

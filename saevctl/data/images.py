@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +79,8 @@ def _from_folder(root: Path, spec: str) -> ImageSource:
     rel = [p.relative_to(root) for p in files]
     is_imagefolder = all(len(r.parts) == 2 for r in rel) and len({r.parts[0] for r in rel}) >= 2
     records = tuple(
-        ImageRecord(i, str(p), r.parts[0] if is_imagefolder else None) for i, (p, r) in enumerate(zip(files, rel))
+        ImageRecord(i, str(p), r.parts[0] if is_imagefolder else None)
+        for i, (p, r) in enumerate(zip(files, rel, strict=True))
     )
     return ImageSource(spec, "imagefolder" if is_imagefolder else "folder", records)
 
@@ -97,7 +98,7 @@ def _from_list(fpath: Path, spec: str) -> ImageSource:
             f"cannot read {fpath} as a text list of image paths ({type(e).__name__})",
             "pass an image folder, a UTF-8 .txt file with one path per line, or demo",
         ) from e
-    records = []
+    records: list[ImageRecord] = []
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
@@ -126,14 +127,11 @@ def demo_records(n: int) -> tuple[ImageRecord, ...]:
     return tuple(out)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _demo_array(name: str) -> np.ndarray:
     import skimage.data
 
-    if name == "stereo_motorcycle":
-        arr = skimage.data.stereo_motorcycle()[0]
-    else:
-        arr = getattr(skimage.data, name)()
+    arr = skimage.data.stereo_motorcycle()[0] if name == "stereo_motorcycle" else getattr(skimage.data, name)()
     if arr.ndim == 2:
         arr = np.stack([arr] * 3, axis=-1)
     if arr.shape[-1] == 4:  # logo is RGBA: composite on white
@@ -160,7 +158,7 @@ def _demo_size(name: str) -> tuple[int, int]:
     return h, w
 
 
-@lru_cache(maxsize=None)
+@cache
 def _demo_image(name: str, mirrored: bool) -> Image.Image:
     img = Image.fromarray(_demo_array(name))
     if mirrored:  # flipping each crop costs more than the crop: flip the photo once instead
@@ -224,7 +222,9 @@ def _from_wds(spec: str) -> ImageSource:
 
 def _from_hf(spec: str) -> ImageSource:
     rows = hf.list_rows(spec)
-    return ImageSource(hf.normalize(spec), "hf", tuple(ImageRecord(i, path, label) for i, (path, label) in enumerate(rows)))
+    return ImageSource(
+        hf.normalize(spec), "hf", tuple(ImageRecord(i, path, label) for i, (path, label) in enumerate(rows))
+    )
 
 
 def resolve_images(spec: str, max_images: int | None = None) -> ImageSource:

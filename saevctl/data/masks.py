@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +19,7 @@ from PIL import Image
 from saevctl.errors import InputError
 
 if TYPE_CHECKING:
+    from saevctl.data.images import ImageRecord
     from saevctl.data.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,9 @@ def _read_classes_txt(fpath: Path) -> tuple[str, ...]:
     try:
         lines = fpath.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read the class file {fpath} ({type(e).__name__})", "write one UTF-8 class name per line") from e
+        raise InputError(
+            f"cannot read the class file {fpath} ({type(e).__name__})", "write one UTF-8 class name per line"
+        ) from e
     names = tuple(line.strip() for line in lines)
     while names and not names[-1]:
         names = names[:-1]
@@ -110,7 +113,8 @@ def read_classes(dpath: Path) -> tuple[str, ...]:
             if (d / name).is_file():
                 return _read_object_info(d / name)
     raise InputError(
-        f"the mask folder {dpath} has no class file ({CLASSES_TXT} in it, or {ADE_OBJECT_INFO} or .txt in it, its parent or grandparent)",
+        f"the mask folder {dpath} has no class file ({CLASSES_TXT} in it, or {ADE_OBJECT_INFO} or .txt in it, "
+        "its parent or grandparent)",
         f"add {CLASSES_TXT}: one class name per line, line 0 the ignored class",
     )
 
@@ -143,7 +147,9 @@ def read_mask(mask_fpath: Path) -> np.ndarray:
                                  "save masks as 8- or 16-bit greyscale (or palette) PNGs whose values are class ids")
             return np.asarray(img).astype(np.int32)
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        raise InputError(f"cannot read mask {mask_fpath} ({type(e).__name__})", "the file is corrupt or not a PNG") from e
+        raise InputError(
+            f"cannot read mask {mask_fpath} ({type(e).__name__})", "the file is corrupt or not a PNG"
+        ) from e
 
 
 def mask_geometry(ids_hw: np.ndarray, pre: Preprocess) -> np.ndarray:
@@ -179,7 +185,12 @@ def majority_per_patch(ids_hw: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarr
 
 
 def patch_labels(
-    mask_fpath: Path, image_size: tuple[int, int], pre: Preprocess, grid_hw: tuple[int, int], *, image: str | None = None
+    mask_fpath: Path,
+    image_size: tuple[int, int],
+    pre: Preprocess,
+    grid_hw: tuple[int, int],
+    *,
+    image: str | None = None,
 ) -> np.ndarray:
     """Class id of each patch (row-major, int16, -1 unlabelled) of the image whose mask this is.
 
@@ -189,8 +200,41 @@ def patch_labels(
     mh, mw = ids_hw.shape
     iw, ih = image_size
     if (mw, mh) != (iw, ih):
-        raise MaskSizeError(f"mask {mask_fpath} is {mw}x{mh} but its image {image or ''} is {iw}x{ih}".replace("  ", " "),
-                         "masks must have their image's exact pixel size (width x height)")
+        raise MaskSizeError(
+            f"mask {mask_fpath} is {mw}x{mh} but its image {image or ''} is {iw}x{ih}".replace("  ", " "),
+            "masks must have their image's exact pixel size (width x height)",
+        )
     if int(ids_hw.max(initial=0)) > 0x7FFF:
         raise InputError(f"mask {mask_fpath} holds class id {int(ids_hw.max())}", "class ids must be below 32768")
     return majority_per_patch(mask_geometry(ids_hw, pre), grid_hw)
+
+
+def check_masks(masks: MaskSet, records: Sequence[ImageRecord]) -> int:
+    """Before any compute: every mask found has its image's size (headers only); at least one image has a mask.
+
+    Returns how many images have a mask. Unreadable images are left to the activation pass to report.
+    """
+    n_found = 0
+    for rec in records:
+        mask_fpath = masks.path_for(rec.path)
+        if mask_fpath is None:
+            continue
+        n_found += 1
+        try:
+            with Image.open(rec.path) as img:
+                image_size = img.size
+            with Image.open(mask_fpath) as mask:
+                mask_size = mask.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue  # read fully later: an unreadable image has no row, an unreadable mask labels nothing
+        if mask_size != image_size:
+            raise MaskSizeError(
+                f"mask {mask_fpath} is {mask_size[0]}x{mask_size[1]} but its image {rec.path} is "
+                f"{image_size[0]}x{image_size[1]}",
+                "masks must have their image's exact pixel size (width x height)",
+            )
+    if not n_found:
+        raise InputError(f"no image has a mask in {masks.dpath} (masks are matched by file stem: <image stem>.png)",
+                         "pass the mask folder of these images")
+    log.info("%d of %d images have a mask in %s", n_found, len(records), masks.dpath)
+    return n_found

@@ -7,6 +7,7 @@ Torch is imported only by the normalising methods, so that drawing exemplars (th
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +32,14 @@ def _center_crop(img: Image.Image, size: int) -> Image.Image:
         canvas = Image.new("RGB", (max(w, size), max(h, size)), (0, 0, 0))
         canvas.paste(img, ((max(w, size) - w) // 2, (max(h, size) - h) // 2))
         img, (w, h) = canvas, canvas.size
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    top, left = round((h - size) / 2.0), round((w - size) / 2.0)
     return img.crop((left, top, left + size, top + size))
+
+
+def rgb(values: Iterable[float | str]) -> tuple[float, float, float]:
+    """A per-channel (R, G, B) statistic from a model config's 3-element list or tuple."""
+    r, g, b = (float(v) for v in values)
+    return r, g, b
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING
 from saevctl.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from saevctl.eval.edits import EditsConfig, EditsResult, run_edits
+    from saevctl.eval.config import AllConfig, EditsConfig, ReconConfig, SpliceConfig
+    from saevctl.eval.edits import EditsResult, run_edits
     from saevctl.eval.metrics import recovery
-    from saevctl.eval.recon import ReconConfig, ReconResult, run_recon
-    from saevctl.eval.splice import SpliceConfig, SpliceResult, run_splice
-    from saevctl.eval.suite import AllConfig, AllResult, run_all
+    from saevctl.eval.recon import ReconResult, run_recon
+    from saevctl.eval.splice import SpliceResult, run_splice
+    from saevctl.eval.suite import AllResult, run_all
 
 __all__ = [
     "AllConfig", "AllResult", "EditsConfig", "EditsResult", "ReconConfig", "ReconResult", "SpliceConfig",
@@ -22,16 +23,16 @@ __all__ = [
 __getattr__ = lazy_exports(
     __name__,
     {
-        "SpliceConfig": "saevctl.eval.splice",
+        "SpliceConfig": "saevctl.eval.config",
         "SpliceResult": "saevctl.eval.splice",
         "run_splice": "saevctl.eval.splice",
-        "EditsConfig": "saevctl.eval.edits",
+        "EditsConfig": "saevctl.eval.config",
         "EditsResult": "saevctl.eval.edits",
         "run_edits": "saevctl.eval.edits",
-        "ReconConfig": "saevctl.eval.recon",
+        "ReconConfig": "saevctl.eval.config",
         "ReconResult": "saevctl.eval.recon",
         "run_recon": "saevctl.eval.recon",
-        "AllConfig": "saevctl.eval.suite",
+        "AllConfig": "saevctl.eval.config",
         "AllResult": "saevctl.eval.suite",
         "run_all": "saevctl.eval.suite",
         "recovery": "saevctl.eval.metrics",

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import html
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from saevctl import atomic, layout
-from saevctl.eval.common import FORMAT, jsonable, kinds_text
+from saevctl import atomic, layout, workspace
+from saevctl.eval.common import FORMAT, jsonable, kinds_text, out_dpath
+from saevctl.eval.config import CardQuery
+from saevctl.layers import layer_text
 
 esc = html.escape  # quote=True: safe in text and in double-quoted attributes
 CARD_FORMAT = FORMAT + "-card"
@@ -20,7 +22,8 @@ TITLES = {"recon": "Reconstruction", "splice": "Behaviour kept when spliced in",
           "edits": "Are edits specific"}
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
 CSS = """
-body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem auto;max-width:60rem;padding:0 1rem;color:#1c1c1c}
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem auto;max-width:60rem;padding:0 1rem;
+color:#1c1c1c}
 h1{font-size:1.5rem;margin-bottom:.2rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd}
 .meta{color:#666;font-size:.9rem}.skip{color:#8a5a00}table{border-collapse:collapse;margin:.6rem 0}
 th,td{padding:.25rem .7rem;text-align:right;border-bottom:1px solid #eee}th{background:#f6f6f6}
@@ -54,7 +57,9 @@ def _bar(share: Any) -> str:
     if share is None or not math.isfinite(float(share)):
         return ""
     width = max(0.0, min(1.0, float(share))) * 100
-    return f"<span class=\"bar\" role=\"img\" aria-label=\"{width:.0f} percent\"><span style=\"width:{width:.1f}%\"></span></span>"
+    return (
+        f'<span class="bar" role="img" aria-label="{width:.0f} percent"><span style="width:{width:.1f}%"></span></span>'
+    )
 
 
 def _table(head: list[str], rows: list[list[str]], text_cols: int = 1) -> str:
@@ -120,14 +125,21 @@ RENDER = {"recon": recon_html, "splice": splice_html, "coverage": coverage_html,
 
 def card_html(card: dict[str, Any]) -> str:
     sae = card["sae"]
-    desc = (f"model {sae.get('model_spec')}, layer {sae.get('layer')}, {sae.get('n_latents', 0):,} latents, "
-            f"{sae.get('activation')}" + (f" k={sae['k']}" if sae.get("k") else "") + f", {kinds_text(sae.get('tokens', []))} tokens")
-    parts = ["<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n",
-             f"<meta http-equiv=\"Content-Security-Policy\" content=\"{esc(CSP)}\">\n",
-             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n",
-             f"<title>{esc('report card: ' + str(sae['name']))}</title>\n<style>{CSS}</style>\n</head>\n<body>\n",
-             f"<h1>SAE report card: {esc(str(sae['name']))}</h1>\n",
-             f"<p class=\"meta\">{esc(desc)}<br><code>{esc(str(sae['path']))}</code> &middot; made {esc(card['created'])}</p>\n"]
+    desc = (
+        f"model {sae.get('model_spec')}, layer {layer_text(sae.get('layer'))}, {sae.get('n_latents', 0):,} latents, "
+        f"{sae.get('activation')}"
+        + (f" k={sae['k']}" if sae.get("k") else "")
+        + f", {kinds_text(sae.get('tokens', []))} tokens"
+    )
+    parts = [
+        '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
+        f'<meta http-equiv="Content-Security-Policy" content="{esc(CSP)}">\n',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
+        f"<title>{esc('report card: ' + str(sae['name']))}</title>\n<style>{CSS}</style>\n</head>\n<body>\n",
+        f"<h1>SAE report card: {esc(str(sae['name']))}</h1>\n",
+        f'<p class="meta">{esc(desc)}<br><code>{esc(str(sae["path"]))}</code>',
+        f" &middot; made {esc(card['created'])}</p>\n",
+    ]
     for name in SECTIONS:
         parts.append(f"<section id=\"{name}\">\n<h2>{esc(TITLES[name])}</h2>\n")
         if card["sections"].get(name) is not None:
@@ -143,13 +155,19 @@ def write_card(dpath: Path, sae: dict[str, Any], sections: dict[str, Any],
                skipped: dict[str, str]) -> tuple[Path, Path, dict[str, Any]]:
     """Write card.html and card.json into `dpath` (each atomically); returns their paths and the card's figures."""
     card = {"schema_version": layout.EVAL_SCHEMA, "format": CARD_FORMAT,
-            "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "sae": sae,
+            "created": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "sae": sae,
             "sections": {k: sections.get(k) for k in SECTIONS}, "skipped": skipped}
     card = jsonable(card)
     html_fpath, json_fpath = layout.eval_card_fpath(dpath), layout.eval_card_json_fpath(dpath)
     atomic.write_json(json_fpath, card)
     atomic.write_text(html_fpath, card_html(card))
     return html_fpath, json_fpath, card
+
+
+def find_card(query: CardQuery) -> tuple[Path, dict[str, Any]]:
+    """The card eval all last wrote for an SAE: its folder (--out, else the SAE's eval folder) and its content."""
+    dpath = query.out if query.out is not None else out_dpath(workspace.resolve_sae_ref(query.sae), query.index)
+    return dpath, read_card(dpath)
 
 
 def read_card(dpath: Path) -> dict[str, Any]:
@@ -164,7 +182,10 @@ def read_card(dpath: Path) -> dict[str, Any]:
     except FileNotFoundError as e:
         raise InputError(f"no report card at {fpath}", "run saevctl eval all first (or pass its --out)") from e
     except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"the report card {fpath} is unreadable ({type(e).__name__})", "run saevctl eval all again") from e
-    if card.get("format") != CARD_FORMAT or card.get("schema_version") != layout.EVAL_SCHEMA:
+        raise InputError(
+            f"the report card {fpath} is unreadable ({type(e).__name__})", "run saevctl eval all again"
+        ) from e
+    if (not isinstance(card, dict) or card.get("format") != CARD_FORMAT
+            or card.get("schema_version") != layout.EVAL_SCHEMA):
         raise InputError(f"{fpath} is not a report card of schema {layout.EVAL_SCHEMA}", "run saevctl eval all again")
     return card

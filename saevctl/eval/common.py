@@ -1,5 +1,5 @@
-"""What the evaluations share: where they write, which token kinds an SAE replaces, head outputs on the
-patch grid, and per-image class labels from a mask folder mapped to a head's classes.
+"""What the evaluations share: where they write, which token kinds an SAE replaces, the patch grid, and
+per-image class labels from a mask folder mapped to a head's classes.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saevctl import layout
-from saevctl.errors import IndexError_, ProbeError, StoreError
-from saevctl.probe.heads import Head, head_tokens
-from saevctl.probe.session import Prober, workspace_default
+from saevctl import layout, workspace
+from saevctl.errors import IndexError_, ProbeError
+from saevctl.probe.session import Prober
 
 log = logging.getLogger(__name__)
 FORMAT = "saevctl-eval"
@@ -25,7 +24,7 @@ FORMAT = "saevctl-eval"
 def out_dpath(sae_path: Path, index: Path | None) -> Path:
     """Default output folder of one SAE's evaluations: beside the mined index (--index, else the workspace's)
     when that index holds the SAE, so `saevctl report` links the card; else ./eval/<checkpoint name>."""
-    ref = str(index) if index is not None else workspace_default("index")
+    ref = str(index) if index is not None else workspace.get_default("index")
     if ref is not None and Path(ref).expanduser().is_file():
         from saevctl.mine.index import Index
 
@@ -40,9 +39,7 @@ def out_dpath(sae_path: Path, index: Path | None) -> Path:
 
 def ckpt_name(sae_path: Path) -> str:
     """The checkpoint folder's name (a one-SAE `train --out` folder names its only run)."""
-    from saevctl.sae.model import resolve_ckpt
-
-    return resolve_ckpt(sae_path.expanduser()).resolve().name
+    return workspace.resolve_ckpt(sae_path.expanduser()).resolve().name
 
 
 def spliced_kinds(sae: Any, n_cls: int) -> tuple[str, ...]:
@@ -56,29 +53,6 @@ def spliced_kinds(sae: Any, n_cls: int) -> tuple[str, ...]:
 
 def token_slices(lay: Any, kinds: tuple[str, ...]) -> list[slice]:
     return [slice(lay.n_prefix, lay.n_tokens) if k == "patches" else slice(0, 1) for k in kinds]
-
-
-def check_store_model(store: Any, sae: Any, layer: int, kinds: tuple[str, ...]) -> None:
-    """The store must hold the SAE's model (same weights), layer and token kinds."""
-    want, have = sae.cfg.model.get("weights_sha256"), store.model.get("weights_sha256")
-    if want and have and want != have:
-        raise StoreError(
-            f"the store {store.dpath} holds {store.model.get('spec')} (weights {str(have)[:12]}), "
-            f"but the SAE reads {sae.cfg.model.get('spec')} (weights {str(want)[:12]})",
-            "pass the store the SAE was trained on",
-        )
-    view = store.layer(layer)
-    for k in kinds:
-        view.kind(k)
-
-
-@torch.no_grad()
-def head_out(prober: Prober, x_btd: Tensor, out_hw: tuple[int, int], chunk: int | None = None) -> Tensor:
-    """Head probabilities from a residual stream after the SAE's layer, at `out_hw` (dense heads)."""
-    chunk = chunk or len(x_btd)
-    h: Head = prober.head
-    return torch.cat([h(head_tokens(prober.bb, prober.layer, x_btd[i : i + chunk], h), out_hw)
-                      for i in range(0, len(x_btd), chunk)])
 
 
 def grid_hw(prober: Prober) -> tuple[int, int]:
@@ -111,8 +85,7 @@ def mask_to_head(mask_classes: tuple[str, ...], head_classes: list[str]) -> np.n
 def open_checked_masks(dpath: Path, records: list[Any]) -> Any:
     """The mask folder, refused before any compute when its class file is missing, a mask's size differs from
     its image's (headers only), or no image has a mask (the checks `extract --masks` makes)."""
-    from saevctl.data.masks import open_masks
-    from saevctl.extract.labels import check_masks
+    from saevctl.data.masks import check_masks, open_masks
 
     masks = open_masks(dpath)
     check_masks(masks, records)

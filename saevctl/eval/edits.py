@@ -16,66 +16,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saevctl import atomic, layout
-from saevctl.config import coerce_paths, resolve_device
+from saevctl import atomic, layout, workspace
+from saevctl.config import resolve_device
 from saevctl.data import resolve_images
 from saevctl.errors import IndexError_, InputError, ProbeError
 from saevctl.eval import common
+from saevctl.eval.config import EditsConfig
 from saevctl.eval.metrics import resample_weights
 from saevctl.probe.batch import measure_stats, pick_control_features
 from saevctl.probe.edit import EditPlan, apply_edit, direction_generator, parse_clamp, random_direction_edit
-from saevctl.probe.session import FeatureStats, Prober, clamp_values, open_index_stats, resolve_sae_path
+from saevctl.probe.session import FeatureStats, Prober, clamp_values, open_index_stats
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
 CONDITIONS = ("feature", "random feature", "random direction")
-MIN_AUROC = 0.8
-
-
-@dataclass(frozen=True)
-class EditsConfig:
-    images: str
-    """Image folder, .txt list, or demo[:N]; images without a mask are skipped."""
-    masks: Path
-    """Mask folder with its class file (classes.txt or objectInfo150.csv), masks named like the images."""
-    sae: Path | None = None
-    """SAE checkpoint folder (default: the workspace's SAE)."""
-    head: str | None = None
-    """A segment head folder (saevctl heads train --task segment) for the SAE's model."""
-    index: Path | None = None
-    """Mined and labelled index: each class's best feature (features label), feature max and frequency."""
-    features: tuple[str, ...] = ()
-    """CLASS=FEATURE pairs (class name or mask id) to test instead of the index's labels."""
-    min_auroc: float = MIN_AUROC
-    """A class is tested when its best patch-level feature reaches this AUROC."""
-    value: str = "-2x"
-    """What the feature is set to on the class's patches: Nx (N times its max activation) or an absolute value."""
-    controls: bool = True
-    """Run the two controls (off: only the feature edit)."""
-    out: Path | None = None
-    """JSON summary path (default: edits.json in the SAE's eval folder)."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-    batch_size: int = 16
-    """Images per forward pass."""
-    max_images: int | None = None
-    """Use only the first N images."""
-    n_boot: int = 1000
-    """Bootstrap resamples for the confidence intervals."""
-    seed: int = 0
-    """Seed for the control features, the random directions and the bootstrap."""
-    freq_images: int = 128
-    """Without a mined index, feature max and frequency are measured on this many images first."""
-    n_workers: int = 2
-    """Threads decoding images ahead of the forward pass."""
-
-    def __post_init__(self) -> None:
-        coerce_paths(self, "masks", "sae", "index", "out")  # TOML gives strings
-        feats = self.features.split(",") if isinstance(self.features, str) else self.features
-        object.__setattr__(self, "features", tuple(f.strip() for f in feats if f.strip()))
-        if self.batch_size < 1 or self.n_boot < 10:
-            raise InputError("--batch-size must be positive and --n-boot at least 10", "pass larger values")
-        parse_clamp(f"0={self.value}")  # a bad --value fails before any work
 
 
 @dataclass
@@ -114,13 +68,11 @@ class EditsResult:
 
 
 def _index_fpath(cfg: EditsConfig) -> Path | None:
-    from saevctl.probe.session import workspace_default
-
     if cfg.index is not None:
         if not cfg.index.is_file():
             raise IndexError_(f"mined index {cfg.index} does not exist", "run saevctl mine first, or fix --index")
         return cfg.index
-    ref = workspace_default("index")
+    ref = workspace.get_default("index")
     return Path(ref) if ref and Path(ref).is_file() else None
 
 
@@ -134,14 +86,18 @@ def _explicit_targets(pairs: tuple[str, ...], masks: common.MaskLabels) -> list[
         key = cls.strip()
         cid = int(key) if key.isdigit() else names.get(key.lower())
         if cid is None or not 0 < cid < len(masks.masks.classes):
-            raise InputError(f"--feature {text!r} names no class of the masks",
-                             f"use a name or id from {masks.masks.dpath}'s class file (ids 1..{len(masks.masks.classes) - 1})")
+            raise InputError(
+                f"--feature {text!r} names no class of the masks",
+                f"use a name or id from {masks.masks.dpath}'s class file (ids 1..{len(masks.masks.classes) - 1})",
+            )
         out.append(Target(cid, masks.masks.classes[cid], int(masks.to_head[cid]) if cid < len(masks.to_head) else -1,
                           int(feat), None))
     return out
 
 
-def _labelled_targets(index_fpath: Path | None, sae_path: Path, min_auroc: float, masks: common.MaskLabels) -> list[Target]:
+def _labelled_targets(
+    index_fpath: Path | None, sae_path: Path, min_auroc: float, masks: common.MaskLabels
+) -> list[Target]:
     """Classes whose best patch-level feature reaches `min_auroc`, from the index's labels."""
     from saevctl.mine.index import Index
 
@@ -199,7 +155,7 @@ def set_values(cfg: EditsConfig, targets: list[Target], stats: FeatureStats | No
 @torch.no_grad()
 def patch_predictions(prober: Prober, x_btd: Tensor, chunk: int | None = None) -> Tensor:
     """The segment head's class per patch (b, p), from its logits on the patch grid."""
-    return common.head_out(prober, x_btd, common.grid_hw(prober), chunk).argmax(1).flatten(1)
+    return prober.outputs(x_btd, chunk, out_hw=common.grid_hw(prober)).argmax(1).flatten(1)
 
 
 def make_rows_plan(features_m: list[int], values_m: list[float], mask_mp: Tensor) -> EditPlan:
@@ -246,7 +202,9 @@ def edit_batch(prober: Prober, x_btd: Tensor, values_bp: np.ndarray, targets: li
     preds = patch_predictions(prober, torch.cat(variants), len(x_btd))
     head_class = torch.tensor([targets[ti].head_class for ti, _ in pairs], device=dev)
     m = len(pairs)
-    return pairs, {c: change_counts(preds[k * m : (k + 1) * m], ref, head_class) for k, c in enumerate(CONDITIONS[: len(variants)])}
+    return pairs, {
+        c: change_counts(preds[k * m : (k + 1) * m], ref, head_class) for k, c in enumerate(CONDITIONS[: len(variants)])
+    }
 
 
 # --- rates and their bootstrap -----------------------------------------------------------------------------------
@@ -274,7 +232,9 @@ def rates(counts_n4: np.ndarray, n_boot: int, seed: int, level: float = 0.95) ->
 # --- the run -------------------------------------------------------------------------------------------------
 
 
-def _stats(cfg: EditsConfig, prober: Prober, sae_path: Path, records: list[Any], notes: list[str]) -> FeatureStats | None:
+def _stats(
+    cfg: EditsConfig, prober: Prober, sae_path: Path, records: list[Any], notes: list[str]
+) -> FeatureStats | None:
     needs = cfg.controls or parse_clamp(f"0={cfg.value}").multiple
     if not needs:
         return None
@@ -311,11 +271,22 @@ class _Tally:
             if not sel.any():
                 continue
             first = units[conds[0]][sel]
-            out.append({"class_id": t.class_id, "class": t.class_name, "head_class": t.head_class, "feature": t.feature,
-                        "auroc": t.auroc, "value": t.value, "control_feature": t.control_feature if len(conds) > 1 else None,
-                        "control_value": t.control_value if len(conds) > 1 else None, "n_images": int(sel.sum()),
-                        "n_target": int(first[:, 1].sum()), "n_other": int(first[:, 3].sum()),
-                        "conditions": {c: rates(units[c][sel], n_boot, seed) for c in conds}})
+            out.append(
+                {
+                    "class_id": t.class_id,
+                    "class": t.class_name,
+                    "head_class": t.head_class,
+                    "feature": t.feature,
+                    "auroc": t.auroc,
+                    "value": t.value,
+                    "control_feature": t.control_feature if len(conds) > 1 else None,
+                    "control_value": t.control_value if len(conds) > 1 else None,
+                    "n_images": int(sel.sum()),
+                    "n_target": int(first[:, 1].sum()),
+                    "n_other": int(first[:, 3].sum()),
+                    "conditions": {c: rates(units[c][sel], n_boot, seed) for c in conds},
+                }
+            )
         images, inverse = np.unique(iid, return_inverse=True)
         per_image = {}
         for c in conds:
@@ -329,17 +300,23 @@ class _Tally:
         return out
 
 
-def run_edits(cfg: EditsConfig, progress: Progress | None = None, prober: Prober | None = None) -> EditsResult:
-    """Suppress each labelled class's feature on its patches in every masked image; write a JSON summary."""
+def run_edits(cfg: EditsConfig, progress: Progress | None = None, prober: Prober | None = None,
+              on_total: Callable[[int], None] | None = None) -> EditsResult:
+    """Suppress each labelled class's feature on its patches in every masked image; write a JSON summary.
+
+    Progress counts images; `on_total` learns how many once they are listed."""
     t0 = time.perf_counter()
+    assert cfg.images is not None and cfg.masks is not None  # EditsConfig.check requires them
     records = list(resolve_images(cfg.images, cfg.max_images).records)
+    if on_total:
+        on_total(len(records))
     mask_set = common.open_checked_masks(cfg.masks, records)
-    prober = prober or Prober.load(cfg.sae, cfg.head, None, resolve_device(cfg.device))
+    prober = prober or Prober.load(cfg.sae, cfg.head, cfg.classes, resolve_device(cfg.device))
     if prober.head.task != "segment":
         raise ProbeError(f"eval edits needs a segment head, but {prober.head.name} is a {prober.head.task} head",
                          "train one with saevctl heads train --task segment --masks DIR")
     masks = common.MaskLabels(mask_set, prober)
-    sae_path = resolve_sae_path(cfg.sae)
+    sae_path = workspace.resolve_sae_ref(cfg.sae)
     notes: list[str] = []
     targets = resolve_targets(cfg, prober, masks, sae_path, notes)
     stats = _stats(cfg, prober, sae_path, records, notes)
@@ -349,7 +326,7 @@ def run_edits(cfg: EditsConfig, progress: Progress | None = None, prober: Prober
     n_images = n_failed = n_unmasked = 0
     for batch in common.iter_images(records, prober.bb.preprocess, cfg.batch_size, cfg.n_workers):
         n_failed += batch.n_failed
-        values = [masks.values(r.path, s) for r, s in zip(batch.records, batch.sizes)]
+        values = [masks.values(r.path, s) for r, s in zip(batch.records, batch.sizes, strict=True)]
         keep = [i for i, v in enumerate(values) if v is not None]
         n_unmasked += len(values) - len(keep)
         if keep:
@@ -360,7 +337,9 @@ def run_edits(cfg: EditsConfig, progress: Progress | None = None, prober: Prober
         if progress:
             progress(len(batch.records) + batch.n_failed)
     if not n_images:
-        raise InputError(f"no image in {cfg.images} has a mask in {cfg.masks}", "masks are PNGs named like their images")
+        raise InputError(
+            f"no image in {cfg.images} has a mask in {cfg.masks}", "masks are PNGs named like their images"
+        )
     if not tally.target_ids:
         raise ProbeError("none of the tested classes appears in the masks of these images",
                          "use images that show the labelled classes, or lower --min-auroc")

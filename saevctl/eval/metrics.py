@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,13 +57,16 @@ def mean_score(sums_mk: np.ndarray) -> np.ndarray:
 def classify_stats(probs_bc: Tensor, ref_top_b: Tensor, labels_b: Tensor) -> dict[str, np.ndarray]:
     """Per image: top-1 correct (NaN where the label is unknown, -1) and top-1 agreement with the original model."""
     top = probs_bc.argmax(-1)
-    correct = torch.where(labels_b >= 0, (top == labels_b).double(), torch.full_like(top, float("nan"), dtype=torch.float64))
+    correct = torch.where(
+        labels_b >= 0, (top == labels_b).double(), torch.full_like(top, float("nan"), dtype=torch.float64)
+    )
     return {"accuracy": correct.cpu().numpy(), "agreement": (top == ref_top_b).double().cpu().numpy()}
 
 
 @torch.no_grad()
 def saliency_cc(sal_b1hw: Tensor, ref_b1hw: Tensor) -> np.ndarray:
-    """Pearson correlation of each saliency map with the original's (1 for an identical map, NaN when either is flat)."""
+    """Pearson correlation of each saliency map with the original's (1 for an identical map, NaN when either is
+    flat)."""
     a = sal_b1hw.reshape(len(sal_b1hw), -1).double()
     b = ref_b1hw.reshape(len(ref_b1hw), -1).double()
     a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
@@ -77,7 +81,7 @@ def segment_stats(pred_bp: np.ndarray, truth_bp: np.ndarray, n_classes: int) -> 
     """(b, 3c): per image and class, patches in prediction ∩ truth, in the prediction, in the truth
     (labelled patches only: truth >= 0)."""
     out = np.zeros((len(pred_bp), 3 * n_classes), np.float64)
-    for i, (p, t) in enumerate(zip(pred_bp, truth_bp)):
+    for i, (p, t) in enumerate(zip(pred_bp, truth_bp, strict=True)):
         keep = t >= 0
         p, t = p[keep].astype(np.int64), t[keep].astype(np.int64)
         out[i, :n_classes] = np.bincount(t[p == t], minlength=n_classes)[:n_classes]
@@ -130,13 +134,13 @@ def _ci(rows: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def summarize(scored: Scored, n_boot: int, seed: int, level: float = 0.95) -> dict[str, object]:
+def summarize(scored: Scored, n_boot: int, seed: int, level: float = 0.95) -> dict[str, Any]:
     """Point scores per variant and recovery, each with a percentile bootstrap CI over images (paired)."""
     point = scored.point()
     n = len(next(iter(scored.stats.values())))
     w = resample_weights(n, n_boot, seed)
     boot = {v: scored.score(w @ s) for v, s in scored.stats.items()}
-    out: dict[str, object] = {"metric": scored.name, "label": scored.label}
+    out: dict[str, Any] = {"metric": scored.name, "label": scored.label}
     for v in scored.stats:
         lo, hi = _ci(boot[v], level)
         out[v] = {"mean": point[v], "lo": lo, "hi": hi}

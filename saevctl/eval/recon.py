@@ -9,43 +9,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 
-from saevctl import atomic, layout
-from saevctl.config import coerce_paths, resolve_device
-from saevctl.errors import InputError, StoreError
+from saevctl import atomic, layout, workspace
+from saevctl.config import resolve_device
+from saevctl.errors import StoreError
 from saevctl.eval import common
-from saevctl.probe.session import resolve_sae_path
-from saevctl.train.metrics import DENSE_RATE  # dense: fires on more than this share of tokens, as training reports
+from saevctl.eval.config import ReconConfig
+from saevctl.sae.compat import check_compatible
+from saevctl.sae.model import DENSE_RATE, SAE  # dense: fires on more than this share of tokens, as training reports
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
-
-
-@dataclass(frozen=True)
-class ReconConfig:
-    sae: Path | None = None
-    """SAE checkpoint folder (default: the workspace's SAE)."""
-    store: Path | None = None
-    """Activation store of the SAE's model and layer (default: the store it was trained on)."""
-    index: Path | None = None
-    """Mined index that holds the SAE: the summary is written beside it (default: the workspace's)."""
-    out: Path | None = None
-    """JSON summary path (default: recon.json in the SAE's eval folder)."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-    batch_tokens: int = 4096
-    """Tokens encoded at once (memory: batch_tokens x n_latents floats)."""
-    max_images: int | None = None
-    """Use only the first N stored images."""
-
-    def __post_init__(self) -> None:
-        coerce_paths(self, "sae", "store", "index", "out")  # TOML gives strings
-        if self.batch_tokens < 1:
-            raise InputError("--batch-tokens must be positive", "pass e.g. 4096")
 
 
 @dataclass
@@ -72,7 +50,15 @@ class ReconResult:
         return {k: getattr(self, k) for k in ("mse", "nmse", "l0", "dead", "dense", "n_tokens", "n_images")}
 
 
-def default_store(sae: Any) -> Path:
+class Figures(TypedDict):
+    mse: float
+    nmse: float
+    l0: float
+    dead: float
+    dense: float
+
+
+def default_store(sae: SAE) -> Path:
     ref = sae.cfg.train.get("store") if isinstance(sae.cfg.train, dict) else None
     if not ref:
         raise StoreError("no --store given and the SAE does not record the store it was trained on",
@@ -83,7 +69,7 @@ def default_store(sae: Any) -> Path:
 class _Sums:
     """Float64 running sums; deviations are taken from the SAE's own mean so the variance stays well conditioned."""
 
-    def __init__(self, sae: Any) -> None:
+    def __init__(self, sae: SAE) -> None:
         d, s = sae.cfg.d, sae.cfg.n_latents
         self.shift = sae.act_mean.detach().double().cpu()
         self.sq_err_norm = self.sq_err = self.sq_dev = self.l0 = 0.0
@@ -92,7 +78,7 @@ class _Sums:
         self.n = 0
 
     @torch.no_grad()
-    def add(self, sae: Any, x_nd: torch.Tensor) -> None:
+    def add(self, sae: SAE, x_nd: torch.Tensor) -> None:
         codes = sae.encode(x_nd)
         err = (sae.decode(codes) - x_nd.to(codes.dtype)).double()
         scale = float(sae.act_scale)
@@ -106,7 +92,7 @@ class _Sums:
         self.fired += fired.sum(0).double().cpu()
         self.n += len(x_nd)
 
-    def result(self, d: int) -> dict[str, float]:
+    def result(self, d: int) -> Figures:
         n = max(self.n, 1)
         var = self.sq_dev - float(self.sum_dev.pow(2).sum()) / n
         rate = self.fired / n
@@ -115,22 +101,20 @@ class _Sums:
                 "dense": float((rate > DENSE_RATE).double().mean())}
 
 
-def run_recon(cfg: ReconConfig, progress: Progress | None = None, sae: Any = None,
+def run_recon(cfg: ReconConfig, progress: Progress | None = None, sae: SAE | None = None,
               on_total: Callable[[int], None] | None = None) -> ReconResult:
     """Encode and decode every stored token of the kinds the SAE was trained on; progress counts images
     (`on_total` learns how many once the store is open)."""
-    from saevctl.sae import SAE
     from saevctl.store import open_store
 
     t0 = time.perf_counter()
-    sae_path = resolve_sae_path(cfg.sae)
+    sae_path = workspace.resolve_sae_ref(cfg.sae)
     sae = sae if sae is not None else SAE.load(sae_path, device=resolve_device(cfg.device))
     sae.eval().requires_grad_(False)
     store_dpath = cfg.store or default_store(sae)
     store = open_store(store_dpath)
     kinds = tuple(k for k in sae.cfg.tokens if k in ("patches", "cls"))
-    layer = sae.cfg.layer if sae.cfg.layer >= 0 else sae.cfg.layer % int(store.model["n_blocks"])
-    common.check_store_model(store, sae, layer, kinds)
+    layer = check_compatible(sae.cfg, store=store, kinds=kinds)
     n_images = min(store.n_images, cfg.max_images or store.n_images)
     if on_total:
         on_total(n_images)

@@ -16,55 +16,20 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from saevctl import atomic, layout
-from saevctl.config import coerce_paths, resolve_device
+from saevctl import atomic, layout, workspace
+from saevctl.config import resolve_device
 from saevctl.data import resolve_images
 from saevctl.errors import InputError
 from saevctl.eval import common, metrics
+from saevctl.eval.config import SpliceConfig
 from saevctl.eval.metrics import Scored
-from saevctl.probe.session import Prober, resolve_sae_path
+from saevctl.probe.session import Prober
+from saevctl.sae.compat import check_compatible
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
 MEAN_CHUNK_TOKENS = 1 << 16
 """Store rows are averaged this many tokens at a time (memory stays bounded on any store)."""
-
-
-@dataclass(frozen=True)
-class SpliceConfig:
-    images: str
-    """Image folder (ImageFolder labels give classify accuracy), .txt list, or demo[:N]."""
-    sae: Path | None = None
-    """SAE checkpoint folder (default: the workspace's SAE)."""
-    head: str | None = None
-    """saliency, timm, clip (with classes) or a trained head folder (default: saliency on demo, else timm)."""
-    classes: str | None = None
-    """Comma-separated prompts for --head clip."""
-    masks: Path | None = None
-    """Segment heads: mask folder (with its class file) for mIoU; without it, agreement with the original."""
-    store: Path | None = None
-    """Activation store of the SAE's model: the ablation mean comes from it instead of a first pass over the images."""
-    index: Path | None = None
-    """Mined index that holds the SAE: the summary is written beside it (default: the workspace's)."""
-    out: Path | None = None
-    """JSON summary path (default: splice.json in the SAE's eval folder)."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-    batch_size: int = 16
-    """Images per forward pass (each pass runs 3 variants from the SAE's layer on)."""
-    max_images: int | None = None
-    """Use only the first N images."""
-    n_boot: int = 1000
-    """Bootstrap resamples for the confidence intervals."""
-    seed: int = 0
-    """Seed for the bootstrap."""
-    n_workers: int = 2
-    """Threads decoding images ahead of the forward pass."""
-
-    def __post_init__(self) -> None:
-        coerce_paths(self, "sae", "masks", "store", "index", "out")  # TOML gives strings
-        if self.batch_size < 1 or self.n_boot < 10:
-            raise InputError("--batch-size must be positive and --n-boot at least 10", "pass larger values")
 
 
 @dataclass
@@ -120,7 +85,7 @@ def store_means(store_dpath: Path, sae: Any, layer: int, kinds: tuple[str, ...])
     from saevctl.store import open_store
 
     store = open_store(store_dpath)
-    common.check_store_model(store, sae, layer, kinds)
+    check_compatible(sae.cfg, store=store, kinds=kinds)
     out = []
     for kind in kinds:
         arr = store.layer(layer).kind(kind)
@@ -148,7 +113,7 @@ def image_means(prober: Prober, records: list[Any], slices: list[slice], cfg: Sp
                 counts[i] += part.shape[0] * part.shape[1]
         if progress:
             progress(len(batch.u8) + batch.n_failed)
-    return [(s / max(c, 1)).float() for s, c in zip(sums, counts)]
+    return [(s / max(c, 1)).float() for s, c in zip(sums, counts, strict=True)]
 
 
 # --- per-batch statistics by task ----------------------------------------------------------------------------
@@ -195,7 +160,7 @@ class _Collector:
     def _truth(self, batch: common.Batch) -> np.ndarray:
         assert self.masks is not None
         rows = []
-        for rec, size in zip(batch.records, batch.sizes):
+        for rec, size in zip(batch.records, batch.sizes, strict=True):
             values = self.masks.values(rec.path, size)
             if values is None:
                 rows.append(np.full(self.prober.bb.layout.n_patches, -1, np.int64))
@@ -239,16 +204,21 @@ def _batch_probs(prober: Prober, batch: common.Batch, slices: list[slice], means
     x = prober.prefix(common.to_input(prober, batch.u8))
     n = len(x)
     variants = torch.cat([x, splice(prober.sae, x, slices), ablate(x, slices, means)])
-    probs = common.head_out(prober, variants, out_hw, chunk=prober.variant_chunk(n)).float()
+    probs = prober.outputs(variants, chunk=prober.variant_chunk(n), out_hw=out_hw).float()
     return {v: probs[i * n : (i + 1) * n] for i, v in enumerate(metrics.VARIANTS)}
 
 
-def run_splice(cfg: SpliceConfig, progress: Progress | None = None, prober: Prober | None = None) -> SpliceResult:
+def run_splice(cfg: SpliceConfig, progress: Progress | None = None, prober: Prober | None = None,
+               on_total: Callable[[int], None] | None = None) -> SpliceResult:
     """Score the head with the original, spliced and mean-ablated stream on every image; write a JSON summary.
 
-    Progress counts images per pass (two passes when the ablation mean comes from the images)."""
+    Progress counts images per pass (two passes when the ablation mean comes from the images); `on_total` learns
+    that count once the images are listed."""
     t0 = time.perf_counter()
+    assert cfg.images is not None  # SpliceConfig.check requires it
     records = list(resolve_images(cfg.images, cfg.max_images).records)
+    if on_total:
+        on_total(len(records) if cfg.store is not None else 2 * len(records))
     mask_set = common.open_checked_masks(cfg.masks, records) if cfg.masks is not None else None
     prober = prober or Prober.load(cfg.sae, cfg.head, cfg.classes, resolve_device(cfg.device))
     kinds = common.spliced_kinds(prober.sae, prober.bb.layout.n_cls)
@@ -278,7 +248,7 @@ def run_splice(cfg: SpliceConfig, progress: Progress | None = None, prober: Prob
     rows = [metrics.summarize(s, cfg.n_boot, cfg.seed) for s in col.scored()]
     if not np.isfinite(rows[0]["recovery"]["mean"]):
         notes.append("recovery is undefined: mean-ablating the layer does not change the metric")
-    sae_path = resolve_sae_path(cfg.sae)
+    sae_path = workspace.resolve_sae_ref(cfg.sae)
     summary = cfg.out or layout.eval_summary_fpath(common.out_dpath(sae_path, cfg.index), "splice")
     res = SpliceResult(prober.head.task, prober.head.name, prober.layer, kinds, n_images, n_failed, rows,
                        mean_source, summary, time.perf_counter() - t0, notes)

@@ -4,6 +4,7 @@ say why the others were skipped, and write the report card beside their JSON sum
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -11,58 +12,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from saevctl import layout
-from saevctl.config import coerce_paths, resolve_device
+from saevctl import layout, workspace
+from saevctl.config import resolve_device
 from saevctl.errors import InputError
 from saevctl.eval import card, common
-from saevctl.eval.edits import MIN_AUROC, EditsConfig, run_edits
-from saevctl.eval.recon import ReconConfig, run_recon
-from saevctl.eval.splice import SpliceConfig, run_splice
-from saevctl.probe.session import Prober, load_sae_and_backbone, resolve_sae_path, workspace_default
+from saevctl.eval.config import AllConfig, EditOpts, EditsConfig, ImageEval, ReconConfig, SpliceConfig
+from saevctl.eval.edits import run_edits
+from saevctl.eval.recon import run_recon
+from saevctl.eval.splice import run_splice
 from saevctl.probe.heads import resolve_head
+from saevctl.probe.session import Prober, load_sae_and_backbone
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
 Stage = Callable[[str, "int | None"], None]
-
-
-@dataclass(frozen=True)
-class AllConfig:
-    sae: Path | None = None
-    """SAE checkpoint folder (default: the workspace's SAE)."""
-    store: Path | None = None
-    """Activation store for reconstruction and the ablation mean (default: the store the SAE was trained on)."""
-    head: str | None = None
-    """Head for the splice (and, when it is a segment head, the edits); default saliency on demo, else timm."""
-    classes: str | None = None
-    """Comma-separated prompts for --head clip."""
-    images: str | None = None
-    """Images for the splice and the edits (without them, both are skipped)."""
-    masks: Path | None = None
-    """Mask folder: mIoU for a segment head's splice, and the edits."""
-    index: Path | None = None
-    """Mined index holding the SAE (default: the workspace's): label coverage and the edits' features."""
-    out: Path | None = None
-    """Folder of the card and the summaries (default: beside the index when it holds the SAE, else ./eval/<name>)."""
-    min_auroc: float = MIN_AUROC
-    """Label coverage and edits: a class counts when its best patch feature reaches this AUROC."""
-    value: str = "-2x"
-    """Edits: what each class's feature is set to on its patches."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-    batch_size: int = 16
-    """Images per forward pass."""
-    max_images: int | None = None
-    """Use only the first N images (splice and edits)."""
-    recon_max_images: int | None = None
-    """Reconstruction: use only the first N stored images."""
-    n_boot: int = 1000
-    """Bootstrap resamples."""
-    seed: int = 0
-    """Seed for the controls and the bootstraps."""
-
-    def __post_init__(self) -> None:
-        coerce_paths(self, "sae", "store", "masks", "index", "out")  # TOML gives strings
 
 
 @dataclass
@@ -79,7 +42,7 @@ class AllResult:
 
 
 def _index(cfg: AllConfig) -> Path | None:
-    ref = cfg.index if cfg.index is not None else workspace_default("index")
+    ref = cfg.index if cfg.index is not None else workspace.get_default("index")
     if ref is None:
         return None
     fpath = Path(ref).expanduser()
@@ -114,7 +77,8 @@ def coverage(index_fpath: Path | None, sae_path: Path, min_auroc: float) -> tupl
     except IndexError_ as e:
         return None, e.message
     if not rows:
-        return None, f"SAE {sae_id} has no patch-level labels (run saevctl features label on a store extracted with --masks)"
+        return None, (f"SAE {sae_id} has no patch-level labels "
+                      "(run saevctl features label on a store extracted with --masks)")
     covered = sum(1 for r in rows if r["auroc"] is not None and r["auroc"] >= min_auroc)
     return {"coverage": share, "n_classes": len(rows), "n_covered": covered, "min_auroc": min_auroc,
             "level": "patch", "sae_id": sae_id}, ""
@@ -151,10 +115,16 @@ def _edits_skip(cfg: AllConfig, prober: Prober | None, cov: dict[str, Any] | Non
     return ""
 
 
+def _shared(cfg: AllConfig, *mixins: type) -> dict[str, Any]:
+    """The values of the options eval all shares with one evaluation (the fields of these mixins)."""
+    return {f.name: getattr(cfg, f.name) for m in mixins for f in dataclasses.fields(m)}
+
+
 def run_all(cfg: AllConfig, progress: Progress | None = None, on_stage: Stage | None = None) -> AllResult:
-    """Run what applies, then write the card; `on_stage(name, total)` announces each stage's image count."""
+    """Run what applies, then write the card; `on_stage(name, total)` announces each stage once it knows its
+    image count (before the stage's first progress)."""
     t0 = time.perf_counter()
-    sae_path = resolve_sae_path(cfg.sae)
+    sae_path = workspace.resolve_sae_ref(cfg.sae)
     index_fpath = _index(cfg)
     device = resolve_device(cfg.device)
     sae, prober = _prober(cfg, sae_path, device)
@@ -164,26 +134,20 @@ def run_all(cfg: AllConfig, progress: Progress | None = None, on_stage: Stage | 
     sections: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     store, why = _store(cfg, sae)
+    # Every evaluation gets eval all's options, with the SAE, index and device resolved once and its own output.
+    resolved: dict[str, Any] = {"sae": sae_path, "index": index_fpath, "device": device}
     if store is not None:
-        from saevctl.store import open_store
-
-        n = open_store(store).n_images
-        stage("reconstruction", min(n, cfg.recon_max_images or n))
-        rec = run_recon(ReconConfig(sae=sae_path, store=store, out=layout.eval_summary_fpath(out, "recon"), device=device,
-                                    max_images=cfg.recon_max_images), progress, sae=sae)
+        rec = run_recon(ReconConfig(**resolved, store=store, out=layout.eval_summary_fpath(out, "recon"),
+                                    max_images=cfg.recon_max_images), progress, sae=sae,
+                        on_total=lambda n: stage("reconstruction", n))
         results["recon"] = rec
         sections["recon"] = {**rec.figures(), "store": str(store), "kinds": list(rec.kinds)}
     else:
         skipped["recon"] = why
     if prober is not None:
-        assert cfg.images is not None
-        from saevctl.data import resolve_images
-
-        n = len(resolve_images(cfg.images, cfg.max_images).records)
-        stage("splice", n if store is not None else 2 * n)
-        sp = run_splice(SpliceConfig(images=cfg.images, sae=sae_path, masks=cfg.masks, store=store,
-                                     out=layout.eval_summary_fpath(out, "splice"), batch_size=cfg.batch_size, max_images=cfg.max_images,
-                                     n_boot=cfg.n_boot, seed=cfg.seed), progress, prober=prober)
+        sp = run_splice(SpliceConfig(**(_shared(cfg, ImageEval) | resolved), store=store,
+                                     out=layout.eval_summary_fpath(out, "splice")),
+                        progress, prober=prober, on_total=lambda n: stage("splice", n))
         results["splice"] = sp
         sections["splice"] = {"head": sp.head, "task": sp.task, "layer": sp.layer, "kinds": list(sp.kinds),
                               "n_images": sp.n_images, "mean_source": sp.mean_source, "metrics": sp.rows}
@@ -196,14 +160,9 @@ def run_all(cfg: AllConfig, progress: Progress | None = None, on_stage: Stage | 
         skipped["coverage"] = cov_why
     why = _edits_skip(cfg, prober, cov, cov_why)
     if not why:
-        assert cfg.images is not None and cfg.masks is not None and prober is not None
-        from saevctl.data import resolve_images
-
-        stage("edits", len(resolve_images(cfg.images, cfg.max_images).records))
-        ed = run_edits(EditsConfig(images=cfg.images, masks=cfg.masks, sae=sae_path, index=index_fpath,
-                                   min_auroc=cfg.min_auroc, value=cfg.value, out=layout.eval_summary_fpath(out, "edits"),
-                                   batch_size=cfg.batch_size, max_images=cfg.max_images, n_boot=cfg.n_boot,
-                                   seed=cfg.seed), progress, prober=prober)
+        ed = run_edits(EditsConfig(**(_shared(cfg, ImageEval, EditOpts) | resolved),
+                                   out=layout.eval_summary_fpath(out, "edits")),
+                       progress, prober=prober, on_total=lambda n: stage("edits", n))
         results["edits"] = ed
         sections["edits"] = {"value": cfg.value, "n_images": ed.n_images, "classes": ed.rows}
     else:

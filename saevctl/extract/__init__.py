@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING
 from saevctl.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from saevctl.extract.pipeline import Config, Result, run
+    from saevctl.extract.config import Config
+    from saevctl.extract.pipeline import Result, run
 
 __all__ = ["Config", "Result", "run"]
 __getattr__ = lazy_exports(
     __name__,
     {
-        "Config": "saevctl.extract.pipeline",
+        "Config": "saevctl.extract.config",
         "Result": "saevctl.extract.pipeline",
         "run": "saevctl.extract.pipeline",
     },

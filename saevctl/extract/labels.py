@@ -5,56 +5,30 @@ Runs after the activation pass (it needs the final row numbers); skipped when la
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
 from saevctl import atomic, layout
 from saevctl.data.images import ImageRecord
-from saevctl.data.masks import UNLABELLED, MaskSet, MaskSizeError, patch_labels
-from saevctl.errors import InputError
+from saevctl.data.masks import UNLABELLED, MaskSet, MaskSizeError, check_masks, patch_labels
 from saevctl.data.preprocess import Preprocess
+from saevctl.errors import InputError
+
+if TYPE_CHECKING:
+    from saevctl.extract.config import Config
+    from saevctl.extract.pipeline import Result
+    from saevctl.vit import Backbone
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
-
-
-def check_masks(masks: MaskSet, records: Sequence[ImageRecord]) -> int:
-    """Before any compute: every mask found has its image's size (headers only); at least one image has a mask.
-
-    Returns how many images have a mask. Unreadable images are left to the activation pass to report.
-    """
-    n_found = 0
-    for rec in records:
-        mask_fpath = masks.path_for(rec.path)
-        if mask_fpath is None:
-            continue
-        n_found += 1
-        try:
-            with Image.open(rec.path) as img:
-                image_size = img.size
-            with Image.open(mask_fpath) as mask:
-                mask_size = mask.size
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            continue  # read fully later: an unreadable image has no row, an unreadable mask labels nothing
-        if mask_size != image_size:
-            raise MaskSizeError(
-                f"mask {mask_fpath} is {mask_size[0]}x{mask_size[1]} but its image {rec.path} is "
-                f"{image_size[0]}x{image_size[1]}",
-                "masks must have their image's exact pixel size (width x height)",
-            )
-    if not n_found:
-        raise InputError(f"no image has a mask in {masks.dpath} (masks are matched by file stem: <image stem>.png)",
-                         "pass the mask folder of these images")
-    log.info("%d of %d images have a mask in %s", n_found, len(records), masks.dpath)
-    return n_found
 
 
 def _labels_header(masks: MaskSet, n_labelled: int, n_unreadable: int) -> dict[str, Any]:
@@ -74,7 +48,9 @@ def labels_match(store_dpath: Path, masks: MaskSet, n_rows: int, n_patches: int)
             and arr.dtype == np.int16 and arr.shape == (n_rows, n_patches))
 
 
-def _one_row(masks: MaskSet, im: dict[str, Any], pre: Preprocess, grid_hw: tuple[int, int]) -> tuple[np.ndarray | None, bool]:
+def _one_row(
+    masks: MaskSet, im: dict[str, Any], pre: Preprocess, grid_hw: tuple[int, int]
+) -> tuple[np.ndarray | None, bool]:
     """(labels or None when the image has no mask, whether its mask was unreadable)."""
     mask_fpath = masks.path_for(im["path"])
     if mask_fpath is None:
@@ -112,14 +88,14 @@ def write_labels(
             # PIL decodes and resizes without the GIL, so threads scale over the masks.
             with ThreadPoolExecutor(max(1, n_workers)) as pool:
                 done = pool.map(lambda im: _one_row(masks, im, pre, grid_hw), rows)
-                for im, (labels, unreadable) in zip(rows, done):
+                for im, (labels, unreadable) in zip(rows, done, strict=True):
                     if labels is not None:
                         arr_np[im["row"]] = labels
                         n_labelled += 1
                     n_unreadable += unreadable
                     if progress:
                         progress(1)
-            if rows:
+            if isinstance(arr_np, np.memmap):  # rows to write
                 arr_np.flush()
             else:
                 with open(tmp, "wb") as f:
@@ -148,7 +124,8 @@ def ensure_labels(
     if labels_match(store_dpath, masks, store.n_images, grid_hw[0] * grid_hw[1]):
         if progress:
             progress(len(store.images))
-        return json.loads(layout.store_classes_fpath(store_dpath).read_text())
+        kept: dict[str, Any] = json.loads(layout.store_classes_fpath(store_dpath).read_text())
+        return kept
     # A half-written pair (killed between the two files) is stale: classes.json goes first.
     layout.store_classes_fpath(store_dpath).unlink(missing_ok=True)
     header = write_labels(store_dpath, masks, store.images, pre, grid_hw, n_workers, progress)
@@ -160,18 +137,18 @@ def ensure_labels(
 # --- hooks called by extract.pipeline.run ---------------------------------------------------------------
 
 
-def masks_config(masks: str | Path | None) -> dict[str, Any]:
+def masks_config(masks: Path | None) -> dict[str, Any]:
     """The store-config entry for --masks (none without it, so stores made without masks keep their config):
     a resume with another mask folder or other class names is refused like any other changed setting."""
     if masks is None:
         return {}
     from saevctl.data.masks import read_classes
 
-    dpath = Path(masks).expanduser().resolve()
+    dpath = masks.expanduser().resolve()
     return {"masks": {"dpath": str(dpath), "classes": list(read_classes(dpath))}}
 
 
-def before_extract(masks: str | Path | None, records: Sequence[ImageRecord]) -> None:
+def before_extract(masks: Path | None, records: Sequence[ImageRecord]) -> None:
     """Refuse a bad mask folder (missing, no PNGs, no class file, wrong sizes) before the model even loads."""
     if masks is not None:
         from saevctl.data.masks import open_masks
@@ -179,14 +156,16 @@ def before_extract(masks: str | Path | None, records: Sequence[ImageRecord]) -> 
         check_masks(open_masks(masks), records)
 
 
-def after_extract(cfg: Any, bb: Any, result: Any, progress: Progress | None = None) -> Any:
+def after_extract(cfg: Config, bb: Backbone, result: Result, progress: Progress | None = None) -> Result:
     """Write (or keep) the store's labels once its activations are complete; rank 0 only under torchrun.
-    `progress` is advanced once per listed image (the extract bar counts images twice with --masks)."""
+    `progress` is advanced once per listed image (the extract bar counts images twice with --masks).
+    The result comes back with the labels header, which the CLI's summary shows."""
     from saevctl import dist
     from saevctl.data.masks import open_masks
 
-    if cfg.masks is not None and dist.is_main():
-        lay = bb.layout
-        ensure_labels(result.out, open_masks(cfg.masks), bb.preprocess, (lay.grid_h, lay.grid_w), cfg.n_workers,
-                      progress)
-    return result
+    if cfg.masks is None or not dist.is_main():
+        return result
+    lay = bb.layout
+    header = ensure_labels(result.out, open_masks(cfg.masks), bb.preprocess, (lay.grid_h, lay.grid_w),
+                           cfg.n_workers, progress)
+    return dataclasses.replace(result, labels=header)

@@ -10,9 +10,10 @@ import dataclasses
 import logging
 import os
 import threading
+import typing
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,59 +24,18 @@ from saevctl import atomic, dist
 from saevctl.config import resolve_device
 from saevctl.data import ImageRecord, open_image, resolve_images
 from saevctl.errors import InputError, SaevctlError, StoreError
-from saevctl.extract import labels, ranks
+from saevctl.extract import config, labels, ranks
+from saevctl.extract.config import Config
 from saevctl.store import StoreWriter
-from saevctl.store.writer import ShardStream
 from saevctl.store.format import FLOAT16_MAX, NP_DTYPES, TOKEN_KINDS, kind_shape, read_manifest, to_numpy
+from saevctl.store.writer import ShardStream
 from saevctl.vit import Backbone, Preprocess, load_backbone
 
+__all__ = ["Config", "Result", "run"]  # Config lives in extract/config.py (torch-free); kept importable from here
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
-
-
-@dataclass(frozen=True)
-class Config:
-    model: str = "demo"
-    """Model spec: demo, timm:NAME, local-dir:/path, hf-hub:org/name, open_clip:ARCH/PRETRAINED."""
-    images: str = "demo"
-    """Image folder (recursive; ImageFolder labels from subfolders), a .txt list of paths, demo[:N],
-    WebDataset tars (wds:/path/{000000..000099}.tar) or a Hugging Face dataset (hf:NAME[:split], hf:/dir)."""
-    layers: tuple[int, ...] = (-1,)
-    """Blocks whose output is stored (0-based; negative counts from the end)."""
-    out: Path = Path("store")
-    """Store folder; an existing store made with the same settings is resumed."""
-    tokens: tuple[str, ...] = ()
-    """Token kinds to store: patches, cls, registers (empty: patches, plus cls when the model has one)."""
-    dtype: str = "float16"
-    """Storage dtype: float16 (default: half of fp32, 11-bit mantissa; refused on overflow), bfloat16, float32."""
-    batch_size: int = 32
-    """Images per forward pass."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-    max_images: int | None = None
-    """Use only the first N images of the source."""
-    images_per_shard: int = 512
-    """Images per shard (rounded up to a multiple of batch_size); the unit of resume."""
-    n_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
-    """Threads decoding images ahead of the forward pass."""
-    masks: Path | None = None
-    """Folder of per-image PNG class masks (+ classes.txt): per-patch labels are stored beside the activations."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "out", Path(self.out))
-        object.__setattr__(self, "layers", tuple(self.layers))
-        object.__setattr__(self, "tokens", tuple(self.tokens))
-        if self.dtype not in NP_DTYPES:
-            raise InputError(f"unknown --dtype {self.dtype!r}", f"use one of {', '.join(NP_DTYPES)}")
-        bad = [t for t in self.tokens if t not in TOKEN_KINDS]
-        if bad:
-            raise InputError(f"unknown token kind(s) {bad}", f"use a comma list of {', '.join(TOKEN_KINDS)}")
-        if self.batch_size < 1 or self.images_per_shard < 1:
-            raise InputError("--batch-size and images per shard must be positive", "pass a positive number")
-        if self.max_images is not None and self.max_images < 1:
-            raise InputError(f"--max-images {self.max_images} keeps no images", "pass a positive number, or leave it out")
-        if not self.layers:
-            raise InputError("no layers given", "pass --layers, e.g. --layers 6,11")
+# The Config spells the store's dtypes and token kinds itself, to stay free of numpy; they must agree.
+assert set(typing.get_args(config.StoreDtype)) == set(NP_DTYPES) and config.TOKEN_KINDS == TOKEN_KINDS
 
 
 @dataclass(frozen=True)
@@ -84,6 +44,8 @@ class Result:
     manifest: dict[str, Any]
     resumed_shards: int
     already_complete: bool
+    labels: dict[str, Any] | None = None
+    """The store's labels header (labels/classes.json) when --masks was given, for the summary."""
 
 
 def _decode(
@@ -134,10 +96,8 @@ def _background_priority() -> None:
     forward pass's compute threads, whose barriers stall when one of them is preempted."""
     if os.environ.get("SAEVCTL_DECODE_NICE", "5") == "0" or not hasattr(os, "setpriority"):
         return
-    try:
+    with contextlib.suppress(OSError):  # not permitted here: run at normal priority
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), int(os.environ.get("SAEVCTL_DECODE_NICE", "5")))
-    except OSError:  # not permitted here: run at normal priority
-        pass
 
 
 def _autocast(device: str, dtype: str) -> contextlib.AbstractContextManager[Any]:
@@ -214,7 +174,7 @@ def _store_config(cfg: Config, bb: Backbone, layers: list[int], src: Any, per_sh
 
 def _batches(
     records: list[ImageRecord],
-    ranges: list[tuple[int, int]],
+    ranges: list[tuple[int, tuple[int, int]]],
     bs: int,
     pool: ThreadPoolExecutor,
     pre: Preprocess,
@@ -223,7 +183,7 @@ def _batches(
     """Yield (shard index, last batch of shard, decode future), keeping a few decodes in flight."""
     plan = [(s, lo, min(lo + bs, hi)) for s, (a, hi) in ranges for lo in range(a, hi, bs)]
     ends = {s: hi for s, (_, hi) in ranges}
-    ahead = max(2, pool._max_workers)  # noqa: SLF001 - pool size bounds the decode look-ahead
+    ahead = max(2, pool._max_workers)  # the pool's size bounds the decode look-ahead
     futures: list[Future[Any]] = []
     for i in range(len(plan)):
         while len(futures) < min(ahead, len(plan) - i):
@@ -252,6 +212,7 @@ def run(
 ) -> Result:
     """Extract (or resume extracting) the store described by `cfg`; `backbone` skips loading cfg.model.
     `on_total(n)` is told the number of images once the source is listed (for a progress bar)."""
+    assert cfg.images is not None  # Config.check refuses a Config without images
     src = resolve_images(cfg.images, cfg.max_images)
     labels.before_extract(cfg.masks, src.records)  # mask errors come before any compute
     single = dist.dist_info().world_size == 1  # under torchrun/srun each rank extracts its share of shards
@@ -267,7 +228,9 @@ def run(
     plan = ranks.plan_shards(cfg.out, _store_config(cfg, bb, layers, src, per_shard), len(src.records))
     if plan.complete:
         # Nothing is rewritten: a complete store stays byte for byte what it was.
-        return labels.after_extract(cfg, bb, Result(cfg.out, read_manifest(cfg.out), len(plan.writer.shard_ranges), True))
+        return labels.after_extract(
+            cfg, bb, Result(cfg.out, read_manifest(cfg.out), len(plan.writer.shard_ranges), True)
+        )
     todo = list(plan.mine)
     per_image = sum(
         int(np.prod(kind_shape(k, bb.layout.n_patches, bb.layout.n_reg, bb.d_model))) for k in cfg.tokens

@@ -67,14 +67,15 @@ def plan_shards(out: Path, config: dict[str, Any], n_images: int) -> Plan:
         if (info.rank == 0) == (turn == 0):
             try:
                 writer = _open_writer(out, config, n_images, info.rank)
-            except Exception as e:  # noqa: BLE001 - handed to every rank, then re-raised here
+            except Exception as e:  # handed to every rank, then re-raised here
                 error = e
         dist.raise_if_any_failed(error)
     assert writer is not None
     # Only rank 0 reads the shard folder (and clears stale temp folders), before anyone writes: every rank
     # then plans from the same list even on a filesystem whose listings lag between nodes.
-    state = (writer.is_complete, sorted(writer.done_shards())) if info.rank == 0 else None
-    complete, done = dist.broadcast_object(state)
+    state = dist.broadcast_object((writer.is_complete, sorted(writer.done_shards())) if info.rank == 0 else None)
+    assert state is not None  # rank 0 always sends its listing
+    complete, done = state
     todo = [s for s in range(len(writer.shard_ranges)) if s not in set(done)]
     mine = assign(todo, info.rank, info.world_size)
     if info.world_size > 1:
@@ -89,7 +90,7 @@ def finish(writer: StoreWriter) -> dict[str, Any]:
     if dist.is_main():
         try:
             writer.finalize()
-        except Exception as e:  # noqa: BLE001 - handed to every rank, then re-raised here
+        except Exception as e:  # handed to every rank, then re-raised here
             error = e
     dist.raise_if_any_failed(error)
     return read_manifest(writer.dpath)

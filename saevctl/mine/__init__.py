@@ -9,14 +9,15 @@ from typing import TYPE_CHECKING
 from saevctl.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from saevctl.mine.config import Config
     from saevctl.mine.index import Index
-    from saevctl.mine.pipeline import Config, Result, run
+    from saevctl.mine.pipeline import Result, run
 
 __all__ = ["Config", "Index", "Result", "run"]
 __getattr__ = lazy_exports(
     __name__,
     {
-        "Config": "saevctl.mine.pipeline",
+        "Config": "saevctl.mine.config",
         "Result": "saevctl.mine.pipeline",
         "run": "saevctl.mine.pipeline",
         "Index": "saevctl.mine.index",

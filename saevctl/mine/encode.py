@@ -25,7 +25,8 @@ def make_encoder(sae: SAE) -> Callable[..., Tensor]:
     if not USE_FUSED:
         return lambda x_bd, out=None: sae.encode(x_bd)
     with torch.no_grad():
-        # x_norm = (x - mean) * scale; pre = (x_norm - b_dec) @ W + b_enc = x @ (scale W) + (b_enc - (mean * scale + b_dec) @ W)
+        # x_norm = (x - mean) * scale; pre = (x_norm - b_dec) @ W + b_enc
+        #        = x @ (scale W) + (b_enc - (mean * scale + b_dec) @ W)
         w_ds = (sae.W_enc * sae.act_scale).contiguous()
         bias_s = sae.b_enc - (sae.act_mean * sae.act_scale + sae.b_dec) @ sae.W_enc
     activation, k, threshold = sae.cfg.activation, sae.cfg.k, float(sae.threshold)

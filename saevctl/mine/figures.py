@@ -14,8 +14,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from saevctl import atomic
 from saevctl.data import open_image
-from saevctl.errors import SaevctlError
 from saevctl.data.preprocess import Preprocess
+from saevctl.errors import SaevctlError
 
 log = logging.getLogger(__name__)
 TILE_PX = 160
@@ -29,13 +29,14 @@ def _lut() -> np.ndarray:
     x = np.linspace(0, len(_ANCHORS) - 1, 256)
     lo = np.floor(x).astype(int).clip(0, len(_ANCHORS) - 2)
     t = (x - lo)[:, None]
-    return ((1 - t) * _ANCHORS[lo] + t * _ANCHORS[lo + 1]).astype(np.uint8)
+    lut: np.ndarray = ((1 - t) * _ANCHORS[lo] + t * _ANCHORS[lo + 1]).astype(np.uint8)
+    return lut
 
 
 LUT = _lut()
 
 
-def _font(size: int = 12) -> ImageFont.ImageFont:
+def _font(size: int = 12) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has one fixed-size default font
@@ -81,7 +82,9 @@ def _colorbar(width: int, vmax: float) -> Image.Image:
     return bar
 
 
-def compose(tiles: Sequence[Image.Image], captions: Sequence[str], title: str, cols: int, vmax: float | None) -> Image.Image:
+def compose(
+    tiles: Sequence[Image.Image], captions: Sequence[str], title: str, cols: int, vmax: float | None
+) -> Image.Image:
     """Tiles in rows of `cols` with a caption under each, a title above and a colour bar below."""
     cols = max(1, min(cols, len(tiles) or 1))
     rows = max(1, -(-len(tiles) // cols))
@@ -91,7 +94,7 @@ def compose(tiles: Sequence[Image.Image], captions: Sequence[str], title: str, c
     sheet = Image.new("RGB", (width, head + rows * cell_h + (24 if vmax else 0)), "white")
     draw = ImageDraw.Draw(sheet)
     draw.text((4, 5), title, fill="black", font=_font(13))
-    for i, (tile, cap) in enumerate(zip(tiles, captions)):
+    for i, (tile, cap) in enumerate(zip(tiles, captions, strict=True)):
         x, y = (i % cols) * cell_w + 3, head + (i // cols) * cell_h
         sheet.paste(tile, (x, y))
         draw.text((x + 2, y + TILE_PX + 2), cap, fill="black", font=_font(12))
@@ -176,7 +179,7 @@ def sparkline(counts: Sequence[int]) -> str:
         return "(never fires)"
     c = np.log1p(c[nz[0] : nz[-1] + 1])
     levels = np.round(c / c.max() * (len(SPARK) - 1)).astype(int)
-    return "".join(" " if v == 0 else SPARK[lv] for v, lv in zip(c, levels))
+    return "".join(" " if v == 0 else SPARK[lv] for v, lv in zip(c, levels, strict=True))
 
 
 def _stack(parts: Sequence[Image.Image]) -> Image.Image:
@@ -206,8 +209,15 @@ def search_figure(index: Any, result: Any, out_fpath: Path, per_feature: int = 5
     info = index.sae_info(result.sae_id)
     pre = info["model"]["preprocess"]
     n_sel = len(result.selected)
-    parts = [compose([_outline(result.view, result.grid, result.selected)],
-                     [f"{n_sel} patch{'es' if n_sel != 1 else ''} chosen"], f"query {Path(result.image).name}", 1, None)]
+    parts = [
+        compose(
+            [_outline(result.view, result.grid, result.selected)],
+            [f"{n_sel} patch{'es' if n_sel != 1 else ''} chosen"],
+            f"query {Path(result.image).name}",
+            1,
+            None,
+        )
+    ]
     for f, value in result.features:
         exemplars = index.top_exemplars(result.sae_id, f, per_feature)
         vmax = max(shared_vmax(exemplars), float(result.codes_ps[:, f].max()))
@@ -229,5 +239,7 @@ def match_figure(index: Any, sae_a: str, feature: int, sae_b: str, feature_b: in
         vmax = shared_vmax(exemplars)
         tiles = exemplar_tiles(exemplars, info["model"]["preprocess"], vmax)
         caps = [f"#{ex['rank'] + 1}  {ex['value']:.3g}" for ex in exemplars]
-        parts.append(compose(tiles, caps, f"{sae_id} ({info['model_spec']}, layer {info['layer']})  feature {f}", 8, vmax))
+        parts.append(
+            compose(tiles, caps, f"{sae_id} ({info['model_spec']}, layer {info['layer']})  feature {f}", 8, vmax)
+        )
     return save_png(_stack(parts), out_fpath)

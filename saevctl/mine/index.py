@@ -1,7 +1,8 @@
 """Read (and migrate) a mined index: one DuckDB file holding features, exemplars and image -> feature rows.
 
 `Index.open(path)` is the one way in for every reader (features commands, probe, report); SQL uses bound
-parameters only. The schema and its meaning live in schema.py and docs/disk-layout.md.
+parameters only. The schema and its meaning live in schema.py and docs/disk-layout.md; bulk reads in index_reads.py.
+Imports no torch, so the report and other readers of the index run without it.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ import numpy as np
 
 from saevctl import layout
 from saevctl.errors import IndexError_
-from saevctl.mine.schema import FORMAT, MIGRATIONS
+from saevctl.mine import index_reads
+from saevctl.mine.index_reads import dict_rows as _rows
+from saevctl.mine.schema import FORMAT, MIGRATIONS, hist_edges
+from saevctl.workspace import resolve_ckpt
 
 log = logging.getLogger(__name__)
 assert len(MIGRATIONS) == layout.INDEX_SCHEMA, "bump layout.INDEX_SCHEMA with each migration"
 
 SORTABLE = ("feature", "freq", "img_freq", "mean", "mean_all", "max", "img_mean", "n_fired")
-LABEL_SORTABLE = ("auroc", "f1")
+LABEL_SORTABLE = index_reads.LABEL_SORTABLE
 LABEL_LEVELS = ("patch", "image")
 
 
@@ -42,11 +46,6 @@ def _connect(fpath: Path, read_only: bool, config: dict[str, Any] | None = None)
             f"the index {fpath} is corrupt or not a DuckDB file ({text.splitlines()[0][:120]})",
             "delete it and run saevctl mine again",
         ) from e
-
-
-def _rows(cur: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
-    names = [c[0] for c in cur.description or []]
-    return [dict(zip(names, r)) for r in cur.fetchall()]
 
 
 class Index:
@@ -87,7 +86,9 @@ class Index:
         try:
             row = self.con.execute("SELECT max(version) FROM schema_migrations").fetchone()
         except duckdb.CatalogException as e:
-            raise IndexError_(f"{self.fpath} is a DuckDB file but not a saevctl index", "pass the index saevctl mine wrote") from e
+            raise IndexError_(
+                f"{self.fpath} is a DuckDB file but not a saevctl index", "pass the index saevctl mine wrote"
+            ) from e
         return int(row[0] or 0) if row else 0
 
     def _check_schema(self) -> None:
@@ -137,7 +138,9 @@ class Index:
             "SELECT s.*, st.model AS store_model, st.path AS store_path FROM saes s "
             "LEFT JOIN stores st USING (store_id) WHERE sae_id = ?", [sae_id]))
         if not rows:
-            raise IndexError_(f"the index {self.fpath} has no SAE {sae_id!r}", f"mined SAEs: {', '.join(self.sae_ids()) or 'none'}")
+            raise IndexError_(
+                f"the index {self.fpath} has no SAE {sae_id!r}", f"mined SAEs: {', '.join(self.sae_ids()) or 'none'}"
+            )
         info = rows[0]
         info["model"] = json.loads(info.pop("store_model") or "{}")
         info["config"] = json.loads(info["config"] or "{}")
@@ -158,8 +161,6 @@ class Index:
             return ref
         p = Path(ref).expanduser()
         if p.exists():
-            from saevctl.sae.model import resolve_ckpt
-
             p = resolve_ckpt(p)  # a one-SAE `train --out` folder names its only checkpoint
         cfg_fpath = layout.sae_config_fpath(p if p.is_dir() else p.parent)
         if p.exists() and cfg_fpath.is_file():
@@ -171,7 +172,9 @@ class Index:
                 "SELECT sae_id FROM saes WHERE weights_sha256 = ? ORDER BY seq DESC LIMIT 1", [sha]).fetchone()
             if row:
                 return str(row[0])
-            raise IndexError_(f"the SAE at {p} has not been mined into {self.fpath}", f"run saevctl mine --sae {p} --store DIR")
+            raise IndexError_(
+                f"the SAE at {p} has not been mined into {self.fpath}", f"run saevctl mine --sae {p} --store DIR"
+            )
         matches = [i for i in ids if i.startswith(ref)]
         if len(matches) == 1:
             return matches[0]
@@ -185,20 +188,26 @@ class Index:
 
     def tokens(self, sae_id: str) -> tuple[str, ...]:
         """Token kinds mined for this SAE; the first is the default for every query."""
-        return self.sae_info(sae_id)["tokens"]
+        kinds: tuple[str, ...] = self.sae_info(sae_id)["tokens"]
+        return kinds
 
     def _token(self, sae_id: str, token: str | None) -> str:
         kinds = self.tokens(sae_id)
         if token is None:
             return kinds[0]
         if token not in kinds:
-            raise IndexError_(f"SAE {sae_id} was mined on {', '.join(kinds)} tokens, not {token}", "drop --token or pick one of those")
+            raise IndexError_(
+                f"SAE {sae_id} was mined on {', '.join(kinds)} tokens, not {token}", "drop --token or pick one of those"
+            )
         return token
 
     def check_feature(self, sae_id: str, feature: int) -> int:
         n = self.n_features(sae_id)
         if not 0 <= int(feature) < n:
-            raise IndexError_(f"feature {feature} is out of range: SAE {sae_id} has features 0..{n - 1}", f"pick an id from 0 to {n - 1}")
+            raise IndexError_(
+                f"feature {feature} is out of range: SAE {sae_id} has features 0..{n - 1}",
+                f"pick an id from 0 to {n - 1}",
+            )
         return int(feature)
 
     # --- features --------------------------------------------------------------------------------
@@ -212,15 +221,17 @@ class Index:
 
     def histogram(self, sae_id: str, feature: int, token: str | None = None) -> list[dict[str, Any]]:
         """Every log10 bin of firing values (bin, lo, hi, count), empty bins included."""
-        from saevctl.mine.scan import hist_edges
-
         feature, token = self.check_feature(sae_id, feature), self._token(sae_id, token)
         counts = dict(self.con.execute(
             "SELECT bin, count FROM histograms WHERE sae_id = ? AND token = ? AND feature = ?",
             [sae_id, token, feature]).fetchall())
-        return [{"bin": i, "lo": lo, "hi": hi, "count": int(counts.get(i, 0))} for i, (lo, hi) in enumerate(hist_edges())]
+        return [
+            {"bin": i, "lo": lo, "hi": hi, "count": int(counts.get(i, 0))} for i, (lo, hi) in enumerate(hist_edges())
+        ]
 
-    def top_exemplars(self, sae_id: str, feature: int, k: int | None = None, token: str | None = None) -> list[dict[str, Any]]:
+    def top_exemplars(
+        self, sae_id: str, feature: int, k: int | None = None, token: str | None = None
+    ) -> list[dict[str, Any]]:
         """Best images first: rank, image_id, path, label, value, n_fired, acts (float32 array over the
         patch grid, row-major; empty for CLS), grid (rows, cols)."""
         feature, token = self.check_feature(sae_id, feature), self._token(sae_id, token)
@@ -232,9 +243,7 @@ class Index:
             [info["store_id"], sae_id, token, feature, int(k if k is not None else info["top_k"])]))
         grid = (int(info["grid_h"]), int(info["grid_w"]))
         for r in rows:
-            blob = r.pop("acts")
-            r["acts"] = np.frombuffer(blob, dtype="<f2").astype(np.float32) if blob else np.zeros(0, np.float32)
-            r["grid"] = grid
+            r["acts"], r["grid"] = index_reads.decode_acts(r["acts"]), grid
         return rows
 
     def list_features(
@@ -251,28 +260,12 @@ class Index:
         if sort not in sortable:
             raise IndexError_(f"cannot sort by {sort!r}", f"use one of {', '.join(sortable)}")
         if label is not None and level is None:
-            raise IndexError_(f"SAE {sae_id} has no labels to filter by", f"run saevctl features label --sae {sae_id} first")
+            raise IndexError_(
+                f"SAE {sae_id} has no labels to filter by", f"run saevctl features label --sae {sae_id} first"
+            )
         token = self._token(sae_id, token)
-        cond = ""
-        if where:
-            _check_expression(where)
-            cond = f" AND ({where})"
-        params: list[Any] = [sae_id, level or "", sae_id, token]
-        if label is not None:
-            cond += " AND lower(label) = lower(?)"
-            params.append(label)
-        order = "DESC" if descending else "ASC"
-        nulls = "NULLS LAST" if sort in LABEL_SORTABLE else ""
-        # The CTE gives the caller's --where one flat set of column names (no ambiguous `feature` of a join).
-        sql = ("WITH l AS (SELECT feature, class_name AS label, auroc, f1 FROM feature_labels "
-               "  WHERE sae_id = ? AND level = ? AND token = 'patches'), "
-               "f AS (SELECT features.*, l.label, l.auroc, l.f1 FROM features LEFT JOIN l USING (feature) "
-               "  WHERE features.sae_id = ? AND features.token = ?) "
-               f"SELECT * FROM f WHERE TRUE{cond} ORDER BY {sort} {order} {nulls}, feature LIMIT ?")  # sort from a constant list
-        try:
-            rows = _rows(self.con.execute(sql, [*params, int(limit)]))
-        except duckdb.Error as e:
-            raise IndexError_(f"bad --where {where!r}: {str(e).splitlines()[0]}", f"columns: {', '.join(sortable)}") from e
+        rows = index_reads.list_features(self.con, sae_id, token, level, sort, where, limit, descending, label,
+                                         sortable)
         if level is None or token != "patches":
             for r in rows:
                 for k in ("label", "auroc", "f1"):
@@ -313,34 +306,42 @@ class Index:
 
     def label_coverage(self, sae_id: str, level: str, min_auroc: float) -> float:
         """Share of classes with positives whose best feature reaches `min_auroc` (0.0 when no class has any)."""
-        hit, total = self.con.execute(
+        row = self.con.execute(
             "SELECT count(*) FILTER (WHERE auroc >= ?), count(*) FROM class_features "
             "WHERE sae_id = ? AND level = ? AND n_positive > 0", [float(min_auroc), sae_id, level]).fetchone()
+        assert row is not None, "an aggregate query returns one row"
+        hit, total = row
         return float(hit) / float(total) if total else 0.0
 
     # --- images ----------------------------------------------------------------------------------
     def images(self, sae_id: str) -> list[dict[str, Any]]:
         """The image table of the store this SAE was mined on."""
         store_id = self.sae_info(sae_id)["store_id"]
-        return _rows(self.con.execute(
-            "SELECT image_id, \"row\", path, label, width, height FROM images WHERE store_id = ? ORDER BY image_id", [store_id]))
+        return _rows(
+            self.con.execute(
+                'SELECT image_id, "row", path, label, width, height FROM images WHERE store_id = ? ORDER BY image_id',
+                [store_id],
+            )
+        )
 
     def image_features(self, sae_id: str, image_id: int, token: str | None = None) -> list[dict[str, Any]]:
         """The image's top features (rank, feature, value), from the per-image table (no rescan)."""
         token = self._token(sae_id, token)
         return _rows(self.con.execute(
-            "SELECT rank, feature, value FROM image_features WHERE sae_id = ? AND token = ? AND image_id = ? ORDER BY rank",
-            [sae_id, token, int(image_id)]))
+            "SELECT rank, feature, value FROM image_features WHERE sae_id = ? AND token = ? AND image_id = ? "
+            "ORDER BY rank", [sae_id, token, int(image_id)]))
 
     def image_ids_by_path(self, sae_id: str, paths: list[str]) -> list[int]:
         """Ids, in this SAE's store, of the images with these paths (for matching across models)."""
         store_id = self.sae_info(sae_id)["store_id"]
         rows = self.con.execute(
-            "SELECT image_id FROM images WHERE store_id = ? AND list_contains(?, path) AND \"row\" >= 0 ORDER BY image_id",
-            [store_id, [str(p) for p in paths]]).fetchall()
+            'SELECT image_id FROM images WHERE store_id = ? AND list_contains(?, path) AND "row" >= 0 '
+            "ORDER BY image_id", [store_id, [str(p) for p in paths]]).fetchall()
         return [int(r[0]) for r in rows]
 
-    def contrast_features(self, sae_id: str, image_ids: list[int], n: int = 10, token: str | None = None) -> list[dict[str, Any]]:
+    def contrast_features(
+        self, sae_id: str, image_ids: list[int], n: int = 10, token: str | None = None
+    ) -> list[dict[str, Any]]:
         """Features that fire more on `image_ids` than on every other image, from the per-image top-n table.
 
         score = (mean score on the set - mean score on the rest) / the feature's max; an image where a
@@ -348,58 +349,39 @@ class Index:
         """
         token = self._token(sae_id, token)
         n_images = int(self.sae_info(sae_id)["n_images"])
-        n_set = len(set(image_ids))
-        if n_set == 0:
+        if not image_ids:
             return []
-        n_rest = max(n_images - n_set, 1)
-        return _rows(self.con.execute(
-            "WITH s AS (SELECT feature, sum(value) AS set_sum, count(*) AS set_hits FROM image_features "
-            "  WHERE sae_id = ? AND token = ? AND list_contains(?, image_id) GROUP BY feature) "
-            "SELECT f.feature, s.set_sum / ? AS set_mean, greatest(f.img_mean * ? - s.set_sum, 0) / ? AS rest_mean, "
-            "  s.set_hits, f.max, (s.set_sum / ? - greatest(f.img_mean * ? - s.set_sum, 0) / ?) / greatest(f.max, 1e-12) AS score "
-            "FROM s JOIN features f ON f.sae_id = ? AND f.token = ? AND f.feature = s.feature "
-            "ORDER BY score DESC, f.feature LIMIT ?",
-            [sae_id, token, [int(i) for i in image_ids], n_set, n_images, n_rest, n_set, n_images, n_rest,
-             sae_id, token, int(n)]))
+        return index_reads.contrast_features(self.con, sae_id, token, [int(i) for i in image_ids], n_images, n)
 
     def feature_count(self, sae_id: str, token: str | None = None) -> dict[str, int]:
         """How many features are alive (fired at least once) and dead."""
         token = self._token(sae_id, token)
-        alive, total = self.con.execute(
+        row = self.con.execute(
             "SELECT count(*) FILTER (WHERE n_fired > 0), count(*) FROM features WHERE sae_id = ? AND token = ?",
             [sae_id, token]).fetchone()
+        assert row is not None, "an aggregate query returns one row"
+        alive, total = row
         return {"alive": int(alive), "dead": int(total - alive), "total": int(total)}
-
 
     def query(self, sql: str, max_rows: int | None = None) -> tuple[list[str], list[tuple[Any, ...]], bool]:
         """Run one read-only SELECT (or EXPLAIN): (columns, rows, truncated). Anything else is refused."""
-        try:
-            statements = duckdb.extract_statements(sql)
-        except duckdb.Error as e:
-            raise IndexError_(f"cannot parse the query: {str(e).splitlines()[0]}", "check the SQL syntax") from e
-        if len(statements) != 1:
-            raise IndexError_(f"saevctl sql runs exactly one statement, got {len(statements)}", "run them one at a time")
-        kind = statements[0].type
-        if kind not in (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN):
-            raise IndexError_(f"saevctl sql is read-only and refuses {kind.name} statements", "write a SELECT query")
-        if not self.read_only:
-            raise IndexError_("query() needs an index opened read-only", "use Index.open(path)")
-        try:
-            cur = self.con.execute(sql)
-            cols = [c[0] for c in cur.description or []]
-            rows = cur.fetchmany(max_rows + 1) if max_rows is not None else cur.fetchall()
-        except duckdb.Error as e:
-            raise IndexError_(f"the query failed: {str(e).splitlines()[0]}", "tables: " + ", ".join(TABLES)) from e
-        truncated = max_rows is not None and len(rows) > max_rows
-        return cols, rows[:max_rows] if truncated else rows, truncated
+        return index_reads.run_select(self.con, sql, max_rows, self.read_only)
 
+    # --- bulk reads: a whole SAE in a few queries (the report) -----------------------------------
+    def feature_table(self, sae_id: str, token: str | None = None) -> dict[str, np.ndarray]:
+        """Every feature's statistics (schema.STAT_COLUMNS) as numpy columns indexed by feature id."""
+        return index_reads.feature_table(self.con, sae_id, self._token(sae_id, token), self.n_features(sae_id))
 
-TABLES = ("saes", "stores", "images", "features", "histograms", "exemplars", "image_features", "feature_labels",
-          "class_features", "meta", "schema_migrations")
-_FORBIDDEN = (";", "--", "/*")
+    def histogram_table(self, sae_id: str, token: str | None = None) -> dict[int, np.ndarray]:
+        """Each fired feature's counts over the bins of schema.hist_edges (features that never fired are absent)."""
+        return index_reads.histogram_table(self.con, sae_id, self._token(sae_id, token))
 
+    def exemplar_range(self, sae_id: str, lo: int, hi: int, k: int, token: str | None = None) -> list[dict[str, Any]]:
+        """The top-k exemplars of features lo..hi (inclusive) in one query, by feature then rank: the columns of
+        top_exemplars plus `feature`, without `grid`."""
+        store_id = self.sae_info(sae_id)["store_id"]
+        return index_reads.exemplar_range(self.con, store_id, sae_id, self._token(sae_id, token), lo, hi, k)
 
-def _check_expression(where: str) -> None:
-    """A --where text is one condition, run on a read-only connection; refuse statement separators."""
-    if any(tok in where for tok in _FORBIDDEN):
-        raise IndexError_(f"--where {where!r} must be a single condition", "write e.g. \"freq > 1e-4 AND max > 1\"")
+    def fired_features(self, sae_id: str, tokens: tuple[str, ...], limit: int | None = None) -> np.ndarray:
+        """Features that fired on any of these token kinds (the `limit` most frequent when given), ascending."""
+        return index_reads.fired_features(self.con, sae_id, tokens, limit)

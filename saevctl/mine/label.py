@@ -18,52 +18,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from saevctl import workspace
 from saevctl.config import resolve_device
-from saevctl.errors import IndexError_, InputError, StoreError
+from saevctl.errors import IndexError_, StoreError
+from saevctl.mine.config import LabelConfig as Config
 from saevctl.mine.index import Index
 from saevctl.mine.labelstats import ClassHistograms, scores
+from saevctl.mine.queries import sae_in_index
 from saevctl.store import Store, open_store
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
-LEVELS = ("patch", "image", "auto")
 # Codes materialised per chunk (floats), as in mining; bounds the working set whatever the store size.
 CHUNK_CODES = 1 << 24
-
-
-@dataclass(frozen=True)
-class Config:
-    sae: str | Path | None = None
-    """SAE checkpoint folder or SAE id already mined into the index (None: the index's last mined SAE)."""
-    store: Path | None = None
-    """Activation store with labels (default: the store the SAE was mined on, as recorded in the index)."""
-    index: Path = Path("index.duckdb")
-    """Mined index the labels are written to (feature_labels and class_features tables)."""
-    level: str = "auto"
-    """patch (mask labels), image (ImageFolder labels, else 'the image contains class c' from masks), or auto
-    (every level the store has labels for: patch with masks, image with ImageFolder labels)."""
-    thresholds: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5)
-    """F1 thresholds as fractions of each feature's max activation (rounded to histogram bin edges)."""
-    n_bins: int = 256
-    """Histogram bins per feature over (0, max]; AUROC counts values in one bin as ties."""
-    batch_size: int | None = None
-    """Images per chunk (default: as many as keep about 16M codes in memory)."""
-    max_memory_mb: float = 1024
-    """Budget for the histograms; more features than fit are done in several passes over the store."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "index", Path(self.index))
-        if self.store is not None:
-            object.__setattr__(self, "store", Path(self.store))
-        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
-        if self.level not in LEVELS:
-            raise InputError(f"unknown --level {self.level!r}", "use patch, image or auto")
-        if not self.thresholds or any(not 0.0 <= t < 1.0 for t in self.thresholds):
-            raise InputError(f"bad thresholds {self.thresholds}", "give fractions of the max in [0, 1), e.g. 0,0.1,0.3")
-        if self.n_bins < 2 or self.max_memory_mb <= 0 or (self.batch_size is not None and self.batch_size < 1):
-            raise InputError("--bins must be at least 2, the batch size and memory budget positive", "pass larger values")
 
 
 @dataclass(frozen=True)
@@ -154,19 +121,22 @@ def upgrade_index(index_fpath: Path) -> None:
         Index.open(index_fpath, read_only=False).close()
 
 
-def _resolve(cfg: Config) -> tuple[str, dict[str, Any], np.ndarray]:
-    """SAE id, its index info and each feature's max on patch tokens; errors before any compute."""
-    upgrade_index(cfg.index)
-    with Index.open(cfg.index) as idx:
-        sae_id = idx.resolve_sae(None if cfg.sae is None else str(cfg.sae))
+def _resolve(cfg: Config) -> tuple[Path, str, dict[str, Any], np.ndarray]:
+    """The index (default: the workspace's), the SAE id, its index info and each feature's max on patch tokens;
+    errors before any compute."""
+    index_fpath = workspace.index_or_default(cfg.index)
+    upgrade_index(index_fpath)
+    with Index.open(index_fpath) as idx:
+        sae_id = sae_in_index(idx, cfg.sae)
         info = idx.sae_info(sae_id)
         if "patches" not in info["tokens"]:
-            raise IndexError_(f"SAE {sae_id} was mined on {', '.join(info['tokens'])} tokens", "labels need patch tokens")
+            raise IndexError_(f"SAE {sae_id} was mined on {', '.join(info['tokens'])} tokens",
+                              "labels need patch tokens")
         n = int(info["n_latents"])
         rows = idx.list_features(sae_id, sort="feature", limit=n, token="patches", descending=False)
     max_s = np.zeros(n, dtype=np.float64)
     max_s[[r["feature"] for r in rows]] = [r["max"] for r in rows]
-    return sae_id, info, max_s
+    return index_fpath, sae_id, info, max_s
 
 
 def _load(cfg: Config, info: dict[str, Any], device: str) -> tuple[Any, Store, int]:
@@ -175,10 +145,13 @@ def _load(cfg: Config, info: dict[str, Any], device: str) -> tuple[Any, Store, i
 
     store_dpath = cfg.store or Path(info.get("store_path") or "")
     if cfg.store is None and not store_dpath.is_dir():
-        raise StoreError(f"the store {info.get('store_path')} that {info['sae_id']} was mined on is gone", "pass --store DIR")
-    sae_dpath = Path(cfg.sae) if cfg.sae is not None and Path(cfg.sae).exists() else Path(info["ckpt_path"])
+        raise StoreError(f"the store {info.get('store_path')} that {info['sae_id']} was mined on is gone",
+                         "pass --store DIR")
+    given = Path(cfg.sae).expanduser() if cfg.sae is not None else None
+    sae_dpath = given if given is not None and given.exists() else Path(info["ckpt_path"])
     if not sae_dpath.exists():
-        raise IndexError_(f"the checkpoint of {info['sae_id']} recorded in the index ({sae_dpath}) is gone", "pass --sae PATH to it")
+        raise IndexError_(f"the checkpoint of {info['sae_id']} recorded in the index ({sae_dpath}) is gone",
+                          "pass --sae PATH to it")
     sae = SAE.load(sae_dpath, device)
     store = open_store(store_dpath)
     return sae, store, check_match(sae, store, sae_dpath)
@@ -233,7 +206,8 @@ def _folded(sae: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalisation and decoder bias folded into the encoder, as mining's fused encoder does (saevctl/mine/encode.py):
     pre-activations = x @ w_ds + bias_s for raw x."""
     with torch.no_grad():
-        return (sae.W_enc * sae.act_scale).contiguous(), sae.b_enc - (sae.act_mean * sae.act_scale + sae.b_dec) @ sae.W_enc
+        bias_s = sae.b_enc - (sae.act_mean * sae.act_scale + sae.b_dec) @ sae.W_enc
+        return (sae.W_enc * sae.act_scale).contiguous(), bias_s
 
 
 def _block_codes(sae: Any, encode: Callable[..., torch.Tensor], folded: tuple[torch.Tensor, torch.Tensor],
@@ -286,7 +260,8 @@ def _edges(cfg: Config) -> list[int]:
 
 
 def compute(sae: Any, store: Store, layer: int, labels: list[_Labels], max_s: np.ndarray, cfg: Config, device: str,
-            progress: Progress | None = None) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, _Best], dict[str, Any]]:
+            progress: Progress | None = None
+            ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, _Best], dict[str, Any]]:
     """(feature_labels columns per level, best feature per class per level, counts per level + passes)."""
     blocks = _feature_blocks(sae.cfg.n_latents, labels, cfg)
     feats: dict[str, list[dict[str, np.ndarray]]] = {lab.level: [] for lab in labels}
@@ -323,7 +298,8 @@ def _class_rows(lab: _Labels, best: _Best, n_pos_c: np.ndarray) -> dict[str, np.
             "threshold": np.where(found, best.threshold[ids], np.nan)}
 
 
-def _insert(idx: Index, table: str, cols: dict[str, np.ndarray], prefix: dict[str, Any], null_if_neg: tuple[str, ...]) -> None:
+def _insert(idx: Index, table: str, cols: dict[str, np.ndarray], prefix: dict[str, Any],
+            null_if_neg: tuple[str, ...]) -> None:
     """Bulk insert numpy columns (NaN and -1 ids become NULL) with constant prefix columns; bound values only."""
     name = f"_new_{table}"
     idx.con.register(name, cols)
@@ -343,7 +319,8 @@ def _insert(idx: Index, table: str, cols: dict[str, np.ndarray], prefix: dict[st
         idx.con.unregister(name)
 
 
-def write(index_fpath: Path, sae_id: str, tables: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]) -> None:
+def write(index_fpath: Path, sae_id: str,
+          tables: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]) -> None:
     """Replace this SAE's rows of the written levels in one transaction (other levels and SAEs stay)."""
     with Index.open(index_fpath, read_only=False) as idx:  # migrates an index mined before labels existed
         idx.con.execute("BEGIN TRANSACTION")
@@ -364,18 +341,20 @@ def _level_result(level: str, n_items: int, class_cols: dict[str, np.ndarray]) -
     keep = (class_cols["n_positive"] > 0) & (class_cols["feature"] >= 0)
     auroc = class_cols["auroc"][keep]
     coverage = {t: float((auroc >= t).mean()) if len(auroc) else 0.0 for t in COVERAGE_AT}
-    rows = [{k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in class_cols.items()} for i in np.flatnonzero(keep)]
+    rows = [{k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in class_cols.items()}
+            for i in np.flatnonzero(keep)]
     rows.sort(key=lambda r: (-r["auroc"], r["class_id"]))
     return LevelResult(level, n_items, int(keep.sum()), coverage, math.nan, rows)
 
 
 def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int], None] | None = None) -> Result:
-    """Label every feature of `cfg.sae` (already mined into `cfg.index`) from the store's labels; write the index.
+    """Label every feature of `cfg.sae` (already mined into `cfg.index`; both default as for every features
+    command) from the store's labels; write the index.
 
     `on_total(n)` is told the number of images to stream (images x passes) before the first chunk."""
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
-    sae_id, info, max_s = _resolve(cfg)
+    index_fpath, sae_id, info, max_s = _resolve(cfg)
     sae, store, layer = _load(cfg, info, device)
     labels = level_labels(store, cfg.level)
     blocks = _feature_blocks(sae.cfg.n_latents, labels, cfg)
@@ -389,9 +368,10 @@ def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int],
         tables[lab.level] = (feats[lab.level], class_cols)
         res = _level_result(lab.level, n_items, class_cols)
         err = best[lab.level].error[class_cols["class_id"].astype(np.int64)]
-        results[lab.level] = LevelResult(**{**res.__dict__, "max_error": float(np.nanmax(err)) if np.isfinite(err).any() else 0.0})
-    write(cfg.index, sae_id, tables)
+        max_error = float(np.nanmax(err)) if np.isfinite(err).any() else 0.0
+        results[lab.level] = LevelResult(**{**res.__dict__, "max_error": max_error})
+    write(index_fpath, sae_id, tables)
     secs = time.perf_counter() - t0
     log.info("labelled %s at %s level(s) in %.1f s (%d pass(es))", sae_id, ", ".join(results), secs, counts["n_passes"])
-    return Result(cfg.index, sae_id, results, int(counts["n_passes"]), secs)
+    return Result(index_fpath, sae_id, results, int(counts["n_passes"]), secs)
 

@@ -6,6 +6,7 @@ Memory is features x classes x bins counters, whatever the number of images; `la
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,7 +54,9 @@ class ClassHistograms:
         per_n = torch.bincount(item_m, minlength=n)  # classes of each item
         self.n_items += int((per_n > 0).sum())
         self.n_pos_c += torch.bincount(class_m, minlength=c)
-        assert not self.single or not len(per_n) or int(per_n.max()) <= 1, "a single-label histogram got several classes per item"
+        assert not self.single or not len(per_n) or int(per_n.max()) <= 1, (
+            "a single-label histogram got several classes per item"
+        )
         rep = per_n[nz_i]
         keep = rep > 0  # unlabelled items are dropped from the (few) non-zero entries
         if not bool(keep.all()):
@@ -118,11 +121,11 @@ def scores(h: ClassHistograms, edges: list[int], lo: int = 0, hi: int | None = N
     # One bmm gives, per (feature, class), sum_b p_b w_b and sum_b p_b a_b.
     pw_fc2 = torch.bmm(pos, torch.stack([w_fb, a_fb], -1).float()).double()
     # One matmul gives sum_b p_b and the sums over the segments between F1 edges.
-    bounds = list(edges) + [h.n_bins]
+    bounds = [*edges, h.n_bins]
     assert sorted(set(edges)) == list(edges), "edges must be sorted and distinct"
     ind_bj = torch.zeros((b, len(edges) + 1), device=pos.device)
     ind_bj[:, 0] = 1.0
-    for j, (x, y) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for j, (x, y) in enumerate(itertools.pairwise(bounds)):
         ind_bj[x:y, j + 1] = 1.0
     sums = (pos.reshape(f * c, b) @ ind_bj).double().reshape(f, c, -1)
     p0_fc = n_pos_c[None, :] - sums[..., 0]
@@ -132,12 +135,12 @@ def scores(h: ClassHistograms, edges: list[int], lo: int = 0, hi: int | None = N
     error = 0.5 * (pw_fc2[..., 1] - sq_fc) / pairs_c.clamp(min=1)
     # True and false positives above each edge: suffix sums over the segments.
     tp = torch.flip(torch.cumsum(torch.flip(sums[..., 1:], [-1]), -1), [-1])  # (f, c, j)
-    all_seg = torch.stack([a_fb[..., x:y].sum(-1) for x, y in zip(bounds[:-1], bounds[1:])], -1)
+    all_seg = torch.stack([a_fb[..., x:y].sum(-1) for x, y in itertools.pairwise(bounds)], -1)
     fp = torch.flip(torch.cumsum(torch.flip(all_seg, [-1]), -1), [-1])[:, None, :] - tp
     f1 = 2 * tp / (tp + fp + n_pos_c[None, :, None]).clamp(min=1)
-    f1_best, j = f1.max(-1)
+    f1_best, best_j = f1.max(-1)
     e = torch.tensor(edges, device=pos.device)
-    thr = (e[j].double() / h.n_bins) * h.max_f[lo:hi][:, None]
+    thr = (e[best_j].double() / h.n_bins) * h.max_f[lo:hi][:, None]
     return BlockScores(auroc, f1_best, thr, error)
 
 

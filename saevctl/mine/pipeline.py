@@ -21,11 +21,14 @@ import torch
 
 from saevctl import workspace
 from saevctl.config import resolve_device
-from saevctl.errors import CheckpointError, InputError, StoreError
+from saevctl.errors import CheckpointError
 from saevctl.mine import vectors, writer
+from saevctl.mine.config import Config, check_exemplar_memory
 from saevctl.mine.encode import make_encoder
-from saevctl.mine.scan import FeatureScanner, hist_edges
+from saevctl.mine.scan import FeatureScanner
+from saevctl.mine.schema import hist_edges
 from saevctl.sae import SAE
+from saevctl.sae.compat import check_compatible
 from saevctl.store import ShardedArray, Store, open_store
 from saevctl.store.format import from_numpy
 
@@ -34,38 +37,6 @@ Progress = Callable[[int], None]
 MINABLE = ("patches", "cls")
 # Codes materialised per chunk (floats); bounds the working set whatever the store size.
 CHUNK_CODES = 1 << 24
-
-
-@dataclass(frozen=True)
-class Config:
-    sae: Path
-    """SAE checkpoint folder (config.json + sae.safetensors)."""
-    store: Path
-    """Activation store extracted from the same model, holding the SAE's layer."""
-    index: Path = Path("index.duckdb")
-    """DuckDB index file; created, or updated with this SAE when it exists."""
-    top_k: int = 25
-    """Exemplar images kept per feature."""
-    by: str = "max"
-    """Rank an image for a feature by the max or the mean of the feature over the image's patches."""
-    top_n: int = 32
-    """Features kept per image for image -> feature queries."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-    name: str | None = None
-    """Readable SAE name (default: the checkpoint folder's name); the id appends the weights hash."""
-    chunk_images: int | None = None
-    """Images per encoded chunk (default: as many as keep about 16M codes in memory)."""
-    set_defaults: bool = True
-    """Record store, SAE and index as this workspace's defaults (./saevctl.toml)."""
-
-    def __post_init__(self) -> None:
-        for f in ("sae", "store", "index"):
-            object.__setattr__(self, f, Path(getattr(self, f)))
-        if self.by not in ("max", "mean"):
-            raise InputError(f"unknown --by {self.by!r}", "use max or mean")
-        if self.top_k < 1 or self.top_n < 1:
-            raise InputError("--top-k and --top-n must be positive", "pass a positive number")
 
 
 @dataclass(frozen=True)
@@ -79,29 +50,18 @@ class Result:
     seconds: float
 
 
+def mined_kinds(sae: SAE) -> tuple[str, ...]:
+    """The token kinds mined for an SAE: those of MINABLE it was trained on, patches first (the default)."""
+    return tuple(k for k in MINABLE if k in sae.cfg.tokens) or ("patches",)
+
+
 def check_match(sae: SAE, store: Store, sae_dpath: Path) -> int:
-    """The store layer the SAE reads; a one-line error when model, layer or width differ."""
-    sm, tm = sae.cfg.model, store.model
-    sha = sm.get("weights_sha256")
-    if not sha:
+    """The store layer the SAE reads; a one-line error when model, layer, token kinds or width differ."""
+    if not sae.cfg.model.get("weights_sha256"):
+        # the index files features under the model's weights, so an SAE of unknown provenance cannot be mined
         raise CheckpointError(f"the SAE at {sae_dpath} does not record which model it was trained on",
                               "re-train it with saevctl train, or import it with saevctl sae import --model")
-    if sha != tm.get("weights_sha256"):
-        raise StoreError(
-            f"the SAE at {sae_dpath} was trained on {sm.get('spec')} (weights {sha[:12]}), "
-            f"but the store {store.dpath} holds {tm.get('spec')} (weights {str(tm.get('weights_sha256'))[:12]})",
-            "mine it on a store extracted from the model it was trained on",
-        )
-    n_blocks = int(tm.get("n_blocks") or 0)
-    layer = sae.cfg.layer % n_blocks if sae.cfg.layer < 0 and n_blocks else sae.cfg.layer
-    if layer not in store.layers:
-        raise StoreError(
-            f"the SAE at {sae_dpath} reads layer {layer}, but the store {store.dpath} holds layers {store.layers}",
-            f"extract layer {layer} into a store, or pick the SAE trained on one of {store.layers}",
-        )
-    if sae.cfg.d != store.d:
-        raise CheckpointError(f"the SAE at {sae_dpath} has width {sae.cfg.d}, the store {store.d}", "use a matching SAE")
-    return layer
+    return check_compatible(sae.cfg, store=store, kinds=mined_kinds(sae), sae_path=sae_dpath)
 
 
 def _chunks(arrays: dict[str, ShardedArray], per: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -196,7 +156,7 @@ def exemplar_blocks(sc: FeatureScanner, block: int = 2048) -> Iterator[dict[str,
         keep_fk = ((v_kf > 0) & (i_kf >= 0)).t()
         ex_f, ex_r = keep_fk.nonzero().unbind(1)  # row-major over (feature, rank): already sorted
         ex_f = ex_f + lo
-        cols = {"feature": ex_f.numpy().astype(np.int32), "rank": ex_r.numpy().astype(np.int16),
+        cols: dict[str, np.ndarray] = {"feature": ex_f.numpy().astype(np.int32), "rank": ex_r.numpy().astype(np.int16),
                 "image_id": ids_ks[ex_r, ex_f].numpy().astype(np.int32),
                 "value": vals_ks[ex_r, ex_f].numpy().astype(np.float32)}
         if patches_skp is not None:
@@ -207,18 +167,22 @@ def exemplar_blocks(sc: FeatureScanner, block: int = 2048) -> Iterator[dict[str,
 
 
 def store_id_of(store: Store) -> str:
-    key = json.dumps([str(store.dpath.resolve()), store.manifest["config"]["images"], store.model.get("weights_sha256")])
+    images = store.manifest["config"]["images"]
+    key = json.dumps([str(store.dpath.resolve()), images, store.model.get("weights_sha256")])
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def _store_row(store: Store) -> dict[str, Any]:
     return {"path": str(store.dpath.resolve()), "fingerprint": store.manifest["config"]["images"].get("fingerprint"),
             "model_spec": store.model.get("spec"), "model_sha256": store.model.get("weights_sha256"),
-            "model": store.model, "n_images": store.n_images, "grid_h": store.layout.grid_h, "grid_w": store.layout.grid_w}
+            "model": store.model, "n_images": store.n_images, "grid_h": store.layout.grid_h,
+            "grid_w": store.layout.grid_w}
 
 
-def _sae_row(cfg: Config, sae: SAE, sae_id: str, store: Store, layer: int, kinds: tuple[str, ...], secs: float) -> dict[str, Any]:
-    return {"sae_id": sae_id, "name": cfg.name or cfg.sae.resolve().name, "ckpt_path": str(cfg.sae.resolve()),
+def _sae_row(cfg: Config, sae: SAE, sae_id: str, store: Store, layer: int, kinds: tuple[str, ...],
+             secs: float) -> dict[str, Any]:
+    sae_dpath = cfg.paths()[0]
+    return {"sae_id": sae_id, "name": cfg.name or sae_dpath.resolve().name, "ckpt_path": str(sae_dpath.resolve()),
             "weights_sha256": sae.header["weights_sha256"], "store_id": store_id_of(store),
             "model_spec": store.model.get("spec"), "model_sha256": store.model.get("weights_sha256"),
             "layer": layer, "d": sae.cfg.d, "n_latents": sae.cfg.n_latents, "activation": sae.cfg.activation,
@@ -228,22 +192,37 @@ def _sae_row(cfg: Config, sae: SAE, sae_id: str, store: Store, layer: int, kinds
             "config": json.dumps({"sae": sae.cfg.to_dict(), "store": str(store.dpath.resolve())}, default=str)}
 
 
+def _check_memory(cfg: Config, sae: SAE, store: Store, kinds: tuple[str, ...], device: str) -> None:
+    """A --top-k whose exemplar buffers cannot fit on the device fails here, not after part of the scan."""
+    on_gpu = device.startswith("cuda")
+    available = torch.cuda.get_device_properties(torch.device(device)).total_memory if on_gpu else None
+    check_exemplar_memory(cfg.top_k, sae.cfg.n_latents, store.layout.n_patches, kinds, available,
+                          where="the GPU" if on_gpu else "this machine")
+
+
 def sae_id_for(cfg: Config, sae: SAE) -> str:
-    name = cfg.name or cfg.sae.resolve().name
+    name = cfg.name or cfg.paths()[0].resolve().name
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60] or "sae"
     return f"{safe}-{sae.header['weights_sha256'][:8]}"
 
 
-def run(cfg: Config, progress: Progress | None = None) -> Result:
-    """Mine `cfg.sae` over `cfg.store` into `cfg.index` (atomically), build its faiss index, record defaults."""
+def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int], None] | None = None) -> Result:
+    """Mine `cfg.sae` over `cfg.store` into `cfg.index` (atomically), build its faiss index, record defaults.
+
+    Missing paths are the workspace's defaults; `on_total(n)` is told the number of images before the scan."""
     t0 = time.perf_counter()
+    cfg = cfg.resolved()
+    sae_dpath, store_dpath, index_fpath = cfg.paths()
     device = resolve_device(cfg.device)
-    sae = SAE.load(cfg.sae, device)
-    store = open_store(cfg.store)
-    layer = check_match(sae, store, cfg.sae)
-    kinds = tuple(k for k in MINABLE if k in sae.cfg.tokens) or ("patches",)  # patches first: the default
+    sae = SAE.load(sae_dpath, device)
+    store = open_store(store_dpath)
+    layer = check_match(sae, store, sae_dpath)
+    kinds = mined_kinds(sae)
+    _check_memory(cfg, sae, store, kinds, device)
     sae_id = sae_id_for(cfg, sae)
-    with writer.staged_index(cfg.index) as idx:  # created first: a locked or corrupt index fails before the scan
+    if on_total:
+        on_total(store.n_images)
+    with writer.staged_index(index_fpath) as idx:  # created first: a locked or corrupt index fails before the scan
         scanners = scan_store(sae, store, layer, kinds, cfg, device, progress)
         secs = time.perf_counter() - t0
         idx.con.execute("BEGIN TRANSACTION")
@@ -255,10 +234,11 @@ def run(cfg: Config, progress: Progress | None = None) -> Result:
             for cols in exemplar_blocks(sc):
                 writer.put_exemplars(idx, sae_id, kind, cols)
         idx.con.execute("COMMIT")
-        vectors.save_decoder(cfg.index, sae_id, sae.W_dec.detach().float().cpu().numpy(), sae.header["weights_sha256"])
-        vectors.build(cfg.index, sae_id, sae.header["weights_sha256"])
+        sha = sae.header["weights_sha256"]
+        vectors.save_decoder(index_fpath, sae_id, sae.W_dec.detach().float().cpu().numpy(), sha)
+        vectors.build(index_fpath, sae_id, sha)
     if cfg.set_defaults:
-        workspace.set_defaults(store=cfg.store.resolve(), sae=cfg.sae.resolve(), index=cfg.index.resolve())
+        workspace.set_defaults(store=store_dpath.resolve(), sae=sae_dpath.resolve(), index=index_fpath.resolve())
     alive = int((scanners[kinds[0]].stats().n_fired > 0).sum())
     log.info("mined %s over %d images in %.1f s", sae_id, store.n_images, time.perf_counter() - t0)
-    return Result(cfg.index, sae_id, store.n_images, sae.cfg.n_latents, kinds, alive, time.perf_counter() - t0)
+    return Result(index_fpath, sae_id, store.n_images, sae.cfg.n_latents, kinds, alive, time.perf_counter() - t0)

@@ -28,9 +28,13 @@ def parse_patches(text: str, grid: tuple[int, int]) -> list[int]:
         try:
             r, c = (int(v) for v in part.split(","))
         except ValueError as e:
-            raise InputError(f"bad patch {part!r} in --patches", "write row,col pairs separated by ';', e.g. 3,4;3,5") from e
+            raise InputError(
+                f"bad patch {part!r} in --patches", "write row,col pairs separated by ';', e.g. 3,4;3,5"
+            ) from e
         if not (0 <= r < gh and 0 <= c < gw):
-            raise InputError(f"patch {r},{c} is outside the {gh}x{gw} patch grid", f"rows 0..{gh - 1}, columns 0..{gw - 1}")
+            raise InputError(
+                f"patch {r},{c} is outside the {gh}x{gw} patch grid", f"rows 0..{gh - 1}, columns 0..{gw - 1}"
+            )
         out.append(r * gw + c)
     if not out:
         raise InputError("--patches names no patch", "write row,col pairs separated by ';'")
@@ -46,7 +50,9 @@ def parse_box(text: str, grid: tuple[int, int], size: int) -> list[int]:
     gh, gw = grid
     ph, pw = size / gh, size / gw
     if not (0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size):
-        raise InputError(f"--box {text} is not inside the {size}x{size} model input", "use 0 <= x0 < x1 <= size, same for y")
+        raise InputError(
+            f"--box {text} is not inside the {size}x{size} model input", "use 0 <= x0 < x1 <= size, same for y"
+        )
     rows = range(int(y0 // ph), min(gh, int(np.ceil(y1 / ph))))
     cols = range(int(x0 // pw), min(gw, int(np.ceil(x1 / pw))))
     return [r * gw + c for r in rows for c in cols]
@@ -72,7 +78,9 @@ def load_sae_for(index: Index, sae_id: str, sae_path: str | Path | None = None) 
     info = index.sae_info(sae_id)
     path = Path(sae_path or info["ckpt_path"])
     if not path.exists():
-        raise CheckpointError(f"the checkpoint of {sae_id} recorded in the index ({path}) is gone", "pass --sae PATH to it")
+        raise CheckpointError(
+            f"the checkpoint of {sae_id} recorded in the index ({path}) is gone", "pass --sae PATH to it"
+        )
     sae = SAE.load(path)
     if sae.header.get("weights_sha256") != info["weights_sha256"]:
         raise CheckpointError(f"the checkpoint at {path} is not the SAE {sae_id} mined into {index.fpath}",
@@ -131,9 +139,11 @@ def similar(index: Index, sae_id: str, feature: int, n: int = 10) -> list[tuple[
     feature = index.check_feature(sae_id, feature)
     sha = index.sae_info(sae_id)["weights_sha256"]
     fx = vectors.load(index.fpath, sae_id, sha)
-    query = fx.reconstruct(feature) if hasattr(fx, "reconstruct") else vectors.load_decoder(index.fpath, sae_id)[feature]
+    query = (
+        fx.reconstruct(feature) if hasattr(fx, "reconstruct") else vectors.load_decoder(index.fpath, sae_id)[feature]
+    )
     sims, ids = vectors.search(fx, np.asarray(query)[None], n + 1)
-    return [(int(i), float(s)) for i, s in zip(ids[0], sims[0]) if i != feature and i >= 0][:n]
+    return [(int(i), float(s)) for i, s in zip(ids[0], sims[0], strict=True) if i != feature and i >= 0][:n]
 
 
 @dataclass
@@ -152,7 +162,7 @@ def match(index: Index, sae_a: str, feature: int, sae_b: str, n: int = 10) -> Ma
     if a["model_sha256"] == b["model_sha256"] and a["layer"] == b["layer"] and a["d"] == b["d"]:
         query = vectors.load_decoder(index.fpath, sae_a)[feature]
         sims, ids = vectors.search(vectors.load(index.fpath, sae_b, b["weights_sha256"]), query[None], n)
-        rows = [{"feature": int(i), "score": float(s)} for i, s in zip(ids[0], sims[0]) if i >= 0]
+        rows = [{"feature": int(i), "score": float(s)} for i, s in zip(ids[0], sims[0], strict=True) if i >= 0]
         return MatchResult("decoder cosine", rows)
     paths = [ex["path"] for ex in index.top_exemplars(sae_a, feature)]
     ids_b = index.image_ids_by_path(sae_b, paths)

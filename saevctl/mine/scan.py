@@ -14,17 +14,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-# Log10 histogram of firing values: regular bins over [HIST_LO, HIST_HI) plus an underflow and an overflow bin.
-HIST_LO, HIST_HI, HIST_STEP = -4.0, 4.0, 0.1
-N_HIST = int(round((HIST_HI - HIST_LO) / HIST_STEP)) + 2
+from saevctl.mine.schema import HIST_LO, HIST_STEP, N_HIST
+
 # Features merged per block, so the transient copies of the exemplar state stay small.
 MERGE_BLOCK = 2048
-
-
-def hist_edges() -> list[tuple[float, float]]:
-    """(lo, hi) activation range of every histogram bin; the first starts at 0, the last ends at inf."""
-    inner = [10 ** (HIST_LO + i * HIST_STEP) for i in range(N_HIST - 1)]
-    return [(0.0, inner[0])] + list(zip(inner[:-1], inner[1:])) + [(inner[-1], math.inf)]
 
 
 class StreamingTopK:

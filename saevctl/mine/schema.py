@@ -5,7 +5,23 @@ A file's `schema_migrations` table says which have run; a file newer than this c
 
 from __future__ import annotations
 
+import itertools
+import math
+
 FORMAT = "saevctl-index"
+
+# The features table's per-feature statistics (column names), in the order readers list them.
+STAT_COLUMNS = ("freq", "img_freq", "mean", "mean_all", "max", "img_mean", "n_fired")
+# Log10 histogram of firing values (the histograms table's bins): regular bins over [HIST_LO, HIST_HI) plus an
+# underflow and an overflow bin.
+HIST_LO, HIST_HI, HIST_STEP = -4.0, 4.0, 0.1
+N_HIST = round((HIST_HI - HIST_LO) / HIST_STEP) + 2
+
+
+def hist_edges() -> list[tuple[float, float]]:
+    """(lo, hi) activation range of every histogram bin; the first starts at 0, the last ends at inf."""
+    inner = [10 ** (HIST_LO + i * HIST_STEP) for i in range(N_HIST - 1)]
+    return [(0.0, inner[0]), *list(itertools.pairwise(inner)), (inner[-1], math.inf)]
 
 # Each entry upgrades the schema from version i to i + 1. Never edit a released entry: append a new one.
 MIGRATIONS: list[list[str]] = [

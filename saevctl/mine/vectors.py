@@ -23,7 +23,8 @@ FAISS_SCHEMA = 1
 
 def _unit_rows(w_sd: np.ndarray) -> np.ndarray:
     w = np.ascontiguousarray(w_sd, dtype=np.float32)
-    return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+    unit: np.ndarray = w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+    return unit
 
 
 def save_decoder(index_fpath: Path, sae_id: str, w_dec_sd: np.ndarray, weights_sha256: str) -> Path:
@@ -41,7 +42,9 @@ def save_decoder(index_fpath: Path, sae_id: str, w_dec_sd: np.ndarray, weights_s
 def load_decoder(index_fpath: Path, sae_id: str) -> np.ndarray:
     fpath = layout.decoder_fpath(index_fpath, sae_id)
     if not fpath.is_file():
-        raise IndexError_(f"the decoder directions of {sae_id} are missing ({fpath})", "run saevctl mine for that SAE again")
+        raise IndexError_(
+            f"the decoder directions of {sae_id} are missing ({fpath})", "run saevctl mine for that SAE again"
+        )
     try:
         return load_file(str(fpath))["W_dec"]
     except Exception as e:  # safetensors raises several types for truncated files
@@ -84,7 +87,7 @@ def _fresh(index_fpath: Path, sae_id: str, weights_sha256: str) -> bool:
         meta = json.loads(mpath.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return meta.get("schema_version") == FAISS_SCHEMA and meta.get("weights_sha256") == weights_sha256
+    return bool(meta.get("schema_version") == FAISS_SCHEMA and meta.get("weights_sha256") == weights_sha256)
 
 
 def load(index_fpath: Path, sae_id: str, weights_sha256: str) -> Any:

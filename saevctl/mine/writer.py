@@ -102,7 +102,7 @@ def delete_sae(idx: Index, sae_id: str) -> None:
 
 
 def put_sae_row(idx: Index, row: dict[str, Any]) -> None:
-    seq = idx.con.execute("SELECT coalesce(max(seq), 0) + 1 FROM saes").fetchone()[0]
+    (seq,) = idx.con.execute("SELECT coalesce(max(seq), 0) + 1 FROM saes").fetchone() or (1,)
     names = ["sae_id", "name", "ckpt_path", "weights_sha256", "store_id", "model_spec", "model_sha256", "layer",
              "d", "n_latents", "activation", "tokens", "top_k", "top_n", "rank_by", "n_images", "n_patches",
              "grid_h", "grid_w", "seconds", "config"]

@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING
 from saevctl.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from saevctl.probe.batch import BatchConfig, BatchResult, run_batch
+    from saevctl.probe.batch import BatchResult, run_batch
+    from saevctl.probe.config import BatchConfig, Config, HeadTrainConfig
     from saevctl.probe.heads import resolve_head
-    from saevctl.probe.probe import Config, Result, run
+    from saevctl.probe.probe import Result, run
     from saevctl.probe.session import Prober
-    from saevctl.probe.train_head import HeadTrainConfig, train_head
+    from saevctl.probe.train_head import train_head
 
 __all__ = [
     "BatchConfig", "BatchResult", "Config", "HeadTrainConfig", "Prober", "Result", "resolve_head", "run",
@@ -22,13 +23,13 @@ __all__ = [
 __getattr__ = lazy_exports(
     __name__,
     {
-        "Config": "saevctl.probe.probe",
+        "Config": "saevctl.probe.config",
         "Result": "saevctl.probe.probe",
         "run": "saevctl.probe.probe",
-        "BatchConfig": "saevctl.probe.batch",
+        "BatchConfig": "saevctl.probe.config",
         "BatchResult": "saevctl.probe.batch",
         "run_batch": "saevctl.probe.batch",
-        "HeadTrainConfig": "saevctl.probe.train_head",
+        "HeadTrainConfig": "saevctl.probe.config",
         "train_head": "saevctl.probe.train_head",
         "resolve_head": "saevctl.probe.heads",
         "Prober": "saevctl.probe.session",

@@ -15,15 +15,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from saevctl import atomic, layout
-from saevctl.config import coerce_paths, resolve_device
+from saevctl import atomic, layout, workspace
+from saevctl.config import resolve_device
 from saevctl.data import ImageRecord, open_image, resolve_images
 from saevctl.errors import ProbeError, SaevctlError
-from saevctl.probe.edit import EditPlan, Patches, apply_edit, make_plan, parse_clamp, parse_patches
-from saevctl.probe.edit import direction_generator, random_direction_edit, static_mask
+from saevctl.probe.config import BatchConfig
+from saevctl.probe.edit import (
+    EditPlan,
+    Patches,
+    apply_edit,
+    direction_generator,
+    make_plan,
+    parse_clamp,
+    parse_patches,
+    random_direction_edit,
+    static_mask,
+)
 from saevctl.probe.effects import METRICS, bootstrap_ci, effect_sizes, primary_metric
 from saevctl.probe.figures import batch_figure
-from saevctl.probe.session import FeatureStats, Prober, clamp_values, open_index_stats, resolve_sae_path
+from saevctl.probe.session import FeatureStats, Prober, clamp_values, open_index_stats
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
@@ -31,53 +41,6 @@ CONDITIONS = ("feature", "random feature", "random direction")
 SUMMARY_SCHEMA = 1
 N_NEAR = 16
 """Control features are drawn from the features whose firing frequency is nearest the edited one's."""
-
-
-@dataclass(frozen=True)
-class BatchConfig:
-    images: str
-    """Image folder, .txt list of paths, or demo[:N]."""
-    clamps: tuple[str, ...]
-    """FEATURE=VALUE edits (feature ids, not top): 6909=0, 6909=3.5, 6909=2x."""
-    sae: Path | None = None
-    """SAE checkpoint folder (default: the workspace's SAE)."""
-    head: str | None = None
-    """saliency, timm, clip (with classes) or a trained head folder (default: saliency on demo, else timm)."""
-    classes: str | None = None
-    """Comma-separated prompts for --head clip."""
-    patches: str = "fired"
-    """all, fired, r,c;r,c, or box:x0,y0,x1,y1 (model-input pixels)."""
-    index: Path | None = None
-    """Mined index: max activations for Nx clamps and firing frequencies for the control feature."""
-    out: Path | None = None
-    """PNG of the effect sizes; a JSON summary is written beside it (default probes/batch_<clamps>.png)."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-    batch_size: int = 16
-    """Images per forward pass (each pass runs 4 variants from the SAE's layer on)."""
-    max_images: int | None = None
-    """Use only the first N images."""
-    controls: bool = True
-    """Run the two controls (off: only the feature edit)."""
-    n_boot: int = 1000
-    """Bootstrap resamples for the confidence intervals."""
-    seed: int = 0
-    """Seed for the control feature, the random directions and the bootstrap."""
-    freq_images: int = 128
-    """Without a mined index, firing frequencies are measured on this many of the images first."""
-    n_workers: int = 2
-    """Threads decoding images ahead of the forward pass."""
-    fast: bool = True
-    """Edit through the chosen features' columns only (False: the full encode/decode reference)."""
-
-    def __post_init__(self) -> None:
-        clamps = self.clamps.split(",") if isinstance(self.clamps, str) else self.clamps
-        object.__setattr__(self, "clamps", tuple(c.strip() for c in clamps if c.strip()))
-        coerce_paths(self, "sae", "index", "out")  # TOML gives strings
-        if not self.clamps:
-            raise ProbeError("no --clamp given", "pass at least one edit, e.g. --clamp 6909=0")
-        if self.batch_size < 1 or self.n_boot < 10:
-            raise ProbeError("--batch-size must be positive and --n-boot at least 10", "pass larger values")
 
 
 @dataclass
@@ -207,17 +170,21 @@ def probe_batch(
     return effects, int(plans[0].edited_np.any(1).sum())
 
 
+def _ci(values: np.ndarray, cfg: BatchConfig) -> dict[str, float]:
+    mean, lo, hi = bootstrap_ci(values, cfg.n_boot, seed=cfg.seed)
+    return {"mean": mean, "lo": lo, "hi": hi}
+
+
 def _aggregate(
     task: str, effects: dict[str, dict[str, np.ndarray]], cfg: BatchConfig
 ) -> tuple[list[dict[str, Any]], bool | None]:
     """Bootstrap rows per metric, and whether the magnitude metric beats both controls (paired CIs > 0)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for key, label, magnitude in METRICS[task]:
-        conds = [{"condition": c, **dict(zip(("mean", "lo", "hi"), bootstrap_ci(e[key], cfg.n_boot, seed=cfg.seed)))}
-                 for c, e in effects.items()]
-        vs = [{"control": c, **dict(zip(("mean", "lo", "hi"),
-                                       bootstrap_ci(effects["feature"][key] - e[key], cfg.n_boot, seed=cfg.seed)))}
-              for c, e in effects.items() if c != "feature"]
+        conds = [{"condition": c, **_ci(e[key], cfg)} for c, e in effects.items()]
+        vs = [
+            {"control": c, **_ci(effects["feature"][key] - e[key], cfg)} for c, e in effects.items() if c != "feature"
+        ]
         rows.append({"metric": key, "label": label, "magnitude": magnitude, "conditions": conds, "vs_controls": vs})
     primary = next(r for r in rows if r["metric"] == primary_metric(task))
     specific = all(v["lo"] > 0 for v in primary["vs_controls"]) if primary["vs_controls"] else None
@@ -225,20 +192,23 @@ def _aggregate(
 
 
 def run_batch(cfg: BatchConfig, progress: Progress | None = None, prober: Prober | None = None,
-              stats: FeatureStats | None = None) -> BatchResult:
+              stats: FeatureStats | None = None, on_total: Progress | None = None) -> BatchResult:
     """Probe every image of `cfg.images` with the edit and the controls; write a PNG and a JSON summary.
 
-    `prober` reuses loaded models; `stats` gives feature max/frequency directly instead of the mined index."""
+    `prober` reuses loaded models; `stats` gives feature max/frequency directly instead of the mined index;
+    `on_total(n)` is told the number of images once they are listed (`progress` advances once per image)."""
     clamps = [parse_clamp(c) for c in cfg.clamps]
     if any(c.feature is None for c in clamps):
         raise ProbeError("--clamp top=... works on one --image only", "name feature ids in batch mode")
     patches = parse_patches(cfg.patches)
     records = list(resolve_images(cfg.images, cfg.max_images).records)
+    if on_total:
+        on_total(len(records))
     prober = prober or Prober.load(cfg.sae, cfg.head, cfg.classes, resolve_device(cfg.device))
     prober.check_clamps(clamps)
     mask_p = static_mask(patches, prober.bb.layout, prober.bb.patch_size)
-    features = [int(c.feature) for c in clamps]  # type: ignore[arg-type]
-    sae_path = resolve_sae_path(cfg.sae)
+    features = [c.feature for c in clamps if c.feature is not None]  # all of them (checked above)
+    sae_path = workspace.resolve_sae_ref(cfg.sae)
     if stats is None and (cfg.controls or any(c.multiple for c in clamps)):
         stats = open_index_stats(cfg.index, sae_path, prober.sae.cfg.n_latents)
     values = clamp_values(clamps, features, stats)
@@ -280,26 +250,48 @@ def run_batch(cfg: BatchConfig, progress: Progress | None = None, prober: Prober
     return result
 
 
+def _ids(features: list[int]) -> str:
+    return ",".join(str(f) for f in features)
+
+
 def _write(cfg: BatchConfig, prober: Prober, result: BatchResult) -> None:
     slug = "_".join(c.replace("=", "-") for c in cfg.clamps)
     fpath = cfg.out or layout.probes_dpath() / f"batch_{slug}.png"
     desc = ", ".join(f"{f}={v:.3g}" for f, v in zip(result.features, result.values, strict=True))
     title = (f"clamp {desc} at layer {prober.layer} on {cfg.patches} patches; {result.n_images} images; "
              f"head {prober.head.name}")
-    ids = lambda fs: ",".join(str(f) for f in fs)  # noqa: E731
-    names = {"feature": f"feature {ids(result.features)}",
-             "random feature": f"random feature {ids(result.control_features)}"}
+    names = {"feature": f"feature {_ids(result.features)}",
+             "random feature": f"random feature {_ids(result.control_features)}"}
     result.figure = batch_figure(fpath, result.rows, title, names)
     result.summary = fpath.with_suffix(".json")
-    atomic.write_json(result.summary, {
-        "schema_version": SUMMARY_SCHEMA, "format": "saevctl-probe-batch",
-        "images": cfg.images, "clamps": list(cfg.clamps),
-        "sae": str(resolve_sae_path(cfg.sae)), "layer": prober.layer, "head": prober.head.name, "task": result.task,
-        "patches": cfg.patches, "features": result.features, "values": result.values,
-        "control_features": result.control_features, "control_values": result.control_values,
-        "freq_source": result.freq_source, "n_images": result.n_images, "n_failed": result.n_failed,
-        "n_fired": result.n_fired, "n_boot": cfg.n_boot, "seed": cfg.seed, "specific": result.specific,
-        "metrics": result.rows, "seconds": result.seconds,
-        "per_image": {"paths": result.paths,
-                      "effects": {c: {k: v.tolist() for k, v in m.items()} for c, m in result.effects.items()}},
-    })
+    atomic.write_json(
+        result.summary,
+        {
+            "schema_version": SUMMARY_SCHEMA,
+            "format": "saevctl-probe-batch",
+            "images": cfg.images,
+            "clamps": list(cfg.clamps),
+            "sae": str(workspace.resolve_sae_ref(cfg.sae)),
+            "layer": prober.layer,
+            "head": prober.head.name,
+            "task": result.task,
+            "patches": cfg.patches,
+            "features": result.features,
+            "values": result.values,
+            "control_features": result.control_features,
+            "control_values": result.control_values,
+            "freq_source": result.freq_source,
+            "n_images": result.n_images,
+            "n_failed": result.n_failed,
+            "n_fired": result.n_fired,
+            "n_boot": cfg.n_boot,
+            "seed": cfg.seed,
+            "specific": result.specific,
+            "metrics": result.rows,
+            "seconds": result.seconds,
+            "per_image": {
+                "paths": result.paths,
+                "effects": {c: {k: v.tolist() for k, v in m.items()} for c, m in result.effects.items()},
+            },
+        },
+    )

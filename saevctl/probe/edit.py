@@ -14,6 +14,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from saevctl.errors import ProbeError
+from saevctl.sae.model import SAE
 from saevctl.store.format import TokenLayout
 
 PATCH_FORMS = "all, fired, r,c;r,c (patch rows/columns) or box:x0,y0,x1,y1 (model-input pixels)"
@@ -87,11 +88,16 @@ def parse_patches(text: str) -> Patches:
     if text in ("all", "fired"):
         return Patches(text)
     if text.startswith("box:"):
-        return Patches("box", box=_ints(text.removeprefix("box:"), 4, "box"))  # type: ignore[arg-type]
-    cells = tuple(_ints(part, 2, "cell") for part in text.split(";") if part.strip())
+        x0, y0, x1, y1 = _ints(text.removeprefix("box:"), 4, "box")
+        return Patches("box", box=(x0, y0, x1, y1))
+    cells: list[tuple[int, int]] = []
+    for part in text.split(";"):
+        if part.strip():
+            r, c = _ints(part, 2, "cell")
+            cells.append((r, c))
     if not cells:
         raise ProbeError(f"bad --patches {text!r}", f"use one of: {PATCH_FORMS}")
-    return Patches("cells", cells=cells)  # type: ignore[arg-type]
+    return Patches("cells", cells=tuple(cells))
 
 
 def static_mask(patches: Patches, lay: TokenLayout, patch_size: int) -> Bool[Tensor, " p"] | None:
@@ -126,7 +132,7 @@ def static_mask(patches: Patches, lay: TokenLayout, patch_size: int) -> Bool[Ten
 # --- codes and the edit itself ----------------------------------------------------------------------
 
 
-def feature_codes(sae: torch.nn.Module, x_npd: Float[Tensor, "n p d"], features: list[int]) -> Float[Tensor, "n p k"]:
+def feature_codes(sae: SAE, x_npd: Float[Tensor, "n p d"], features: list[int]) -> Float[Tensor, "n p k"]:
     """Codes of the chosen features only; relu/batchtopk need just their encoder columns, topk the full encode."""
     n, p, d = x_npd.shape
     x_nd = x_npd.reshape(-1, d)
@@ -147,7 +153,7 @@ def target_codes(codes_npk: Tensor, values_nk: Tensor, mask_npk: Tensor) -> Tens
 
 
 def edit_reference(
-    sae: torch.nn.Module, x_npd: Tensor, features: list[int], values_nk: Tensor, mask_npk: Tensor
+    sae: SAE, x_npd: Tensor, features: list[int], values_nk: Tensor, mask_npk: Tensor
 ) -> Float[Tensor, "n p d"]:
     """The issue's definition, literally: full encode, set features, decode(f') + reconstruction error."""
     n, p, d = x_npd.shape
@@ -159,14 +165,14 @@ def edit_reference(
     return (sae.decode(f2.reshape(n * p, -1)) + err_nd).reshape(n, p, d).to(x_npd.dtype)
 
 
-def delta_from_codes(sae: torch.nn.Module, features: list[int], dcodes_npk: Tensor) -> Float[Tensor, "n p d"]:
+def delta_from_codes(sae: SAE, features: list[int], dcodes_npk: Tensor) -> Float[Tensor, "n p d"]:
     """decode(f') - decode(f): decode is affine, so only the changed codes' decoder rows matter."""
     idx = torch.as_tensor(features, device=dcodes_npk.device, dtype=torch.long)
     return (dcodes_npk @ sae.W_dec[idx]) / sae.act_scale
 
 
 def edit_fast(
-    sae: torch.nn.Module, x_npd: Tensor, features: list[int], values_nk: Tensor, mask_npk: Tensor
+    sae: SAE, x_npd: Tensor, features: list[int], values_nk: Tensor, mask_npk: Tensor
 ) -> Float[Tensor, "n p d"]:
     """Same result as `edit_reference`; exactly x where no code changes."""
     codes = feature_codes(sae, x_npd, features)
@@ -188,7 +194,7 @@ class EditPlan:
 
 
 def make_plan(
-    sae: torch.nn.Module, x_npd: Tensor, features: list[int], values_nk: Tensor, patches: Patches, mask_p: Tensor | None
+    sae: SAE, x_npd: Tensor, features: list[int], values_nk: Tensor, patches: Patches, mask_p: Tensor | None
 ) -> EditPlan:
     """Resolve the patch mask (fired: where each feature's code is > 0) into an EditPlan."""
     n, p, _ = x_npd.shape
@@ -201,7 +207,7 @@ def make_plan(
 
 
 def apply_edit(
-    sae: torch.nn.Module, x_btd: Tensor, lay: TokenLayout, plan: EditPlan, fast: bool = True
+    sae: SAE, x_btd: Tensor, lay: TokenLayout, plan: EditPlan, fast: bool = True
 ) -> Float[Tensor, "b t d"]:
     """Edit the patch tokens of the residual stream; prefix tokens (CLS, registers) pass unchanged."""
     patches = x_btd[:, lay.n_prefix :]
@@ -217,7 +223,7 @@ def direction_generator(seed: int) -> torch.Generator:
 
 
 def random_direction_edit(
-    sae: torch.nn.Module, x_btd: Tensor, lay: TokenLayout, plan: EditPlan, gen: torch.Generator
+    sae: SAE, x_btd: Tensor, lay: TokenLayout, plan: EditPlan, gen: torch.Generator
 ) -> Float[Tensor, "b t d"]:
     """Control: per image one random unit direction, scaled on each patch to the norm of the real edit there."""
     patches = x_btd[:, lay.n_prefix :]

@@ -69,9 +69,8 @@ def classify_summary(before_c: np.ndarray, after_c: np.ndarray, classes: list[st
 
 def dense_labels(probs_chw: np.ndarray, task: str) -> np.ndarray:
     """Per-pixel class: argmax for segmentation; salient (1) or not (0) for saliency."""
-    if task == "saliency":
-        return (probs_chw[0] > SALIENT).astype(np.int64)
-    return probs_chw.argmax(0)
+    labels_hw: np.ndarray = (probs_chw[0] > SALIENT).astype(np.int64) if task == "saliency" else probs_chw.argmax(0)
+    return labels_hw
 
 
 def dense_summary(

@@ -44,7 +44,8 @@ def _outline(ax: Any, image_u8: np.ndarray, edited_hw: np.ndarray, title: str) -
 
 def _segment_rgb(labels_hw: np.ndarray, n_classes: int) -> np.ndarray:
     cmap = _pyplot().get_cmap("tab20", max(n_classes, 2))
-    return cmap(labels_hw % max(n_classes, 2))[..., :3]
+    rgb_hw3: np.ndarray = cmap(labels_hw % max(n_classes, 2))[..., :3]
+    return rgb_hw3
 
 
 def probe_figure(

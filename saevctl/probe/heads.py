@@ -21,6 +21,8 @@ from saevctl import atomic, layout
 from saevctl.errors import OutputError, ProbeError
 from saevctl.store.format import TokenLayout
 from saevctl.vit.backbone import Backbone
+from saevctl.vit.openclip_backbone import OpenClipBackbone
+from saevctl.vit.timm_backbone import TimmBackbone
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,8 @@ class LinearClassifyHead(Head):
         return tokens_btd[:, 0] if self.pool == "cls" else tokens_btd[:, self.n_prefix :].mean(1)
 
     def forward(self, tokens_btd: Tensor, out_hw: tuple[int, int]) -> Float[Tensor, "b c"]:
-        return self.linear(self.features(tokens_btd)).softmax(-1)
+        logits_bc: Tensor = self.linear(self.features(tokens_btd))
+        return logits_bc.softmax(-1)
 
 
 class LinearSegmentHead(Head):
@@ -110,6 +113,8 @@ class TimmClassifierHead(Head):
 class ClipZeroShotHead(Head):
     """open_clip zero-shot: cosine of the image embedding with each prompt's text embedding, times CLIP's scale."""
 
+    text_ce: Tensor  # a buffer
+
     def __init__(self, bb: Backbone, text_ce: Tensor, scale: float) -> None:
         super().__init__()
         self._head = bb.head
@@ -118,7 +123,8 @@ class ClipZeroShotHead(Head):
 
     def forward(self, tokens_btd: Tensor, out_hw: tuple[int, int]) -> Float[Tensor, "b c"]:
         emb_be = self._head(tokens_btd)
-        emb_be = emb_be / emb_be.norm(dim=-1, keepdim=True)
+        norm_b1: Tensor = emb_be.norm(dim=-1, keepdim=True)  # Tensor.norm is not annotated
+        emb_be = emb_be / norm_b1
         return (self.scale * emb_be @ self.text_ce.T).softmax(-1)
 
 
@@ -131,7 +137,8 @@ class SaliencyHead(Head):
 
     def forward(self, tokens_btd: Tensor, out_hw: tuple[int, int]) -> Float[Tensor, "b 1 h w"]:
         patches = tokens_btd[:, self.lay.n_prefix :]
-        return self.decoder(patches, (self.lay.grid_h, self.lay.grid_w), out_hw)
+        probs: Tensor = self.decoder(patches, (self.lay.grid_h, self.lay.grid_w), out_hw)
+        return probs
 
 
 # --- ready heads ----------------------------------------------------------------------------------
@@ -155,13 +162,13 @@ def _saliency_head(bb: Backbone) -> Head:
 
 
 def _timm_head(bb: Backbone) -> Head:
-    n_classes = int(getattr(bb, "num_classes", 0))
-    if n_classes <= 0:
+    n_classes = bb.num_classes if isinstance(bb, TimmBackbone) else 0
+    if not isinstance(bb, TimmBackbone) or n_classes <= 0:
         raise ProbeError(
             f"{bb.spec} has no classifier of its own (timm head with 0 classes)",
             "train one with saevctl heads train --task classify, or use --head clip for open_clip models",
         )
-    names = bb.class_names() or [f"class {i}" for i in range(n_classes)]  # type: ignore[attr-defined]
+    names = bb.class_names() or [f"class {i}" for i in range(n_classes)]
     head = TimmClassifierHead(bb)
     head.setup("timm", "classify", names, *_final(bb))
     return head
@@ -172,7 +179,7 @@ def split_prompts(text: str) -> list[str]:
 
 
 def _clip_head(bb: Backbone, prompts: list[str]) -> Head:
-    if not hasattr(bb, "encode_text"):
+    if not isinstance(bb, OpenClipBackbone):
         raise ProbeError(
             f"--head clip needs an open_clip model, but this SAE reads {bb.spec}", "use --head timm or a trained head"
         )
@@ -180,8 +187,8 @@ def _clip_head(bb: Backbone, prompts: list[str]) -> Head:
         raise ProbeError(
             "--head clip needs at least two class prompts", 'pass --classes "a photo of a cat,a photo of a dog"'
         )
-    text_ce = bb.encode_text(prompts).float()  # type: ignore[attr-defined]
-    logit_scale = getattr(bb.clip, "logit_scale", None)  # type: ignore[attr-defined]
+    text_ce = bb.encode_text(prompts).float()
+    logit_scale = getattr(bb.clip, "logit_scale", None)
     scale = float(logit_scale.exp()) if logit_scale is not None else 100.0
     head = ClipZeroShotHead(bb, text_ce.clone(), scale)
     head.setup("clip", "classify", prompts, *_final(bb))
@@ -221,7 +228,7 @@ def read_head_header(dpath: Path) -> dict[str, Any]:
             "pass a folder written by saevctl heads train",
         )
     try:
-        header = json.loads(cpath.read_text())
+        header: dict[str, Any] = json.loads(cpath.read_text())
     except json.JSONDecodeError as e:
         raise ProbeError(f"{cpath} is corrupt", "train the head again") from e
     if header.get("format") != HEAD_FORMAT or header.get("schema_version") != layout.HEAD_SCHEMA:

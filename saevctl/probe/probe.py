@@ -12,48 +12,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from saevctl import layout
-from saevctl.config import coerce_paths, resolve_device
+from saevctl import layout, workspace
+from saevctl.config import resolve_device
 from saevctl.data import open_image
-from saevctl.errors import ProbeError
+from saevctl.probe.config import Config
 from saevctl.probe.edit import Clamp, apply_edit, make_plan, parse_clamp, parse_patches, static_mask
 from saevctl.probe.effects import classify_summary, dense_summary
 from saevctl.probe.figures import probe_figure
-from saevctl.probe.session import Prober, clamp_values, open_index_stats, resolve_sae_path
+from saevctl.probe.session import Prober, clamp_values, open_index_stats
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Config:
-    image: str
-    """Image file, or a demo photo as skimage:NAME (e.g. skimage:chelsea)."""
-    clamps: tuple[str, ...]
-    """FEATURE=VALUE edits: 6909=0 ablates, 6909=3.5 sets, 6909=2x sets twice its max activation; top=V edits
-    the image's most active feature."""
-    sae: Path | None = None
-    """SAE checkpoint folder (default: the workspace's SAE)."""
-    head: str | None = None
-    """saliency, timm, clip (with classes) or a trained head folder (default: saliency on the demo model, else timm)."""
-    classes: str | None = None
-    """Comma-separated prompts for --head clip."""
-    patches: str = "fired"
-    """all, fired (where each edited feature fires), r,c;r,c, or box:x0,y0,x1,y1 in model-input pixels."""
-    index: Path | None = None
-    """Mined index for Nx clamps (default: the workspace's index)."""
-    out: Path | None = None
-    """PNG path (default: probes/<image>_<clamps>.png)."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-    fast: bool = True
-    """Edit through the chosen features' columns only (False: the full encode/decode reference)."""
-
-    def __post_init__(self) -> None:
-        clamps = self.clamps.split(",") if isinstance(self.clamps, str) else self.clamps
-        object.__setattr__(self, "clamps", tuple(c.strip() for c in clamps if c.strip()))
-        coerce_paths(self, "sae", "index", "out")  # TOML gives strings
-        if not self.clamps:
-            raise ProbeError("no --clamp given", "pass at least one edit, e.g. --clamp 6909=0")
 
 
 @dataclass
@@ -109,9 +77,9 @@ def run(cfg: Config, prober: Prober | None = None) -> Result:
     bb, lay = prober.bb, prober.bb.layout
     stats = None
     if any(c.multiple for c in clamps):  # before any model work: a missing index is a quick error
-        stats = open_index_stats(cfg.index, resolve_sae_path(cfg.sae), prober.sae.cfg.n_latents)
+        stats = open_index_stats(cfg.index, workspace.resolve_sae_ref(cfg.sae), prober.sae.cfg.n_latents)
         named = [c for c in clamps if c.feature is not None]
-        clamp_values(named, [int(c.feature) for c in named], stats)  # type: ignore[arg-type]
+        clamp_values(named, [c.feature for c in named if c.feature is not None], stats)
     image_u8, x_bchw = prober.to_input([image])
     x_btd = prober.prefix(x_bchw)
     features = resolve_features(prober, clamps, x_btd)

@@ -15,32 +15,14 @@ from jaxtyping import Float
 from PIL import Image
 from torch import Tensor
 
+from saevctl import workspace
 from saevctl.errors import CheckpointError, IndexError_, ProbeError
 from saevctl.probe.edit import Clamp, check_features
 from saevctl.probe.heads import Head, head_tokens, resolve_head
+from saevctl.sae.compat import check_compatible
 from saevctl.vit import Backbone, load_backbone
 
 log = logging.getLogger(__name__)
-
-
-def workspace_default(key: str) -> str | None:
-    """The workspace default for sae/index, when the workspace module is part of this build."""
-    try:
-        from saevctl.workspace import get_default
-    except ModuleNotFoundError:
-        return None
-    return get_default(key)
-
-
-def resolve_sae_path(sae: Path | str | None) -> Path:
-    if sae is None:
-        default = workspace_default("sae")
-        if default is None:
-            raise CheckpointError(
-                "no --sae given and this workspace has no default SAE", "pass --sae path/to/checkpoint"
-            )
-        return Path(default)
-    return Path(sae).expanduser()
 
 
 def load_sae_and_backbone(sae_path: Path, device: str) -> tuple[Any, Backbone]:
@@ -52,12 +34,7 @@ def load_sae_and_backbone(sae_path: Path, device: str) -> tuple[Any, Backbone]:
     if not spec:
         raise CheckpointError(f"{sae_path} does not record the model it reads", "re-train it with saevctl train")
     bb = load_backbone(spec, device)
-    want = sae.cfg.model.get("weights_sha256")
-    if want and want != bb.weights_sha256:
-        raise ProbeError(
-            f"the SAE was trained on {spec} weights {want[:12]}, but {spec} now loads weights {bb.weights_sha256[:12]}",
-            "load the same model weights the store was extracted with",
-        )
+    check_compatible(sae.cfg, backbone=bb)
     return sae, bb
 
 
@@ -71,7 +48,7 @@ class FeatureStats:
 def open_index_stats(index: Path | str | None, sae_path: Path, n_latents: int) -> FeatureStats | None:
     """Max and frequency of every feature from the mined index (--index, else the workspace's if it has this SAE)."""
     explicit = index is not None
-    ref = str(index) if explicit else workspace_default("index")
+    ref = str(index) if explicit else workspace.get_default("index")
     if ref is None:
         return None
     fpath = Path(ref).expanduser()
@@ -133,7 +110,7 @@ class Prober:
     @classmethod
     def load(cls, sae_path: Path | str | None, head: str | None, classes: str | None, device: str) -> Prober:
         """Load the SAE, its ViT and the head (default: saliency on the demo model, clip with classes, else timm)."""
-        sae, bb = load_sae_and_backbone(resolve_sae_path(sae_path), device)
+        sae, bb = load_sae_and_backbone(workspace.resolve_sae_ref(sae_path), device)
         if head is None:
             head = "saliency" if bb.spec == "demo" else ("clip" if classes else "timm")
         return cls(sae, bb, resolve_head(head, bb, classes))
@@ -150,10 +127,12 @@ class Prober:
         return self.bb.forward_to(x_bchw, [self.layer])[self.layer]
 
     @torch.no_grad()
-    def outputs(self, x_btd: Tensor, chunk: int | None = None) -> Tensor:
-        """Head probabilities from the (edited) residual stream after the SAE's layer, `chunk` rows at a time."""
+    def outputs(self, x_btd: Tensor, chunk: int | None = None, out_hw: tuple[int, int] | None = None) -> Tensor:
+        """Head probabilities from the (edited) residual stream after the SAE's layer, `chunk` rows at a time;
+        dense heads answer at `out_hw` (default: the model input's size)."""
         chunk = chunk or len(x_btd)
-        return torch.cat([self.head(head_tokens(self.bb, self.layer, x_btd[i : i + chunk], self.head), self.out_hw)
+        hw = out_hw or self.out_hw
+        return torch.cat([self.head(head_tokens(self.bb, self.layer, x_btd[i : i + chunk], self.head), hw)
                           for i in range(0, len(x_btd), chunk)])
 
     def variant_chunk(self, n: int) -> int | None:

@@ -17,65 +17,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from saevctl import layout
-from saevctl.config import coerce_paths, resolve_device
+from saevctl.config import resolve_device
 from saevctl.data import ImageRecord, open_image, resolve_images
-from saevctl.data.masks import IGNORED, mask_geometry, read_classes
+from saevctl.data.masks import IGNORED, MaskSet, check_masks, mask_geometry, read_classes
 from saevctl.errors import InputError, SaevctlError
+from saevctl.probe.config import HeadTrainConfig
 from saevctl.probe.heads import LinearClassifyHead, LinearSegmentHead, describe_model, save_head
 from saevctl.vit import Backbone, load_backbone
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
-
-
-@dataclass(frozen=True)
-class HeadTrainConfig:
-    task: str
-    """classify (labels from ImageFolder subfolders) or segment (PNG masks of class indices)."""
-    images: str
-    """Image folder (ImageFolder layout for classify), .txt list, or demo[:N]."""
-    model: str = "demo"
-    """Model spec the head reads: demo, timm:NAME, local-dir:/path, hf-hub:org/name, open_clip:ARCH/PRETRAINED."""
-    masks: Path | None = None
-    """segment: folder of PNG masks, one per image with the same file stem (searched recursively)."""
-    class_names: Path | None = None
-    """segment: one class name per line (line i names mask value i), or ADE20K's objectInfo150.csv; default:
-    the mask folder's own class file as `extract --masks` finds it (value 0 then means 'other')."""
-    out: Path | None = None
-    """Head folder (default heads/<task>)."""
-    layer: int = -1
-    """Block whose output the head reads; -1 (the last) means the final tokens after the model's norm."""
-    pool: str = "auto"
-    """classify: cls, mean (of the patch tokens), or auto (cls when the model has a CLS token)."""
-    val_fraction: float = 0.2
-    """Share of the images held out for validation."""
-    epochs: int = 300
-    """Passes of AdamW over the cached token features."""
-    lr: float = 1e-2
-    """AdamW learning rate (features are standardised first)."""
-    weight_decay: float = 1e-3
-    """AdamW weight decay."""
-    ignore_index: int = 255
-    """segment: mask value that marks unlabelled pixels."""
-    batch_size: int = 32
-    """Images per forward pass while caching features."""
-    max_images: int | None = None
-    """Use only the first N images."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-    seed: int = 0
-    """Seed for the validation split and the initialisation."""
-
-    def __post_init__(self) -> None:
-        coerce_paths(self, "masks", "class_names", "out")  # TOML gives strings
-        if self.task not in ("classify", "segment"):
-            raise InputError(f"unknown --task {self.task!r}", "use classify or segment")
-        if self.task == "segment" and self.masks is None:
-            raise InputError("--task segment needs --masks DIR", "pass the folder of PNG masks")
-        if self.pool not in ("auto", "cls", "mean"):
-            raise InputError(f"unknown --pool {self.pool!r}", "use auto, cls or mean")
-        if not 0 < self.val_fraction < 1:
-            raise InputError("--val-fraction must be between 0 and 1", "e.g. 0.2")
 
 
 @dataclass
@@ -113,12 +64,16 @@ def _mask_folder_classes(masks: Path) -> tuple[str, ...] | None:
 
 
 def _pair_masks(records: list[ImageRecord], masks: Path) -> list[tuple[ImageRecord, Path]]:
+    """Each image with its mask (the same file stem); a mask whose size differs from its image's is refused, as
+    `extract --masks` refuses it (headers only, before any compute)."""
     if not masks.is_dir():
         raise InputError(f"mask folder {masks} does not exist", "pass --masks DIR with one PNG per image")
     by_stem = {p.stem: p for p in sorted(masks.rglob("*.png"))}
     pairs = [(r, by_stem[Path(r.path).stem]) for r in records if Path(r.path).stem in by_stem]
     if not pairs:
         raise InputError(f"no mask in {masks} matches an image's file name", "masks are PNGs named like their images")
+    # The pairs as a MaskSet, for the one size check extract and eval use (a head's mask folder needs no class file).
+    check_masks(MaskSet(masks, (), {Path(m).stem: (m,) for _, m in pairs}), [r for r, _ in pairs])
     if len(pairs) < len(records):
         log.warning("%d images have no mask and are skipped", len(records) - len(pairs))
     return pairs
@@ -141,8 +96,8 @@ def patch_labels(labels_hw: np.ndarray, grid_h: int, grid_w: int) -> np.ndarray:
     """The most common labelled class in each patch (-1 when a patch has no labelled pixel)."""
     h, w = labels_hw.shape
     ph, pw = h // grid_h, w // grid_w
-    cells = labels_hw[: grid_h * ph, : grid_w * pw].reshape(grid_h, ph, grid_w, pw).transpose(0, 2, 1, 3)
-    cells = cells.reshape(grid_h * grid_w, ph * pw)
+    blocks = labels_hw[: grid_h * ph, : grid_w * pw].reshape(grid_h, ph, grid_w, pw).transpose(0, 2, 1, 3)
+    cells = blocks.reshape(grid_h * grid_w, ph * pw)
     out = np.full(grid_h * grid_w, -1, np.int64)
     for i, cell in enumerate(cells):
         vals = cell[cell >= 0]
@@ -230,17 +185,28 @@ def _header(cfg: HeadTrainConfig, bb: Backbone, layer: int, classes: list[str], 
 
 
 def train_head(
-    cfg: HeadTrainConfig, progress: Progress | None = None, backbone: Backbone | None = None
+    cfg: HeadTrainConfig, progress: Progress | None = None, backbone: Backbone | None = None,
+    on_total: Progress | None = None,
 ) -> HeadTrainResult:
-    """Cache the head's input features for every image, fit a linear head, evaluate it, save it."""
+    """Cache the head's input features for every image, fit a linear head, evaluate it, save it.
+
+    `on_total(n)` is told the number of images once they are listed (`progress` advances once per image)."""
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     records = list(resolve_images(cfg.images, cfg.max_images).records)
+    if on_total:
+        on_total(len(records))
+    pairs = _pair_masks(records, cfg.masks) if cfg.masks is not None and cfg.task == "segment" else []
     bb = backbone if backbone is not None else load_backbone(cfg.model, device)
     layer = bb.check_layer(cfg.layer)
     out = cfg.out or layout.heads_dpath() / cfg.task
-    fit = _train_classify if cfg.task == "classify" else _train_segment
-    classes, metrics, extra, w, b, n_tr, n_val = fit(cfg, bb, layer, records, device, progress)
+    if cfg.task == "classify":
+        fitted = _train_classify(cfg, bb, layer, records, device, progress)
+    else:
+        if progress and len(pairs) < len(records):
+            progress(len(records) - len(pairs))  # images without a mask are skipped
+        fitted = _train_segment(cfg, bb, layer, pairs, device, progress)
+    classes, metrics, extra, w, b, n_tr, n_val = fitted
     save_head(out, w, b, _header(cfg, bb, layer, classes, metrics, extra))
     return HeadTrainResult(out, cfg.task, classes, n_tr, n_val, metrics, time.perf_counter() - t0)
 
@@ -257,27 +223,28 @@ def _train_classify(cfg: HeadTrainConfig, bb: Backbone, layer: int, records: lis
     n_c = len(classes)
     probe = LinearClassifyHead(torch.zeros(n_c, bb.d_model), torch.zeros(n_c), pool, bb.layout.n_prefix)
     labelled = [r for r in records if r.label is not None]
+    labels = [r.label for r in labelled if r.label is not None]  # aligned with `labelled`
     if progress and len(labelled) < len(records):
         progress(len(records) - len(labelled))  # unlabelled images are skipped
     kept, x = _features(bb, layer, labelled, cfg, device, probe.features, progress)
-    y = torch.tensor([classes.index(labelled[i].label) for i in kept], device=x.device)  # type: ignore[arg-type]
+    y = torch.tensor([classes.index(labels[i]) for i in kept], device=x.device)
     tr, va = _split(len(kept), cfg)
     w, b = _fit(x[tr], y[tr], len(classes), cfg)
-    acc = lambda idx: float(((x[idx] @ w.T + b).argmax(-1) == y[idx]).float().mean())  # noqa: E731
+
+    def acc(idx: np.ndarray) -> float:
+        return float(((x[idx] @ w.T + b).argmax(-1) == y[idx]).float().mean())
+
     metrics = {"val_accuracy": acc(va), "train_accuracy": acc(tr)}
     return classes, metrics, {"pool": pool}, w, b, len(tr), len(va)
 
 
-def _train_segment(cfg: HeadTrainConfig, bb: Backbone, layer: int, records: list[ImageRecord], device: str,
-                   progress: Progress | None) -> tuple[Any, ...]:
+def _train_segment(cfg: HeadTrainConfig, bb: Backbone, layer: int, pairs: list[tuple[ImageRecord, Path]],
+                   device: str, progress: Progress | None) -> tuple[Any, ...]:
     assert cfg.masks is not None
-    pairs = _pair_masks(records, Path(cfg.masks))
-    if progress and len(pairs) < len(records):
-        progress(len(records) - len(pairs))  # images without a mask are skipped
     ignore = cfg.ignore_index
     if cfg.class_names is not None:
         classes, offset = read_class_names(cfg.class_names)
-    elif (found := _mask_folder_classes(Path(cfg.masks))) is not None:
+    elif (found := _mask_folder_classes(cfg.masks)) is not None:
         # the folder's own class file, read as `extract --masks` reads it: value 0 is 'other', never a class
         classes, offset, ignore = list(found), 0, IGNORED
     else:

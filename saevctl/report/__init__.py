@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING
 from saevctl.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from saevctl.report.pipeline import Config, Result, count_pages, run
+    from saevctl.report.config import Config
+    from saevctl.report.pipeline import Result, count_pages, run
 
 __all__ = ["Config", "Result", "count_pages", "run"]
 __getattr__ = lazy_exports(
     __name__,
     {
-        "Config": "saevctl.report.pipeline",
+        "Config": "saevctl.report.config",
         "Result": "saevctl.report.pipeline",
         "count_pages": "saevctl.report.pipeline",
         "run": "saevctl.report.pipeline",

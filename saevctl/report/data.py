@@ -1,7 +1,7 @@
-"""Bulk reads of a mined index for the report: whole feature tables, sparse histograms and exemplars of a
-range of features per query (the per-feature Index methods would cost several queries per page).
+"""The report's view of a mined index: whole feature tables, sparse histograms and exemplars of a range of
+features per query (the per-feature Index methods would cost several queries per page).
 
-Everything goes through an `Index` opened read-only, with bound parameters, on the schema in saevctl/mine/schema.py.
+Everything goes through the bulk-read methods of an `Index` opened read-only; no SQL here.
 """
 
 from __future__ import annotations
@@ -9,14 +9,17 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from saevctl.errors import IndexError_, OutputError
+from saevctl.mine.schema import STAT_COLUMNS as STAT_COLUMNS  # the columns feature_table returns
+
+if TYPE_CHECKING:
+    from saevctl.mine.index import Index
 
 log = logging.getLogger(__name__)
-STAT_COLUMNS = ("freq", "img_freq", "mean", "mean_all", "max", "img_mean", "n_fired")
 
 
 @dataclass(frozen=True)
@@ -31,53 +34,27 @@ class Exemplar:
     """Per-patch activations on the patch grid (float32), None for CLS exemplars."""
 
 
-def feature_table(idx: Any, sae_id: str, token: str) -> dict[str, np.ndarray]:
-    """Every feature's statistics as numpy columns, indexed by feature id (length n_latents)."""
-    cols = ", ".join(STAT_COLUMNS)
-    got = idx.con.execute(
-        f"SELECT feature, {cols} FROM features WHERE sae_id = ? AND token = ? ORDER BY feature",
-        [sae_id, token]).fetchnumpy()
-    n = idx.n_features(sae_id)
-    out = {c: np.zeros(n, dtype=np.int64 if c == "n_fired" else np.float64) for c in STAT_COLUMNS}
-    feat = np.asarray(got["feature"], dtype=np.int64)
-    for c in STAT_COLUMNS:
-        out[c][feat] = np.asarray(got[c])
-    return out
+def feature_table(idx: Index, sae_id: str, token: str) -> dict[str, np.ndarray]:
+    """Every feature's statistics as numpy columns (STAT_COLUMNS), indexed by feature id (length n_latents)."""
+    return idx.feature_table(sae_id, token)
 
 
-def histograms(idx: Any, sae_id: str, token: str) -> dict[int, np.ndarray]:
-    """Each feature's counts over the log10 bins of saevctl.mine.scan.hist_edges (only features that fired)."""
-    from saevctl.mine.scan import hist_edges
-
-    n_bins = len(hist_edges())
-    got = idx.con.execute(
-        "SELECT feature, bin, count FROM histograms WHERE sae_id = ? AND token = ? ORDER BY feature, bin",
-        [sae_id, token]).fetchnumpy()
-    out: dict[int, np.ndarray] = {}
-    for f, b, c in zip(np.asarray(got["feature"]), np.asarray(got["bin"]), np.asarray(got["count"])):
-        out.setdefault(int(f), np.zeros(n_bins, dtype=np.int64))[int(b)] = int(c)
-    return out
+def histograms(idx: Index, sae_id: str, token: str) -> dict[int, np.ndarray]:
+    """Each feature's counts over the log10 bins of saevctl.mine.schema.hist_edges (only features that fired)."""
+    return idx.histogram_table(sae_id, token)
 
 
-def exemplars(idx: Any, sae_id: str, token: str, lo: int, hi: int, k: int, grid: tuple[int, int]) -> dict[int, list[Exemplar]]:
+def exemplars(idx: Index, sae_id: str, token: str, lo: int, hi: int, k: int,
+              grid: tuple[int, int]) -> dict[int, list[Exemplar]]:
     """The top-k exemplars of features lo..hi (inclusive), best first, in one query."""
-    store_id = idx.sae_info(sae_id)["store_id"]
-    rows = idx.con.execute(
-        "SELECT e.feature, e.rank, e.image_id, i.path, i.label, e.value, e.n_fired, e.acts FROM exemplars e "
-        "LEFT JOIN images i ON i.store_id = ? AND i.image_id = e.image_id "
-        "WHERE e.sae_id = ? AND e.token = ? AND e.feature BETWEEN ? AND ? AND e.rank < ? ORDER BY e.feature, e.rank",
-        [store_id, sae_id, token, int(lo), int(hi), int(k)]).fetchall()
     out: dict[int, list[Exemplar]] = {}
     n_patches = grid[0] * grid[1]
-    for f, rank, image_id, path, label, value, n_fired, blob in rows:
-        acts = None
-        if blob:
-            # Same encoding the mine writer uses: little-endian float16 over the patch grid, row-major.
-            flat = np.frombuffer(blob, dtype="<f2").astype(np.float32)
-            acts = flat.reshape(grid) if flat.size == n_patches else None
-        out.setdefault(int(f), []).append(Exemplar(
-            int(rank), int(image_id), str(path or f"image {image_id}"), None if label is None else str(label),
-            float(value), int(n_fired or 0), acts))
+    for r in idx.exemplar_range(sae_id, lo, hi, k, token):
+        flat, image_id, label = r["acts"], int(r["image_id"]), r["label"]
+        acts = flat.reshape(grid) if flat.size == n_patches else None
+        out.setdefault(int(r["feature"]), []).append(Exemplar(
+            int(r["rank"]), image_id, str(r["path"] or f"image {image_id}"), None if label is None else str(label),
+            float(r["value"]), int(r["n_fired"] or 0), acts))
     return out
 
 
@@ -90,7 +67,7 @@ def majority_label(exs: list[Exemplar]) -> tuple[str, float] | None:
     return label, count / len(exs)
 
 
-def neighbours(idx: Any, sae_id: str, features: np.ndarray, n: int) -> dict[int, list[tuple[int, float]]] | None:
+def neighbours(idx: Index, sae_id: str, features: np.ndarray, n: int) -> dict[int, list[tuple[int, float]]] | None:
     """The n nearest other features of each given feature by decoder cosine, in one batched faiss search;
     None (and a warning) when the index lacks this SAE's decoder directions."""
     from saevctl.mine import vectors
@@ -106,12 +83,12 @@ def neighbours(idx: Any, sae_id: str, features: np.ndarray, n: int) -> dict[int,
         return None
     sims_fk, ids_fk = vectors.search(fx, w_sd[np.asarray(features, dtype=np.int64)], n + 1)
     out = {}
-    for f, sims, ids in zip(features, sims_fk, ids_fk):
-        out[int(f)] = [(int(i), float(s)) for i, s in zip(ids, sims) if i >= 0 and i != f][:n]
+    for f, sims, ids in zip(features, sims_fk, ids_fk, strict=True):
+        out[int(f)] = [(int(i), float(s)) for i, s in zip(ids, sims, strict=True) if i >= 0 and i != f][:n]
     return out
 
 
-def feature_labels(idx: Any, sae_id: str) -> dict[int, list[dict[str, Any]]]:
+def feature_labels(idx: Index, sae_id: str) -> dict[int, list[dict[str, Any]]]:
     """Each feature's label rows from `features label` (one per level, patch first); empty when not labelled."""
     out: dict[int, list[dict[str, Any]]] = {}
     for r in idx.feature_labels(sae_id):

@@ -12,15 +12,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from saevctl import atomic, layout, workspace
-from saevctl.errors import IndexError_, InputError
-from saevctl.report import data, pages, pictures, site
+from saevctl.errors import IndexError_
+from saevctl.mine.schema import hist_edges
+from saevctl.report import config, data, pages, pictures, site
 from saevctl.report.assets import CSS
+from saevctl.report.config import Config
 
+if TYPE_CHECKING:
+    from saevctl.mine.index import Index
+
+__all__ = ["Config", "Result", "count_pages", "run"]
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
 # Features whose exemplars are read per query, and per batch handed to a drawing process.
@@ -28,40 +34,8 @@ CHUNK_FEATURES = 256
 BATCH_FEATURES = 16
 
 
-@dataclass(frozen=True)
-class Config:
-    index: Path | None = None
-    """Mined DuckDB index (default: the one last mined in this workspace)."""
-    out: Path = field(default_factory=layout.default_report_dpath)
-    """Folder of the site (default ./report); replaced as a whole when it holds an earlier report."""
-    saes: tuple[str, ...] = ()
-    """SAEs to include, as ids, id prefixes or checkpoint paths (default: every SAE in the index)."""
-    k: int | None = None
-    """Exemplars per feature grid (default: all the index keeps, its --top-k)."""
-    cols: int = 5
-    """Tiles per grid row."""
-    neighbours: int = 10
-    """Nearest features (decoder cosine) listed on each page."""
-    workers: int | None = None
-    """Drawing processes (0: draw in this process; default: one per core up to 8, none for small reports)."""
-    max_features: int | None = None
-    """Write pages only for this many live features per SAE, the most frequent first (default: all)."""
-    image_format: str = "png"
-    """png, or jpeg (about 5x smaller grids for SAEs with tens of thousands of live features)."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "out", Path(self.out))
-        if self.index is not None:
-            object.__setattr__(self, "index", Path(self.index))
-        object.__setattr__(self, "saes", tuple(str(s) for s in self.saes))
-        if self.image_format not in pictures.FORMATS:
-            raise InputError(f"unknown image format {self.image_format!r}", "use png or jpeg")
-        if (self.k is not None and self.k < 1) or self.cols < 1 or self.neighbours < 0:
-            raise InputError("--k and --cols must be positive and --neighbours not negative", "pass positive numbers")
-        if self.max_features is not None and self.max_features < 1:
-            raise InputError("--max-features must be positive", "pass a positive number, or leave it out for all")
-        if self.workers is not None and self.workers < 0:
-            raise InputError("--workers must be 0 or more", "pass 0 to draw in one process")
+# The Config (torch- and numpy-free, for --help) lives in report/config.py; kept importable from here.
+assert set(config.IMAGE_FORMATS) == set(pictures.FORMATS)
 
 
 @dataclass(frozen=True)
@@ -82,20 +56,11 @@ def resolve_index(index: Path | None) -> Path:
     return workspace.index_or_default(index)
 
 
-def _sae_ids(idx: Any, refs: tuple[str, ...]) -> list[str]:
+def _sae_ids(idx: Index, refs: tuple[str, ...]) -> list[str]:
     ids = [idx.resolve_sae(r) for r in refs] if refs else idx.sae_ids()
     if not ids:
         raise IndexError_(f"the index {idx.fpath} holds no mined SAE", "run saevctl mine --sae CKPT --store DIR")
     return list(dict.fromkeys(ids))
-
-
-def _fired(idx: Any, sae_id: str, tokens: tuple[str, ...], limit: int | None = None) -> np.ndarray:
-    """Features that fired on any mined token kind (the `limit` most frequent when given), ascending."""
-    rows = idx.con.execute(
-        "SELECT feature FROM features WHERE sae_id = ? AND n_fired > 0 AND list_contains(?, token) "
-        "GROUP BY feature ORDER BY max(freq) DESC, feature LIMIT ?",
-        [sae_id, list(tokens), limit if limit is not None else 2**62]).fetchall()
-    return np.sort(np.asarray([r[0] for r in rows], dtype=np.int64))
 
 
 def count_pages(cfg: Config) -> int:
@@ -103,7 +68,7 @@ def count_pages(cfg: Config) -> int:
     from saevctl.mine import Index
 
     with Index.open(resolve_index(cfg.index)) as idx:
-        return sum(len(_fired(idx, s, idx.tokens(s), cfg.max_features)) for s in _sae_ids(idx, cfg.saes))
+        return sum(len(idx.fired_features(s, idx.tokens(s), cfg.max_features)) for s in _sae_ids(idx, cfg.saes))
 
 
 def _summary(info: dict[str, Any]) -> str:
@@ -131,14 +96,12 @@ class _SaeContext:
     """Each feature's rows of features label (patch level first)."""
 
 
-def _context(idx: Any, sae_id: str, position: int, root: Path, cfg: Config) -> tuple[_SaeContext, np.ndarray]:
-    from saevctl.mine.scan import hist_edges
-
+def _context(idx: Index, sae_id: str, position: int, root: Path, cfg: Config) -> tuple[_SaeContext, np.ndarray]:
     info = idx.sae_info(sae_id)
     tokens = info["tokens"]
     dname = layout.report_sae_dname(sae_id, position)
-    fired = _fired(idx, sae_id, tokens, cfg.max_features)
-    n_live = len(fired) if cfg.max_features is None else len(_fired(idx, sae_id, tokens))
+    fired = idx.fired_features(sae_id, tokens, cfg.max_features)
+    n_live = len(fired) if cfg.max_features is None else len(idx.fired_features(sae_id, tokens))
     sae = {"sae_id": sae_id, "dname": dname, "anchor": f"sae-{position}", "summary": _summary(info),
            "model_spec": info["model_spec"], "layer": info["layer"], "n_latents": int(info["n_latents"]),
            "n_images": int(info["n_images"]), "n_pages": len(fired), "n_skipped": int(info["n_latents"]) - n_live,
@@ -179,7 +142,7 @@ def _feature(ctx: _SaeContext, f: int, exs: dict[str, dict[int, list[data.Exempl
     return pictures.Job(f, grids), row
 
 
-def _write_sae(idx: Any, sae_id: str, position: int, root: Path, cfg: Config,
+def _write_sae(idx: Index, sae_id: str, position: int, root: Path, cfg: Config,
                progress: Progress | None) -> tuple[dict[str, Any], list[list[Any]]]:
     """Pages and pictures of one SAE, a chunk of features at a time; returns its summary and table rows."""
     ctx, fired = _context(idx, sae_id, position, root, cfg)

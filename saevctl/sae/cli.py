@@ -7,24 +7,24 @@ from typing import Any
 
 import typer
 
+from saevctl.cliconfig import config_command
+from saevctl.sae.config import ImportConfig
+
 sae_app = typer.Typer(help="Inspect SAE checkpoints and import SAEs made by other tools.", no_args_is_help=True)
 
 
-@sae_app.command("import")
-def import_(
-    src: Path = typer.Argument(..., help="A saev sae.pt file (or its folder), or a SAELens/sparsify folder (cfg.json + safetensors)."),
-    out: Path = typer.Option(..., "--out", "-o", help="New checkpoint folder to write."),
-    layer: int = typer.Option(None, "--layer", help="Record the ViT block it reads (not stored by every source)."),
-) -> None:
+@config_command(sae_app, "import", ImportConfig)
+def import_(cfg: ImportConfig) -> None:
     """Convert an SAE from the reference saev project or SAELens/sparsify into a saevctl checkpoint."""
     from saevctl.console import say_path
     from saevctl.sae.convert import import_sae
 
-    dpath = import_sae(src, out, layer)
+    dpath = import_sae(cfg.src, cfg.out, cfg.layer)
     _info_table(dpath)
     say_path("sae", dpath)
 
 
+# `info` takes one path and no settings, so it needs no Config.
 @sae_app.command("info")
 def info(ckpt: Path = typer.Argument(..., help="Checkpoint folder (or a one-SAE saevctl train --out folder).")) -> None:
     """Print an SAE's architecture, shapes, normalisation and training provenance."""
@@ -58,17 +58,19 @@ def _info_table(ckpt: Path) -> None:
     m = cfg.model
     t.add_row("model", f"{m.get('spec', '?')} ({m.get('arch', '?')}, sha256 {str(m.get('weights_sha256', '?'))[:12]})"
               if m else "unknown (imported or hand-made)")
-    t.add_row("layer / tokens", f"{cfg.layer if cfg.layer >= 0 else '?'} / {', '.join(cfg.tokens)}")
+    t.add_row("layer / tokens", f"{'?' if cfg.layer is None or cfg.layer < 0 else cfg.layer} / {', '.join(cfg.tokens)}")
     tr = cfg.train
     if "imported_from" in tr:
         t.add_row("imported", f"{tr.get('source_format')} from {tr['imported_from']}")
+        t.add_row("source version", str(tr.get("source_version", "not recorded")))
     elif tr:
         t.add_row("training", f"{tr.get('steps', '?')}/{tr.get('n_steps', '?')} steps x {tr.get('batch_size', '?')} "
                   f"tokens, lr {_fmt(tr.get('lr'))}, L1 {_fmt(tr.get('sparsity'))}, seed {tr.get('seed')}, "
                   f"store {tr.get('store')}")
         final = tr.get("final") or {}
         if final:
-            t.add_row("final metrics", ", ".join(f"{k} {_fmt(final[k])}" for k in ("mse", "fvu", "l0", "dead", "dense") if k in final))
+            shown = [f"{k} {_fmt(final[k])}" for k in ("mse", "fvu", "l0", "dead", "dense") if k in final]
+            t.add_row("final metrics", ", ".join(shown))
     t.add_row("weights sha256", str(h.get("weights_sha256", "?")))
     console.print(t)
 

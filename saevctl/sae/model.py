@@ -18,8 +18,11 @@ from torch import Tensor, nn
 
 from saevctl import atomic, layout
 from saevctl.errors import CheckpointError
+from saevctl.workspace import resolve_ckpt
 
 ACTIVATIONS = ("relu", "topk", "batchtopk")
+# A latent is dense when it fires on more than this share of tokens: one definition for training and eval.
+DENSE_RATE = 0.01
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,8 @@ class SAEConfig:
     """Nested prefix sizes each trained to reconstruct (empty: off)."""
     model: dict[str, Any] = field(default_factory=dict)
     """The ViT it reads: spec, arch, weights_sha256 (from the store manifest)."""
-    layer: int = -1
-    """The block whose output it encodes."""
+    layer: int | None = None
+    """The block whose output it encodes, >= 0; None when unknown (imported without --layer), read as the last block."""
     tokens: tuple[str, ...] = ("patches",)
     """Token kinds it was trained on."""
     train: dict[str, Any] = field(default_factory=dict)
@@ -68,7 +71,13 @@ class SAEOutput(NamedTuple):
 
 
 class SAE(nn.Module):
-    """x_norm = (x - mean) * scale; f = act((x_norm - b_dec) W_enc + b_enc); x_hat = (f W_dec + b_dec) / scale + mean."""
+    """x_norm = (x - mean) * scale; f = act((x_norm - b_dec) W_enc + b_enc);
+    x_hat = (f W_dec + b_dec) / scale + mean."""
+
+    # Buffers (saved with the weights); declared so that type checkers see tensors, not Module attributes.
+    act_mean: Tensor
+    act_scale: Tensor
+    threshold: Tensor
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
@@ -170,23 +179,3 @@ class SAE(nn.Module):
             raise CheckpointError(f"{wpath} cannot be read ({type(e).__name__})", "re-train or re-save it") from e
         sae.header = header
         return sae.to(device).eval()
-
-
-def resolve_ckpt(dpath: Path) -> Path:
-    """A checkpoint folder from itself, one of its files, or a one-SAE `saevctl train --out` folder."""
-    if dpath.is_file():
-        return dpath.parent
-    sweep = layout.train_sweep_fpath(dpath)
-    if not layout.sae_config_fpath(dpath).is_file() and sweep.is_file():
-        try:
-            runs = json.loads(sweep.read_text()).get("runs", [])
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{sweep} is corrupt", "re-run saevctl train --resume to rewrite it") from e
-        if len(runs) == 1:
-            return layout.train_run_dpath(dpath, runs[0]["name"])
-        names = ", ".join(r["name"] for r in runs[:3])
-        raise CheckpointError(
-            f"{dpath} holds {len(runs)} SAEs from a sweep",
-            f"pass one of its folders, e.g. {dpath / runs[0]['name']} (runs: {names}{', ...' if len(runs) > 3 else ''})",
-        )
-    return dpath

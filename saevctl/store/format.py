@@ -19,7 +19,11 @@ if TYPE_CHECKING:
     import torch
 
 # numpy has no bfloat16: its bits are stored as uint16 and viewed as torch.bfloat16 on read.
-NP_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16), "float32": np.dtype(np.float32)}
+NP_DTYPES: dict[str, np.dtype[Any]] = {
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(np.uint16),
+    "float32": np.dtype(np.float32),
+}
 FLOAT16_MAX = 65504.0
 TOKEN_KINDS = ("patches", "cls", "registers")
 STORE_FORMAT = "saevctl-activation-store"
@@ -94,8 +98,9 @@ def from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
 
 def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
     """Stored bfloat16 bits (uint16) as float32: a bfloat16 is the top half of a float32, so this is exact."""
-    wide = bits.astype(np.uint32)
-    wide <<= 16  # in place: a 0-d array stays an array
+    # ascontiguousarray as in from_numpy, so a 0-d row comes back with shape (1,) as it did through torch.
+    wide = np.ascontiguousarray(bits).astype(np.uint32)
+    wide <<= 16
     return wide.view(np.float32)
 
 

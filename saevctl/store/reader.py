@@ -127,7 +127,7 @@ class LayerView:
     arrays: dict[str, ShardedArray]
 
     def __getattr__(self, kind: str) -> ShardedArray:
-        arrays = self.__dict__.get("arrays", {})
+        arrays: dict[str, ShardedArray] = self.__dict__.get("arrays", {})
         if kind in arrays:
             return arrays[kind]
         raise AttributeError(f"layer {self.__dict__.get('layer')} stores no {kind!r} tokens (has {sorted(arrays)})")
@@ -187,7 +187,7 @@ class Store:
         fpath = layout.store_shard_dpath(self.dpath, shard["index"]) / layout.shard_array_name(layer, kind)
         hint = "delete the store and run saevctl extract again"
         try:
-            part = np.load(fpath, mmap_mode="r", allow_pickle=False)
+            part: np.ndarray = np.load(fpath, mmap_mode="r", allow_pickle=False)
         except FileNotFoundError as e:
             raise StoreError(f"the store at {self.dpath} is damaged: {fpath} is missing", hint) from e
         except (ValueError, OSError) as e:
@@ -250,7 +250,7 @@ class Store:
             return None
         fpath = layout.store_patch_labels_fpath(self.dpath)
         try:
-            arr = np.load(fpath, mmap_mode="r", allow_pickle=False)
+            arr: np.ndarray = np.load(fpath, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:
             raise StoreError(f"the labels of {self.dpath} are damaged: {fpath} is unreadable",
                              "run the same saevctl extract --masks command again") from e

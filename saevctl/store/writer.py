@@ -5,6 +5,7 @@ The manifest is written first (complete=false) and rewritten with counts once ev
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -18,6 +19,11 @@ import saevctl
 from saevctl import atomic, layout
 from saevctl.errors import OutputError, StoreError
 from saevctl.store.format import STORE_FORMAT, kind_shape, read_manifest
+
+
+def _masks_name(masks: Any) -> str:
+    """A store's mask folder, for messages (its class list is too long to print)."""
+    return str((masks or {}).get("dpath") or "none")
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -37,9 +43,8 @@ def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
             if a != b:
                 parts.append(f"images {a.get('spec')} ({a.get('n')}) vs {b.get('spec')} ({b.get('n')})")
         elif key == "masks" and a != b:
-            name = lambda m: (m or {}).get("dpath") or "none"  # noqa: E731 - the class list is too long to print
-            same = name(a) == name(b)
-            parts.append(f"masks {name(a)} vs {name(b)}" + (" (other class names)" if same else ""))
+            same = _masks_name(a) == _masks_name(b)
+            parts.append(f"masks {_masks_name(a)} vs {_masks_name(b)}" + (" (other class names)" if same else ""))
         elif a != b:
             parts.append(f"{key} {a} vs {b}")
     return "; ".join(parts) or "settings"
@@ -81,10 +86,10 @@ def npy_header(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes:
     return b"\x93NUMPY\x01\x00" + body_len.to_bytes(2, "little") + body
 
 
-def write_rows(f: Any, arr: np.ndarray) -> None:
+def write_rows(f: io.BufferedIOBase, arr: np.ndarray) -> None:
     """Append one chunk of rows to an open shard file (one function, so tests can make the disk fill up)."""
     if arr.size:
-        f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+        f.write(np.ascontiguousarray(arr).data.cast("B"))
 
 
 class ShardStream:
@@ -95,8 +100,8 @@ class ShardStream:
         self.final = layout.store_shard_dpath(writer.dpath, index)
         self.tmp = self.final.with_name(f".{self.final.name}.tmp")
         self.spec = arrays
-        self.rows = {key: 0 for key in arrays}
-        self.files: dict[tuple[int, str], Any] = {}
+        self.rows = dict.fromkeys(arrays, 0)
+        self.files: dict[tuple[int, str], io.BufferedIOBase] = {}
         with atomic.translate_os_errors(self.final):
             if self.tmp.exists():
                 shutil.rmtree(self.tmp)
@@ -133,10 +138,10 @@ class ShardStream:
                 f.close()
             text = "".join(json.dumps(im) + "\n" for im in images)
             atomic_text = self.tmp / layout.shard_images_name()
-            with open(atomic_text, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
+            with open(atomic_text, "w") as tf:
+                tf.write(text)
+                tf.flush()
+                os.fsync(tf.fileno())
             os.replace(self.tmp, self.final)
             atomic.fsync_dir(self.final.parent)
 
@@ -179,7 +184,9 @@ class StoreWriter:
         d.mkdir(parents=True, exist_ok=True)
         self._write_manifest(complete=False, shards=[])
 
-    def _write_manifest(self, complete: bool, shards: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
+    def _write_manifest(
+        self, complete: bool, shards: list[dict[str, Any]], extra: dict[str, Any] | None = None
+    ) -> None:
         manifest = {
             "schema_version": layout.STORE_SCHEMA,
             "format": STORE_FORMAT,

@@ -72,7 +72,8 @@ class Config(DeviceOpts):
     n_norm_sample: int = 65536
     """Activations sampled to estimate the normalisation mean and scale."""
     dead_after: int = 1_000_000
-    """A latent counts as dead after this many tokens without firing (capped at the run's length)."""
+    """A latent counts as dead after this many tokens without firing, for the dead fraction and for the AuxK loss
+    (capped at a tenth of the run's tokens, so that short runs revive dead latents too)."""
     wandb: bool = False
     """Also log metrics to Weights & Biases (needs `pip install wandb`; honours WANDB_MODE=offline)."""
     wandb_project: str = "saevctl"
@@ -104,6 +105,12 @@ class Config(DeviceOpts):
             raise InputError("--n-tokens is smaller than one batch", "train on at least --batch-size activations")
         for w in self.width:
             parse_width(w, 1)
+
+
+    def dead_after_tokens(self, n_steps: int) -> int:
+        """The dead threshold in tokens for a run of `n_steps`: --dead-after, capped at a tenth of the run (at least
+        one batch), the same for the reported dead fraction and for the AuxK loss."""
+        return max(self.batch_size, min(self.dead_after, n_steps * self.batch_size // 10))
 
 
 def parse_width(text: str, d: int) -> int:

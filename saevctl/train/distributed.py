@@ -8,8 +8,9 @@ the averaged gradients give every rank the same update. Placement "ranks": each 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -20,6 +21,9 @@ from saevctl.errors import InputError
 from saevctl.train.step_ref import StepOut
 
 _MEAN_FIELDS = ("loss_m", "mse_m", "fvu_m", "l1_m", "aux_m")
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,7 @@ class Comm:
     device: str = "cpu"
     """Where collective buffers live: the rank's GPU under nccl (which moves CUDA tensors only), else cpu."""
 
-    def _guard(self, fn: Any, *args: Any, **kw: Any) -> Any:
+    def _guard(self, fn: Callable[P, R], *args: P.args, **kw: P.kwargs) -> R:
         try:
             return fn(*args, **kw)
         except RuntimeError as e:  # a dead or timed-out peer surfaces as DistBackendError (a RuntimeError)
@@ -69,7 +73,7 @@ class Comm:
         padded[: len(data)] = data
         parts = [torch.zeros_like(padded, device=self.device) for _ in range(self.world)]
         self._guard(tdist.all_gather, parts, padded.to(self.device))
-        return [json.loads(p[:n].cpu().numpy().tobytes().decode()) for p, n in zip(parts, lengths)]
+        return [json.loads(p[:n].cpu().numpy().tobytes().decode()) for p, n in zip(parts, lengths, strict=True)]
 
     def min_int(self, value: int) -> int:
         """The smallest `value` over ranks."""
@@ -105,7 +109,7 @@ class Comm:
                 setattr(o, f, take(getattr(o, f)))
         for o in outs:
             o.fired_ms = take(o.fired_ms)
-            o.n_counted = int(round(float(take(o.loss_m.new_zeros(1))[0])))
+            o.n_counted = round(float(take(o.loss_m.new_zeros(1))[0]))
         if min_act:
             self._reduce_min_act(outs)
 
@@ -127,7 +131,7 @@ def check_batch(batch_size: int, world: int, placement: str) -> None:
         )
 
 
-def mine(items: list[Any], rank: int, world: int) -> list[Any]:
+def mine(items: list[T], rank: int, world: int) -> list[T]:
     """Round-robin share of a sweep's SAEs for placement 'ranks'."""
     if len(items) < world:
         raise InputError(
@@ -157,6 +161,12 @@ class Place:
     @property
     def world(self) -> int:
         return 1 if self.comm is None else self.comm.world
+
+    @property
+    def peers(self) -> Comm:
+        """The communicator of a data or ranks run (where there always is one)."""
+        assert self.comm is not None, f"{self.mode} mode without a communicator"
+        return self.comm
 
     @property
     def grad_comm(self) -> Comm | None:

@@ -24,7 +24,8 @@ def _init_rows(spec: RunSpec, d: int, seed: int) -> Tensor:
     """Unit-norm random decoder rows, seeded by the run's name so a sweep's members do not depend on each other."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(spec.name.encode()))
     w = torch.randn(spec.n_latents, d, generator=gen)
-    return w / w.norm(dim=1, keepdim=True)
+    norm: Tensor = w.norm(dim=1, keepdim=True)  # Tensor.norm is not annotated
+    return w / norm
 
 
 class SAEGroup:

@@ -57,7 +57,7 @@ def _release(part: np.ndarray, lo: int, hi: int, drop_cache: bool = False, next_
     rows after `hi` were already read this epoch, so the readahead pages past the block go too (otherwise they
     are kept for the read that will use them)."""
     mm = getattr(part, "_mmap", None)
-    if mm is None or hi <= lo:
+    if not isinstance(part, np.memmap) or mm is None or hi <= lo:
         return
     row_bytes = part.strides[0]
     start = int(part.offset) + lo * row_bytes
@@ -65,7 +65,7 @@ def _release(part: np.ndarray, lo: int, hi: int, drop_cache: bool = False, next_
     length = min(int(part.offset) + hi * row_bytes, len(mm)) - aligned
     try:  # not every platform has madvise / posix_fadvise; both are only optimisations
         mm.madvise(mmap.MADV_DONTNEED, aligned, length)
-        if drop_cache and hasattr(os, "posix_fadvise"):
+        if drop_cache and part.filename and hasattr(os, "posix_fadvise"):
             fd = os.open(part.filename, os.O_RDONLY)
             try:
                 os.posix_fadvise(fd, aligned, length + (_READAHEAD_SLACK if next_read else 0), os.POSIX_FADV_DONTNEED)
@@ -146,7 +146,7 @@ class ActivationLoader:
         out = np.empty((n, self.d), dtype=next(iter(self.arrays.values())).parts[0].dtype)
         pos = 0
         for b in blocks:
-            for arr, per in zip(self.arrays.values(), self.kind_rows):
+            for arr, per in zip(self.arrays.values(), self.kind_rows, strict=True):
                 part = arr.parts[b.part]
                 rows = (b.hi - b.lo) * per
                 out[pos : pos + rows] = np.asarray(part[b.lo : b.hi]).reshape(-1, self.d)
@@ -168,7 +168,7 @@ class ActivationLoader:
         out = np.empty((len(idx), self.d), dtype=next(iter(self.arrays.values())).parts[0].dtype)
         start = 0
         for b in blocks:
-            for arr, per in zip(self.arrays.values(), self.kind_rows):
+            for arr, per in zip(self.arrays.values(), self.kind_rows, strict=True):
                 n = (b.hi - b.lo) * per
                 lo, hi = np.searchsorted(wanted, [start, start + n])
                 if hi > lo:
@@ -239,12 +239,11 @@ class ActivationLoader:
 class Prefetcher:
     """Runs an iterator in a daemon thread, `depth` items ahead; errors surface in the consumer."""
 
-    _END = object()
-
     def __init__(self, it: Iterator[torch.Tensor], depth: int = 4, pin: bool = False) -> None:
         self.waited_s = 0.0
         """Seconds the consumer spent waiting for an item: near 0 when reading keeps up with training."""
-        self._q: queue.Queue[object] = queue.Queue(maxsize=depth)
+        # Items, then None at the end; an error in the worker is handed over in their place.
+        self._q: queue.Queue[torch.Tensor | BaseException | None] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._pin = pin
         self._thread = threading.Thread(target=self._work, args=(it,), daemon=True, name="saevctl-loader")
@@ -263,10 +262,10 @@ class Prefetcher:
                         continue
                 if self._stop.is_set():
                     return
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer thread
+        except BaseException as e:  # handed to the consumer thread
             self._q.put(e)
             return
-        self._q.put(self._END)
+        self._q.put(None)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self
@@ -275,11 +274,11 @@ class Prefetcher:
         t0 = time.perf_counter()
         item = self._q.get()
         self.waited_s += time.perf_counter() - t0
-        if item is self._END:
+        if item is None:
             raise StopIteration
         if isinstance(item, BaseException):
             raise item
-        return item  # type: ignore[return-value]
+        return item
 
     def close(self) -> None:
         self._stop.set()

@@ -21,7 +21,7 @@ from saevctl import atomic, dist, layout
 from saevctl.config import resolve_device
 from saevctl.errors import OutputError, SaevctlError, TrainingError
 from saevctl.train import distributed, optim, plots, state
-from saevctl.train.config import Config, expand, group_specs
+from saevctl.train.config import Config, RunSpec, expand, group_specs
 from saevctl.train.distributed import Place
 from saevctl.train.group import SAEGroup
 from saevctl.train.loader import Prefetcher
@@ -135,7 +135,11 @@ def _export(cfg: Config, data: Data, groups: list[SAEGroup], norm: tuple[torch.T
 
 def _non_finite(step: int, x_bd: torch.Tensor, last_ckpt: int | None, out: Path) -> TrainingError:
     what = "the activations" if not bool(torch.isfinite(x_bd).all()) else "the loss"
-    kept = f"the last good checkpoint (step {last_ckpt}) is kept in {out}" if last_ckpt else "no checkpoint was written yet"
+    kept = (
+        f"the last good checkpoint (step {last_ckpt}) is kept in {out}"
+        if last_ckpt
+        else "no checkpoint was written yet"
+    )
     return TrainingError(
         f"{what} became NaN or infinite at step {step}; training stopped and {kept}",
         "check the store for corrupt values, or lower --lr and resume with --resume",
@@ -218,24 +222,25 @@ def _train(cfg: Config, data: Data, groups: list[SAEGroup], norm: tuple[torch.Te
     last_ckpt: int | None = start or None
     # short runs (demos, tests) would otherwise spend most of their steps warming up
     lr_warmup, sp_warmup = min(cfg.lr_warmup, n_steps // 5), min(cfg.sparsity_warmup, n_steps // 5)
+    dead_after = cfg.dead_after_tokens(n_steps)
     bf16 = cfg.dtype == "bfloat16"
     batchtopk = any(g.hp.activation == "batchtopk" for g in groups)
     try:
         for t in range(start, n_steps):
             x_bd = (next(batches).to(device, non_blocking=True) - mean_d) * scale
             coef = optim.sparsity_factor(t, sp_warmup)
-            outs = [g.compute(x_bd, coef, cfg.dead_after, cfg.impl, bf16, place.grad_comm) for g in groups]
+            outs = [g.compute(x_bd, coef, dead_after, cfg.impl, bf16, place.grad_comm) for g in groups]
             if place.mode == "data":
-                place.comm.reduce_steps(outs, batchtopk)  # type: ignore[union-attr]
+                place.peers.reduce_steps(outs, batchtopk)
             _check_finite(outs, t, x_bd, last_ckpt, cfg.out, place)
             lr_scale = optim.lr_factor(t, n_steps, lr_warmup, cfg.lr_decay)
-            for g, o in zip(groups, outs):
+            for g, o in zip(groups, outs, strict=True):
                 g.apply(o, t, lr_scale, fused=cfg.impl == "fast")
             window.add(outs)
             done = t + 1
             records = None
             if done % cfg.log_every == 0 or done == n_steps:
-                records = window.records(done, done * cfg.batch_size, cfg.dead_after, lr_scale)
+                records = window.records(done, done * cfg.batch_size, dead_after, lr_scale)
                 records = _gather(records, cfg, data, place)
                 if metrics:
                     metrics.write(records)
@@ -258,9 +263,9 @@ def _train(cfg: Config, data: Data, groups: list[SAEGroup], norm: tuple[torch.Te
 def _check_finite(outs: list[StepOut], t: int, x_bd: torch.Tensor, last_ckpt: int | None, out: Path,
                   place: Place) -> None:
     """Raise on every rank alike: data mode reduced the losses already; in ranks mode one rank's NaN is summed in."""
-    total = sum(o.loss_m.sum() for o in outs).reshape(1).float()
+    total = torch.stack([o.loss_m.sum() for o in outs]).sum().reshape(1).float()
     if place.mode == "ranks":
-        total = place.comm.sum_(total)  # type: ignore[union-attr]
+        total = place.peers.sum_(total)
     if not math.isfinite(float(total)):
         raise _non_finite(t, x_bd, last_ckpt, out)
 
@@ -270,11 +275,11 @@ def _gather(records: list[dict[str, Any]], cfg: Config, data: Data, place: Place
     if place.mode != "ranks":
         return records
     order = {s.name: i for i, s in enumerate(_all_specs(cfg, data))}
-    everyone = [r for part in place.comm.gather_json(records) for r in part]  # type: ignore[union-attr]
+    everyone = [r for part in place.peers.gather_json(records) for r in part]
     return sorted(everyone, key=lambda r: order[r["run"]])
 
 
-def _all_specs(cfg: Config, data: Data) -> list[Any]:
+def _all_specs(cfg: Config, data: Data) -> list[RunSpec]:
     return [s for g in group_specs(expand(cfg, data.d)) for s in g]
 
 
@@ -314,7 +319,7 @@ def _finish(cfg: Config, data: Data, groups: list[SAEGroup], norm: tuple[torch.T
     runs = _export(cfg, data, groups, norm, n_steps, n_steps, final, save=place.main or place.mode == "ranks")
     if place.mode == "ranks":
         order = {s.name: i for i, s in enumerate(_all_specs(cfg, data))}
-        everyone = place.comm.gather_json(runs)  # type: ignore[union-attr]
+        everyone = place.peers.gather_json(runs)
         runs = sorted((r for part in everyone for r in part), key=lambda r: order[r["name"]])
     if not place.main:
         return Result(cfg.out, runs, [], n_steps, resumed_from)

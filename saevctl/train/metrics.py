@@ -14,11 +14,11 @@ from typing import Any
 import torch
 
 from saevctl.errors import InputError
+from saevctl.sae.model import DENSE_RATE
 from saevctl.train.group import SAEGroup
 from saevctl.train.step_ref import StepOut
 
 log = logging.getLogger(__name__)
-DENSE_RATE = 0.01
 KEYS = ("loss", "mse", "fvu", "l0", "l1", "aux")
 
 
@@ -31,7 +31,7 @@ class Window:
         self.n_steps = 0
 
     def add(self, outs: list[StepOut]) -> None:
-        for acc, out in zip(self.sums, outs):
+        for acc, out in zip(self.sums, outs, strict=True):
             l0 = out.fired_ms.sum(-1) / out.n_counted
             acc += torch.stack([out.loss_m, out.mse_m, out.fvu_m, l0, out.l1_m, out.aux_m]).float()
         self.n_steps += 1
@@ -39,7 +39,7 @@ class Window:
     def records(self, step: int, tokens: int, dead_after: int, lr_scale: float) -> list[dict[str, Any]]:
         """One record per SAE, then the window restarts (this is where the device syncs)."""
         out: list[dict[str, Any]] = []
-        for g, acc in zip(self.groups, self.sums):
+        for g, acc in zip(self.groups, self.sums, strict=True):
             means = (acc / max(1, self.n_steps)).cpu().tolist()
             dead = g.dead(dead_after, capped=True).float().mean(-1).cpu().tolist()
             rate = g.trackers["window_fired"] / g.trackers["window_counted"].clamp_min(1)
@@ -67,7 +67,7 @@ class MetricsFile:
         elif fpath.exists():
             keep = [ln for ln in fpath.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
             fpath.write_text("".join(ln + "\n" for ln in keep))
-        self._f = open(fpath, "a")
+        self._f = open(fpath, "a")  # noqa: SIM115 - open for the whole run, closed in close()
 
     def write(self, records: list[dict[str, Any]]) -> None:
         self._f.write("".join(json.dumps(r) + "\n" for r in records))

@@ -6,7 +6,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-CURVES = (("fvu", "normalised MSE (FVU)"), ("l0", "L0 (active latents / token)"), ("dead", "dead fraction"), ("dense", "dense fraction"))
+CURVES = (
+    ("fvu", "normalised MSE (FVU)"),
+    ("l0", "L0 (active latents / token)"),
+    ("dead", "dead fraction"),
+    ("dense", "dense fraction"),
+)
 
 
 def _plt() -> Any:
@@ -24,7 +29,7 @@ def curves(records: list[dict[str, Any]], fpath: Path) -> Path:
     for r in records:
         by_run[r["run"]].append(r)
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    for ax, (key, title) in zip(axes.flat, CURVES):
+    for ax, (key, title) in zip(axes.flat, CURVES, strict=True):
         for run, rs in sorted(by_run.items()):
             ax.plot([r["tokens"] for r in rs], [r[key] for r in rs], label=run, lw=1.2)
         ax.set_title(title)

@@ -45,7 +45,8 @@ def open_data(cfg: Config, rank: int = 0, world_size: int = 1, alone: bool = Tru
     other process of this run reads the store (so dropping its pages from the page cache costs no one)."""
     store = open_store(cfg.store)
     # None: the last stored layer; negative counts from the model's end
-    layer = resolve_layer(cfg.layer, model_n_blocks(store.model), available=store.layers, what=f"the store at {store.dpath}")
+    layer = resolve_layer(cfg.layer, model_n_blocks(store.model), available=store.layers,
+                          what=f"the store at {store.dpath}")
     view = store.layer(layer)
     kinds = ("patches", "cls") if cfg.tokens == "both" else (cfg.tokens,)
     arrays = {k: view.kind(k) for k in kinds}

@@ -43,7 +43,13 @@ def _bmm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
 COUNT_ROWS = 512
 
 
-def _dense_decode(f_mbs: Tensor, params: dict[str, Tensor], x_bd: Tensor, hp: Hyper, bf16: bool, g_f_bias: Tensor):
+# (loss_m, x_hat_mbd, grad_f, grad_W_dec, grad_b_dec)
+DecodeOut = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _dense_decode(
+    f_mbs: Tensor, params: dict[str, Tensor], x_bd: Tensor, hp: Hyper, bf16: bool, g_f_bias: Tensor
+) -> DecodeOut:
     """Reconstruction loss of dense codes; returns (loss_m, x_hat_mbd, grad_f, grad_W_dec, grad_b_dec).
 
     Gradients by hand: autograd's bmm backward would copy the (m, b, s) codes into a transposed layout.
@@ -64,13 +70,13 @@ def _dense_decode(f_mbs: Tensor, params: dict[str, Tensor], x_bd: Tensor, hp: Hy
     return loss_m, x_hat, g_f, g_W_dec, g_xhat.sum(1)
 
 
-def _matryoshka_decode(f_mbs: Tensor, params: dict[str, Tensor], x_bd: Tensor, hp: Hyper, bf16: bool):
+def _matryoshka_decode(f_mbs: Tensor, params: dict[str, Tensor], x_bd: Tensor, hp: Hyper, bf16: bool) -> DecodeOut:
     """Nested-prefix reconstruction losses, differentiated by autograd (slices make hand gradients fiddly)."""
     W_dec = params["W_dec"].detach().requires_grad_()
     b_dec = params["b_dec"].detach().requires_grad_()
     f = f_mbs.detach().requires_grad_()
     with torch.enable_grad(), _autocast(x_bd, bf16):
-        loss_m, x_hat, lo = 0, b_dec[:, None, :].float(), 0
+        loss_m, x_hat, lo = torch.zeros((), device=x_bd.device), b_dec[:, None, :].float(), 0
         for n in hp.prefixes:
             x_hat = x_hat + torch.bmm(f[:, :, lo:n], W_dec[:, lo:n]).float()
             loss_m = loss_m + (x_hat - x_bd).pow(2).mean((1, 2))
@@ -80,7 +86,10 @@ def _matryoshka_decode(f_mbs: Tensor, params: dict[str, Tensor], x_bd: Tensor, h
     return loss_m.detach(), x_hat.detach(), g_f, g_W.float(), g_b.float()
 
 
-def _relu_step(params: dict[str, Tensor], x_bd: Tensor, x_c: Tensor, coef_m: Tensor, hp: Hyper, bf16: bool):
+def _relu_step(
+    params: dict[str, Tensor], x_bd: Tensor, x_c: Tensor, coef_m: Tensor, hp: Hyper, bf16: bool
+) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, Tensor, int]:
+    """(grads, loss_m, x_hat, l1_m, fired, rows counted)."""
     with _autocast(x_bd, bf16):
         pre = _bmm(x_c, params["W_enc"], params["b_enc"][:, None, :])
     f = torch.relu_(pre)
@@ -133,15 +142,18 @@ def _sparse_encoder_grads(g_vals: Tensor, rows: Tensor, cols: Tensor, x_c_bd: Te
     return torch.sparse.mm(g_pre_T, x_c_bd.float()), g_b_enc
 
 
-def _sparse_one(i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor, x_c_bd: Tensor, dead_s, hp: Hyper,
-                comm: Comm | None):
+def _sparse_one(
+    i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor, x_c_bd: Tensor, dead_s: Tensor | None, hp: Hyper,
+    comm: Comm | None,
+) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """SAE i of a TopK/BatchTopK group: (grads, loss, x_hat, l1, fired, aux, min_act)."""
     s = pre_bs.shape[1]
     rows, cols, vals, offsets = _select(pre_bs, hp.activation, hp.k, comm)
     W_dec = params["W_dec"][i].detach().requires_grad_()
     b_dec = params["b_dec"][i].detach().requires_grad_()
     v = vals.detach().requires_grad_()
     with torch.enable_grad():
-        recon, x_hat, lo = 0, b_dec.expand_as(x_bd), 0
+        recon, x_hat, lo = torch.zeros((), device=x_bd.device), b_dec.expand_as(x_bd), 0
         for n in hp.prefixes:
             w = v if len(hp.prefixes) == 1 else v * ((cols >= lo) & (cols < n))
             x_hat = x_hat + F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=w)
@@ -154,6 +166,7 @@ def _sparse_one(i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor,
     aux = x_bd.new_zeros(())
     n_dead = 0 if dead_s is None or hp.aux_coef <= 0 else int(dead_s.sum())
     if n_dead:
+        assert dead_s is not None
         resid = x_bd - x_hat.detach()
         aux, g_W_dec_aux, g_W_enc_aux, g_b_enc_aux = _auxk(pre_bs, dead_s, n_dead, resid, W_dec, x_c_bd, hp, comm)
         g_W_dec, g_W_enc, g_b_enc = g_W_dec + g_W_dec_aux, g_W_enc + g_W_enc_aux, g_b_enc + g_b_enc_aux
@@ -164,8 +177,11 @@ def _sparse_one(i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor,
     return grads, recon.detach() + aux, x_hat.detach(), vals.sum() / len(x_bd), fired, aux, min_act
 
 
-def _auxk(pre_bs: Tensor, dead_s: Tensor, n_dead: int, resid_bd: Tensor, W_dec: Tensor, x_c_bd: Tensor, hp: Hyper,
-          comm: Comm | None):
+def _auxk(
+    pre_bs: Tensor, dead_s: Tensor, n_dead: int, resid_bd: Tensor, W_dec: Tensor, x_c_bd: Tensor, hp: Hyper,
+    comm: Comm | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """AuxK loss on the dead latents: (loss, grad_W_dec, grad_W_enc, grad_b_enc)."""
     masked = torch.where(dead_s, pre_bs, torch.full_like(pre_bs, float("-inf")))
     k = min(hp.k_aux, n_dead)
     vals, cols = masked.topk(k, dim=-1, sorted=False)
@@ -175,12 +191,19 @@ def _auxk(pre_bs: Tensor, dead_s: Tensor, n_dead: int, resid_bd: Tensor, W_dec: 
     v = vals.detach().requires_grad_()
     W = W_dec.detach().requires_grad_()
     with torch.enable_grad():
-        e_hat = F.embedding_bag(cols, W, torch.arange(0, b * k, k, device=pre_bs.device), mode="sum", per_sample_weights=v)
+        e_hat = F.embedding_bag(
+            cols, W, torch.arange(0, b * k, k, device=pre_bs.device), mode="sum", per_sample_weights=v
+        )
         denom = centered_sq_sum(resid_bd, comm).clamp_min(1e-12)  # global under data parallelism (step_ref)
         aux = hp.aux_coef * (comm.world if comm else 1) * (e_hat - resid_bd).pow(2).sum() / denom
         g_v, g_W = torch.autograd.grad(aux, (v, W))
     g_W_enc, g_b_enc = _sparse_encoder_grads(g_v * (vals > 0), rows, cols, x_c_bd, pre_bs.shape[1])
     return aux.detach(), g_W, g_W_enc, g_b_enc
+
+
+def _stack_view(ts: list[Tensor]) -> Tensor:
+    """torch.stack of one tensor, as a view rather than a copy."""
+    return ts[0][None]
 
 
 def step(
@@ -200,8 +223,9 @@ def step(
             _sparse_one(i, pre[i], params, x_bd, x_c[i], None if dead_ms is None else dead_ms[i], hp, comm)
             for i in range(len(pre))
         ]
-        stack = (lambda ts: ts[0][None]) if len(per) == 1 else torch.stack  # one SAE: a view, not a copy
+        stack = _stack_view if len(per) == 1 else torch.stack
         grads = {n: stack([p[0][n] for p in per]) for n in params}
-        loss_m, x_hat, l1_m, fired, aux_m, min_act = (stack([p[j] for p in per]) for j in range(1, 7))
+        rest = [p[1:] for p in per]
+        loss_m, x_hat, l1_m, fired, aux_m, min_act = (stack([r[j] for r in rest]) for j in range(6))
     err = (x_hat - x_bd).pow(2)
     return StepOut(grads, loss_m, err.mean((1, 2)), err.sum((1, 2)) / var, l1_m, aux_m, fired, min_act, n_counted)

@@ -135,7 +135,7 @@ def step(params: dict[str, Tensor], x_bd: Tensor, coef_m: Tensor, dead_ms: Tenso
                 aux = hp.aux_coef * aux_loss(pre, dead_ms[i], resid, W_dec, hp.k_aux, comm)
                 loss = loss + aux
             g = torch.autograd.grad(loss, (W_enc, b_enc, W_dec, b_dec))
-        for name, gi in zip(("W_enc", "b_enc", "W_dec", "b_dec"), g):
+        for name, gi in zip(("W_enc", "b_enc", "W_dec", "b_dec"), g, strict=True):
             grads[name][i] = gi
         with torch.no_grad():
             err = (f @ W_dec + b_dec - x_bd).pow(2)

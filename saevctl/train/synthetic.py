@@ -33,7 +33,7 @@ def sample(dic: Dictionary, n: int, noise: float = 0.02, seed: int = 1) -> np.nd
     rng = np.random.default_rng(seed)
     active = rng.random((n, len(dic.freq_a))) < dic.freq_a
     mags = rng.uniform(0.5, 1.5, active.shape) * active
-    x = mags.astype(np.float32) @ dic.atoms_ad
+    x: np.ndarray = mags.astype(np.float32) @ dic.atoms_ad
     x += rng.standard_normal(x.shape).astype(np.float32) * noise
     return x
 
@@ -53,10 +53,19 @@ def write_store(dpath: Path, acts_nd: np.ndarray, n_patches: int = 16, layer: in
     patches = acts_nd[: n_img * n_patches].reshape(n_img, n_patches, d)
     np_dtype = {"float32": np.float32, "float16": np.float16}[dtype]
     config = {
-        "model": {"spec": "synthetic", "arch": "synthetic-dictionary", "weights_sha256": "0" * 64, "n_blocks": layer + 1,
-                  "d_model": d, "layout": {"n_cls": 1, "n_reg": 0, "grid_h": 1, "grid_w": n_patches}},
-        "layers": [layer], "tokens": ["patches", "cls"], "dtype": dtype,
-        "images": {"spec": "synthetic", "n": n_img}, "images_per_shard": images_per_shard,
+        "model": {
+            "spec": "synthetic",
+            "arch": "synthetic-dictionary",
+            "weights_sha256": "0" * 64,
+            "n_blocks": layer + 1,
+            "d_model": d,
+            "layout": {"n_cls": 1, "n_reg": 0, "grid_h": 1, "grid_w": n_patches},
+        },
+        "layers": [layer],
+        "tokens": ["patches", "cls"],
+        "dtype": dtype,
+        "images": {"spec": "synthetic", "n": n_img},
+        "images_per_shard": images_per_shard,
     }
     writer = StoreWriter(dpath, config, n_img)
     for index, (lo, hi) in enumerate(writer.shard_ranges):

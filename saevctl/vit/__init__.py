@@ -5,9 +5,9 @@ Specs: `demo`, `timm:NAME`, `local-dir:/path`, `hf-hub:org/name`, `open_clip:ARC
 
 from __future__ import annotations
 
+from saevctl.data.preprocess import Preprocess
 from saevctl.store.format import TokenLayout
 from saevctl.vit.backbone import Backbone
 from saevctl.vit.load import load_backbone, parse_spec
-from saevctl.data.preprocess import Preprocess
 
 __all__ = ["Backbone", "Preprocess", "TokenLayout", "load_backbone", "parse_spec"]

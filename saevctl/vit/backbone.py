@@ -12,9 +12,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from saevctl.data.preprocess import Preprocess
 from saevctl.layers import resolve_layer
 from saevctl.store.format import TokenLayout
-from saevctl.data.preprocess import Preprocess
 
 
 class Backbone(nn.Module):
@@ -30,7 +30,7 @@ class Backbone(nn.Module):
     preprocess: Preprocess
     d_model: int
     patch_size: int
-    blocks: nn.ModuleList
+    blocks: nn.ModuleList | nn.Sequential  # timm keeps its blocks in a Sequential, open_clip in a ModuleList
 
     @property
     def n_blocks(self) -> int:

@@ -24,9 +24,9 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from saevctl.atomic import sha256_file, translate_os_errors, write_bytes, write_json
+from saevctl.data.preprocess import Preprocess
 from saevctl.errors import ModelError
 from saevctl.layout import downloads_dpath, models_dpath
-from saevctl.data.preprocess import Preprocess
 
 if TYPE_CHECKING:
     import onnx
@@ -254,7 +254,8 @@ def load_demo_backbone() -> TimmBackbone:
 
     dpath = ensure_demo_model()
     model = timm.create_model(f"local-dir:{dpath.resolve()}", pretrained=True)
-    assert tuple(model.patch_embed.img_size) == (IMG_SIZE, IMG_SIZE), model.patch_embed.img_size
+    img_size = getattr(model.patch_embed, "img_size", None)
+    assert isinstance(img_size, tuple) and img_size == (IMG_SIZE, IMG_SIZE), img_size
     return TimmBackbone(model, spec="demo", preprocess=DEMO_PREPROCESS)
 
 

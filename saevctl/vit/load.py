@@ -40,7 +40,9 @@ def parse_spec(spec: str) -> tuple[str, str]:
 def _offline_hint(spec: str) -> str:
     if spec.startswith("open_clip:"):
         arch = spec.removeprefix("open_clip:").split("/", 1)[0]
-        return f"to work offline, copy the checkpoint file here and pass open_clip:{arch}/path/to/checkpoint.safetensors"
+        return (
+            f"to work offline, copy the checkpoint file here and pass open_clip:{arch}/path/to/checkpoint.safetensors"
+        )
     return (
         "to work offline, save the model as a folder with config.json + model.safetensors "
         "(timm's save_for_hf writes them) and pass local-dir:/that/folder"
@@ -127,7 +129,7 @@ def _timm_hub_files(name: str) -> tuple[str, list[str]] | None:
 
     cfg = timm.models.get_pretrained_cfg(name)
     repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    if not repo:
+    if cfg is None or not repo:
         return None
     files = [f for f in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin") if f]
     return repo.split("@", 1)[0], files
@@ -265,6 +267,7 @@ def _load_open_clip(rest: str, spec: str) -> Backbone:
 def load_backbone(spec: str, device: str | torch.device = "cpu") -> Backbone:
     """Load a frozen backbone in eval mode on `device`."""
     kind, rest = parse_spec(spec)
+    bb: Backbone
     if kind == "demo":
         from saevctl.vit.demo import load_demo_backbone
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
+from saevctl.data.preprocess import Preprocess, rgb
 from saevctl.errors import ModelError
 from saevctl.store.format import TokenLayout
 from saevctl.vit.backbone import Backbone
-from saevctl.data.preprocess import Preprocess
+
+if TYPE_CHECKING:
+    from open_clip import CLIP
 
 
 class _BatchFirst(nn.Module):
@@ -19,11 +24,14 @@ class _BatchFirst(nn.Module):
         self.block = block
 
     def forward(self, x_btd: Tensor) -> Tensor:
-        return self.block(x_btd.transpose(0, 1)).transpose(0, 1)
+        out_tbd: Tensor = self.block(x_btd.transpose(0, 1))
+        return out_tbd.transpose(0, 1)
 
 
 class OpenClipBackbone(Backbone):
     """Wraps `model.visual` of an open_clip CLIP model; `head` returns the image embedding."""
+
+    clip: CLIP
 
     def __init__(self, clip: nn.Module, spec: str) -> None:
         super().__init__()
@@ -48,26 +56,31 @@ class OpenClipBackbone(Backbone):
         self.layout = TokenLayout(n_cls=1, n_reg=0, grid_h=grid_h, grid_w=grid_w)
         size = int(visual.image_size[0])
         cfg = getattr(visual, "preprocess_cfg", {}) or {}
-        mean = tuple(float(v) for v in cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))
-        std = tuple(float(v) for v in cfg.get("std", (0.26862954, 0.26130258, 0.27577711)))
+        mean = rgb(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))
+        std = rgb(cfg.get("std", (0.26862954, 0.26130258, 0.27577711)))
         interp = cfg.get("interpolation", "bicubic")
         self.preprocess = Preprocess(
             size=size,
-            mean=mean,  # type: ignore[arg-type]
-            std=std,  # type: ignore[arg-type]
+            mean=mean,
+            std=std,
             mode="squash" if cfg.get("resize_mode") == "squash" else "center_crop",
             interpolation=interp if interp in ("bicubic", "bilinear") else "bicubic",
         )
 
     def embed(self, x_bchw: Tensor) -> Tensor:
-        return self.visual._embeds(x_bchw)
+        out: Tensor = self.visual._embeds(x_bchw)
+        return out
 
     def finalize(self, x_btd: Tensor) -> Tensor:
         # With final_ln_after_pool the LayerNorm applies to the pooled vector, so tokens stay raw.
-        return x_btd if self.visual.final_ln_after_pool else self.visual.ln_post(x_btd)
+        if self.visual.final_ln_after_pool:
+            return x_btd
+        out: Tensor = self.visual.ln_post(x_btd)
+        return out
 
     def head(self, tokens_btd: Tensor) -> Tensor:
         v = self.visual
+        pooled: Tensor
         pooled, _ = v._global_pool(tokens_btd)
         if v.final_ln_after_pool:
             pooled = v.ln_post(pooled)
@@ -80,5 +93,6 @@ class OpenClipBackbone(Backbone):
 
         tokenizer = open_clip.get_tokenizer(self.arch)
         dev = next(self.clip.parameters()).device
-        emb = self.clip.encode_text(tokenizer(prompts).to(dev))
-        return emb / emb.norm(dim=-1, keepdim=True)
+        emb: Tensor = self.clip.encode_text(tokenizer(prompts).to(dev))
+        norm: Tensor = emb.norm(dim=-1, keepdim=True)  # Tensor.norm is not annotated
+        return emb / norm

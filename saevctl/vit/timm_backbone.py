@@ -7,19 +7,19 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from saevctl.data.preprocess import Preprocess, rgb
 from saevctl.errors import ModelError
 from saevctl.store.format import TokenLayout
 from saevctl.vit.backbone import Backbone
-from saevctl.data.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
 
 def preprocess_from_timm(model: nn.Module) -> Preprocess:
     """Build our serialisable spec from timm's resolved data config."""
-    import timm.data
+    from timm.data.config import resolve_data_config
 
-    cfg = timm.data.resolve_data_config({}, model=model)
+    cfg = resolve_data_config({}, model=model)
     _, h, w = cfg["input_size"]
     assert h == w, "non-square inputs are not supported"
     interp = cfg.get("interpolation", "bicubic")
@@ -28,8 +28,8 @@ def preprocess_from_timm(model: nn.Module) -> Preprocess:
         log.warning("timm crop_mode %r is not supported; using a centre crop", crop_mode)
     return Preprocess(
         size=int(h),
-        mean=tuple(float(v) for v in cfg["mean"]),  # type: ignore[arg-type]
-        std=tuple(float(v) for v in cfg["std"]),  # type: ignore[arg-type]
+        mean=rgb(cfg["mean"]),
+        std=rgb(cfg["std"]),
         mode="squash" if crop_mode == "squash" else "center_crop",
         crop_pct=float(cfg.get("crop_pct", 1.0)),
         interpolation=interp if interp in ("bicubic", "bilinear", "nearest") else "bicubic",
@@ -65,10 +65,12 @@ class TimmBackbone(Backbone):
         x = m.patch_embed(x_bchw)
         x = m._pos_embed(x)
         x = m.patch_drop(x)
-        return m.norm_pre(x)
+        out: Tensor = m.norm_pre(x)
+        return out
 
     def finalize(self, x_btd: Tensor) -> Tensor:
-        return self.model.norm(x_btd)
+        out: Tensor = self.model.norm(x_btd)
+        return out
 
     def head(self, tokens_btd: Tensor) -> Tensor:
         return self.model.forward_head(tokens_btd)
@@ -85,7 +87,7 @@ class TimmBackbone(Backbone):
             return list(label_names)
         if self.num_classes == 1000:
             try:
-                from timm.data import ImageNetInfo
+                from timm.data.imagenet_info import ImageNetInfo
 
                 return [ImageNetInfo().index_to_description(i) for i in range(1000)]
             except Exception:  # label files are optional in timm builds

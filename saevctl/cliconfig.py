@@ -18,7 +18,7 @@ from saevctl.config import FieldSpec, field_specs, load_toml, merge_config
 from saevctl.errors import InputError
 
 C = TypeVar("C")
-CONFIG_HELP = "TOML file with any of these options (command-line values win; lists are sweep axes where a field sweeps)."
+CONFIG_HELP = "TOML file with any of these options (command-line values win; a list is a sweep axis where one sweeps)."
 REGISTERED: dict[str, type[Any]] = {}
 """Every command made from a Config, by its name (the tests check each one's help against its docstrings)."""
 _PY_TYPES = {"path": Path, "int": int, "float": float, "str": str, "bool": bool}
@@ -28,7 +28,7 @@ def _default_text(spec: FieldSpec) -> str | None:
     if spec.cli.default_text is not None:
         return spec.cli.default_text
     d = spec.default
-    if spec.required or d is None or d is False or d == () or spec.kind == "bool" and d is False:
+    if spec.required or d is None or d is False or d == () or (spec.kind == "bool" and d is False):
         return None
     if isinstance(d, Path):
         return str(d) if d.is_absolute() or str(d).startswith(".") else f"./{d}"

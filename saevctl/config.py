@@ -92,9 +92,9 @@ def _classify(hint: Any) -> tuple[Kind, bool, bool, tuple[str, ...]]:
         origin = typing.get_origin(hint)
     many = origin is tuple
     if many:
-        args = typing.get_args(hint)
-        assert len(args) == 2 and args[1] is Ellipsis, f"only tuple[X, ...] is supported, not {hint}"
-        hint = args[0]
+        item_args = typing.get_args(hint)
+        assert len(item_args) == 2 and item_args[1] is Ellipsis, f"only tuple[X, ...] is supported, not {hint}"
+        hint = item_args[0]
     if typing.get_origin(hint) is Literal:
         return "str", many, optional, tuple(str(a) for a in typing.get_args(hint))
     assert hint in _KINDS, f"unsupported Config field type {hint}"
@@ -138,8 +138,18 @@ def field_docs_ast(cls: type) -> dict[str, str]:
     return docs
 
 
-@functools.cache
-def field_docs(cls: type) -> dict[str, str]:
+_DOCS: dict[type[Any], dict[str, str]] = {}
+_SPECS: dict[type[Any], tuple[FieldSpec, ...]] = {}
+
+
+def field_docs(cls: type[Any]) -> dict[str, str]:
+    """Attribute docstrings (the string literal right under a field) of a dataclass and its bases, one line each."""
+    if cls not in _DOCS:
+        _DOCS[cls] = _field_docs(cls)
+    return _DOCS[cls]
+
+
+def _field_docs(cls: type[Any]) -> dict[str, str]:
     """Attribute docstrings (the string literal right under a field) of a dataclass and its bases, one line each."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
@@ -151,16 +161,21 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-@functools.cache
-def field_specs(cls: type) -> tuple[FieldSpec, ...]:
-    """Every field of a Config dataclass, typed and documented, in declaration order."""
+def field_specs(cls: type[Any]) -> tuple[FieldSpec, ...]:
+    """Every field of a Config dataclass, typed and documented: the class's own fields first, then those of its
+    bases, nearest base first (so --help reads from the specific to the shared)."""
+    if cls not in _SPECS:
+        _SPECS[cls] = _field_specs(cls)
+    return _SPECS[cls]
+
+
+def _field_specs(cls: type[Any]) -> tuple[FieldSpec, ...]:
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     out = []
-    own = set(cls.__dict__.get("__annotations__", {}))
-    # The stage's own fields first, then the shared ones it mixes in, so --help reads from the specific out.
-    ordered = sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)
-    for f in ordered:
+    owner = {f.name: next(i for i, k in enumerate(cls.__mro__) if f.name in inspect.get_annotations(k))
+             for f in dataclasses.fields(cls)}
+    for f in sorted(dataclasses.fields(cls), key=lambda f: owner[f.name]):
         if f.name.startswith("_"):
             continue
         kind, many, optional, choices = _classify(hints[f.name])
@@ -195,7 +210,8 @@ def _one(spec: FieldSpec, value: Any, where: str) -> Any:
             return str(value)
         return value if isinstance(value, str) else _bad(value)
     except (TypeError, ValueError, OverflowError) as e:
-        example = {"int": "an integer", "float": "a number", "path": "a path", "bool": "true or false"}.get(spec.kind, "text")
+        example = {"int": "an integer", "float": "a number", "path": "a path", "bool": "true or false"}.get(
+            spec.kind, "text")
         if spec.many:
             plural = {"int": "integers", "float": "numbers", "path": "paths"}.get(spec.kind, "values")
             example += f", or comma-separated {plural}"
@@ -293,7 +309,7 @@ def merge_config(cls: type[C], file_values: Mapping[str, Any], cli_values: Mappi
     for spec in field_specs(cls):
         if spec.required and values.get(spec.name) is None:
             where = spec.cli.flag.split("/")[0] if spec.cli.flag else spec.flag
-            raise InputError(f"no {where} given", f"pass {where} (or set {spec.name} in the --config file)")
+            raise InputError(f"missing {where}", f"pass {where} (or set {spec.name} in the --config file)")
     return cls(**values)
 
 

@@ -101,7 +101,7 @@ def test_cli_and_toml_fill_the_same_config(tmp_path):
 def test_a_missing_required_option_is_one_line():
     r = CliRunner().invoke(_toy_app([]), ["toy"])
     assert r.exit_code != 0 and isinstance(r.exception, InputError)
-    assert "no --name given" in str(r.exception)
+    assert "missing --name" in str(r.exception)
 
 
 @dataclass(frozen=True)

@@ -288,6 +288,6 @@ def test_config_file(tiny_vit: str, image_dir: Path, tmp_path: Path) -> None:
 
 def test_images_must_be_named() -> None:
     """A bare `saevctl extract` does not start the 2,048-image demo on its own: the image source is asked for."""
-    assert_one_line_error(cli("extract"), "no --images given", "Pass --images DIR (or --images demo")
-    assert_one_line_error(cli("extract", "--model", "demo", "--out", "x"), "no --images given")
+    assert_one_line_error(cli("extract"), "missing --images", "Pass --images DIR (or --images demo")
+    assert_one_line_error(cli("extract", "--model", "demo", "--out", "x"), "missing --images")
     assert not Path("x").exists()

@@ -327,11 +327,12 @@ def run_edits(cfg: EditsConfig, progress: Progress | None = None, prober: Prober
     for batch in common.iter_images(records, prober.bb.preprocess, cfg.batch_size, cfg.n_workers):
         n_failed += batch.n_failed
         values = [masks.values(r.path, s) for r, s in zip(batch.records, batch.sizes, strict=True)]
-        keep = [i for i, v in enumerate(values) if v is not None]
+        masked = [(i, v) for i, v in enumerate(values) if v is not None]
+        keep = [i for i, _ in masked]
         n_unmasked += len(values) - len(keep)
         if keep:
             x = prober.prefix(common.to_input(prober, batch.u8[keep]))
-            pairs, counts = edit_batch(prober, x, np.stack([values[i] for i in keep]), targets, gen)
+            pairs, counts = edit_batch(prober, x, np.stack([v for _, v in masked]), targets, gen)
             tally.add(pairs, counts, n_images)
             n_images += len(keep)
         if progress:

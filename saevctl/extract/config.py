@@ -55,7 +55,7 @@ class Config(DeviceOpts):
     def check(self) -> None:
         super().check()
         if self.images is None:
-            raise InputError("no --images given", "pass --images DIR (or --images demo for the offline demo photos)")
+            raise InputError("missing --images", "pass --images DIR (or --images demo for the offline demo photos)")
         bad = [t for t in self.tokens if t not in TOKEN_KINDS]
         if bad:  # checked here, not as a Literal, to name every unknown kind in one line
             raise InputError(f"unknown token kind(s) {bad}", f"use a comma list of {', '.join(TOKEN_KINDS)}")

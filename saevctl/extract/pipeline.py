@@ -120,7 +120,7 @@ class _ShardSink:
                 for layer in layers for kind in cfg.tokens}
         self.rows: list[dict[str, Any]] = []
         self.stream: Future[ShardStream] = io.submit(ShardStream, writer, index, spec)
-        self.queued: list[Future[None]] = [self.stream]  # type: ignore[list-item]
+        self.queued: list[Future[ShardStream] | Future[None]] = [self.stream]
 
     def _wait(self, keep: int) -> None:
         while len(self.queued) > keep:
@@ -146,9 +146,10 @@ class _ShardSink:
 
         def finish() -> None:
             for fut in queued:  # all done: the writer is one thread, first in first out
-                if fut.exception() is not None:
+                err = fut.exception()
+                if err is not None:
                     self.abort()
-                    raise fut.exception()  # type: ignore[misc]
+                    raise err
             self.stream.result().close(rows)
 
         return self.io.submit(finish)

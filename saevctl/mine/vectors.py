@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from saevctl import atomic, layout
 from saevctl.errors import IndexError_
+
+if TYPE_CHECKING:  # faiss loads on first use
+    import faiss
 
 log = logging.getLogger(__name__)
 FAISS_SCHEMA = 1
@@ -51,7 +54,7 @@ def load_decoder(index_fpath: Path, sae_id: str) -> np.ndarray:
         raise IndexError_(f"{fpath} cannot be read ({type(e).__name__})", "run saevctl mine for that SAE again") from e
 
 
-def _to_gpu(index: Any) -> Any:
+def _to_gpu(index: faiss.Index) -> faiss.Index:
     import faiss
 
     if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
@@ -90,7 +93,7 @@ def _fresh(index_fpath: Path, sae_id: str, weights_sha256: str) -> bool:
     return bool(meta.get("schema_version") == FAISS_SCHEMA and meta.get("weights_sha256") == weights_sha256)
 
 
-def load(index_fpath: Path, sae_id: str, weights_sha256: str) -> Any:
+def load(index_fpath: Path, sae_id: str, weights_sha256: str) -> faiss.Index:
     """The SAE's faiss index, rebuilt first when missing or stale; on the GPU when faiss-gpu sees one."""
     import faiss
 
@@ -105,7 +108,7 @@ def load(index_fpath: Path, sae_id: str, weights_sha256: str) -> Any:
     return _to_gpu(index)
 
 
-def search(index: Any, queries_qd: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search(index: faiss.Index, queries_qd: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Cosine similarities and ids of the k nearest rows for each query row (queries are normalised here)."""
     k = min(k, index.ntotal)
     sims, ids = index.search(_unit_rows(np.atleast_2d(queries_qd)), k)

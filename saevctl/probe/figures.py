@@ -5,11 +5,15 @@ and the batch mode's effect sizes with confidence intervals beside its two contr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from saevctl import atomic
+
+if TYPE_CHECKING:  # matplotlib loads on first use
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 
 def _pyplot() -> Any:
@@ -21,7 +25,7 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, fpath: Path) -> Path:
+def _save(fig: Figure, fpath: Path) -> Path:
     import io
 
     buf = io.BytesIO()
@@ -31,7 +35,7 @@ def _save(fig: Any, fpath: Path) -> Path:
     return fpath
 
 
-def _outline(ax: Any, image_u8: np.ndarray, edited_hw: np.ndarray, title: str) -> None:
+def _outline(ax: Axes, image_u8: np.ndarray, edited_hw: np.ndarray, title: str) -> None:
     from matplotlib.patches import Rectangle
 
     ax.imshow(image_u8)
@@ -84,7 +88,7 @@ def probe_figure(
     return _save(fig, fpath)
 
 
-def _bars(ax: Any, before_c: np.ndarray, after_c: np.ndarray, classes: list[str], k: int = 5) -> None:
+def _bars(ax: Axes, before_c: np.ndarray, after_c: np.ndarray, classes: list[str], k: int = 5) -> None:
     shown = list(dict.fromkeys([*np.argsort(-before_c)[:k], *np.argsort(-after_c)[:k]]))
     y = np.arange(len(shown))
     ax.barh(y - 0.2, before_c[shown], height=0.4, label="before", color="#8c8c8c")

@@ -98,7 +98,10 @@ class OnnxGraph:
         a, b = node.input
         va, vb = self.value(a), self.value(b)
         assert (va is None) != (vb is None), f"{node.name}: expected exactly one constant operand"
-        return (va, b) if va is not None else (vb, a)  # type: ignore[return-value]
+        if va is not None:
+            return va, b
+        assert vb is not None
+        return vb, a
 
     def walk_up(self, name: str, allowed: tuple[str, ...]) -> tuple[str, list[onnx.NodeProto]]:
         """Follow first inputs upward through `allowed` ops to the first initializer or graph input."""

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := demo-out
 
-.PHONY: demo test install system-deps bench clean
+.PHONY: demo test lint install system-deps bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,7 +38,11 @@ demo: $(STAMP)
 	cd $(DEMO) && $(SAEVCTL) probe --image skimage:chelsea --head saliency --clamp top=0 --out probe-chelsea.png
 	cd $(DEMO) && $(SAEVCTL) eval card
 
-test: $(STAMP) system-deps
+# Lint and type checks (configured in pyproject.toml); `make test` runs them before the tests.
+lint: $(STAMP)
+	$(BIN)/ruff check saevctl tests benchmarks && $(BIN)/mypy
+
+test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -8,10 +8,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import typer
 
 import saevctl
+from saevctl.cliconfig import reflow
 from saevctl.errors import SaevctlError
 from saevctl.eval import cli as eval_cli
 from saevctl.extract import cli as extract_cli
@@ -21,10 +23,48 @@ from saevctl.report import cli as report_cli
 from saevctl.sae import cli as sae_cli
 from saevctl.train import cli as train_cli
 
-class _Group(typer.core.TyperGroup):
-    """Runs subcommands, turning SaevctlError into one stderr line and exit 2 (tracebacks with --debug)."""
+if TYPE_CHECKING:
+    # typer vendors click; TyperGroup's methods receive its plain Context, Command and HelpFormatter
+    from typer._click.core import Command, Context
+    from typer._click.formatting import HelpFormatter
 
-    def invoke(self, ctx: typer.Context) -> object:
+
+# The stages' commands, in the pipeline's order (each stage CLI adds its commands and groups here). They are built
+# into click commands one at a time, on demand, so `saevctl X` loads only X's Config and options.
+STAGES = typer.Typer()
+for stage_cli in (extract_cli, train_cli, sae_cli, mine_cli, report_cli, probe_cli, eval_cli):
+    stage_cli.register(STAGES)
+
+
+class _Group(typer.core.TyperGroup):
+    """The root command: builds a stage's command only when it is run (a light stand-in lists it in --help), and
+    turns SaevctlError into one stderr line and exit 2 (tracebacks with --debug)."""
+
+    _listing = False
+    _built: dict[str, Command] | None = None
+
+    def list_commands(self, ctx: Context) -> list[str]:
+        return [*(str(c.name) for c in STAGES.registered_commands), *(str(g.name) for g in STAGES.registered_groups)]
+
+    def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
+        if self._listing:
+            return _stand_in(cmd_name)
+        self._built = self._built if self._built is not None else {}
+        if cmd_name not in self._built:
+            built = _build(cmd_name)
+            if built is None:
+                return None
+            self._built[cmd_name] = built
+        return self._built[cmd_name]
+
+    def format_help(self, ctx: Context, formatter: HelpFormatter) -> None:
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+    def invoke(self, ctx: Context) -> object:
         try:
             return super().invoke(ctx)
         except SaevctlError as e:
@@ -54,10 +94,11 @@ app = typer.Typer(
 )
 
 
-def _version(value: bool) -> None:
+def _version(value: bool) -> bool:
     if value:
         typer.echo(f"saevctl {saevctl.__version__}")
         raise typer.Exit()
+    return value  # what `root` receives as `version`
 
 
 @app.callback()
@@ -75,9 +116,29 @@ def root(
     )
 
 
-# The stages' command-line faces, in the pipeline's order; each adds its commands to the root.
-for stage_cli in (extract_cli, train_cli, sae_cli, mine_cli, report_cli, probe_cli, eval_cli):
-    stage_cli.register(app)
+def _build(name: str) -> Command | None:
+    """The click command (or group) of one stage command, with its options."""
+    for info in STAGES.registered_commands:
+        if info.name == name:
+            return typer.main.get_command_from_info(info, pretty_exceptions_short=app.pretty_exceptions_short,
+                                                    rich_markup_mode=app.rich_markup_mode)
+    for group in STAGES.registered_groups:
+        if group.name == name:
+            return typer.main.get_group_from_info(group, pretty_exceptions_short=app.pretty_exceptions_short,
+                                                  suggest_commands=True, rich_markup_mode=app.rich_markup_mode)
+    return None
+
+
+def _stand_in(name: str) -> Command | None:
+    """A command with only its name and help, for the root's --help list (no options built)."""
+    for info in STAGES.registered_commands:
+        if info.name == name:
+            doc = info.help or getattr(info.callback, "__doc__", None) or ""
+            return typer.core.TyperCommand(name=name, help=reflow(doc), hidden=info.hidden)
+    for group in STAGES.registered_groups:
+        if group.name == name:
+            return typer.core.TyperGroup(name=name, help=typer.main.solve_typer_info_help(group))
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:

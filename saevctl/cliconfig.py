@@ -6,7 +6,6 @@ default from its default) plus `--config FILE.toml`; the command body receives t
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,7 +18,7 @@ from saevctl.errors import InputError
 
 C = TypeVar("C")
 CONFIG_HELP = "TOML file with any of these options (command-line values win; a list is a sweep axis where one sweeps)."
-REGISTERED: dict[str, type[Any]] = {}
+REGISTERED: dict[str, ConfigRef] = {}
 """Every command made from a Config, by its name (the tests check each one's help against its docstrings)."""
 _PY_TYPES = {"path": Path, "int": int, "float": float, "str": str, "bool": bool}
 
@@ -82,37 +81,76 @@ def build_config(cls: type[C], given: dict[str, Any], config: Path | None,
     return merge_config(cls, file_values, given)
 
 
-def config_command(app: typer.Typer, name: str, cls: type[Any], *, missing: Mapping[str, str] | None = None,
-                   **command_kwargs: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Register `fn(cfg, **extra)` as `saevctl <name>` with one option per field of `cls` and `--config`.
+ConfigRef = type[Any] | Callable[[], type[Any]]
+"""A Config class, or a function importing and returning it (so a stage's Config loads only when its command runs)."""
 
-    `fn`'s own keyword parameters (typer options for presentation only, e.g. `--plain`) are kept beside them;
-    `missing` words the error of a required field left out (see `build_config`)."""
+
+def load_config(ref: ConfigRef) -> type[Any]:
+    """The Config class a command was registered with."""
+    return ref if isinstance(ref, type) else ref()
+
+
+def reflow(doc: str) -> str:
+    """A docstring as --help shows it: paragraphs kept, the line breaks inside them (from wrapping source lines at
+    120 columns) dropped, so the terminal wraps the text to its own width."""
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+
+
+class ConfigCommand:
+    """The callback typer registers: its signature (one option per Config field, the function's own options,
+    --config) is built on first use, so starting `saevctl` never imports the Configs of commands it does not run."""
+
+    def __init__(self, fn: Callable[..., None], ref: ConfigRef, missing: Mapping[str, str] | None) -> None:
+        self.fn, self.ref, self.missing = fn, ref, missing
+        self.__name__, self.__qualname__ = fn.__name__, fn.__qualname__
+        self.__module__, self.__doc__ = fn.__module__, reflow(fn.__doc__ or "")
+        self._sig: inspect.Signature | None = None
+
+    @property
+    def cls(self) -> type[Any]:
+        return load_config(self.ref)
+
+    def _own(self) -> list[inspect.Parameter]:
+        return [p for p in inspect.signature(self.fn).parameters.values() if p.name != "cfg"]
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        if self._sig is None:
+            own = self._own()
+            taken = {p.name for p in own}
+            generated = [_parameter(s) for s in field_specs(self.cls) if s.name not in taken]
+            config = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Path,
+                                       default=typer.Option(None, "--config", help=CONFIG_HELP, metavar="FILE"))
+            self._sig = inspect.Signature([*generated, *own, config])
+        return self._sig
+
+    @property
+    def __annotations__(self) -> dict[str, Any]:  # type: ignore[override]  # typer reads the generated hints
+        return {p.name: p.annotation for p in self.__signature__.parameters.values()}
+
+    def __call__(self, **kwargs: Any) -> None:
+        cls = self.cls
+        config = kwargs.pop("config", None)
+        extra = {p.name: kwargs.pop(p.name) for p in self._own()}
+        for s in field_specs(cls):
+            if s.many and isinstance(kwargs.get(s.name), list):
+                kwargs[s.name] = ",".join(kwargs[s.name])  # repeated options: one comma list
+        self.fn(build_config(cls, kwargs, config, self.missing), **extra)
+
+
+def config_command(app: typer.Typer, name: str, ref: ConfigRef, *, missing: Mapping[str, str] | None = None,
+                   **command_kwargs: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register `fn(cfg, **extra)` as `saevctl <name>` with one option per field of the Config and `--config`.
+
+    `ref` is the Config class or a function returning it (`lambda: Config` after a local import keeps the Config
+    module, and what it imports, out of every other command's start-up). `fn`'s own keyword parameters (typer
+    options for presentation only, e.g. `--plain`) are kept beside them; `missing` words the error of a required
+    field left out (see `build_config`)."""
 
     def decorate(fn: Callable[..., None]) -> Callable[..., None]:
-        specs = field_specs(cls)
-        own = [p for p in inspect.signature(fn).parameters.values() if p.name != "cfg"]
-        taken = {p.name for p in own}
-        generated = [_parameter(s) for s in specs if s.name not in taken]
-        config_param = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Path,
-                                         default=typer.Option(None, "--config", help=CONFIG_HELP, metavar="FILE"))
-
-        @functools.wraps(fn)
-        def command(**kwargs: Any) -> None:
-            config = kwargs.pop("config", None)
-            extra = {p.name: kwargs.pop(p.name) for p in own}
-            for s in specs:
-                if s.many and isinstance(kwargs.get(s.name), list):
-                    kwargs[s.name] = ",".join(kwargs[s.name])  # repeated options: one comma list
-            cfg = build_config(cls, kwargs, config, missing)
-            fn(cfg, **extra)
-
-        params = [*generated, *own, config_param]
-        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]  # typer reads it
-        command.__annotations__ = {p.name: p.annotation for p in params}
-        del command.__wrapped__  # typer must see the generated signature, not fn's
-        app.command(name, **command_kwargs)(command)
-        REGISTERED[f"{app.info.name or ''} {name}".strip()] = cls
+        app.command(name, **command_kwargs)(ConfigCommand(fn, ref, missing))
+        REGISTERED[f"{app.info.name or ''} {name}".strip()] = ref
         return fn
 
     return decorate

@@ -6,14 +6,12 @@ A stage declares each setting once, as a field of its frozen `Config` (a `Config
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import functools
 import inspect
 import itertools
 import math
 import re
-import textwrap
 import tomllib
 import types
 import typing
@@ -124,6 +122,9 @@ def _module_docs(fpath: str) -> dict[str, dict[str, str]]:
 
 def field_docs_ast(cls: type) -> dict[str, str]:
     """The same as `field_docs`, read with `ast` (slow; the reference the tests compare against)."""
+    import ast
+    import textwrap
+
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if klass is object or not dataclasses.is_dataclass(klass):

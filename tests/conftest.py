@@ -3,6 +3,12 @@
 
 from __future__ import annotations
 
+# Runtime checks of every saevctl annotation (jaxtyping shapes and dtypes, beartype for the rest; see
+# typecheck.py) while the tests run: the hook must be installed before the first saevctl import.
+from jaxtyping import install_import_hook
+
+install_import_hook("saevctl", "typecheck.typechecker")
+
 import os
 from pathlib import Path
 

@@ -12,7 +12,7 @@ import typer
 from typer.testing import CliRunner
 
 import saevctl.cli  # noqa: F401  (registers every command)
-from saevctl.cliconfig import REGISTERED, config_command, help_text
+from saevctl.cliconfig import REGISTERED, config_command, help_text, load_config
 from saevctl.config import ConfigBase, DeviceOpts, check_finite, field_docs, field_docs_ast, field_specs, opt
 from saevctl.errors import InputError
 
@@ -39,7 +39,8 @@ class Toy(DeviceOpts):
 
 def test_every_registered_command_documents_every_option():
     assert len(REGISTERED) >= 1
-    for name, cls in REGISTERED.items():
+    for name, ref in REGISTERED.items():
+        cls = load_config(ref)
         specs = field_specs(cls)
         assert specs, name
         assert field_docs(cls) == field_docs_ast(cls), f"{name}: fast docstring reader disagrees with ast"

@@ -149,9 +149,8 @@ def test_heads_list_shows_ready_and_trained(color_folder, tiny_vit):
 
 def test_mask_geometry_and_patch_labels():
     pre = Preprocess(size=8, mean=(0, 0, 0), std=(1, 1, 1), mode="letterbox")
-    bb = type("BB", (), {"preprocess": pre})()
     mask = Image.fromarray(np.array([[1, 2, 2, 255]] * 2, np.uint8))  # 4x2: letterboxed into 8x8 rows 2..5
-    labels = mask_to_input(mask, bb, offset=0, n_classes=3, ignore=255)
+    labels = mask_to_input(mask, pre, offset=0, n_classes=3, ignore=255)
     assert (labels[:2] == -1).all() and (labels[6:] == -1).all()  # padding is unlabelled
     assert labels[3].tolist() == [1, 1, 2, 2, 2, 2, -1, -1]
     assert patch_labels(np.array([[0, 0, 1, -1], [0, 1, 1, -1]]), 1, 2).tolist() == [0, 1]

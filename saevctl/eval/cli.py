@@ -7,12 +7,15 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from saevctl.cliconfig import config_command
-from saevctl.eval.config import AllConfig, CardQuery, EditsConfig, ReconConfig, SpliceConfig
+
+if TYPE_CHECKING:
+    from saevctl.eval.config import AllConfig, CardQuery, EditsConfig, ReconConfig, SpliceConfig
 
 eval_app = typer.Typer(
     name="eval",
@@ -88,7 +91,14 @@ def splice_tables(res: Any) -> list[Any]:
     return out
 
 
-@config_command(eval_app, "splice", SpliceConfig)
+def _configs() -> ModuleType:
+    """The stage's Config module, imported only when one of its commands is built (see saevctl.cliconfig)."""
+    from saevctl.eval import config
+
+    return config
+
+
+@config_command(eval_app, "splice", lambda: _configs().SpliceConfig)
 def splice_cmd(cfg: SpliceConfig) -> None:
     """Run the head with the SAE's reconstruction in place of its layer's tokens, next to the original and a mean
     ablation."""
@@ -133,7 +143,7 @@ def edits_tables(res: Any, limit: int = 30) -> list[Any]:
     return out
 
 
-@config_command(eval_app, "edits", EditsConfig)
+@config_command(eval_app, "edits", lambda: _configs().EditsConfig)
 def edits_cmd(cfg: EditsConfig) -> None:
     """Suppress each labelled class's feature on its patches; share of the class's and of other patches that change.
 
@@ -155,7 +165,7 @@ def recon_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
             ("dense (> 1% of tokens)", _fmt(r["dense"], pct=True))]
 
 
-@config_command(eval_app, "recon", ReconConfig)
+@config_command(eval_app, "recon", lambda: _configs().ReconConfig)
 def recon_cmd(cfg: ReconConfig) -> None:
     """Reconstruction over a store, streamed: MSE, normalised MSE, L0, dead and dense latents."""
     from rich.table import Table
@@ -202,7 +212,7 @@ def card_table(card: dict[str, Any]) -> list[Any]:
     return out
 
 
-@config_command(eval_app, "all", AllConfig)
+@config_command(eval_app, "all", lambda: _configs().AllConfig)
 def all_cmd(cfg: AllConfig) -> None:
     """Run every evaluation the inputs allow and write the report card (HTML + JSON); says why any part was skipped."""
     from saevctl.console import console, say_path
@@ -216,7 +226,7 @@ def all_cmd(cfg: AllConfig) -> None:
     say_path("card data", res.card_json)
 
 
-@config_command(eval_app, "card", CardQuery)
+@config_command(eval_app, "card", lambda: _configs().CardQuery)
 def card_cmd(cfg: CardQuery) -> None:
     """Print the report card that eval all last wrote for an SAE (no computation)."""
     from saevctl import layout

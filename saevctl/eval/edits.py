@@ -18,7 +18,7 @@ from torch import Tensor
 
 from saevctl import atomic, layout, workspace
 from saevctl.config import resolve_device
-from saevctl.data import resolve_images
+from saevctl.data import ImageRecord, resolve_images
 from saevctl.errors import IndexError_, InputError, ProbeError
 from saevctl.eval import common
 from saevctl.eval.config import EditsConfig
@@ -233,7 +233,7 @@ def rates(counts_n4: np.ndarray, n_boot: int, seed: int, level: float = 0.95) ->
 
 
 def _stats(
-    cfg: EditsConfig, prober: Prober, sae_path: Path, records: list[Any], notes: list[str]
+    cfg: EditsConfig, prober: Prober, sae_path: Path, records: list[ImageRecord], notes: list[str]
 ) -> FeatureStats | None:
     needs = cfg.controls or parse_clamp(f"0={cfg.value}").multiple
     if not needs:
@@ -241,7 +241,7 @@ def _stats(
     # The explicit --index must hold the SAE; a workspace default that does not is ignored (as probe does).
     stats = open_index_stats(cfg.index, sae_path, prober.sae.cfg.n_latents)
     if stats is None:
-        stats = measure_stats(prober, records, cfg)  # type: ignore[arg-type]  # reads batch_size, n_workers, freq_images
+        stats = measure_stats(prober, records, cfg)
         notes.append(f"no mined index: feature max and frequency were measured on {stats.source}")
     return stats
 

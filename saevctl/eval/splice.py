@@ -25,6 +25,7 @@ from saevctl.eval.config import SpliceConfig
 from saevctl.eval.metrics import Scored
 from saevctl.probe.session import Prober
 from saevctl.sae.compat import check_compatible
+from saevctl.sae.model import SAE
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
@@ -61,7 +62,7 @@ class SpliceResult:
 
 
 @torch.no_grad()
-def splice(sae: Any, x_btd: Float[Tensor, "b t d"], slices: list[slice]) -> Float[Tensor, "b t d"]:
+def splice(sae: SAE, x_btd: Float[Tensor, "b t d"], slices: list[slice]) -> Float[Tensor, "b t d"]:
     """The residual stream with the chosen token slices replaced by the SAE's reconstruction decode(encode(x))."""
     out = x_btd.clone()
     for sl in slices:
@@ -80,7 +81,7 @@ def ablate(x_btd: Float[Tensor, "b t d"], slices: list[slice], means: list[Tenso
     return out
 
 
-def store_means(store_dpath: Path, sae: Any, layer: int, kinds: tuple[str, ...]) -> list[Tensor]:
+def store_means(store_dpath: Path, sae: SAE, layer: int, kinds: tuple[str, ...]) -> list[Tensor]:
     """Mean token vector of each kind at `layer` over the whole store, read a chunk of images at a time."""
     from saevctl.store import open_store
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from saevctl import layout, workspace
 from saevctl.config import resolve_device
@@ -22,6 +22,9 @@ from saevctl.eval.recon import run_recon
 from saevctl.eval.splice import run_splice
 from saevctl.probe.heads import resolve_head
 from saevctl.probe.session import Prober, load_sae_and_backbone
+
+if TYPE_CHECKING:
+    from saevctl.sae import SAE
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
@@ -53,7 +56,7 @@ def _index(cfg: AllConfig) -> Path | None:
     return fpath
 
 
-def _store(cfg: AllConfig, sae: Any) -> tuple[Path | None, str]:
+def _store(cfg: AllConfig, sae: SAE) -> tuple[Path | None, str]:
     if cfg.store is not None:
         return cfg.store, ""
     ref = sae.cfg.train.get("store") if isinstance(sae.cfg.train, dict) else None
@@ -84,13 +87,13 @@ def coverage(index_fpath: Path | None, sae_path: Path, min_auroc: float) -> tupl
             "level": "patch", "sae_id": sae_id}, ""
 
 
-def sae_card_info(sae: Any, sae_path: Path) -> dict[str, Any]:
+def sae_card_info(sae: SAE, sae_path: Path) -> dict[str, Any]:
     c = sae.cfg
     return {"name": common.ckpt_name(sae_path), "path": str(sae_path.resolve()), "model_spec": c.model.get("spec"),
             "layer": c.layer, "n_latents": c.n_latents, "activation": c.activation, "k": c.k, "tokens": list(c.tokens)}
 
 
-def _prober(cfg: AllConfig, sae_path: Path, device: str) -> tuple[Any, Prober | None]:
+def _prober(cfg: AllConfig, sae_path: Path, device: str) -> tuple[SAE, Prober | None]:
     """The SAE, and a Prober (SAE + ViT + head) when there are images to run."""
     if cfg.images is None:
         from saevctl.sae import SAE

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import typer
 
 from saevctl.cliconfig import config_command
-from saevctl.extract.config import Config
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from saevctl.extract.config import Config
     from saevctl.extract.pipeline import Result
 
 app = typer.Typer()
 
 
-@config_command(app, "extract", Config)
+def _configs() -> ModuleType:
+    """The stage's Config module, imported only when one of its commands is built (see saevctl.cliconfig)."""
+    from saevctl.extract import config
+
+    return config
+
+
+@config_command(app, "extract", lambda: _configs().Config)
 def extract(cfg: Config) -> None:
     """Store a ViT's residual-stream activations at chosen blocks in a resumable, memory-mappable store.
 

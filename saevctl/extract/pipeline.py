@@ -22,7 +22,7 @@ import torch
 
 from saevctl import atomic, dist
 from saevctl.config import resolve_device
-from saevctl.data import ImageRecord, open_image, resolve_images
+from saevctl.data import ImageRecord, ImageSource, open_image, resolve_images
 from saevctl.errors import InputError, SaevctlError, StoreError
 from saevctl.extract import config, labels, ranks
 from saevctl.extract.config import Config
@@ -162,7 +162,7 @@ class _ShardSink:
             self.stream.result().abort()
 
 
-def _store_config(cfg: Config, bb: Backbone, layers: list[int], src: Any, per_shard: int) -> dict[str, Any]:
+def _store_config(cfg: Config, bb: Backbone, layers: list[int], src: ImageSource, per_shard: int) -> dict[str, Any]:
     return labels.masks_config(cfg.masks) | {
         "model": bb.describe(),
         "images": {"spec": src.spec, "kind": src.kind, "n": len(src.records), "fingerprint": src.fingerprint()},

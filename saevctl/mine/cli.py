@@ -4,25 +4,19 @@ print. Heavy imports (torch, duckdb, faiss) happen inside the commands, so `saev
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import typer
 
 from saevctl.cliconfig import config_command
-from saevctl.config import IndexQuery
-from saevctl.mine.config import Config, LabelConfig
-from saevctl.mine.queries import (
-    ListQuery,
-    MatchQuery,
-    SearchQuery,
-    ShowQuery,
-    SimilarQuery,
-    SqlQuery,
-    TopQuery,
-)
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+    from saevctl.config import IndexQuery
+    from saevctl.mine.config import Config, LabelConfig
+    from saevctl.mine.queries import ListQuery, MatchQuery, SearchQuery, ShowQuery, SimilarQuery, SqlQuery, TopQuery
 
     from saevctl.mine.index import Index
 
@@ -32,6 +26,20 @@ features_app = typer.Typer(
     help="Browse mined features: top images, statistics, neighbours, cross-SAE matches, image search.",
     no_args_is_help=True,
 )
+
+
+def _configs() -> ModuleType:
+    """Mining's Config module, imported only when `mine` or `features label` is built (see saevctl.cliconfig)."""
+    from saevctl.mine import config
+
+    return config
+
+
+def _queries() -> ModuleType:
+    """The query Configs, imported only when a `features` command or `sql` is built."""
+    from saevctl.mine import queries
+
+    return queries
 
 
 def _open(q: IndexQuery, quiet: bool = False) -> tuple[Index, str]:
@@ -51,7 +59,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-@config_command(app, "mine", Config)
+@config_command(app, "mine", lambda: _configs().Config)
 def mine(cfg: Config) -> None:
     """Scan a store through an SAE once into a DuckDB index: feature statistics, top images with per-patch
     activations, per-image top features, and a faiss index of decoder directions; records it as this workspace's
@@ -74,7 +82,7 @@ def mine(cfg: Config) -> None:
     console.print("next: saevctl features list --sort freq   ·   saevctl features top --id 0")
 
 
-@config_command(features_app, "top", TopQuery)
+@config_command(features_app, "top", lambda: _queries().TopQuery)
 def top(cfg: TopQuery) -> None:
     """The feature's top images as a table, and a PNG grid with the firing patches highlighted."""
     from rich.table import Table
@@ -99,7 +107,7 @@ def top(cfg: TopQuery) -> None:
         say_path("grid", figures.feature_grid(idx, sae_id, cfg.id, fpath, cfg.k, cfg.token))
 
 
-@config_command(features_app, "show", ShowQuery)
+@config_command(features_app, "show", lambda: _queries().ShowQuery)
 def show(cfg: ShowQuery) -> None:
     """Statistics, an activation histogram (sparkline here, PNG on disk) and the most similar features."""
     from rich.table import Table
@@ -150,7 +158,7 @@ def _similar_table(console: Console, idx: Index, sae_id: str, pairs: list[tuple[
     console.print(t)
 
 
-@config_command(features_app, "similar", SimilarQuery)
+@config_command(features_app, "similar", lambda: _queries().SimilarQuery)
 def similar(cfg: SimilarQuery) -> None:
     """The nearest features of the same SAE by decoder-direction cosine (faiss)."""
     from saevctl.console import console
@@ -162,7 +170,7 @@ def similar(cfg: SimilarQuery) -> None:
         _similar_table(console, idx, sae_id, pairs, f"features similar to {cfg.id}")
 
 
-@config_command(features_app, "list", ListQuery)
+@config_command(features_app, "list", lambda: _queries().ListQuery)
 def list_(cfg: ListQuery, *, plain: bool = typer.Option(
         False, "--plain", help="Print only the feature ids, one per line (for scripts).")) -> None:
     """Features sorted by a statistic, optionally filtered; with labels (features label), their best class and AUROC."""
@@ -193,7 +201,7 @@ def list_(cfg: ListQuery, *, plain: bool = typer.Option(
     console.print(t)
 
 
-@config_command(features_app, "label", LabelConfig)
+@config_command(features_app, "label", lambda: _configs().LabelConfig)
 def label_(cfg: LabelConfig, *, top: int = typer.Option(20, "--top", help="Classes to show (best AUROC first).")
            ) -> None:
     """Name features: for every feature and class, the AUROC and best F1 of the feature's patch (or image: max over
@@ -237,7 +245,7 @@ def _example_class(result: Any) -> str:
     return "CLASS"
 
 
-@config_command(features_app, "match", MatchQuery)
+@config_command(features_app, "match", lambda: _queries().MatchQuery)
 def match(cfg: MatchQuery) -> None:
     """The closest features in another SAE: decoder cosine for the same model and layer; otherwise the features of
     B that fire most on A's top images versus all other images (both sides' exemplars in the PNG)."""
@@ -265,7 +273,7 @@ def match(cfg: MatchQuery) -> None:
         say_path("match", figures.match_figure(idx, sae_a, cfg.id, sae_b, best, fpath))
 
 
-@config_command(features_app, "search", SearchQuery)
+@config_command(features_app, "search", lambda: _queries().SearchQuery)
 def search(cfg: SearchQuery) -> None:
     """Which features fire on (part of) an image, each with its exemplars: the paper's Figure 2."""
     from rich.table import Table
@@ -289,7 +297,7 @@ def search(cfg: SearchQuery) -> None:
         say_path("search", figures.search_figure(idx, res, fpath))
 
 
-@config_command(app, "sql", SqlQuery)
+@config_command(app, "sql", lambda: _queries().SqlQuery)
 def sql(cfg: SqlQuery) -> None:
     """Read-only SQL on the index, printed as a table; writes and file access are refused."""
     from rich.table import Table

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -16,6 +16,10 @@ from saevctl import atomic
 from saevctl.data import open_image
 from saevctl.data.preprocess import Preprocess
 from saevctl.errors import SaevctlError
+
+if TYPE_CHECKING:
+    from saevctl.mine.index import Index
+    from saevctl.mine.query import SearchResult
 
 log = logging.getLogger(__name__)
 TILE_PX = 160
@@ -131,7 +135,7 @@ def shared_vmax(exemplars: list[dict[str, Any]]) -> float:
     return max(peaks, default=0.0)
 
 
-def feature_grid(index: Any, sae_id: str, feature: int, out_fpath: Path, k: int | None = None,
+def feature_grid(index: Index, sae_id: str, feature: int, out_fpath: Path, k: int | None = None,
                  token: str | None = None, cols: int = 5) -> Path:
     """PNG grid of a feature's top exemplars, firing patches highlighted on one colour scale, value under each."""
     exemplars = index.top_exemplars(sae_id, feature, k, token)
@@ -203,7 +207,7 @@ def _outline(view: Image.Image, grid: tuple[int, int], selected: Sequence[int]) 
     return tile
 
 
-def search_figure(index: Any, result: Any, out_fpath: Path, per_feature: int = 5) -> Path:
+def search_figure(index: Index, result: SearchResult, out_fpath: Path, per_feature: int = 5) -> Path:
     """The query image with the chosen patches outlined and, per top feature, where it fires on the query
     and its exemplars (the paper's Figure 2)."""
     info = index.sae_info(result.sae_id)
@@ -228,7 +232,7 @@ def search_figure(index: Any, result: Any, out_fpath: Path, per_feature: int = 5
     return save_png(_stack(parts), out_fpath)
 
 
-def match_figure(index: Any, sae_a: str, feature: int, sae_b: str, feature_b: int | None, out_fpath: Path) -> Path:
+def match_figure(index: Index, sae_a: str, feature: int, sae_b: str, feature_b: int | None, out_fpath: Path) -> Path:
     """A's feature's exemplars above B's best match's, each on its own colour scale."""
     parts = []
     for sae_id, f in ((sae_a, feature), (sae_b, feature_b)):

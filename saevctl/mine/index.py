@@ -30,11 +30,17 @@ LABEL_SORTABLE = index_reads.LABEL_SORTABLE
 LABEL_LEVELS = ("patch", "image")
 
 
+# Every connection: an index needs no extension, and a query naming one (sqlite_scan, st_point) must not make
+# DuckDB download and load code from the network.
+NO_EXTENSIONS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+
+
 def _connect(fpath: Path, read_only: bool, config: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
+    """The one place an index file is opened (every reader and writer)."""
     if read_only and not fpath.is_file():
         raise IndexError_(f"no index at {fpath}", "run saevctl mine --sae CKPT --store DIR first, or pass --index")
     try:
-        return duckdb.connect(str(fpath), read_only=read_only, config=config or {})
+        return duckdb.connect(str(fpath), read_only=read_only, config={**NO_EXTENSIONS, **(config or {})})
     except duckdb.Error as e:
         text = str(e)
         if "conflicting lock" in text.lower() or "could not set lock" in text.lower():

@@ -4,6 +4,7 @@ bulk reads for the report) and the read-only SQL runner of `saevctl sql`. Caller
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import duckdb
@@ -12,6 +13,7 @@ import numpy as np
 from saevctl.errors import IndexError_
 from saevctl.mine.schema import N_HIST, STAT_COLUMNS
 
+_EXTENSION_RE = re.compile(r"exists in the (\w+) extension")
 TABLES = ("saes", "stores", "images", "features", "histograms", "exemplars", "image_features", "feature_labels",
           "class_features", "meta", "schema_migrations")
 LABEL_SORTABLE = ("auroc", "f1")
@@ -132,7 +134,8 @@ def run_select(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int | None,
         raise IndexError_(f"saevctl sql runs exactly one statement, got {len(statements)}", "run them one at a time")
     kind = statements[0].type
     if kind not in (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN):
-        raise IndexError_(f"saevctl sql is read-only and refuses {kind.name} statements", "write a SELECT query")
+        name = "INSTALL or LOAD" if kind == duckdb.StatementType.LOAD else kind.name  # DuckDB types INSTALL as LOAD
+        raise IndexError_(f"saevctl sql is read-only and refuses {name} statements", "write a SELECT query")
     if not read_only:
         raise IndexError_("query() needs an index opened read-only", "use Index.open(path)")
     try:
@@ -140,6 +143,10 @@ def run_select(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int | None,
         cols = [c[0] for c in cur.description or []]
         rows = cur.fetchmany(max_rows + 1) if max_rows is not None else cur.fetchall()
     except duckdb.Error as e:
+        ext = _EXTENSION_RE.search(str(e))
+        if ext:  # index.py's connections never install or load one
+            raise IndexError_(f"the query needs DuckDB's {ext.group(1)} extension, and extensions are disabled in "
+                              "saevctl sql", "query the index's own tables: " + ", ".join(TABLES)) from e
         raise IndexError_(f"the query failed: {str(e).splitlines()[0]}", "tables: " + ", ".join(TABLES)) from e
     truncated = max_rows is not None and len(rows) > max_rows
     return cols, rows[:max_rows] if truncated else rows, truncated

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from saevctl.mine.index import Index
 from saevctl.mine.labelstats import ClassHistograms, scores
 from saevctl.mine.queries import sae_in_index
 from saevctl.store import Store, open_store
+
+if TYPE_CHECKING:
+    from saevctl.sae import SAE
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
@@ -202,7 +205,7 @@ def _feature_rows(f0: int, lab: _Labels, auroc_fc: np.ndarray, f1_fc: np.ndarray
             "f1": np.where(ok, f1_fc[rows, best], 0.0), "threshold": np.where(ok, thr_fc[rows, best], np.nan)}
 
 
-def _folded(sae: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _folded(sae: SAE) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalisation and decoder bias folded into the encoder, as mining's fused encoder does (saevctl/mine/encode.py):
     pre-activations = x @ w_ds + bias_s for raw x."""
     with torch.no_grad():
@@ -210,7 +213,7 @@ def _folded(sae: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return (sae.W_enc * sae.act_scale).contiguous(), bias_s
 
 
-def _block_codes(sae: Any, encode: Callable[..., torch.Tensor], folded: tuple[torch.Tensor, torch.Tensor],
+def _block_codes(sae: SAE, encode: Callable[..., torch.Tensor], folded: tuple[torch.Tensor, torch.Tensor],
                  x_nd: torch.Tensor, f0: int, f1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Non-zero codes of features f0..f1 as (item, feature - f0, value). TopK SAEs give them straight from
     their top-k (no dense codes, no scan); the other activations are encoded densely by mining's encoder."""
@@ -225,7 +228,7 @@ def _block_codes(sae: Any, encode: Callable[..., torch.Tensor], folded: tuple[to
     return nz_i, nz_f, codes_nf[nz_i, nz_f]
 
 
-def _one_pass(sae: Any, store: Store, layer: int, labels: list[_Labels], max_s: np.ndarray, f0: int, f1: int,
+def _one_pass(sae: SAE, store: Store, layer: int, labels: list[_Labels], max_s: np.ndarray, f0: int, f1: int,
               cfg: Config, device: str, progress: Progress | None) -> dict[str, ClassHistograms]:
     """Stream the store once, folding features f0..f1's codes into one ClassHistograms per level."""
     from saevctl.mine.encode import make_encoder
@@ -259,7 +262,7 @@ def _edges(cfg: Config) -> list[int]:
     return sorted({min(cfg.n_bins - 1, round(t * cfg.n_bins)) for t in cfg.thresholds})
 
 
-def compute(sae: Any, store: Store, layer: int, labels: list[_Labels], max_s: np.ndarray, cfg: Config, device: str,
+def compute(sae: SAE, store: Store, layer: int, labels: list[_Labels], max_s: np.ndarray, cfg: Config, device: str,
             progress: Progress | None = None
             ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, _Best], dict[str, Any]]:
     """(feature_labels columns per level, best feature per class per level, counts per level + passes)."""

@@ -7,13 +7,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from saevctl.errors import CheckpointError, IndexError_, InputError, ModelError
 from saevctl.mine import vectors
 from saevctl.mine.index import Index
+
+if TYPE_CHECKING:  # the SAE (torch) and PIL load when an image is encoded
+    from PIL import Image
+
+    from saevctl.sae import SAE
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +67,8 @@ def parse_box(text: str, grid: tuple[int, int], size: int) -> list[int]:
 class SearchResult:
     sae_id: str
     image: str
-    view: Any
-    """The image as the model saw it (PIL)."""
+    view: Image.Image
+    """The image as the model saw it."""
     grid: tuple[int, int]
     selected: list[int]
     codes_ps: np.ndarray
@@ -72,7 +77,7 @@ class SearchResult:
     """(feature, summed code over the selected patches), best first."""
 
 
-def load_sae_for(index: Index, sae_id: str, sae_path: str | Path | None = None) -> Any:
+def load_sae_for(index: Index, sae_id: str, sae_path: str | Path | None = None) -> SAE:
     from saevctl.sae import SAE
 
     info = index.sae_info(sae_id)
@@ -88,7 +93,9 @@ def load_sae_for(index: Index, sae_id: str, sae_path: str | Path | None = None) 
     return sae
 
 
-def encode_image(index: Index, sae_id: str, image: str, sae_path: str | Path | None = None) -> tuple[Any, np.ndarray]:
+def encode_image(
+    index: Index, sae_id: str, image: str, sae_path: str | Path | None = None
+) -> tuple[Image.Image, np.ndarray]:
     """Run an image through the backbone to the SAE's layer and through the SAE: (model view, codes (p, s))."""
     import torch
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -104,7 +104,19 @@ def iter_batches(records: list[ImageRecord], prober: Prober, bs: int,
 
 
 @torch.no_grad()
-def measure_stats(prober: Prober, records: list[ImageRecord], cfg: BatchConfig) -> FeatureStats:
+@runtime_checkable
+class SampleOpts(Protocol):
+    """What measuring feature statistics reads of a Config (BatchConfig and EditsConfig have these fields)."""
+
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def n_workers(self) -> int: ...
+    @property
+    def freq_images(self) -> int: ...
+
+
+def measure_stats(prober: Prober, records: list[ImageRecord], cfg: SampleOpts) -> FeatureStats:
     """Firing frequency and max of every feature on the first `freq_images` images (no mined index)."""
     sae, n_prefix = prober.sae, prober.bb.layout.n_prefix
     fired = torch.zeros(sae.cfg.n_latents, dtype=torch.float64)

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from saevctl.cliconfig import config_command
-from saevctl.probe.config import BatchConfig, Config, HeadsQuery, HeadTrainConfig, ProbeConfig
+
+if TYPE_CHECKING:
+    from saevctl.probe.config import BatchConfig, Config, HeadsQuery, HeadTrainConfig, ProbeConfig
 
 app = typer.Typer()
 heads_app = typer.Typer(name="heads", help="Task heads a probe reads: train linear heads, list ready and trained ones.",
                         no_args_is_help=True)
 
 
-@config_command(heads_app, "train", HeadTrainConfig,
+def _configs() -> ModuleType:
+    """The stage's Config module, imported only when one of its commands is built (see saevctl.cliconfig)."""
+    from saevctl.probe import config
+
+    return config
+
+
+@config_command(heads_app, "train", lambda: _configs().HeadTrainConfig,
                 missing={"task": "--task classify or --task segment", "images": "--images DIR"})
 def heads_train(cfg: HeadTrainConfig) -> None:
     """Train a linear head on a frozen ViT's final tokens; prints validation accuracy (classify) or mIoU (segment)."""
@@ -35,7 +45,7 @@ def heads_train(cfg: HeadTrainConfig) -> None:
     say_path("head", res.out)
 
 
-@config_command(heads_app, "list", HeadsQuery)
+@config_command(heads_app, "list", lambda: _configs().HeadsQuery)
 def heads_list(cfg: HeadsQuery) -> None:
     """List the ready heads and the trained heads in ./heads (or --dir)."""
     from rich.table import Table
@@ -64,7 +74,7 @@ def heads_list(cfg: HeadsQuery) -> None:
     console.print(t)
 
 
-@config_command(app, "probe", ProbeConfig)
+@config_command(app, "probe", lambda: _configs().ProbeConfig)
 def probe(cfg: ProbeConfig) -> None:
     """Clamp SAE features on chosen patches at the SAE's layer, run the rest of the ViT, and compare a head's output."""
     one = cfg.pick()

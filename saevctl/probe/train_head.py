@@ -23,7 +23,7 @@ from saevctl.data.masks import IGNORED, MaskSet, check_masks, mask_geometry, rea
 from saevctl.errors import InputError, SaevctlError
 from saevctl.probe.config import HeadTrainConfig
 from saevctl.probe.heads import LinearClassifyHead, LinearSegmentHead, describe_model, save_head
-from saevctl.vit import Backbone, load_backbone
+from saevctl.vit import Backbone, Preprocess, load_backbone
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
@@ -79,13 +79,13 @@ def _pair_masks(records: list[ImageRecord], masks: Path) -> list[tuple[ImageReco
     return pairs
 
 
-def mask_to_input(mask: Image.Image, bb: Backbone, offset: int, n_classes: int, ignore: int) -> np.ndarray:
+def mask_to_input(mask: Image.Image, pre: Preprocess, offset: int, n_classes: int, ignore: int) -> np.ndarray:
     """A mask through the image's geometry (nearest), as class indices; -1 where unlabelled or padded."""
     # The same nearest-neighbour geometry as `extract --masks` (16-bit ids survive it); the white canvas marks
     # what the geometry padded, which is never labelled even where id 0 is a real class.
     ids = mask if mask.mode in ("L", "P", "I", "I;16", "I;16B", "I;16L") else mask.convert("L")
-    values = mask_geometry(np.asarray(ids).astype(np.int32), bb.preprocess).astype(np.int64)
-    geo = dataclasses.replace(bb.preprocess, interpolation="nearest")
+    values = mask_geometry(np.asarray(ids).astype(np.int32), pre).astype(np.int64)
+    geo = dataclasses.replace(pre, interpolation="nearest")
     valid = np.asarray(geo.geometry(Image.new("RGB", mask.size, (255, 255, 255))))[..., 0] > 127
     labels = values - offset
     bad = ~valid | (values == ignore) | (labels < 0) | (labels >= n_classes)
@@ -252,7 +252,7 @@ def _train_segment(cfg: HeadTrainConfig, bb: Backbone, layer: int, pairs: list[t
         classes, offset = [f"class {v}" for v in range(max(seen, default=0) + 1)], 0
     lay = bb.layout
     kept, x = _features(bb, layer, [r for r, _ in pairs], cfg, device, lambda t: t[:, lay.n_prefix :], progress)
-    pix = np.stack([mask_to_input(Image.open(pairs[i][1]), bb, offset, len(classes), ignore) for i in kept])
+    pix = np.stack([mask_to_input(Image.open(pairs[i][1]), bb.preprocess, offset, len(classes), ignore) for i in kept])
     y = torch.from_numpy(np.stack([patch_labels(p, lay.grid_h, lay.grid_w) for p in pix])).to(x.device)
     tr, va = _split(len(kept), cfg)
     w, b = _fit(x[tr].reshape(-1, bb.d_model), y[tr].reshape(-1), len(classes), cfg)

@@ -5,22 +5,30 @@ Heavy imports happen inside the command, so `saevctl --help` stays fast.
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import typer
 
 from saevctl.cliconfig import config_command
-from saevctl.report.config import Config
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from saevctl.report.config import Config
     from saevctl.report.pipeline import Result
 
 app = typer.Typer()
 
 
-@config_command(app, "report", Config)
+def _configs() -> ModuleType:
+    """The stage's Config module, imported only when one of its commands is built (see saevctl.cliconfig)."""
+    from saevctl.report import config
+
+    return config
+
+
+@config_command(app, "report", lambda: _configs().Config)
 def report(cfg: Config) -> None:
     """Write a static HTML feature browser that opens from disk with no server: an index page with a sortable,
     filterable table of every feature that fired (per SAE), and one page per feature with its exemplar grid,

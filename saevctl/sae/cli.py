@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from saevctl.cliconfig import config_command
-from saevctl.sae.config import ImportConfig
+
+if TYPE_CHECKING:
+    from saevctl.sae.config import ImportConfig
 
 sae_app = typer.Typer(help="Inspect SAE checkpoints and import SAEs made by other tools.", no_args_is_help=True)
 
 
-@config_command(sae_app, "import", ImportConfig)
+def _configs() -> ModuleType:
+    """The stage's Config module, imported only when one of its commands is built (see saevctl.cliconfig)."""
+    from saevctl.sae import config
+
+    return config
+
+
+@config_command(sae_app, "import", lambda: _configs().ImportConfig)
 def import_(cfg: ImportConfig) -> None:
     """Convert an SAE from the reference saev project or SAELens/sparsify into a saevctl checkpoint."""
     from saevctl.console import say_path

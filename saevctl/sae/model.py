@@ -59,8 +59,13 @@ class SAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
+        """From config.json, where the tuples are JSON lists."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kw = {k: v for k, v in d.items() if k in names}
+        for k in ("matryoshka", "tokens"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
 
 
 class SAEOutput(NamedTuple):
@@ -155,11 +160,14 @@ class SAE(nn.Module):
     @classmethod
     def load(cls, dpath: str | Path, device: str | torch.device = "cpu") -> SAE:
         """Load a checkpoint folder (or its sae.safetensors / config.json path)."""
-        dpath = resolve_ckpt(Path(dpath))
+        given = Path(dpath)
+        dpath = resolve_ckpt(given)
         cpath, wpath = layout.sae_config_fpath(dpath), layout.sae_weights_fpath(dpath)
         if not cpath.is_file() or not wpath.is_file():
+            # Name what the user passed: a stray file (some.pt) resolves to its folder, which they did not name.
+            named = given if given.is_file() and given.name not in (cpath.name, wpath.name) else dpath
             raise CheckpointError(
-                f"{dpath} is not an SAE checkpoint (needs config.json and sae.safetensors)",
+                f"{named} is not an SAE checkpoint (needs config.json and sae.safetensors)",
                 "pass the folder saevctl train wrote, or convert one with saevctl sae import",
             )
         try:

@@ -21,7 +21,7 @@ from saevctl.errors import OutputError, StoreError
 from saevctl.store.format import STORE_FORMAT, kind_shape, read_manifest
 
 
-def _masks_name(masks: Any) -> str:
+def _masks_name(masks: dict[str, Any] | None) -> str:
     """A store's mask folder, for messages (its class list is too long to print)."""
     return str((masks or {}).get("dpath") or "none")
 

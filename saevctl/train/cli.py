@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from saevctl.cliconfig import config_command
-from saevctl.train.config import Config
+
+if TYPE_CHECKING:
+    from saevctl.train.config import Config
 
 
 app = typer.Typer()
 
 
-@config_command(app, "train", Config)
+def _configs() -> ModuleType:
+    """The stage's Config module, imported only when one of its commands is built (see saevctl.cliconfig)."""
+    from saevctl.train import config
+
+    return config
+
+
+@config_command(app, "train", lambda: _configs().Config)
 def train(cfg: Config) -> None:
     """Train sparse autoencoders on a stored layer; every combination of the listed values in one data pass.
     Multi-process: torchrun --nproc-per-node N -m saevctl train ... (see docs/train.md)."""

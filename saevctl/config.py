@@ -282,9 +282,18 @@ def check_finite(name: str, value: float | None, *, low: float | None = None, hi
     if isinstance(value, float) and not math.isfinite(value):
         raise InputError(f"{where} {value} is not a finite number", f"pass a finite {where}")
     if low is not None and (value <= low if low_open else value < low):
-        raise InputError(f"{where} {value:g} is out of range", f"{where} must be {'>' if low_open else '>='} {low:g}")
+        raise InputError(f"{where} {_num(value)} is out of range",
+                         f"{where} must be {'>' if low_open else '>='} {_num(low)}")
     if high is not None and value > high:
-        raise InputError(f"{where} {value:g} is out of range", f"{where} must be <= {high:g}")
+        raise InputError(f"{where} {_num(value)} is out of range", f"{where} must be <= {_num(high)}")
+
+
+def _num(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"  # --top-k 1000000000, not 1e+09
+
+
+MAX_SEED = 2**63 - 1
+"""Largest --seed: torch's generators take 64 bits, numpy's refuse negative seeds."""
 
 
 def load_toml(fpath: Path) -> dict[str, Any]:
@@ -347,6 +356,7 @@ class StatsOpts(ConfigBase):
         super().check()
         if self.n_boot < 1:
             raise InputError(f"--n-boot {self.n_boot} draws no resamples", "pass --n-boot 1 or more (1000 is usual)")
+        check_finite("seed", self.seed, low=0, high=MAX_SEED)
 
 
 @dataclass(frozen=True, kw_only=True)

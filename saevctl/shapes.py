@@ -1,6 +1,7 @@
 """The shape-letter glossary used in tensor names across saevctl (`acts_bpd`, `codes_bs`).
 
-Names end in one letter per dimension, so `x_bpd` is (batch, tokens, width).
+Names end in one letter per dimension, so `x_bpd` is (batch, tokens, width); jaxtyping annotations use the same
+letters (`Float[Tensor, "b d"]`), and tests/test_shapes.py holds every annotation in the code to this glossary.
 """
 
 GLOSSARY: dict[str, str] = {
@@ -16,4 +17,6 @@ GLOSSARY: dict[str, str] = {
     "c": "classes of a task head",
     "h": "image or patch-grid height",
     "w": "image or patch-grid width",
+    "f": "features under study (a chosen subset of the SAE latents)",
+    "z": "non-zero entries of a sparse tensor",
 }

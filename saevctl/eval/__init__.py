@@ -1,4 +1,4 @@
-"""Stage 6, evaluation: how much of a task head's behaviour an SAE keeps when spliced in, whether feature
+"""Stage 5, evaluation: how much of a task head's behaviour an SAE keeps when spliced in, whether feature
 edits are specific to their class, and a one-page report card. `saevctl eval splice|edits|recon|all|card`.
 """
 

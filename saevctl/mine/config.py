@@ -6,15 +6,14 @@ Torch-free, so `saevctl --help` builds both commands' options without loading th
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from saevctl import layout, workspace
-from saevctl.atomic import fmt_bytes
 from saevctl.config import DeviceOpts, IndexQuery, check_finite, opt
 from saevctl.errors import InputError
+from saevctl.memory import check_memory, physical_memory
 
 # Ranks are stored as SMALLINT (schema.py), which bounds --top-k and --top-n.
 MAX_RANK = (1 << 15) - 1
@@ -74,27 +73,16 @@ def exemplar_bytes(top_k: int, n_latents: int, n_patches: int, kinds: tuple[str,
     return top_k * n_latents * per_slot
 
 
-def physical_memory() -> int | None:
-    """This machine's RAM in bytes (None where the OS does not say)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def check_exemplar_memory(top_k: int, n_latents: int, n_patches: int, kinds: tuple[str, ...],
                           available: int | None = None, where: str = "this machine") -> None:
     """Refuse, before any work, a --top-k whose exemplar buffers cannot fit in `available` bytes (default: RAM)."""
     available = available if available is not None else physical_memory()
-    need = exemplar_bytes(top_k, n_latents, n_patches, kinds)
-    if available is None or need <= available:
+    if available is None:
         return
     fits = max(1, available // 2 // max(1, exemplar_bytes(1, n_latents, n_patches, kinds)))
-    raise InputError(
-        f"--top-k {top_k} needs about {fmt_bytes(need)} of exemplar buffers for {n_latents:,} features, "
-        f"more than {where} has ({fmt_bytes(available)})",
-        f"pass a lower --top-k (at most about {fits:,})",
-    )
+    check_memory(exemplar_bytes(top_k, n_latents, n_patches, kinds), f"--top-k {top_k}",
+                 f"pass a lower --top-k (at most about {fits:,})", available=available, where=where,
+                 of=f"exemplar buffers for {n_latents:,} features")
 
 
 @dataclass(frozen=True, kw_only=True)

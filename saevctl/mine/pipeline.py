@@ -23,6 +23,7 @@ from saevctl import workspace
 from saevctl.config import resolve_device
 from saevctl.errors import CheckpointError
 from saevctl.mine import vectors, writer
+from saevctl.memory import device_memory
 from saevctl.mine.config import Config, check_exemplar_memory
 from saevctl.mine.encode import make_encoder
 from saevctl.mine.scan import FeatureScanner
@@ -194,10 +195,8 @@ def _sae_row(cfg: Config, sae: SAE, sae_id: str, store: Store, layer: int, kinds
 
 def _check_memory(cfg: Config, sae: SAE, store: Store, kinds: tuple[str, ...], device: str) -> None:
     """A --top-k whose exemplar buffers cannot fit on the device fails here, not after part of the scan."""
-    on_gpu = device.startswith("cuda")
-    available = torch.cuda.get_device_properties(torch.device(device)).total_memory if on_gpu else None
-    check_exemplar_memory(cfg.top_k, sae.cfg.n_latents, store.layout.n_patches, kinds, available,
-                          where="the GPU" if on_gpu else "this machine")
+    available, where = device_memory(device) if device.startswith("cuda") else (None, "this machine")
+    check_exemplar_memory(cfg.top_k, sae.cfg.n_latents, store.layout.n_patches, kinds, available, where=where)
 
 
 def sae_id_for(cfg: Config, sae: SAE) -> str:

@@ -1,4 +1,4 @@
-"""Stage 5, probing: train or pick a task head, clamp SAE features at the SAE's layer, and measure how the
+"""Stage 4, probing: train or pick a task head, clamp SAE features at the SAE's layer, and measure how the
 head's output changes (one image, or many images against controls). `saevctl heads` / `saevctl probe`.
 """
 
@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 from saevctl.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from saevctl.edit.heads import resolve_head
+    from saevctl.edit.session import Prober
     from saevctl.probe.batch import BatchResult, run_batch
     from saevctl.probe.config import BatchConfig, Config, HeadTrainConfig
-    from saevctl.probe.heads import resolve_head
     from saevctl.probe.probe import Result, run
-    from saevctl.probe.session import Prober
     from saevctl.probe.train_head import train_head
 
 __all__ = [
@@ -31,7 +31,7 @@ __getattr__ = lazy_exports(
         "run_batch": "saevctl.probe.batch",
         "HeadTrainConfig": "saevctl.probe.config",
         "train_head": "saevctl.probe.train_head",
-        "resolve_head": "saevctl.probe.heads",
-        "Prober": "saevctl.probe.session",
+        "resolve_head": "saevctl.edit.heads",
+        "Prober": "saevctl.edit.session",
     },
 )

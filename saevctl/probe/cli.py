@@ -52,7 +52,7 @@ def heads_list(cfg: HeadsQuery) -> None:
 
     from saevctl import layout
     from saevctl.console import console
-    from saevctl.probe.heads import READY_HEADS, list_heads
+    from saevctl.edit.heads import READY_HEADS, list_heads
 
     t = Table(title="ready heads (--head NAME)")
     t.add_column("name")

@@ -15,11 +15,12 @@ import torch
 from saevctl import layout, workspace
 from saevctl.config import resolve_device
 from saevctl.data import open_image
+from saevctl.edit.clamps import Clamp, parse_clamp
+from saevctl.edit.edit import apply_edit, make_plan, parse_patches, static_mask
+from saevctl.edit.effects import classify_summary, dense_summary
+from saevctl.edit.session import Prober, clamp_values, open_index_stats
 from saevctl.probe.config import Config
-from saevctl.probe.edit import Clamp, apply_edit, make_plan, parse_clamp, parse_patches, static_mask
-from saevctl.probe.effects import classify_summary, dense_summary
 from saevctl.probe.figures import probe_figure
-from saevctl.probe.session import Prober, clamp_values, open_index_stats
 
 log = logging.getLogger(__name__)
 

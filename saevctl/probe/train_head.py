@@ -20,9 +20,9 @@ from saevctl import layout
 from saevctl.config import resolve_device
 from saevctl.data import ImageRecord, open_image, resolve_images
 from saevctl.data.masks import IGNORED, MaskSet, check_masks, mask_geometry, read_classes
+from saevctl.edit.heads import LinearClassifyHead, LinearSegmentHead, describe_model, save_head
 from saevctl.errors import InputError, SaevctlError
 from saevctl.probe.config import HeadTrainConfig
-from saevctl.probe.heads import LinearClassifyHead, LinearSegmentHead, describe_model, save_head
 from saevctl.vit import Backbone, Preprocess, load_backbone
 
 log = logging.getLogger(__name__)

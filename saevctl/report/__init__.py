@@ -1,4 +1,4 @@
-"""Stage 4, report: a static HTML feature browser of a mined index that opens from disk with no server.
+"""Stage 3, mining (its browser): a static HTML feature browser of a mined index that opens from disk with no server.
 
 Use `run(Config(...))` from Python; `saevctl report` is a thin CLI over it.
 """

@@ -5,6 +5,7 @@ Heavy imports happen inside the command, so `saevctl --help` stays fast.
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -36,14 +37,17 @@ def report(cfg: Config) -> None:
     from rich.markup import escape
 
     from saevctl.console import console, progress_bar, say_path
-    from saevctl.report.pipeline import count_pages, resolve_index, run
+    from saevctl.report.pipeline import run
 
-    console.print(f"[dim]index {escape(str(resolve_index(cfg.index)))}[/]")
-    total = count_pages(cfg)
-    if total > 5000 and cfg.image_format == "png":
-        console.print(f"[dim]{total:,} pages to draw; --format jpeg draws them about 4x faster and 5x smaller[/]")
-    with progress_bar("report", total, "page") as advance:
-        result = run(cfg, progress=advance)
+    with progress_bar("report", None, "page") as advance:
+
+        def on_total(index: Path, total: int) -> None:
+            console.print(f"[dim]index {escape(str(index))}[/]")
+            if total > 5000 and cfg.image_format == "png":
+                console.print(f"[dim]{total:,} pages to draw; --format jpeg draws them about 4x faster and 5x smaller[/]")
+            advance.set_total(total)
+
+        result = run(cfg, progress=advance, on_total=on_total)
     _summary(console, result)
     say_path("report", result.index_html)
 

@@ -64,11 +64,15 @@ def _sae_ids(idx: Index, refs: tuple[str, ...]) -> list[str]:
 
 
 def count_pages(cfg: Config) -> int:
-    """How many feature pages `run(cfg)` will write (for a progress bar's total)."""
+    """How many feature pages `run(cfg)` will write."""
     from saevctl.mine import Index
 
     with Index.open(resolve_index(cfg.index)) as idx:
-        return sum(len(idx.fired_features(s, idx.tokens(s), cfg.max_features)) for s in _sae_ids(idx, cfg.saes))
+        return _count_pages(idx, cfg)
+
+
+def _count_pages(idx: Index, cfg: Config) -> int:
+    return sum(len(idx.fired_features(s, idx.tokens(s), cfg.max_features)) for s in _sae_ids(idx, cfg.saes))
 
 
 def _summary(info: dict[str, Any]) -> str:
@@ -191,8 +195,9 @@ def _copy_eval_card(index_fpath: Path, sae: dict[str, Any], root: Path) -> None:
         sae["card"] = f"saes/{sae['dname']}/{name}"
 
 
-def run(cfg: Config, progress: Progress | None = None) -> Result:
-    """Write the report of `cfg.index` into `cfg.out` (atomically, as a whole folder); progress counts pages."""
+def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[Path, int], None] | None = None) -> Result:
+    """Write the report of `cfg.index` into `cfg.out` (atomically, as a whole folder); progress counts pages, and
+    `on_total(index path, pages)` is called once the index is open, before the first page."""
     from saevctl.mine import Index
 
     t0 = time.perf_counter()
@@ -200,6 +205,8 @@ def run(cfg: Config, progress: Progress | None = None) -> Result:
     site.check_target(cfg.out.absolute())  # before any work: a wrong --out fails at once
     saes, sections = [], []
     with Index.open(index_fpath) as idx, site.staged_site(cfg.out) as root:
+        if on_total is not None:
+            on_total(index_fpath, _count_pages(idx, cfg))
         for position, sae_id in enumerate(_sae_ids(idx, cfg.saes)):
             sae, rows = _write_sae(idx, sae_id, position, root, cfg, progress)
             _copy_eval_card(index_fpath, sae, root)

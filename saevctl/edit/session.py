@@ -16,9 +16,9 @@ from PIL import Image
 from torch import Tensor
 
 from saevctl import workspace
+from saevctl.edit.clamps import Clamp, check_features
+from saevctl.edit.heads import Head, head_tokens, resolve_head
 from saevctl.errors import CheckpointError, IndexError_, ProbeError
-from saevctl.probe.edit import Clamp, check_features
-from saevctl.probe.heads import Head, head_tokens, resolve_head
 from saevctl.sae.compat import check_compatible
 from saevctl.vit import Backbone, load_backbone
 

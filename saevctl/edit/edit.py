@@ -6,7 +6,6 @@ x + (f'_i - f_i) W_dec[i] / scale from the chosen features' columns only (parity
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -18,42 +17,6 @@ from saevctl.sae.model import SAE
 from saevctl.store.format import TokenLayout
 
 PATCH_FORMS = "all, fired, r,c;r,c (patch rows/columns) or box:x0,y0,x1,y1 (model-input pixels)"
-
-
-@dataclass(frozen=True)
-class Clamp:
-    """One `--clamp F=V`: set feature F to V, to V times its max activation, or (F=top) the image's strongest."""
-
-    feature: int | None
-    """Feature id; None for `top` (resolved per image)."""
-    value: float
-    multiple: bool
-    """value is a multiple of the feature's max activation (from the mined index)."""
-    text: str
-
-    @property
-    def is_ablation(self) -> bool:
-        return self.value == 0.0
-
-
-def parse_clamp(text: str) -> Clamp:
-    m = re.fullmatch(r"\s*(\d+|top)\s*=\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)\s*(x?)\s*", text, re.IGNORECASE)
-    if not m:
-        raise ProbeError(
-            f"bad --clamp {text!r}",
-            "write FEATURE=VALUE: 6909=0 (ablate), 6909=3.5 (absolute), 6909=2x (times its max), top=0",
-        )
-    feature = None if m.group(1).lower() == "top" else int(m.group(1))
-    return Clamp(feature, float(m.group(2)), bool(m.group(3)), text.strip())
-
-
-def check_features(features: list[int], n_latents: int) -> None:
-    bad = [f for f in features if not 0 <= f < n_latents]
-    if bad:
-        raise ProbeError(
-            f"feature {bad[0]} is out of range: this SAE has features 0..{n_latents - 1}",
-            "pick a feature id below n_latents",
-        )
 
 
 @dataclass(frozen=True)
@@ -214,23 +177,3 @@ def apply_edit(
     fn = edit_fast if fast else edit_reference
     edited = fn(sae, patches, plan.features, plan.values_nk, plan.mask_npk)
     return torch.cat([x_btd[:, : lay.n_prefix], edited], dim=1)
-
-
-def direction_generator(seed: int) -> torch.Generator:
-    """Generator for the random-direction control, offset so that it never replays an SAE's seed-0 initial
-    decoder rows (randn rows too, which a lightly trained SAE still sits near)."""
-    return torch.Generator().manual_seed(982_451_653 + seed)
-
-
-def random_direction_edit(
-    sae: SAE, x_btd: Tensor, lay: TokenLayout, plan: EditPlan, gen: torch.Generator
-) -> Float[Tensor, "b t d"]:
-    """Control: per image one random unit direction, scaled on each patch to the norm of the real edit there."""
-    patches = x_btd[:, lay.n_prefix :]
-    codes = feature_codes(sae, patches, plan.features)
-    delta = delta_from_codes(sae, plan.features, target_codes(codes, plan.values_nk, plan.mask_npk) - codes)
-    n, _, d = patches.shape
-    r_nd = torch.randn(n, d, generator=gen).to(delta.device, delta.dtype)
-    r_nd = r_nd / r_nd.norm(dim=-1, keepdim=True)
-    rand = delta.norm(dim=-1, keepdim=True) * r_nd[:, None, :]
-    return torch.cat([x_btd[:, : lay.n_prefix], patches + rand.to(patches.dtype)], dim=1)

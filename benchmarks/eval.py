@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from saevctl.data import open_image, resolve_images
+from saevctl.edit.heads import resolve_head
+from saevctl.edit.session import Prober
 from saevctl.eval.splice import SpliceConfig, run_splice
-from saevctl.probe.heads import resolve_head
-from saevctl.probe.session import Prober
 from saevctl.vit import load_backbone
 
 from probe import make_sae, plain  # the probe benchmark's random SAE and plain forward

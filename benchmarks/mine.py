@@ -227,7 +227,9 @@ def latency(root: Path, n_images: int, s: int, repeats: int) -> dict:
         with Index.open(fpath) as idx:
             query.similar(idx, idx.resolve_sae(None), f, 10)
         sim.append(time.perf_counter() - t0)
-    ms = lambda xs: 1000 * statistics.median(xs)  # noqa: E731
+    def ms(xs: list[float]) -> float:
+        return 1000 * statistics.median(xs)
+
     return {"latency_images": n_images, "latency_features": s, "index_build_s": build_s,
             "index_mib": fpath.stat().st_size / 2**20, "top_query_ms": ms(top_q), "top_with_png_ms": ms(top_png),
             "similar_ms": ms(sim)}

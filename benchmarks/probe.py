@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from saevctl.data import open_image, resolve_images
+from saevctl.edit.heads import describe_model, resolve_head
+from saevctl.edit.session import FeatureStats, Prober
 from saevctl.probe.batch import BatchConfig, run_batch
-from saevctl.probe.heads import describe_model, resolve_head
-from saevctl.probe.session import FeatureStats, Prober
 from saevctl.sae import SAE, SAEConfig
 from saevctl.vit import load_backbone
 

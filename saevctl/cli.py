@@ -14,7 +14,7 @@ import typer
 
 import saevctl
 from saevctl.cliconfig import reflow
-from saevctl.errors import SaevctlError
+from saevctl.errors import SaevctlError, from_os_error
 from saevctl.eval import cli as eval_cli
 from saevctl.extract import cli as extract_cli
 from saevctl.mine import cli as mine_cli
@@ -38,7 +38,8 @@ for stage_cli in (extract_cli, train_cli, sae_cli, mine_cli, report_cli, probe_c
 
 class _Group(typer.core.TyperGroup):
     """The root command: builds a stage's command only when it is run (a light stand-in lists it in --help), and
-    turns SaevctlError into one stderr line and exit 2 (tracebacks with --debug)."""
+    turns SaevctlError (and any OSError: disk full, read-only, permissions) into one stderr line and exit 2
+    (tracebacks with --debug)."""
 
     _listing = False
     _built: dict[str, Command] | None = None
@@ -76,6 +77,11 @@ class _Group(typer.core.TyperGroup):
             if ctx.params.get("debug"):
                 raise
             typer.echo("error: out of memory. Use a smaller --batch-size or fewer images per step.", err=True)
+            ctx.exit(2)
+        except OSError as e:  # disk full, read-only, permissions, I/O errors: one line naming the path and the fix
+            if ctx.params.get("debug") or os.environ.get("SAEVCTL_DEBUG") == "1":
+                raise
+            typer.echo(f"error: {from_os_error(e).one_line()}", err=True)
             ctx.exit(2)
         return None
 

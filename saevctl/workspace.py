@@ -88,7 +88,8 @@ def index_or_default(index: Path | None) -> Path:
         return Path(index)
     value = get_default("index")
     if not value:
-        raise IndexError_("no --index given and none mined in this workspace", "run saevctl mine --sae CKPT --store DIR, or pass --index")
+        raise IndexError_("no --index given and none mined in this workspace",
+                          "run saevctl mine --sae CKPT --store DIR, or pass --index")
     return Path(value)
 
 

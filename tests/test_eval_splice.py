@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from saevctl.cli import app
+from saevctl.edit.heads import describe_model
 from saevctl.eval import metrics
 from saevctl.eval.splice import SpliceConfig, image_means, run_splice, store_means
-from saevctl.probe.heads import describe_model
 from saevctl.sae import SAE, SAEConfig
 from saevctl.vit import load_backbone
 
@@ -102,7 +102,7 @@ def test_saes_at_both_ends_on_a_trained_head(tiny_bb, tiny_vit, image_dir, ident
     head = train_head(HeadTrainConfig(task="classify", images=str(image_dir), model=tiny_vit, out=tmp_path / "head",
                                       pool="mean", epochs=50, device="cpu"), backbone=tiny_bb).out
     from saevctl.data import resolve_images
-    from saevctl.probe.session import Prober
+    from saevctl.edit.session import Prober
 
     prober = Prober.load(identity_ckpt, str(head), None, "cpu")
     records = list(resolve_images(str(image_dir)).records)
@@ -123,7 +123,7 @@ def test_saes_at_both_ends_on_a_trained_head(tiny_bb, tiny_vit, image_dir, ident
 
 def test_store_mean_equals_image_mean(tiny_store, image_dir, identity_ckpt):
     from saevctl.data import resolve_images
-    from saevctl.probe.session import Prober
+    from saevctl.edit.session import Prober
 
     prober = Prober.load(identity_ckpt, "timm", None, "cpu")
     records = list(resolve_images(str(image_dir)).records)

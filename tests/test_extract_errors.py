@@ -173,8 +173,10 @@ def test_disk_full_while_writing_leaves_a_resumable_store(
     for name in want:
         if name != "manifest.json":
             assert got[name] == want[name], name
-    strip = lambda b: {k: v for k, v in json.loads(b).items() if k != "written_at"}  # noqa: E731
-    assert strip(got["manifest.json"]) == strip(want["manifest.json"])
+    def without_time(b: bytes) -> dict[str, object]:
+        return {k: v for k, v in json.loads(b).items() if k != "written_at"}
+
+    assert without_time(got["manifest.json"]) == without_time(want["manifest.json"])
 
 
 def test_unreadable_images_are_skipped_counted_and_listed(tiny_vit: str, image_dir: Path, tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from saevctl import layout
 from saevctl.cli import app
+from saevctl.edit.heads import load_head, read_head_header
 from saevctl.errors import ProbeError
-from saevctl.probe.heads import load_head, read_head_header
 from saevctl.probe.train_head import (
     HeadTrainConfig,
     mask_to_input,

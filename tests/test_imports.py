@@ -36,7 +36,7 @@ def test_artifact_readers_import_no_torch() -> None:
     assert loaded_after("from saevctl.mine import Index\nfrom saevctl.report import Config, count_pages, run") == []
 
 
-STAGES = ("eval", "extract", "mine", "probe", "report", "sae", "train")
+STAGES = ("edit", "eval", "extract", "mine", "probe", "report", "sae", "train")
 
 
 def test_stage_packages_import_nothing_heavy() -> None:
@@ -53,3 +53,70 @@ def test_stage_packages_export_lazily(pkg: str) -> None:
         assert getattr(mod, name) is not None, (pkg, name)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         mod.nope  # noqa: B018 - the attribute access is the test
+
+
+# --- stages meet only through artifacts and public surfaces -------------------------------------------------
+
+PIPELINE = ("extract", "train", "mine", "report", "probe", "eval")
+SHARED = ("data", "edit", "sae", "store", "vit")
+"""Packages every stage may build on; they import no stage either, beyond the public surfaces below."""
+PUBLIC = {
+    "saevctl.mine.Index": "the index's public reader, as the mine package exports it",
+    "saevctl.mine.index.Index": "the index's public reader: the one way into a mined index",
+    "saevctl.mine.schema.STAT_COLUMNS": "the index format's per-feature statistic columns (docs/disk-layout.md)",
+    "saevctl.mine.schema.hist_edges": "the index format's histogram bins (docs/disk-layout.md)",
+    "saevctl.mine.vectors": "the reader of the index's decoder-direction and faiss sidecar files",
+    "saevctl.mine.figures.TILE_PX": "report draws exemplar tiles with mine's renderer, so browser and CLI grids match",
+    "saevctl.mine.figures.open_model_view": "report draws exemplar tiles with mine's renderer (the model's view)",
+    "saevctl.mine.figures.heat_tile": "report draws exemplar tiles with mine's renderer (the heat overlay)",
+    "saevctl.mine.figures.compose": "report draws exemplar sheets with mine's renderer (tiles, captions, colour bar)",
+}
+"""Names one stage (or shared package) may import from another stage, each with why it is a public surface."""
+
+
+def _package_imports(pkg: str) -> list[tuple[str, str]]:
+    """(file, dotted name) for every import in saevctl/<pkg>/*.py, inside functions and TYPE_CHECKING too."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "saevctl" / pkg
+    out = []
+    for fpath in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(fpath.read_text(), str(fpath))):
+            if isinstance(node, ast.Import):
+                out += [(fpath.name, a.name) for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: resolve against saevctl.<pkg>
+                    parent = ["saevctl", pkg][: max(0, 3 - node.level)]
+                    base = ".".join([*parent, *([base] if base else [])])
+                out += [(fpath.name, f"{base}.{a.name}") for a in node.names]
+    return out
+
+
+def _stage_of(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "saevctl" and parts[1] in PIPELINE else None
+
+
+def test_stages_import_each_other_only_through_public_surfaces() -> None:
+    bad, used = [], set()
+    for pkg in PIPELINE + SHARED:
+        for fname, name in _package_imports(pkg):
+            other = _stage_of(name)
+            if other is None or other == pkg:
+                continue
+            if name in PUBLIC:
+                used.add(name)
+            else:
+                bad.append(f"saevctl/{pkg}/{fname} imports {name}")
+    assert not bad, "stages meet only through artifacts and public surfaces (move shared code beside sae/, vit/, " \
+                    "edit/, or add a public surface to PUBLIC with its reason):\n" + "\n".join(bad)
+    assert set(PUBLIC) <= used, f"PUBLIC lists names no stage imports any more: {sorted(set(PUBLIC) - used)}"
+
+
+def test_configs_build_without_torch() -> None:
+    # EditOpts checks --value with the clamp parser when a Config is built; that parser must stay torch-free.
+    assert loaded_after("from pathlib import Path\nfrom saevctl.eval.config import AllConfig, EditsConfig\n"
+                        "EditsConfig(images='x', masks=Path('m'), sae='s', value='-2x')\n"
+                        "AllConfig(sae='s', value='3')") == []

@@ -13,8 +13,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from saevctl.cli import app
+from saevctl.edit.heads import describe_model, save_head
 from saevctl.probe.batch import BatchConfig, run_batch
-from saevctl.probe.heads import describe_model, save_head
 from saevctl.vit import load_backbone
 
 from conftest import make_tiny_vit

@@ -12,21 +12,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from saevctl.edit.clamps import parse_clamp
+from saevctl.edit.controls import direction_generator, random_direction_edit
+from saevctl.edit.edit import EditPlan, apply_edit, edit_fast, edit_reference, feature_codes, parse_patches, static_mask
+from saevctl.edit.heads import describe_model, resolve_head, save_head
+from saevctl.edit.session import Prober
 from saevctl.errors import ProbeError
-from saevctl.probe.edit import (
-    EditPlan,
-    apply_edit,
-    direction_generator,
-    edit_fast,
-    edit_reference,
-    feature_codes,
-    parse_clamp,
-    parse_patches,
-    random_direction_edit,
-    static_mask,
-)
-from saevctl.probe.heads import describe_model, resolve_head, save_head
-from saevctl.probe.session import Prober
 from saevctl.sae import SAE, SAEConfig
 from saevctl.vit import load_backbone
 
@@ -268,7 +259,7 @@ def test_own_value_edit_is_the_plain_forward_property(tiny_bb, sae_l2, features,
 
 
 def test_fired_patches_are_per_feature(tiny_bb, sae_l2):
-    from saevctl.probe.edit import make_plan
+    from saevctl.edit.edit import make_plan
 
     lay = tiny_bb.layout
     x_npd = tiny_bb.forward_to(images_bchw(tiny_bb), [2])[2][:, lay.n_prefix :]

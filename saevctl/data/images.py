@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -67,15 +68,29 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
 
 
+def _what_was_found(files: list[Path]) -> str:
+    """`found 2 files (1 .txt, 1 empty .jpg)`: what a folder without usable images holds, for the error."""
+    if not files:
+        return "it holds no files"
+    kinds: dict[str, int] = {}
+    for p in files:
+        suffix = p.suffix.lower() or "no extension"
+        key = f"empty {suffix}" if _is_image(p) and p.stat().st_size == 0 else suffix
+        kinds[key] = kinds.get(key, 0) + 1
+    shown = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))[:6])
+    return f"found {len(files)} file{'s' if len(files) != 1 else ''} ({shown}{', ...' if len(kinds) > 6 else ''})"
+
+
 def _from_folder(root: Path, spec: str) -> ImageSource:
     # Hidden folders (.git, .ipynb_checkpoints, a store's temp files) never hold the user's images.
-    found = (p for p in root.rglob("*") if not any(x.startswith(".") for x in p.relative_to(root).parts))
+    found = [p for p in root.rglob("*") if not any(x.startswith(".") for x in p.relative_to(root).parts)]
     files = sorted((p for p in found if _is_image(p)), key=lambda p: p.relative_to(root).as_posix())
+    hint = "put .jpg/.png/.webp/.bmp files there (searched recursively), or pass --images demo"
     if not files:
-        raise InputError(
-            f"no images found in {root}",
-            "put .jpg/.png/.webp/.bmp files there (searched recursively), or pass --images demo",
-        )
+        raise InputError(f"no images found in {root}: {_what_was_found([p for p in found if p.is_file()])}", hint)
+    if all(p.stat().st_size == 0 for p in files):  # refused before any work, not stored as 0 images
+        raise InputError(f"no readable images in {root}: {_what_was_found([p for p in found if p.is_file()])}",
+                         hint)
     rel = [p.relative_to(root) for p in files]
     is_imagefolder = all(len(r.parts) == 2 for r in rel) and len({r.parts[0] for r in rel}) >= 2
     records = tuple(
@@ -110,7 +125,17 @@ def _from_list(fpath: Path, spec: str) -> ImageSource:
         records.append(ImageRecord(len(records), str(p), label or None))
     if not records:
         raise InputError(f"the image list {fpath} names no images", "write one image path per line")
+    if not any(_nonempty(r.path) for r in records):  # stops at the first usable file: cheap for a good list
+        raise InputError(f"no readable images in the list {fpath}: its {len(records)} paths are all missing or empty",
+                         "write paths relative to the list's folder, or absolute paths")
     return ImageSource(spec, "list", tuple(records))
+
+
+def _nonempty(path: str) -> bool:
+    try:
+        return os.stat(path).st_size > 0
+    except OSError:
+        return False
 
 
 def demo_records(n: int) -> tuple[ImageRecord, ...]:

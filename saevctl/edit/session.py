@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -19,16 +18,16 @@ from saevctl import workspace
 from saevctl.edit.clamps import Clamp, check_features
 from saevctl.edit.heads import Head, head_tokens, resolve_head
 from saevctl.errors import CheckpointError, IndexError_, ProbeError
+from saevctl.memory import check_memory, device_memory
 from saevctl.sae.compat import check_compatible
+from saevctl.sae.model import SAE
 from saevctl.vit import Backbone, load_backbone
 
 log = logging.getLogger(__name__)
 
 
-def load_sae_and_backbone(sae_path: Path, device: str) -> tuple[Any, Backbone]:
+def load_sae_and_backbone(sae_path: Path, device: str) -> tuple[SAE, Backbone]:
     """The SAE and the ViT it reads, refusing a ViT whose weights differ from the ones the SAE was trained on."""
-    from saevctl.sae import SAE
-
     sae = SAE.load(sae_path, device=device)
     spec = sae.cfg.model.get("spec")
     if not spec:
@@ -95,7 +94,7 @@ def clamp_values(clamps: list[Clamp], features: list[int], stats: FeatureStats |
 class Prober:
     """The SAE, its ViT and a head, checked to fit together; runs prefixes and edited suffixes."""
 
-    def __init__(self, sae: Any, bb: Backbone, head: Head) -> None:
+    def __init__(self, sae: SAE, bb: Backbone, head: Head) -> None:
         self.sae, self.bb, self.head = sae.eval().requires_grad_(False), bb, head
         self.layer = bb.check_layer(sae.cfg.layer)
         if head.layer < self.layer:
@@ -114,6 +113,17 @@ class Prober:
         if head is None:
             head = "saliency" if bb.spec == "demo" else ("clip" if classes else "timm")
         return cls(sae, bb, resolve_head(head, bb, classes))
+
+    def check_batch_memory(self, batch_size: int, n_images: int, n_variants: int, full_codes: bool) -> None:
+        """Refuse a --batch-size whose passes over `n_images` cannot fit, before any image is read: `n_variants`
+        copies of each image run from the SAE's layer on (at once on a GPU, see `variant_chunk`), plus, with
+        `full_codes`, the SAE's codes of every token (a lower bound, as `Backbone.forward_bytes` is)."""
+        b = min(batch_size, n_images)
+        at_once = n_variants if self.device.type == "cuda" else 1
+        codes = 4 * b * self.bb.layout.n_tokens * self.sae.cfg.n_latents if full_codes else 0
+        available, where = device_memory(str(self.device))
+        check_memory(self.bb.forward_bytes(b * at_once) + codes, f"--batch-size {batch_size}",
+                     "pass a smaller --batch-size", available=available, where=where)
 
     def check_clamps(self, clamps: list[Clamp]) -> None:
         check_features([c.feature for c in clamps if c.feature is not None], self.sae.cfg.n_latents)
@@ -148,7 +158,8 @@ class Prober:
             tokens = self.bb.forward_tokens(x_bchw)
         else:
             tokens = self.bb.run_blocks(self.bb.embed(x_bchw), 0, h.layer + 1)
-        return h(tokens, self.out_hw)
+        probs: Tensor = h(tokens, self.out_hw)
+        return probs
 
     @torch.no_grad()
     def top_feature(self, x_btd: Tensor) -> int:

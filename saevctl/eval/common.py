@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,13 @@ import torch
 from torch import Tensor
 
 from saevctl import layout, workspace
+from saevctl.data import ImageRecord
+from saevctl.data.masks import MaskSet
+from saevctl.data.preprocess import Preprocess
+from saevctl.edit.session import Prober
 from saevctl.errors import IndexError_, ProbeError
-from saevctl.probe.session import Prober
+from saevctl.sae.model import SAE
+from saevctl.store.format import TokenLayout
 
 log = logging.getLogger(__name__)
 FORMAT = "saevctl-eval"
@@ -42,7 +49,7 @@ def ckpt_name(sae_path: Path) -> str:
     return workspace.resolve_ckpt(sae_path.expanduser()).resolve().name
 
 
-def spliced_kinds(sae: Any, n_cls: int) -> tuple[str, ...]:
+def spliced_kinds(sae: SAE, n_cls: int) -> tuple[str, ...]:
     """Token kinds the SAE replaces: those it was trained on (patches by default; CLS too when trained on it)."""
     kinds = tuple(k for k in sae.cfg.tokens if k == "patches" or (k == "cls" and n_cls))
     if not kinds:
@@ -51,7 +58,7 @@ def spliced_kinds(sae: Any, n_cls: int) -> tuple[str, ...]:
     return kinds
 
 
-def token_slices(lay: Any, kinds: tuple[str, ...]) -> list[slice]:
+def token_slices(lay: TokenLayout, kinds: tuple[str, ...]) -> list[slice]:
     return [slice(lay.n_prefix, lay.n_tokens) if k == "patches" else slice(0, 1) for k in kinds]
 
 
@@ -82,7 +89,7 @@ def mask_to_head(mask_classes: tuple[str, ...], head_classes: list[str]) -> np.n
     return table
 
 
-def open_checked_masks(dpath: Path, records: list[Any]) -> Any:
+def open_checked_masks(dpath: Path, records: list[ImageRecord]) -> MaskSet:
     """The mask folder, refused before any compute when its class file is missing, a mask's size differs from
     its image's (headers only), or no image has a mask (the checks `extract --masks` makes)."""
     from saevctl.data.masks import check_masks, open_masks
@@ -95,7 +102,7 @@ def open_checked_masks(dpath: Path, records: list[Any]) -> Any:
 class MaskLabels:
     """Per-image patch labels from a mask folder (saevctl.data.masks), in mask values and in head classes."""
 
-    def __init__(self, masks: Any, prober: Prober) -> None:
+    def __init__(self, masks: MaskSet, prober: Prober) -> None:
         self.masks = masks
         self.prober = prober
         self.to_head = mask_to_head(tuple(self.masks.classes), prober.head.classes)
@@ -128,11 +135,11 @@ class MaskLabels:
 class Batch:
     """Decoded images of one batch: uint8 model inputs, their records and original sizes (w, h)."""
 
-    def __init__(self, u8: np.ndarray, records: list[Any], sizes: list[tuple[int, int]], n_failed: int) -> None:
+    def __init__(self, u8: np.ndarray, records: list[ImageRecord], sizes: list[tuple[int, int]], n_failed: int) -> None:
         self.u8, self.records, self.sizes, self.n_failed = u8, records, sizes, n_failed
 
 
-def _decode(records: list[Any], pre: Any) -> Batch:
+def _decode(records: list[ImageRecord], pre: Preprocess) -> Batch:
     from saevctl.data import open_image
     from saevctl.errors import SaevctlError
 
@@ -150,13 +157,13 @@ def _decode(records: list[Any], pre: Any) -> Batch:
     return Batch(u8, ok, sizes, len(records) - len(ok))
 
 
-def iter_images(records: list[Any], pre: Any, batch_size: int, n_workers: int) -> Any:
+def iter_images(records: list[ImageRecord], pre: Preprocess, batch_size: int, n_workers: int) -> Iterator[Batch]:
     """Batches in order, decoded by threads at most `n_workers + 1` batches ahead (memory stays bounded)."""
     from concurrent.futures import ThreadPoolExecutor
 
     chunks = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
     with ThreadPoolExecutor(max(1, n_workers)) as pool:
-        pending = []
+        pending: list[Future[Batch]] = []
         for i in range(len(chunks)):
             while len(pending) < min(n_workers + 1, len(chunks) - i):
                 pending.append(pool.submit(_decode, chunks[i + len(pending)], pre))
@@ -180,6 +187,6 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def kinds_text(kinds: Any) -> str:
+def kinds_text(kinds: Iterable[str]) -> str:
     """Token kinds as words: ("patches", "cls") -> "patch + CLS"."""
     return " + ".join({"patches": "patch", "cls": "CLS"}.get(k, k) for k in kinds)

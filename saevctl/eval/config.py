@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from saevctl.config import ConfigBase, DeviceOpts, SaeRef, SaeTarget, StatsOpts, check_finite, opt
-from saevctl.errors import InputError
+from saevctl.edit.clamps import parse_clamp  # torch-free, so a Config can check --value when it is built
+from saevctl.errors import InputError, ProbeError
 
 MIN_AUROC = 0.8
 MIN_BOOT = 10
@@ -56,6 +57,7 @@ class ImageEval(StatsOpts, SaeTarget):
     def check(self) -> None:
         super().check()
         _positive("batch_size", self.batch_size)
+        _positive("n_workers", self.n_workers)
         _image_limit("max_images", self.max_images)
         if self.n_boot < MIN_BOOT:
             raise InputError(f"--n-boot {self.n_boot} is too few resamples for a confidence interval",
@@ -86,9 +88,6 @@ class EditOpts(ConfigBase):
     def check(self) -> None:
         super().check()
         check_finite("min_auroc", self.min_auroc, low=0, high=1)
-        from saevctl.errors import ProbeError
-        from saevctl.probe.edit import parse_clamp
-
         try:
             parse_clamp(f"0={self.value}")  # a bad --value fails before any work
         except ProbeError as e:

@@ -16,20 +16,26 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saevctl import atomic, layout, workspace
+from saevctl import atomic, layout, lock, workspace
 from saevctl.config import resolve_device
 from saevctl.data import ImageRecord, resolve_images
+from saevctl.edit.clamps import check_features, parse_clamp
+from saevctl.edit.controls import (
+    CONDITIONS,
+    direction_generator,
+    measure_stats,
+    pick_control_features,
+    random_direction_edit,
+)
+from saevctl.edit.edit import EditPlan, apply_edit
+from saevctl.edit.session import FeatureStats, Prober, clamp_values, open_index_stats
 from saevctl.errors import IndexError_, InputError, ProbeError
 from saevctl.eval import common
 from saevctl.eval.config import EditsConfig
 from saevctl.eval.metrics import resample_weights
-from saevctl.probe.batch import measure_stats, pick_control_features
-from saevctl.probe.edit import EditPlan, apply_edit, direction_generator, parse_clamp, random_direction_edit
-from saevctl.probe.session import FeatureStats, Prober, clamp_values, open_index_stats
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
-CONDITIONS = ("feature", "random feature", "random direction")
 
 
 @dataclass
@@ -131,8 +137,6 @@ def resolve_targets(cfg: EditsConfig, prober: Prober, masks: common.MaskLabels, 
     if not targets:
         raise ProbeError(f"no class has a feature with patch AUROC >= {cfg.min_auroc} that the head predicts",
                          "lower --min-auroc, or name pairs with --feature CLASS=FEATURE")
-    from saevctl.probe.edit import check_features
-
     check_features([t.feature for t in targets], prober.sae.cfg.n_latents)
     return targets
 
@@ -304,8 +308,17 @@ def run_edits(cfg: EditsConfig, progress: Progress | None = None, prober: Prober
               on_total: Callable[[int], None] | None = None) -> EditsResult:
     """Suppress each labelled class's feature on its patches in every masked image; write a JSON summary.
 
-    Progress counts images; `on_total` learns how many once they are listed."""
+    Progress counts images; `on_total` learns how many once they are listed. The summary's write lock is held
+    throughout."""
     t0 = time.perf_counter()
+    sae_path = workspace.resolve_sae_ref(cfg.sae)
+    summary = cfg.out or layout.eval_summary_fpath(common.out_dpath(sae_path, cfg.index), "edits")
+    with lock.exclusive(summary, "the evaluation summary", "--out"):
+        return _edits(cfg, sae_path, summary, t0, progress, prober, on_total)
+
+
+def _edits(cfg: EditsConfig, sae_path: Path, summary: Path, t0: float, progress: Progress | None,
+           prober: Prober | None, on_total: Callable[[int], None] | None) -> EditsResult:
     assert cfg.images is not None and cfg.masks is not None  # EditsConfig.check requires them
     records = list(resolve_images(cfg.images, cfg.max_images).records)
     if on_total:
@@ -315,8 +328,8 @@ def run_edits(cfg: EditsConfig, progress: Progress | None = None, prober: Prober
     if prober.head.task != "segment":
         raise ProbeError(f"eval edits needs a segment head, but {prober.head.name} is a {prober.head.task} head",
                          "train one with saevctl heads train --task segment --masks DIR")
+    prober.check_batch_memory(cfg.batch_size, len(records), 3 if cfg.controls else 1, full_codes=False)
     masks = common.MaskLabels(mask_set, prober)
-    sae_path = workspace.resolve_sae_ref(cfg.sae)
     notes: list[str] = []
     targets = resolve_targets(cfg, prober, masks, sae_path, notes)
     stats = _stats(cfg, prober, sae_path, records, notes)
@@ -345,7 +358,6 @@ def run_edits(cfg: EditsConfig, progress: Progress | None = None, prober: Prober
         raise ProbeError("none of the tested classes appears in the masks of these images",
                          "use images that show the labelled classes, or lower --min-auroc")
     rows = tally.rows(targets, cfg.n_boot, cfg.seed)
-    summary = cfg.out or layout.eval_summary_fpath(common.out_dpath(sae_path, cfg.index), "edits")
     res = EditsResult(rows, n_images, n_failed, n_unmasked, summary, time.perf_counter() - t0,
                       stats.source if stats else "none", notes)
     atomic.write_json(summary, common.jsonable({

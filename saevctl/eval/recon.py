@@ -14,11 +14,12 @@ from typing import Any, TypedDict
 import numpy as np
 import torch
 
-from saevctl import atomic, layout, workspace
+from saevctl import atomic, layout, lock, workspace
 from saevctl.config import resolve_device
 from saevctl.errors import StoreError
 from saevctl.eval import common
 from saevctl.eval.config import ReconConfig
+from saevctl.memory import check_memory, device_memory
 from saevctl.sae.compat import check_compatible
 from saevctl.sae.model import DENSE_RATE, SAE  # dense: fires on more than this share of tokens, as training reports
 
@@ -104,11 +105,18 @@ class _Sums:
 def run_recon(cfg: ReconConfig, progress: Progress | None = None, sae: SAE | None = None,
               on_total: Callable[[int], None] | None = None) -> ReconResult:
     """Encode and decode every stored token of the kinds the SAE was trained on; progress counts images
-    (`on_total` learns how many once the store is open)."""
-    from saevctl.store import open_store
-
+    (`on_total` learns how many once the store is open). The summary's write lock is held throughout."""
     t0 = time.perf_counter()
     sae_path = workspace.resolve_sae_ref(cfg.sae)
+    summary = cfg.out or layout.eval_summary_fpath(common.out_dpath(sae_path, cfg.index), "recon")
+    with lock.exclusive(summary, "the evaluation summary", "--out"):
+        return _recon(cfg, sae_path, summary, t0, progress, sae, on_total)
+
+
+def _recon(cfg: ReconConfig, sae_path: Path, summary: Path, t0: float, progress: Progress | None, sae: SAE | None,
+           on_total: Callable[[int], None] | None) -> ReconResult:
+    from saevctl.store import open_store
+
     sae = sae if sae is not None else SAE.load(sae_path, device=resolve_device(cfg.device))
     sae.eval().requires_grad_(False)
     store_dpath = cfg.store or default_store(sae)
@@ -123,6 +131,10 @@ def run_recon(cfg: ReconConfig, progress: Progress | None = None, sae: SAE | Non
     arrays = [store.layer(layer).kind(k) for k in kinds]
     per_image = sum(int(np.prod(a.shape[1:-1], dtype=np.int64)) for a in arrays)
     step = max(1, cfg.batch_tokens // max(per_image, 1))
+    available, where = device_memory(str(device))
+    # the codes of one chunk, the reconstruction's error and its square (each chunk holds whole images)
+    check_memory(4 * step * per_image * (sae.cfg.n_latents + 2 * sae.cfg.d), f"--batch-tokens {cfg.batch_tokens}",
+                 "pass a smaller --batch-tokens", available=available, where=where)
     for lo in range(0, n_images, step):
         hi = min(lo + step, n_images)
         for arr in arrays:
@@ -130,7 +142,6 @@ def run_recon(cfg: ReconConfig, progress: Progress | None = None, sae: SAE | Non
             sums.add(sae, x.float())
         if progress:
             progress(hi - lo)
-    summary = cfg.out or layout.eval_summary_fpath(common.out_dpath(sae_path, cfg.index), "recon")
     res = ReconResult(**sums.result(sae.cfg.d), n_tokens=sums.n, n_images=n_images, store=store_dpath, kinds=kinds,
                       summary=summary, seconds=time.perf_counter() - t0)
     atomic.write_json(summary, {

@@ -16,14 +16,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from saevctl import atomic, layout, workspace
+from saevctl import atomic, layout, lock, workspace
 from saevctl.config import resolve_device
 from saevctl.data import resolve_images
+from saevctl.edit.session import Prober
 from saevctl.errors import InputError
 from saevctl.eval import common, metrics
 from saevctl.eval.config import SpliceConfig
 from saevctl.eval.metrics import Scored
-from saevctl.probe.session import Prober
 from saevctl.sae.compat import check_compatible
 from saevctl.sae.model import SAE
 
@@ -214,14 +214,23 @@ def run_splice(cfg: SpliceConfig, progress: Progress | None = None, prober: Prob
     """Score the head with the original, spliced and mean-ablated stream on every image; write a JSON summary.
 
     Progress counts images per pass (two passes when the ablation mean comes from the images); `on_total` learns
-    that count once the images are listed."""
+    that count once the images are listed. The summary's write lock is held throughout."""
     t0 = time.perf_counter()
+    sae_path = workspace.resolve_sae_ref(cfg.sae)
+    summary = cfg.out or layout.eval_summary_fpath(common.out_dpath(sae_path, cfg.index), "splice")
+    with lock.exclusive(summary, "the evaluation summary", "--out"):
+        return _splice(cfg, sae_path, summary, t0, progress, prober, on_total)
+
+
+def _splice(cfg: SpliceConfig, sae_path: Path, summary: Path, t0: float, progress: Progress | None,
+            prober: Prober | None, on_total: Callable[[int], None] | None) -> SpliceResult:
     assert cfg.images is not None  # SpliceConfig.check requires it
     records = list(resolve_images(cfg.images, cfg.max_images).records)
     if on_total:
         on_total(len(records) if cfg.store is not None else 2 * len(records))
     mask_set = common.open_checked_masks(cfg.masks, records) if cfg.masks is not None else None
     prober = prober or Prober.load(cfg.sae, cfg.head, cfg.classes, resolve_device(cfg.device))
+    prober.check_batch_memory(cfg.batch_size, len(records), len(metrics.VARIANTS), full_codes=True)
     kinds = common.spliced_kinds(prober.sae, prober.bb.layout.n_cls)
     slices = common.token_slices(prober.bb.layout, kinds)
     notes: list[str] = []
@@ -249,8 +258,6 @@ def run_splice(cfg: SpliceConfig, progress: Progress | None = None, prober: Prob
     rows = [metrics.summarize(s, cfg.n_boot, cfg.seed) for s in col.scored()]
     if not np.isfinite(rows[0]["recovery"]["mean"]):
         notes.append("recovery is undefined: mean-ablating the layer does not change the metric")
-    sae_path = workspace.resolve_sae_ref(cfg.sae)
-    summary = cfg.out or layout.eval_summary_fpath(common.out_dpath(sae_path, cfg.index), "splice")
     res = SpliceResult(prober.head.task, prober.head.name, prober.layer, kinds, n_images, n_failed, rows,
                        mean_source, summary, time.perf_counter() - t0, notes)
     atomic.write_json(summary, {

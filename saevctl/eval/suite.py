@@ -12,16 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from saevctl import layout, workspace
+from saevctl import layout, lock, workspace
 from saevctl.config import resolve_device
+from saevctl.edit.heads import resolve_head
+from saevctl.edit.session import Prober, load_sae_and_backbone
 from saevctl.errors import InputError
 from saevctl.eval import card, common
 from saevctl.eval.config import AllConfig, EditOpts, EditsConfig, ImageEval, ReconConfig, SpliceConfig
 from saevctl.eval.edits import run_edits
 from saevctl.eval.recon import run_recon
 from saevctl.eval.splice import run_splice
-from saevctl.probe.heads import resolve_head
-from saevctl.probe.session import Prober, load_sae_and_backbone
 
 if TYPE_CHECKING:
     from saevctl.sae import SAE
@@ -129,9 +129,15 @@ def run_all(cfg: AllConfig, progress: Progress | None = None, on_stage: Stage | 
     t0 = time.perf_counter()
     sae_path = workspace.resolve_sae_ref(cfg.sae)
     index_fpath = _index(cfg)
+    out = cfg.out or common.out_dpath(sae_path, index_fpath)
+    with lock.exclusive(out, "the eval output folder", "--out"):  # held by the evaluations inside it too
+        return _run_all(cfg, sae_path, index_fpath, out, t0, progress, on_stage)
+
+
+def _run_all(cfg: AllConfig, sae_path: Path, index_fpath: Path | None, out: Path, t0: float,
+             progress: Progress | None, on_stage: Stage | None) -> AllResult:
     device = resolve_device(cfg.device)
     sae, prober = _prober(cfg, sae_path, device)
-    out = cfg.out or common.out_dpath(sae_path, index_fpath)
     stage = on_stage or (lambda name, total: None)
     results: dict[str, Any] = {}
     sections: dict[str, Any] = {}

@@ -26,6 +26,7 @@ from saevctl.data import ImageRecord, ImageSource, open_image, resolve_images
 from saevctl.errors import InputError, SaevctlError, StoreError
 from saevctl.extract import config, labels, ranks
 from saevctl.extract.config import Config
+from saevctl.memory import check_memory, device_memory
 from saevctl.store import StoreWriter
 from saevctl.store.format import FLOAT16_MAX, NP_DTYPES, TOKEN_KINDS, kind_shape, read_manifest, to_numpy
 from saevctl.store.writer import ShardStream
@@ -225,8 +226,19 @@ def run(
     if not cfg.tokens:
         cfg = dataclasses.replace(cfg, tokens=tuple(k for k in ("patches", "cls") if k in bb.layout.kinds()))
     layers = _layers_and_tokens(cfg, bb)
+    available, where = device_memory(device)
+    check_memory(bb.forward_bytes(min(cfg.batch_size, len(src.records)), len(layers)), f"--batch-size {cfg.batch_size}",
+                 "pass a smaller --batch-size", available=available, where=where)
     per_shard = -(-cfg.images_per_shard // cfg.batch_size) * cfg.batch_size
-    plan = ranks.plan_shards(cfg.out, _store_config(cfg, bb, layers, src, per_shard), len(src.records))
+    with contextlib.ExitStack() as held:  # rank 0 holds the store's write lock until the store is finished
+        plan = ranks.plan_shards(cfg.out, _store_config(cfg, bb, layers, src, per_shard), len(src.records), held)
+        return _write_store(cfg, bb, layers, list(src.records), plan, device, progress, on_total)
+
+
+def _write_store(cfg: Config, bb: Backbone, layers: list[int], records: list[ImageRecord], plan: ranks.Plan,
+                 device: str, progress: Progress | None, on_total: Callable[[int], None] | None) -> Result:
+    """Extract this rank's unfinished shards of `plan`, then finish the store (or only its labels, when complete)."""
+    single = dist.dist_info().world_size == 1
     if plan.complete:
         # Nothing is rewritten: a complete store stays byte for byte what it was.
         return labels.after_extract(
@@ -241,7 +253,7 @@ def run(
         progress(sum(hi - lo for s, (lo, hi) in enumerate(plan.writer.shard_ranges) if s in plan.done))
     if on_total and not single:
         on_total(sum(hi - lo for _, (lo, hi) in todo))
-    _extract_shards(cfg, bb, layers, list(src.records), todo, plan.writer, device, progress)
+    _extract_shards(cfg, bb, layers, records, todo, plan.writer, device, progress)
     result = Result(cfg.out, ranks.finish(plan.writer), len(plan.done), False)
     return labels.after_extract(cfg, bb, result, progress if single else None)
 

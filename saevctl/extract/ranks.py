@@ -5,13 +5,14 @@ With one process every call here is the plain single-process path (no process gr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from saevctl import dist, layout
+from saevctl import dist, layout, lock
 from saevctl.store import StoreWriter
 from saevctl.store.format import read_manifest
 
@@ -55,17 +56,20 @@ def assign(todo: list[int], rank: int, world_size: int) -> list[int]:
     return todo[rank::world_size]
 
 
-def plan_shards(out: Path, config: dict[str, Any], n_images: int) -> Plan:
-    """Rank 0 creates (or checks) the store, then the others check it; rank 0 lists the finished shards and
-    every rank takes every world_size-th unfinished shard, starting at its rank. A shard's bytes do not
+def plan_shards(out: Path, config: dict[str, Any], n_images: int, held: contextlib.ExitStack) -> Plan:
+    """Rank 0 locks and creates (or checks) the store, then the others check it; rank 0 lists the finished shards
+    and every rank takes every world_size-th unfinished shard, starting at its rank. A shard's bytes do not
     depend on which rank writes it, so the result equals a 1-process run, and a re-run with any number of
-    ranks resumes where the last one stopped."""
+    ranks resumes where the last one stopped. Rank 0's write lock stays in `held`: one lock per launch, so the
+    ranks of one launch never block each other, while a second launch's rank 0 is refused (and its ranks with it)."""
     info = dist.dist_info()
     writer: StoreWriter | None = None
     for turn in (0, 1):  # rank 0 first: the others must find its manifest
         error: Exception | None = None
         if (info.rank == 0) == (turn == 0):
             try:
+                if info.rank == 0:
+                    held.enter_context(lock.exclusive(out, "the store"))
                 writer = _open_writer(out, config, n_images, info.rank)
             except Exception as e:  # handed to every rank, then re-raised here
                 error = e

@@ -16,9 +16,8 @@ if TYPE_CHECKING:
 
     from saevctl.config import IndexQuery
     from saevctl.mine.config import Config, LabelConfig
-    from saevctl.mine.queries import ListQuery, MatchQuery, SearchQuery, ShowQuery, SimilarQuery, SqlQuery, TopQuery
-
     from saevctl.mine.index import Index
+    from saevctl.mine.queries import ListQuery, MatchQuery, SearchQuery, ShowQuery, SimilarQuery, SqlQuery, TopQuery
 
 app = typer.Typer()
 features_app = typer.Typer(

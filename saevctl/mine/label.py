@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from saevctl import workspace
+from saevctl import lock, workspace
 from saevctl.config import resolve_device
 from saevctl.errors import IndexError_, StoreError
 from saevctl.mine.config import LabelConfig as Config
@@ -124,10 +124,8 @@ def upgrade_index(index_fpath: Path) -> None:
         Index.open(index_fpath, read_only=False).close()
 
 
-def _resolve(cfg: Config) -> tuple[Path, str, dict[str, Any], np.ndarray]:
-    """The index (default: the workspace's), the SAE id, its index info and each feature's max on patch tokens;
-    errors before any compute."""
-    index_fpath = workspace.index_or_default(cfg.index)
+def _resolve(cfg: Config, index_fpath: Path) -> tuple[str, dict[str, Any], np.ndarray]:
+    """The SAE id, its index info and each feature's max on patch tokens; errors before any compute."""
     upgrade_index(index_fpath)
     with Index.open(index_fpath) as idx:
         sae_id = sae_in_index(idx, cfg.sae)
@@ -139,7 +137,7 @@ def _resolve(cfg: Config) -> tuple[Path, str, dict[str, Any], np.ndarray]:
         rows = idx.list_features(sae_id, sort="feature", limit=n, token="patches", descending=False)
     max_s = np.zeros(n, dtype=np.float64)
     max_s[[r["feature"] for r in rows]] = [r["max"] for r in rows]
-    return index_fpath, sae_id, info, max_s
+    return sae_id, info, max_s
 
 
 def _load(cfg: Config, info: dict[str, Any], device: str) -> tuple[Any, Store, int]:
@@ -354,10 +352,17 @@ def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int],
     """Label every feature of `cfg.sae` (already mined into `cfg.index`; both default as for every features
     command) from the store's labels; write the index.
 
-    `on_total(n)` is told the number of images to stream (images x passes) before the first chunk."""
+    `on_total(n)` is told the number of images to stream (images x passes) before the first chunk. The index's
+    write lock is held throughout: a mine of the same index meanwhile would rename its copy over these labels."""
+    index_fpath = workspace.index_or_default(cfg.index)
+    with lock.exclusive(index_fpath, "the index", "--index", make_parent=False):
+        return _run(cfg, index_fpath, progress, on_total)
+
+
+def _run(cfg: Config, index_fpath: Path, progress: Progress | None, on_total: Callable[[int], None] | None) -> Result:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
-    index_fpath, sae_id, info, max_s = _resolve(cfg)
+    sae_id, info, max_s = _resolve(cfg, index_fpath)
     sae, store, layer = _load(cfg, info, device)
     labels = level_labels(store, cfg.level)
     blocks = _feature_blocks(sae.cfg.n_latents, labels, cfg)

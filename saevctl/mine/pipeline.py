@@ -22,8 +22,8 @@ import torch
 from saevctl import workspace
 from saevctl.config import resolve_device
 from saevctl.errors import CheckpointError
-from saevctl.mine import vectors, writer
 from saevctl.memory import device_memory
+from saevctl.mine import vectors, writer
 from saevctl.mine.config import Config, check_exemplar_memory
 from saevctl.mine.encode import make_encoder
 from saevctl.mine.scan import FeatureScanner

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from saevctl import atomic, layout
+from saevctl import atomic, layout, lock
 from saevctl.mine.index import Index
 from saevctl.mine.schema import PER_SAE_TABLES
 
@@ -34,8 +34,17 @@ def _clean_stale_temps(fpath: Path) -> None:
 
 @contextlib.contextmanager
 def staged_index(fpath: Path) -> Iterator[Index]:
-    """Yield a writable Index on a temporary copy of `fpath` (or a new file); rename it over `fpath` on success."""
+    """Yield a writable Index on a temporary copy of `fpath` (or a new file); rename it over `fpath` on success.
+
+    The index's write lock is held from the copy to the rename: a second writer (mine, features label) is refused
+    rather than renaming its own copy over this one's work."""
     fpath = Path(fpath)
+    with lock.exclusive(fpath, "the index", "--index"), _staged(fpath) as idx:
+        yield idx
+
+
+@contextlib.contextmanager
+def _staged(fpath: Path) -> Iterator[Index]:
     with atomic.translate_os_errors(fpath):
         fpath.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale_temps(fpath)

@@ -133,6 +133,7 @@ def run_batch(cfg: BatchConfig, progress: Progress | None = None, prober: Prober
         on_total(len(records))
     prober = prober or Prober.load(cfg.sae, cfg.head, cfg.classes, resolve_device(cfg.device))
     prober.check_clamps(clamps)
+    prober.check_batch_memory(cfg.batch_size, len(records), 4 if cfg.controls else 2, full_codes=not cfg.fast)
     mask_p = static_mask(patches, prober.bb.layout, prober.bb.patch_size)
     features = [c.feature for c in clamps if c.feature is not None]  # all of them (checked above)
     sae_path = workspace.resolve_sae_ref(cfg.sae)

@@ -77,6 +77,8 @@ def heads_list(cfg: HeadsQuery) -> None:
 @config_command(app, "probe", lambda: _configs().ProbeConfig)
 def probe(cfg: ProbeConfig) -> None:
     """Clamp SAE features on chosen patches at the SAE's layer, run the rest of the ViT, and compare a head's output."""
+    from saevctl.probe.config import BatchConfig  # at run time too: isinstance needs the class
+
     one = cfg.pick()
     if isinstance(one, BatchConfig):
         _batch(one)
@@ -154,7 +156,7 @@ def _signed(v: float, unit: str = "") -> str:
     return f"[{color}]{text}{unit}[/]"
 
 
-def _ci(c: dict[str, float]) -> str:
+def _ci(c: dict[str, Any]) -> str:  # a CI row also names its condition or control
     return f"[{c['lo']:+.4f}, {c['hi']:+.4f}]"
 
 

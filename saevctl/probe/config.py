@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from saevctl.config import ConfigBase, DeviceOpts, SaeTarget, StatsOpts, check_finite, opt
+from saevctl.config import MAX_SEED, ConfigBase, DeviceOpts, SaeTarget, StatsOpts, check_finite, opt
 from saevctl.errors import InputError, ProbeError
 
 
@@ -54,10 +54,13 @@ class BatchOpts(StatsOpts):
 
     def check(self) -> None:
         super().check()
-        if self.batch_size < 1 or self.n_boot < 10:
-            raise ProbeError("--batch-size must be positive and --n-boot at least 10", "pass larger values")
+        check_finite("batch_size", self.batch_size, low=1)
+        if self.n_boot < 10:
+            raise ProbeError(f"--n-boot {self.n_boot} is too few resamples for a confidence interval",
+                             "pass --n-boot 10 or more (1000 is usual)")
         check_finite("max_images", self.max_images, low=1)
         check_finite("freq_images", self.freq_images, low=1)
+        check_finite("n_workers", self.n_workers, low=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,6 +151,8 @@ class HeadTrainConfig(DeviceOpts):
         check_finite("weight_decay", self.weight_decay, low=0)
         check_finite("batch_size", self.batch_size, low=1)
         check_finite("max_images", self.max_images, low=1)
+        check_finite("ignore_index", self.ignore_index, low=0, high=65535)  # masks hold 8- or 16-bit class ids
+        check_finite("seed", self.seed, low=0, high=MAX_SEED)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from saevctl import layout
+from saevctl import layout, lock
 from saevctl.config import resolve_device
 from saevctl.data import ImageRecord, open_image, resolve_images
 from saevctl.data.masks import IGNORED, MaskSet, check_masks, mask_geometry, read_classes
@@ -190,7 +190,15 @@ def train_head(
 ) -> HeadTrainResult:
     """Cache the head's input features for every image, fit a linear head, evaluate it, save it.
 
-    `on_total(n)` is told the number of images once they are listed (`progress` advances once per image)."""
+    `on_total(n)` is told the number of images once they are listed (`progress` advances once per image). The head
+    folder's write lock is held from the start, so a second training into it is refused before any work."""
+    out = cfg.out or layout.heads_dpath() / cfg.task
+    with lock.exclusive(out, "the head", "--out"):
+        return _train_head(cfg, out, progress, backbone, on_total)
+
+
+def _train_head(cfg: HeadTrainConfig, out: Path, progress: Progress | None, backbone: Backbone | None,
+                on_total: Progress | None) -> HeadTrainResult:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     records = list(resolve_images(cfg.images, cfg.max_images).records)
@@ -199,7 +207,6 @@ def train_head(
     pairs = _pair_masks(records, cfg.masks) if cfg.masks is not None and cfg.task == "segment" else []
     bb = backbone if backbone is not None else load_backbone(cfg.model, device)
     layer = bb.check_layer(cfg.layer)
-    out = cfg.out or layout.heads_dpath() / cfg.task
     if cfg.task == "classify":
         fitted = _train_classify(cfg, bb, layer, records, device, progress)
     else:

@@ -73,7 +73,8 @@ JS = """\
         if (t.text !== undefined) {
           var label = row[col.label] === null ? "" : String(row[col.label]).toLowerCase();
           var concept = data.labelled && row[col.concept] !== null ? String(row[col.concept]).toLowerCase() : "";
-          return label.indexOf(t.text) >= 0 || concept.indexOf(t.text) >= 0 || String(row[col.feature]).indexOf(t.text) === 0;
+          return label.indexOf(t.text) >= 0 || concept.indexOf(t.text) >= 0 ||
+            String(row[col.feature]).indexOf(t.text) === 0;
         }
         var v = row[col[t.key]];
         return v !== null && test(v, t.op, t.val);
@@ -120,7 +121,8 @@ JS = """\
         frag.appendChild(tr);
       });
       tbody.replaceChildren(frag);
-      count.textContent = Math.min(state.shown, rows.length) + " shown of " + rows.length + " matching (" + data.rows.length + " features with pages)";
+      count.textContent = Math.min(state.shown, rows.length) + " shown of " + rows.length + " matching (" +
+        data.rows.length + " features with pages)";
       more.hidden = rows.length <= state.shown;
       heads.forEach(function (th) {
         if (th.dataset.key === state.key) th.setAttribute("aria-sort", state.desc ? "descending" : "ascending");

@@ -44,7 +44,8 @@ def report(cfg: Config) -> None:
         def on_total(index: Path, total: int) -> None:
             console.print(f"[dim]index {escape(str(index))}[/]")
             if total > 5000 and cfg.image_format == "png":
-                console.print(f"[dim]{total:,} pages to draw; --format jpeg draws them about 4x faster and 5x smaller[/]")
+                console.print(f"[dim]{total:,} pages to draw; "
+                              "--format jpeg draws them about 4x faster and 5x smaller[/]")
             advance.set_total(total)
 
         result = run(cfg, progress=advance, on_total=on_total)

@@ -69,7 +69,9 @@ def _head(title: str, css_href: str, script: str | None = None) -> str:
     )
 
 
-def histogram_svg(counts: np.ndarray | None, edges: list[tuple[float, float]], width: int = 560, height: int = 180) -> str:
+def histogram_svg(
+    counts: np.ndarray | None, edges: list[tuple[float, float]], width: int = 560, height: int = 180
+) -> str:
     """Inline SVG bar chart of counts per log10 bin (log-scaled heights, empty edge bins trimmed)."""
     if counts is None or not counts.any():
         return "<p class=\"dead\">no firing values recorded</p>"
@@ -86,15 +88,16 @@ def histogram_svg(counts: np.ndarray | None, edges: list[tuple[float, float]], w
         h = plot_h * math.log10(1 + v) / top
         x, y = pad_l + i * bw, pad_t + plot_h - h
         b_lo, b_hi = edges[lo + i]
-        parts.append(f"<rect class=\"bar\" x=\"{x:.1f}\" y=\"{y:.1f}\" width=\"{max(bw - 1, 1):.1f}\" height=\"{h:.1f}\">"
-                     f"<title>[{b_lo:.3g}, {b_hi:.3g}): {int(v):,}</title></rect>")
+        parts.append(f"<rect class=\"bar\" x=\"{x:.1f}\" y=\"{y:.1f}\" width=\"{max(bw - 1, 1):.1f}\" "
+                     f"height=\"{h:.1f}\"><title>[{b_lo:.3g}, {b_hi:.3g}): {int(v):,}</title></rect>")
     step = max(1, len(c) // 6)
     for i in range(0, len(c), step):
         x = pad_l + i * bw
         parts.append(f"<text x=\"{x:.1f}\" y=\"{height - pad_b + 14}\">{edges[lo + i][0]:.2g}</text>")
     parts.append(f"<text x=\"{pad_l}\" y=\"{height - 6}\">activation (log10 bins; bar height log count)</text>")
     parts.append(f"<text x=\"2\" y=\"{pad_t + 10}\">{int(c.max()):,}</text>")
-    parts.append(f"<line x1=\"{pad_l}\" y1=\"{pad_t + plot_h}\" x2=\"{width - 8}\" y2=\"{pad_t + plot_h}\" stroke=\"#999\"/>")
+    parts.append(f"<line x1=\"{pad_l}\" y1=\"{pad_t + plot_h}\" x2=\"{width - 8}\" y2=\"{pad_t + plot_h}\" "
+                 "stroke=\"#999\"/>")
     return "".join(parts) + "</svg>"
 
 
@@ -106,8 +109,9 @@ def _exemplar_table(exs: list[Exemplar], n_patches: int) -> str:
         rows.append(f"<tr><td>{e.rank + 1}</td><td class=\"text\"><span class=\"image-name\" title=\"{esc(e.path)}\">"
                     f"{esc(name)}</span></td><td class=\"text\">{esc(e.label or '')}</td>"
                     f"<td>{e.value:.4g}</td><td>{fired}</td></tr>")
-    return ("<table class=\"exemplars\"><thead><tr><th>rank</th><th class=\"text\">image</th><th class=\"text\">label</th>"
-            "<th>value</th><th>patches fired</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+    return ("<table class=\"exemplars\"><thead><tr><th>rank</th><th class=\"text\">image</th>"
+            "<th class=\"text\">label</th><th>value</th><th>patches fired</th></tr></thead><tbody>"
+            + "".join(rows) + "</tbody></table>")
 
 
 def token_section(token: str, stats: dict[str, Any], exs: list[Exemplar], grid_name: str | None,
@@ -148,9 +152,11 @@ def neighbours_html(near: list[tuple[int, float]] | None, pages: dict[int, str])
     items = []
     for f, sim in near:
         if f in pages:
-            items.append(f"<li><a href=\"{esc(pages[f])}\">feature {f}</a> <span class=\"meta\">cosine {sim:.3f}</span></li>")
+            items.append(f"<li><a href=\"{esc(pages[f])}\">feature {f}</a> "
+                         f"<span class=\"meta\">cosine {sim:.3f}</span></li>")
         else:
-            items.append(f"<li class=\"dead\">feature {f} (never fired, no page) <span class=\"meta\">cosine {sim:.3f}</span></li>")
+            items.append(f"<li class=\"dead\">feature {f} (never fired, no page) "
+                         f"<span class=\"meta\">cosine {sim:.3f}</span></li>")
     return "<ol class=\"neighbours\">" + "".join(items) + "</ol>"
 
 
@@ -193,7 +199,8 @@ def sae_section(sae: dict[str, Any], rows: list[list[Any]]) -> str:
         f"aria-label=\"filter the features of {esc(sae['sae_id'])}\"><span class=\"count\"></span></div>\n"
         f"<table class=\"features\"><thead><tr>{ths}</tr></thead><tbody></tbody></table>\n"
         "<button type=\"button\" class=\"more\" hidden>show more</button>\n"
-        f"<script type=\"application/json\" class=\"feature-data\">{script_json({'cols': TABLE_COLS, 'rows': rows, 'labelled': labelled})}</script>\n"
+        "<script type=\"application/json\" class=\"feature-data\">"
+        f"{script_json({'cols': TABLE_COLS, 'rows': rows, 'labelled': labelled})}</script>\n"
         "</section>\n"
     )
 
@@ -210,6 +217,7 @@ def index_page(index_path: str, saes: list[dict[str, Any]], sections: list[str],
         + "<table class=\"saes\"><thead><tr><th class=\"text\">SAE</th><th class=\"text\">model</th><th>layer</th>"
         "<th>features</th><th>images</th><th>pages</th><th>never fired</th></tr></thead>"
         + f"<tbody>{summary}</tbody></table>\n"
-        + "<noscript><p>The feature tables need JavaScript; every feature page under saes/ works without it.</p></noscript>\n"
+        + "<noscript><p>The feature tables need JavaScript; every feature page under saes/ works without it.</p>"
+        "</noscript>\n"
         + "".join(sections) + f"<script>{JS}</script>\n</body>\n</html>\n"
     )

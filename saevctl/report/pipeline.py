@@ -10,7 +10,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,7 +77,8 @@ def _count_pages(idx: Index, cfg: Config) -> int:
 
 def _summary(info: dict[str, Any]) -> str:
     return (f"model {info['model_spec']}, layer {info['layer']}, {info['n_latents']:,} features, "
-            f"mined on {info['n_images']:,} images ({', '.join(info['tokens'])} tokens, top {info['top_k']} by {info['rank_by']})")
+            f"mined on {info['n_images']:,} images ({', '.join(info['tokens'])} tokens, "
+            f"top {info['top_k']} by {info['rank_by']})")
 
 
 @dataclass
@@ -113,8 +114,9 @@ def _context(idx: Index, sae_id: str, position: int, root: Path, cfg: Config) ->
     ctx = _SaeContext(
         sae, info, tokens, (int(info["grid_h"]), int(info["grid_w"])), layout.report_sae_dpath(root, dname),
         {t: data.feature_table(idx, sae_id, t) for t in tokens}, {t: data.histograms(idx, sae_id, t) for t in tokens},
-        data.neighbours(idx, sae_id, fired, cfg.neighbours), {int(f): layout.report_feature_name(int(f)) for f in fired},
-        hist_edges(), "jpg" if cfg.image_format == "jpeg" else "png", cfg.cols)
+        data.neighbours(idx, sae_id, fired, cfg.neighbours),
+        {int(f): layout.report_feature_name(int(f)) for f in fired}, hist_edges(),
+        "jpg" if cfg.image_format == "jpeg" else "png", cfg.cols)
     ctx.labels = data.feature_labels(idx, sae_id)
     sae["label_level"] = idx.primary_label_level(sae_id)
     ctx.dpath.mkdir(parents=True)
@@ -179,7 +181,8 @@ def _table_row(f: int, token: str, stats: dict[str, np.ndarray], exs: list[data.
     base = f"saes/{dname}/"
     thumb = base + layout.report_feature_name(f, "thumb", token, ext) if exs else None
     return [f, pages.num(stats["freq"][f]), pages.num(stats["img_freq"][f]), pages.num(stats["mean"][f]),
-            pages.num(stats["max"][f]), label[0] if label else None, round(label[1], 3) if label else None, base + page, thumb]
+            pages.num(stats["max"][f]), label[0] if label else None, round(label[1], 3) if label else None,
+            base + page, thumb]
 
 
 def _workers(cfg: Config, n_tiles: int) -> int:
@@ -187,7 +190,8 @@ def _workers(cfg: Config, n_tiles: int) -> int:
 
 
 def _copy_eval_card(index_fpath: Path, sae: dict[str, Any], root: Path) -> None:
-    """Copy the SAE's report card (saevctl eval all, written beside the index) into its folder, for the index page's link."""
+    """Copy the SAE's report card (saevctl eval all, written beside the index) into its folder, for the index
+    page's link."""
     card = layout.eval_card_fpath(layout.eval_dpath(index_fpath, sae["sae_id"]))
     if card.is_file():
         name = layout.report_eval_card_name()
@@ -213,9 +217,10 @@ def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[Path,
             saes.append(sae)
             sections.append(pages.sae_section(sae, rows))
             log.info("report: %s, %d pages, %d features never fired", sae_id, sae["n_pages"], sae["n_skipped"])
-        created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        created = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
         layout.report_css_fpath(root).write_text(CSS, encoding="utf-8")
-        layout.report_index_fpath(root).write_text(pages.index_page(str(index_fpath.resolve()), saes, sections, created), encoding="utf-8")
+        index_html = pages.index_page(str(index_fpath.resolve()), saes, sections, created)
+        layout.report_index_fpath(root).write_text(index_html, encoding="utf-8")
         summary = [{k: s[k] for k in ("sae_id", "dname", "n_latents", "n_pages", "n_skipped")} for s in saes]
         meta = {"format": site.FORMAT, "schema_version": layout.REPORT_SCHEMA, "index": str(index_fpath.resolve()),
                 "created": created, "image_format": cfg.image_format, "saes": summary}

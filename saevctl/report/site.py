@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from saevctl import atomic, layout
+from saevctl import atomic, layout, lock
 from saevctl.errors import OutputError
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ def check_target(out_dpath: Path) -> None:
     """Refuse to replace a folder that is neither empty nor an earlier report."""
     cwd = Path.cwd().resolve()
     if out_dpath.resolve() == cwd or out_dpath.resolve() in cwd.parents:
-        raise OutputError(f"--out {out_dpath} is the working folder or holds it", "pass a new folder, e.g. --out report")
+        raise OutputError(f"--out {out_dpath} is the working folder or holds it",
+                          "pass a new folder, e.g. --out report")
     if out_dpath.is_file():
         raise OutputError(f"--out {out_dpath} is a file", "pass a folder for the report")
     if out_dpath.is_dir() and any(out_dpath.iterdir()) and not is_report(out_dpath):
@@ -65,8 +66,14 @@ def _swap(tmp: Path, out_dpath: Path) -> None:
 
 @contextlib.contextmanager
 def staged_site(out_dpath: Path) -> Iterator[Path]:
-    """Yield an empty build folder; on success it replaces `out_dpath` (an earlier report or nothing)."""
-    out_dpath = out_dpath.absolute()
+    """Yield an empty build folder; on success it replaces `out_dpath` (an earlier report or nothing). The report
+    folder's write lock is held throughout: a second report into it is refused, not swapped in half-way."""
+    with lock.exclusive(out_dpath, "the report", "--out"), _staged(out_dpath.absolute()) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _staged(out_dpath: Path) -> Iterator[Path]:
     check_target(out_dpath)
     remove_stale(out_dpath)
     tmp = layout.report_tmp_dpath(out_dpath, os.getpid())

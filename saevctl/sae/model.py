@@ -150,8 +150,11 @@ class SAE(nn.Module):
         wpath = layout.sae_weights_fpath(dpath)
         tmp = wpath.with_name(f".{wpath.name}.tmp")
         with atomic.translate_os_errors(wpath):
-            save_file(tensors, str(tmp), metadata={"format": "saevctl-sae"})
-            tmp.replace(wpath)
+            try:
+                save_file(tensors, str(tmp), metadata={"format": "saevctl-sae"})
+                tmp.replace(wpath)
+            finally:
+                tmp.unlink(missing_ok=True)  # a disk that filled up mid-write gets its space back
         header = {"schema_version": layout.SAE_SCHEMA, "format": "saevctl-sae", **self.cfg.to_dict(), **(extra or {})}
         header["weights_sha256"] = atomic.sha256_file(wpath)
         atomic.write_json(layout.sae_config_fpath(dpath), header)

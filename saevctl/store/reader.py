@@ -125,6 +125,8 @@ class LayerView:
 
     layer: int
     arrays: dict[str, ShardedArray]
+    store_dpath: Path | None = None
+    """The store, named when `kind` refuses it."""
 
     def __getattr__(self, kind: str) -> ShardedArray:
         arrays: dict[str, ShardedArray] = self.__dict__.get("arrays", {})
@@ -133,11 +135,18 @@ class LayerView:
         raise AttributeError(f"layer {self.__dict__.get('layer')} stores no {kind!r} tokens (has {sorted(arrays)})")
 
     def kind(self, kind: str) -> ShardedArray:
+        """The rows of one token kind, as every stage reads them: a store with no rows (none of its images could be
+        read) is refused here, in one line, rather than dividing by zero later (attribute access stays lenient)."""
         if kind not in self.arrays:
             raise StoreError(
                 f"the store holds no {kind!r} tokens for layer {self.layer} (it has {', '.join(self.arrays)})",
                 "re-extract with --tokens including it",
             )
+        if not len(self.arrays[kind]):
+            where = f"the store at {self.store_dpath}" if self.store_dpath is not None else "the store"
+            raise StoreError(f"{where} holds no activations: none of its images could be read "
+                             "(each is listed with its error in images.jsonl)",
+                             "extract again from readable images, into a new --out")
         return self.arrays[kind]
 
 
@@ -179,7 +188,7 @@ class Store:
                 parts = [self._load_part(layer, kind, sh) for sh in shards]
                 if parts:
                     arrays[kind] = ShardedArray(parts, self.dtype)
-            self._views[layer] = LayerView(layer, arrays)
+            self._views[layer] = LayerView(layer, arrays, self.dpath)
         return self._views[layer]
 
     def _load_part(self, layer: int, kind: str, shard: dict[str, Any]) -> np.ndarray:
@@ -233,7 +242,8 @@ class Store:
             raise StoreError(f"{fpath} is not valid JSON", "run the same saevctl extract --masks command again") from e
         if not isinstance(head, dict) or head.get("schema") != layout.LABELS_SCHEMA:
             raise StoreError(f"{fpath} has labels schema {head.get('schema') if isinstance(head, dict) else None}, "
-                             f"this saevctl reads {layout.LABELS_SCHEMA}", "re-run saevctl extract --masks into a new --out")
+                             f"this saevctl reads {layout.LABELS_SCHEMA}",
+                             "re-run saevctl extract --masks into a new --out")
         return head
 
     @property

@@ -11,6 +11,7 @@ from saevctl.cliconfig import config_command
 
 if TYPE_CHECKING:
     from saevctl.train.config import Config
+    from saevctl.train.loop import Result
 
 
 app = typer.Typer()
@@ -46,7 +47,7 @@ def train(cfg: Config) -> None:
         say_path("sae", r["path"])
 
 
-def _run_with_bar(cfg: Any) -> Any:
+def _run_with_bar(cfg: Config) -> Result:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from saevctl.console import RateColumn, err_console
@@ -63,13 +64,13 @@ def _run_with_bar(cfg: Any) -> Any:
         prog.start()
 
     def progress(n: int, records: list[dict[str, Any]] | None) -> None:
-        fields = {}
-        if records:
-            r = records[0]
-            more = f" (+{len(records) - 1} more)" if len(records) > 1 else ""
-            fields["metrics"] = (f"{r['run']}: fvu {r['fvu']:.3f} L0 {r['l0']:.1f} "
-                                 f"dead {r['dead']:.1%} dense {r['dense']:.1%}{more}")
-        prog.update(task, advance=n, **fields)
+        if not records:
+            prog.update(task, advance=n)
+            return
+        r = records[0]
+        more = f" (+{len(records) - 1} more)" if len(records) > 1 else ""
+        prog.update(task, advance=n, metrics=f"{r['run']}: fvu {r['fvu']:.3f} L0 {r['l0']:.1f} "
+                                             f"dead {r['dead']:.1%} dense {r['dense']:.1%}{more}")
 
     try:
         result = run(cfg, progress=progress, on_total=on_total)
@@ -85,7 +86,11 @@ def _run_with_bar(cfg: Any) -> Any:
     return result
 
 
-def _summary(result: Any) -> None:
+def _num(final: dict[str, Any], key: str, fmt: str) -> str:
+    return format(final[key], fmt) if key in final else "-"
+
+
+def _summary(result: Result) -> None:
     from rich.table import Table
 
     from saevctl.console import console
@@ -97,9 +102,8 @@ def _summary(result: Any) -> None:
     for r in result.runs:
         f = r.get("final") or {}
         knob = f"{r['sparsity']:g}" if r["activation"] == "relu" else f"k={r['k']}"
-        num = lambda key, fmt: format(f[key], fmt) if key in f else "-"  # noqa: E731
-        t.add_row(r["name"], f"{r['n_latents']:,}", f"{r['lr']:g}", knob, num("mse", ".4f"), num("fvu", ".4f"),
-                  num("l0", ".1f"), num("dead", ".1%"), num("dense", ".1%"))
+        t.add_row(r["name"], f"{r['n_latents']:,}", f"{r['lr']:g}", knob, _num(f, "mse", ".4f"),
+                  _num(f, "fvu", ".4f"), _num(f, "l0", ".1f"), _num(f, "dead", ".1%"), _num(f, "dense", ".1%"))
     console.print(t)
 
 

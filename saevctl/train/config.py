@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from saevctl.config import DeviceOpts, check_finite, opt
+from saevctl.config import MAX_SEED, DeviceOpts, check_finite, opt
 from saevctl.errors import InputError
 
 Activation = Literal["relu", "topk", "batchtopk"]
@@ -101,6 +101,9 @@ class Config(DeviceOpts):
         for name in ("batch_size", "log_every", "ckpt_every", "buffer_rows", "n_norm_sample", "dead_after"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be positive", "pass a positive number")
+        check_finite("lr_warmup", self.lr_warmup, low=0)
+        check_finite("sparsity_warmup", self.sparsity_warmup, low=0)
+        check_finite("seed", self.seed, low=0, high=MAX_SEED)
         if self.n_tokens is not None and self.n_tokens < self.batch_size:
             raise InputError("--n-tokens is smaller than one batch", "train on at least --batch-size activations")
         for w in self.width:

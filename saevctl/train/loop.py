@@ -3,6 +3,7 @@ checkpoints, metrics, a summary and plots. Use it from Python; `saevctl train` i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 import saevctl
-from saevctl import atomic, dist, layout
+from saevctl import atomic, dist, layout, lock
 from saevctl.config import resolve_device
 from saevctl.errors import OutputError, SaevctlError, TrainingError
 from saevctl.train import distributed, optim, plots, state
@@ -26,7 +27,7 @@ from saevctl.train.distributed import Place
 from saevctl.train.group import SAEGroup
 from saevctl.train.loader import Prefetcher
 from saevctl.train.metrics import MetricsFile, Wandb, Window, read, require_wandb
-from saevctl.train.setup import Data, open_data, provenance
+from saevctl.train.setup import Data, check_train_memory, open_data, provenance
 from saevctl.train.step_ref import StepOut
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,11 @@ def _check_out(cfg: Config) -> None:
 
 def _build_groups(cfg: Config, data: Data, device: str, place: Place) -> list[SAEGroup]:
     specs = _all_specs(cfg, data)
+    # every rank checks the busiest rank's share, so all refuse alike (none waits for a peer that gave up)
+    shares = [distributed.mine(specs, r, place.world) for r in range(place.world)] if place.mode == "ranks" else [specs]
+    check_train_memory(cfg, shares, data, device)
     if place.mode == "ranks":  # dealt in sweep.json's order
-        specs = distributed.mine(specs, place.rank, place.world)
+        specs = shares[place.rank]
     return [SAEGroup(g, data.d, cfg.seed, cfg.aux_coef, device) for g in group_specs(specs)]
 
 
@@ -169,17 +173,24 @@ def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int, 
     `on_total(n_steps, n_saes)` is called once the data is open, before the first step."""
     device = dist.rank_device(resolve_device(cfg.device))
     place = distributed.place(cfg.place_sweep, device, cfg.batch_size)
-    error, done = None, None
-    try:
-        _check_out(cfg)
-        if cfg.wandb and place.main:
-            require_wandb()
-        done = _already_done(cfg)
-    except SaevctlError as e:
-        error = e
-    place.agree(error)  # every rank has checked before rank 0 writes anything
-    if done:
-        return done
+    with contextlib.ExitStack() as held:  # rank 0 holds the run folder's write lock until the run is written
+        error, done = None, None
+        try:
+            if place.main:  # one lock per launch: a second launch into this --out is refused on every rank
+                held.enter_context(lock.exclusive(cfg.out, "the training run", "--out"))
+            _check_out(cfg)
+            if cfg.wandb and place.main:
+                require_wandb()
+            done = _already_done(cfg)
+        except (SaevctlError, OSError) as e:
+            error = e
+        place.agree(error)  # every rank has checked before rank 0 writes anything
+        return done or _train_run(cfg, device, place, progress, on_total)
+
+
+def _train_run(cfg: Config, device: str, place: Place, progress: Progress | None,
+               on_total: Callable[[int, int], None] | None) -> Result:
+    """Open the data, build the SAEs, restore them or normalise afresh, train, and write the results."""
     data = open_data(cfg, *((place.rank, place.world) if place.mode == "data" else (0, 1)), place.comm is None)
     groups = _build_groups(cfg, data, device, place)
     n_steps = max(1, (cfg.n_tokens or data.loader.n_rows) // cfg.batch_size)

@@ -5,6 +5,7 @@ Dead = no firing in the last `dead_after` tokens; dense = fires on more than 1% 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 
+from saevctl import atomic
 from saevctl.errors import InputError
 from saevctl.sae.model import DENSE_RATE
 from saevctl.train.group import SAEGroup
@@ -57,31 +59,47 @@ class Window:
 
 
 class MetricsFile:
-    """Appends records to metrics.jsonl; on resume drops records past the resumed step."""
+    """Appends records to metrics.jsonl; on resume drops records past the resumed step (and a last line cut short
+    by a kill or a full disk)."""
 
     def __init__(self, fpath: Path, resume_step: int | None) -> None:
         self.fpath = fpath
-        fpath.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            fpath.write_text("")
-        elif fpath.exists():
-            keep = [ln for ln in fpath.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            fpath.write_text("".join(ln + "\n" for ln in keep))
-        self._f = open(fpath, "a")  # noqa: SIM115 - open for the whole run, closed in close()
+        with atomic.translate_os_errors(fpath):
+            fpath.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is None:
+                fpath.write_text("")
+            elif fpath.exists():
+                keep = [json.dumps(r) for r in read(fpath) if r["step"] <= resume_step]
+                atomic.write_text(fpath, "".join(ln + "\n" for ln in keep))
+            self._f = open(fpath, "a")  # noqa: SIM115 - open for the whole run, closed in close()
 
     def write(self, records: list[dict[str, Any]]) -> None:
-        self._f.write("".join(json.dumps(r) + "\n" for r in records))
-        self._f.flush()
+        with atomic.translate_os_errors(self.fpath):
+            self._f.write("".join(json.dumps(r) + "\n" for r in records))
+            self._f.flush()
 
     def sync(self) -> None:
-        os.fsync(self._f.fileno())
+        with atomic.translate_os_errors(self.fpath):
+            os.fsync(self._f.fileno())
 
     def close(self) -> None:
-        self._f.close()
+        with contextlib.suppress(OSError):  # a full disk was reported by the write that met it
+            self._f.close()
 
 
 def read(fpath: Path) -> list[dict[str, Any]]:
-    return [json.loads(ln) for ln in fpath.read_text().splitlines() if ln] if fpath.exists() else []
+    """The records of a metrics file; a line cut short (the run was killed, or the disk filled) is left out."""
+    if not fpath.exists():
+        return []
+    out = []
+    for ln in fpath.read_text().splitlines():
+        try:
+            rec = json.loads(ln) if ln else None
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
 
 
 def require_wandb() -> Any:

@@ -10,6 +10,7 @@ import torch
 
 from saevctl.errors import TrainingError
 from saevctl.layers import model_n_blocks, resolve_layer
+from saevctl.memory import check_memory, device_memory, physical_memory
 from saevctl.store import Store, open_store
 from saevctl.train.config import Config, RunSpec
 from saevctl.train.loader import ActivationLoader, store_exceeds_memory
@@ -56,7 +57,28 @@ def open_data(cfg: Config, rank: int = 0, world_size: int = 1, alone: bool = Tru
     return Data(store, layer, kinds, loader)
 
 
-def provenance(cfg: Config, data: Data, spec: RunSpec, step: int, n_steps: int, final: dict[str, Any]) -> dict[str, Any]:
+def check_train_memory(cfg: Config, specs_per_rank: list[list[RunSpec]], data: Data, device: str) -> None:
+    """A batch, sweep or shuffle buffer that cannot fit fails before any SAE is built or file written (a size that
+    does not fit would swap for hours or be killed mid-run). The estimates are lower bounds, for the busiest rank."""
+    b, d = data.loader.local_batch, data.d
+    # Per SAE: weights, their gradients and Adam's two moments (4 copies of 2 n d float32), and the pre-activations
+    # with their gradient (2 of b x n float32); ReLU's dense codes and the optimiser's temporaries add more.
+    sae_bytes = max(sum(32 * s.n_latents * d + 8 * b * s.n_latents for s in specs) for specs in specs_per_rank)
+    # The shuffle buffer (at least 2-byte values) and the float32 batch, always in host memory.
+    host_bytes = 2 * d * min(data.loader.buffer_rows, data.loader.n_rows) + 4 * b * d
+    available, where = device_memory(device)
+    widest = max(s.n_latents for specs in specs_per_rank for s in specs)
+    n_saes = max(len(specs) for specs in specs_per_rank)
+    check_memory(sae_bytes + (0 if device.startswith("cuda") else host_bytes),
+                 f"--batch-size {cfg.batch_size} with {n_saes} SAE(s) of up to {widest:,} latents",
+                 "use a smaller --batch-size, or fewer or narrower SAEs per run", available=available, where=where)
+    check_memory(host_bytes, f"--buffer-rows {cfg.buffer_rows} with --batch-size {cfg.batch_size}",
+                 "use a smaller --buffer-rows or --batch-size", available=physical_memory())
+
+
+def provenance(
+    cfg: Config, data: Data, spec: RunSpec, step: int, n_steps: int, final: dict[str, Any]
+) -> dict[str, Any]:
     """SAEConfig fields naming the model, layer, tokens and training of one SAE."""
     model = {k: data.store.model[k] for k in MODEL_KEYS if k in data.store.model}
     train = {

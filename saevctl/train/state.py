@@ -33,10 +33,13 @@ def save(dpath: Path, step: int, tensors: dict[str, torch.Tensor], header: dict[
     wpath = dpath / f"{_stem(step)}.safetensors"
     tmp = wpath.with_name(f".{wpath.name}.tmp{os.getpid()}")
     with atomic.translate_os_errors(wpath):
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, wpath)
+        try:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, wpath)
+        finally:
+            tmp.unlink(missing_ok=True)  # a disk that filled up mid-write gets its space back
     full = {"schema_version": layout.TRAIN_STATE_SCHEMA, "format": FORMAT, "step": step, **header}
     full["tensors_sha256"] = atomic.sha256_file(wpath)
     jpath = dpath / f"{_stem(step)}.json"

@@ -52,6 +52,13 @@ class Backbone(nn.Module):
         """The block number `layer` names in this model (negative counts from the end; None: the last block)."""
         return resolve_layer(layer, self.n_blocks, what=self.spec)
 
+    def forward_bytes(self, n_images: int, n_kept: int = 1) -> int:
+        """A lower bound on the memory of one forward pass over `n_images`: the float input, the residual stream
+        and a working copy, and `n_kept` recorded block outputs (attention and MLP activations come on top). Used
+        to refuse a --batch-size that cannot fit before any work."""
+        s, t, d = self.preprocess.size, self.layout.n_tokens, self.d_model
+        return 4 * n_images * (3 * s * s + t * d * (n_kept + 2))
+
     def run_blocks(self, x_btd: Tensor, start: int, stop: int) -> Tensor:
         """Run blocks start..stop-1."""
         for blk in self.blocks[start:stop]:

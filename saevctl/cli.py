@@ -11,6 +11,7 @@ import sys
 from typing import TYPE_CHECKING
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click
 
 import saevctl
 from saevctl.cliconfig import reflow
@@ -65,9 +66,19 @@ class _Group(typer.core.TyperGroup):
         finally:
             self._listing = False
 
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except UsageError as e:
+            _usage_exit(e, ctx)
+            raise  # not reached: --help for no arguments
+
     def invoke(self, ctx: Context) -> object:
         try:
             return super().invoke(ctx)
+        except UsageError as e:  # an unknown option or command, a value click itself cannot parse
+            _usage_exit(e, ctx)
+            raise
         except SaevctlError as e:
             if ctx.params.get("debug") or os.environ.get("SAEVCTL_DEBUG") == "1":
                 raise
@@ -84,6 +95,16 @@ class _Group(typer.core.TyperGroup):
             typer.echo(f"error: {from_os_error(e).one_line()}", err=True)
             ctx.exit(2)
         return None
+
+
+def _usage_exit(e: UsageError, ctx: Context) -> None:
+    """Click's own usage errors as one line and exit 2, like every other bad input (no-arguments help is kept)."""
+    if isinstance(e, NoArgsIsHelpError):
+        return
+    where = e.ctx.command_path if e.ctx is not None else "saevctl"
+    message = " ".join(e.format_message().split()).rstrip(".")
+    typer.echo(f"error: {message}. Run '{where} --help' for the options.", err=True)
+    ctx.exit(2)
 
 
 app = typer.Typer(

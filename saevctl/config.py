@@ -398,17 +398,3 @@ class IndexQuery(IndexOpt):
     """SAE in the index: a checkpoint path or an SAE id (default: the workspace's last mined SAE when it is in the
     index, else the index's last mined SAE)."""
 
-
-def coerce_paths(cfg: Any, *names: str) -> None:
-    """Transitional: Configs not yet on `ConfigBase` turn TOML strings into Paths here (removed once all are)."""
-    for name in names:
-        if getattr(cfg, name) is not None:
-            object.__setattr__(cfg, name, Path(getattr(cfg, name)).expanduser())
-
-
-def parse_int_list(text: str, what: str) -> list[int]:
-    """Transitional: comma-separated integers (removed once every CLI is generated from its Config)."""
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise InputError(f"bad {what} {text!r}", f"write {what} as comma-separated integers, e.g. 6,11") from e

@@ -74,7 +74,7 @@ def progress_bar(description: str, total: int | None, unit: str) -> Iterator[Adv
         # On failure the bar vanishes so the error is the only thing left on stderr.
         if prog.live.is_started:
             prog.live.transient = True
-            prog.stop()
+            prog.live.stop()  # not prog.stop(): piped, that adds a blank line before the one-line error
         raise
     if prog.live.is_started:
         prog.stop()

@@ -34,6 +34,11 @@ CASES: list[tuple[str, list[str], str]] = [
                          "--top-k", "1000000000"], "--top-k 1000000000 is out of range"),
     ("features-top-k-negative", ["features", "top", "--id", "0", "--k", "-5", "--index", "{index}"],
      "--k -5 is out of range"),
+    # what the option parser itself refuses: one line too, naming the command's --help
+    ("unknown-option", ["train", "--store", "{store}", "--nosuch"], "No such option: --nosuch"),
+    ("unknown-command", ["trian"], "No such command 'trian'"),
+    ("not-a-number", ["train", "--store", "{store}", "--batch-size", "abc"], "Invalid value for '--batch-size'"),
+    ("missing-argument", ["sae", "info"], "Missing argument"),
     # every numeric option in range, before any work
     ("train-batch-size-zero", ["train", "--store", "{store}", "--batch-size", "0", "--out", "{ws}/new-sae"],
      "--batch-size"),

@@ -36,9 +36,12 @@ def save_decoder(index_fpath: Path, sae_id: str, w_dec_sd: np.ndarray, weights_s
     tmp = fpath.with_name(f".{fpath.name}.tmp")
     with atomic.translate_os_errors(fpath):
         fpath.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"W_dec": np.ascontiguousarray(w_dec_sd, dtype=np.float32)}, str(tmp),
-                  metadata={"weights_sha256": weights_sha256, "sae_id": sae_id})
-        tmp.replace(fpath)
+        try:
+            save_file({"W_dec": np.ascontiguousarray(w_dec_sd, dtype=np.float32)}, str(tmp),
+                      metadata={"weights_sha256": weights_sha256, "sae_id": sae_id})
+            tmp.replace(fpath)
+        finally:
+            tmp.unlink(missing_ok=True)  # a disk that filled up mid-write gets its space back
     return fpath
 
 
@@ -70,10 +73,8 @@ def build(index_fpath: Path, sae_id: str, weights_sha256: str) -> Path:
     index = faiss.IndexFlatIP(w.shape[1])
     index.add(w)
     fpath = layout.faiss_fpath(index_fpath, sae_id)
-    tmp = fpath.with_name(f".{fpath.name}.tmp")
-    with atomic.translate_os_errors(fpath):
-        faiss.write_index(index, str(tmp))
-        tmp.replace(fpath)
+    # serialised in memory, then written by Python: faiss's own writer reports a full disk as a RuntimeError
+    atomic.write_bytes(fpath, faiss.serialize_index(index).tobytes())
     meta = {"schema_version": FAISS_SCHEMA, "sae_id": sae_id, "weights_sha256": weights_sha256,
             "n": int(w.shape[0]), "d": int(w.shape[1]), "metric": "cosine (inner product of unit rows)",
             "faiss": faiss.__version__}

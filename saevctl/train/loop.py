@@ -341,10 +341,10 @@ def _finish(cfg: Config, data: Data, groups: list[SAEGroup], norm: tuple[torch.T
         "n_tokens": n_steps * cfg.batch_size, "config": fingerprint(cfg), "runs": runs,
         "world_size": place.world, "place_sweep": place.mode,
     }
-    atomic.write_json(layout.train_sweep_fpath(cfg.out), summary)
     pdir = layout.train_plots_dpath(cfg.out)
     pngs = [plots.curves(read(layout.train_metrics_fpath(cfg.out)), pdir / "curves.png")]
     if all(r["final"] for r in runs):
         pngs.append(plots.mse_vs_l0(runs, pdir / "mse_vs_l0.png"))
+    atomic.write_json(layout.train_sweep_fpath(cfg.out), summary)  # last: marks the run complete (see --resume)
     shutil.rmtree(layout.train_state_dpath(cfg.out), ignore_errors=True)
     return Result(cfg.out, runs, pngs, n_steps, resumed_from)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from saevctl import atomic
 
 CURVES = (
     ("fvu", "normalised MSE (FVU)"),
@@ -39,9 +42,7 @@ def curves(records: list[dict[str, Any]], fpath: Path) -> Path:
     if len(by_run) <= 12:
         axes.flat[0].legend(fontsize=6)
     fig.tight_layout()
-    fpath.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(fpath, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, fpath)
     return fpath
 
 
@@ -63,7 +64,13 @@ def mse_vs_l0(runs: list[dict[str, Any]], fpath: Path) -> Path:
         ax.set_xscale("log")
     ax.legend()
     fig.tight_layout()
-    fpath.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(fpath, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, fpath)
     return fpath
+
+
+def _save(plt: Any, fig: Any, fpath: Path) -> None:
+    """PNG bytes in memory, then one atomic write: a full disk leaves the previous plot or none, never half."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic.write_bytes(fpath, buf.getvalue())

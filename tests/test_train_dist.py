@@ -8,6 +8,7 @@ the float32 average of two half-batch means, the 1-process one the mean of the w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -120,8 +121,40 @@ def _kill_when(proc: subprocess.Popen[bytes], ready: object, deadline_s: float =
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, as a crashed node would
+    # torchrun and both workers, as a crashed node would. torchrun starts each worker in its own session, so a
+    # killpg of torchrun's group alone would leave the workers training on (still holding the run's write lock).
+    victims = [proc.pid, *_descendants(proc.pid)]
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
+    while any(_alive(pid) for pid in victims[1:]):
+        time.sleep(0.01)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie (whose files, and locks, the kernel has already released)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _killed_then_resumed(args: list[str], ready: object, out: Path,

@@ -43,6 +43,9 @@ class Config(DeviceOpts):
     matryoshka: tuple[float, ...] = ()
     """Nested prefix sizes trained to reconstruct on their own: fractions of the width (<= 1) or counts,
     e.g. 0.0625,0.25."""
+    nested: tuple[Literal["on", "off"], ...] = ("on",)
+    """With the --matryoshka prefixes (on) or without them (off); off,on trains both in one pass, a pair per
+    combination of the other axes."""
     aux_coef: float = opt(1 / 32, default_text="1/32")
     """AuxK loss weight for topk/batchtopk (reconstructs the residual from dead latents)."""
     n_tokens: int | None = None
@@ -89,6 +92,11 @@ class Config(DeviceOpts):
         super().check()
         if not (self.activation and self.width and self.lr):
             raise InputError("empty sweep axis", "give at least one --activation, --width and --lr")
+        if not self.nested:
+            raise InputError("empty sweep axis --nested", "give on, off or off,on")
+        if len(set(self.nested)) > 1 and not self.matryoshka:
+            raise InputError("--nested off,on needs --matryoshka prefix sizes",
+                             "give them, e.g. --matryoshka 0.0625,0.25, or drop --nested")
         for v in self.lr:
             check_finite("lr", v, low=0, low_open=True)
         for v in self.sparsity:
@@ -162,12 +170,13 @@ def expand(cfg: Config, d: int) -> list[RunSpec]:
     for act in cfg.activation:
         sparse_axis = cfg.sparsity if act == "relu" else (0.0,)
         k_axis = cfg.k if act != "relu" else (0,)
-        for width, lr, coef, k in itertools.product(cfg.width, cfg.lr, sparse_axis, k_axis):
+        # nested is the innermost axis, so an off/on pair sits side by side in sweep.json
+        for width, lr, coef, k, nest in itertools.product(cfg.width, cfg.lr, sparse_axis, k_axis, cfg.nested):
             n = parse_width(width, d)
             if act != "relu" and k > n:
                 raise InputError(f"--k {k} exceeds the width {n}", "use a smaller k or a wider SAE")
             knob = f"l1-{coef:g}" if act == "relu" else f"k{k}"
-            mat = _prefixes(cfg.matryoshka, n)
+            mat = _prefixes(cfg.matryoshka, n) if nest == "on" else ()
             name = f"{act}{'-mat' if mat else ''}-w{n}-lr{lr:g}-{knob}"
             specs.append(RunSpec(name, act, n, lr, coef, k, mat))
     names = [s.name for s in specs]

@@ -1,5 +1,6 @@
-"""`run(cfg)`: train every SAE of a sweep in one pass over an activation store, with periodic resumable
-checkpoints, metrics, a summary and plots. Use it from Python; `saevctl train` is a thin CLI over it."""
+"""`run(cfg)`: train every SAE of a sweep in one pass over an activation store (or, through `train_on`, over
+fit()'s array), with periodic resumable checkpoints, metrics, a summary and plots. `saevctl train` is a thin CLI
+over `run`."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ from saevctl.train.step_ref import StepOut
 log = logging.getLogger(__name__)
 # progress(steps_done_now, latest metric records or None)
 Progress = Callable[[int, list[dict[str, Any]] | None], None]
+# opener(cfg, rank, world_size, alone): the rows this process trains on (open_data for a store)
+Opener = Callable[[Config, int, int, bool], Data]
 # "out" is where the run lives, so a moved run folder still resumes.
 RESUME_FREE = ("resume", "wandb", "wandb_project", "ckpt_every", "log_every", "device", "out", "drop_cache")
 
@@ -52,11 +55,16 @@ class Result:
     """Seconds the training loop waited for the loader (this process): near 0 when reading kept up."""
 
 
-def fingerprint(cfg: Config) -> dict[str, Any]:
-    """Settings that must match to resume."""
+def fingerprint(cfg: Config, array: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Settings that must match to resume; `array`: fit()'s array shape and dtype, in place of the store."""
     d = dataclasses.asdict(cfg)
+    # defaults of options added later: runs started before they existed still resume
     if d.get("place_sweep") == "data":
-        del d["place_sweep"]  # the default: runs started before the option existed still resume
+        del d["place_sweep"]
+    if d.get("nested") == ("on",):
+        del d["nested"]
+    if array is not None:
+        d["store"] = array
     # Paths are compared resolved, so `--store store` from the run's folder equals `--store run/store`.
     return {k: (str(v.resolve()) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
             for k, v in d.items() if k not in RESUME_FREE}
@@ -99,7 +107,8 @@ def _state_dpath(cfg: Config, place: Place) -> Path:
     return layout.train_state_dpath(cfg.out)
 
 
-def _restore(cfg: Config, groups: list[SAEGroup], place: Place) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+def _restore(cfg: Config, data: Data, groups: list[SAEGroup],
+             place: Place) -> tuple[int, torch.Tensor, torch.Tensor] | None:
     dpath = _state_dpath(cfg, place)
     at_most = None
     if place.mode == "ranks" and place.comm is not None:
@@ -112,7 +121,7 @@ def _restore(cfg: Config, groups: list[SAEGroup], place: Place) -> tuple[int, to
     if found is None:
         return None
     header, tensors = found
-    state.check_same_settings(header["config"], fingerprint(cfg), cfg.out)
+    state.check_same_settings(header["config"], fingerprint(cfg, data.array), cfg.out)
     if place.mode == "ranks" and header.get("world_size") != place.world:
         raise TrainingError(
             f"the run in {cfg.out} spread its SAEs over {header.get('world_size')} processes, not {place.world}",
@@ -157,12 +166,12 @@ def _oom(e: BaseException, cfg: Config) -> TrainingError:
     )
 
 
-def _already_done(cfg: Config) -> Result | None:
+def _already_done(cfg: Config, array: dict[str, Any] | None) -> Result | None:
     fpath = layout.train_sweep_fpath(cfg.out)
     if not (cfg.resume and fpath.is_file()):
         return None
     summary = json.loads(fpath.read_text())
-    state.check_same_settings(summary["config"], fingerprint(cfg), cfg.out)
+    state.check_same_settings(summary["config"], fingerprint(cfg, array), cfg.out)
     pngs = sorted(layout.train_plots_dpath(cfg.out).glob("*.png"))
     return Result(cfg.out, summary["runs"], pngs, summary["n_steps"], summary["n_steps"])
 
@@ -171,6 +180,12 @@ def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int, 
     """Train the sweep; with cfg.resume, continue from the last checkpoint in cfg.out (or return a finished run).
     Under torchrun every rank calls this: data parallel by default, or cfg.place_sweep == "ranks".
     `on_total(n_steps, n_saes)` is called once the data is open, before the first step."""
+    return train_on(cfg, open_data, None, progress, on_total)
+
+
+def train_on(cfg: Config, opener: Opener, array: dict[str, Any] | None, progress: Progress | None = None,
+             on_total: Callable[[int, int], None] | None = None) -> Result:
+    """run() on the rows `opener` gives: a store's (array None) or fit()'s array (array: its shape and dtype)."""
     device = dist.rank_device(resolve_device(cfg.device))
     place = distributed.place(cfg.place_sweep, device, cfg.batch_size)
     with contextlib.ExitStack() as held:  # rank 0 holds the run folder's write lock until the run is written
@@ -181,22 +196,22 @@ def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int, 
             _check_out(cfg)
             if cfg.wandb and place.main:
                 require_wandb()
-            done = _already_done(cfg)
+            done = _already_done(cfg, array)
         except (SaevctlError, OSError) as e:
             error = e
         place.agree(error)  # every rank has checked before rank 0 writes anything
-        return done or _train_run(cfg, device, place, progress, on_total)
+        return done or _train_run(cfg, opener, device, place, progress, on_total)
 
 
-def _train_run(cfg: Config, device: str, place: Place, progress: Progress | None,
+def _train_run(cfg: Config, opener: Opener, device: str, place: Place, progress: Progress | None,
                on_total: Callable[[int, int], None] | None) -> Result:
     """Open the data, build the SAEs, restore them or normalise afresh, train, and write the results."""
-    data = open_data(cfg, *((place.rank, place.world) if place.mode == "data" else (0, 1)), place.comm is None)
+    data = opener(cfg, *((place.rank, place.world) if place.mode == "data" else (0, 1)), place.comm is None)
     groups = _build_groups(cfg, data, device, place)
     n_steps = max(1, (cfg.n_tokens or data.loader.n_rows) // cfg.batch_size)
     if on_total is not None:
         on_total(n_steps, sum(g.n for g in groups))
-    restored = _restore(cfg, groups, place) if cfg.resume else None
+    restored = _restore(cfg, data, groups, place) if cfg.resume else None
     if restored:
         start, mean_d, scale = restored
     else:
@@ -227,7 +242,8 @@ def _train(cfg: Config, data: Data, groups: list[SAEGroup], norm: tuple[torch.Te
     """The steps from `start` to `n_steps`; returns the seconds spent waiting for batches."""
     mean_d, scale = norm
     metrics = MetricsFile(layout.train_metrics_fpath(cfg.out), start if cfg.resume else None) if place.main else None
-    wb = Wandb(cfg.wandb_project, cfg.out.name, fingerprint(cfg), cfg.out) if cfg.wandb and place.main else None
+    wb = (Wandb(cfg.wandb_project, cfg.out.name, fingerprint(cfg, data.array), cfg.out)
+          if cfg.wandb and place.main else None)
     window = Window(groups, torch.device(device))
     batches = Prefetcher(data.loader.batches(start), pin=device.startswith("cuda"))
     last_ckpt: int | None = start or None
@@ -304,7 +320,7 @@ def _checkpoint(cfg: Config, data: Data, groups: list[SAEGroup], norm: tuple[tor
     if place.mode == "data" and not place.main:
         return
     _export(cfg, data, groups, norm, done, n_steps, {})
-    header = {"config": fingerprint(cfg), "groups": [[s.name for s in g.specs] for g in groups],
+    header = {"config": fingerprint(cfg, data.array), "groups": [[s.name for s in g.specs] for g in groups],
               "n_steps": n_steps, "saevctl_version": saevctl.__version__, "world_size": place.world}
     dpath = _state_dpath(cfg, place)
     state.save(dpath, done, _state_tensors(groups, *norm), header, prune_old=place.mode != "ranks")
@@ -336,9 +352,10 @@ def _finish(cfg: Config, data: Data, groups: list[SAEGroup], norm: tuple[torch.T
         return Result(cfg.out, runs, [], n_steps, resumed_from)
     summary = {
         "schema_version": layout.SAE_SCHEMA, "format": "saevctl-train-sweep", "complete": True,
-        "saevctl_version": saevctl.__version__, "store": str(cfg.store), "layer": data.layer,
+        "saevctl_version": saevctl.__version__, "store": str(cfg.store) if data.array is None else None,
+        **({} if data.array is None else data.source), "layer": data.layer,
         "tokens": cfg.tokens, "n_steps": n_steps, "batch_size": cfg.batch_size,
-        "n_tokens": n_steps * cfg.batch_size, "config": fingerprint(cfg), "runs": runs,
+        "n_tokens": n_steps * cfg.batch_size, "config": fingerprint(cfg, data.array), "runs": runs,
         "world_size": place.world, "place_sweep": place.mode,
     }
     pdir = layout.train_plots_dpath(cfg.out)

@@ -1,17 +1,19 @@
-"""Opening a training run's input: the store's layer and token kinds as a loader, the normalisation statistics,
-and the provenance each checkpoint carries so later stages can check an SAE matches a store and model."""
+"""Opening a training run's input (the store's layer and token kinds, or fit()'s array) as a loader, the
+normalisation statistics, and the provenance each checkpoint carries so later stages can check an SAE matches a
+store and model."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from saevctl.errors import TrainingError
 from saevctl.layers import model_n_blocks, resolve_layer
 from saevctl.memory import check_memory, device_memory, physical_memory
-from saevctl.store import Store, open_store
+from saevctl.store import ShardedArray, open_store
 from saevctl.train.config import Config, RunSpec
 from saevctl.train.loader import ActivationLoader, store_exceeds_memory
 
@@ -20,10 +22,16 @@ MODEL_KEYS = ("spec", "arch", "weights_sha256", "n_blocks", "d_model", "patch_si
 
 @dataclass
 class Data:
-    store: Store
-    layer: int
-    kinds: tuple[str, ...]
     loader: ActivationLoader
+    layer: int | None
+    """The block the rows come from (None: unknown, for an array given no --layer)."""
+    kinds: tuple[str, ...]
+    model: dict[str, Any]
+    """The ViT the rows come from (the store manifest's MODEL_KEYS; {} for an array)."""
+    source: dict[str, Any]
+    """Where the rows come from, in every checkpoint's train provenance."""
+    array: dict[str, Any] | None = None
+    """fit()'s array as {"shape", "dtype"} (None for a store): it stands for the store when resuming."""
 
     @property
     def d(self) -> int:
@@ -54,7 +62,22 @@ def open_data(cfg: Config, rank: int = 0, world_size: int = 1, alone: bool = Tru
     drop = cfg.drop_cache if cfg.drop_cache is not None else alone and store_exceeds_memory(arrays)
     loader = ActivationLoader(arrays, cfg.batch_size, cfg.buffer_rows, cfg.seed, rank=rank, world_size=world_size,
                               drop_cache=drop)
-    return Data(store, layer, kinds, loader)
+    model = {k: store.model[k] for k in MODEL_KEYS if k in store.model}
+    return Data(loader, layer, kinds, model, {"store": str(cfg.store.resolve()), "store_rows": store.n_images})
+
+
+def open_array(cfg: Config, rows_nd: np.ndarray, dtype: str, rank: int = 0, world_size: int = 1,
+               alone: bool = True) -> Data:
+    """fit()'s checked (n, d) rows (`dtype` a store dtype; bfloat16 as uint16 bits) as one part of one token
+    kind: the same loader, so the same seed gives the same batches as a one-shard store of these rows. --layer
+    and --tokens only label the rows (they are recorded so later stages can match the SAE to a store)."""
+    arrays = {"rows": ShardedArray([rows_nd], dtype)}
+    drop = cfg.drop_cache if cfg.drop_cache is not None else alone and store_exceeds_memory(arrays)
+    loader = ActivationLoader(arrays, cfg.batch_size, cfg.buffer_rows, cfg.seed, rank=rank, world_size=world_size,
+                              drop_cache=drop)
+    kinds = ("patches", "cls") if cfg.tokens == "both" else (cfg.tokens,)
+    array = {"shape": list(rows_nd.shape), "dtype": dtype}
+    return Data(loader, cfg.layer, kinds, {}, {"source": "array", "array": array}, array)
 
 
 def check_train_memory(cfg: Config, specs_per_rank: list[list[RunSpec]], data: Data, device: str) -> None:
@@ -80,11 +103,9 @@ def provenance(
     cfg: Config, data: Data, spec: RunSpec, step: int, n_steps: int, final: dict[str, Any]
 ) -> dict[str, Any]:
     """SAEConfig fields naming the model, layer, tokens and training of one SAE."""
-    model = {k: data.store.model[k] for k in MODEL_KEYS if k in data.store.model}
     train = {
         **spec.hyper(),
-        "store": str(cfg.store.resolve()),
-        "store_rows": data.store.n_images,
+        **data.source,
         "steps": step,
         "n_steps": n_steps,
         "complete": step >= n_steps,
@@ -99,4 +120,4 @@ def provenance(
         "impl": cfg.impl,
         "final": final,
     }
-    return {"model": model, "layer": data.layer, "tokens": data.kinds, "train": train}
+    return {"model": dict(data.model), "layer": data.layer, "tokens": data.kinds, "train": train}

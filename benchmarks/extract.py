@@ -16,12 +16,13 @@ import time
 from pathlib import Path
 
 import torch
-from _bare import BareViT, autocast, sync
-from _timing import Report, interleave, section
 
 from saevctl.data import open_image, resolve_images
 from saevctl.extract import Config, run
 from saevctl.vit import load_backbone
+
+from _bare import BareViT, autocast, sync
+from _timing import Report, interleave, section
 
 
 def parse() -> argparse.Namespace:
@@ -48,7 +49,8 @@ def main() -> None:
     pre = bb.preprocess
     u8 = [torch.from_numpy(pre.to_uint8(open_image(r.path))) for r in resolve_images(f"demo:{n}").records]
     bs = args.batch_size
-    batches = [pre.normalize(torch.stack(u8[i : i + bs])).to(args.device) for i in range(0, n, bs)]
+    # Contiguous (b, 3, h, w) float32, as extraction's decoding threads hand them to the forward pass.
+    batches = [pre.normalize(torch.stack(u8[i : i + bs])).contiguous().to(args.device) for i in range(0, n, bs)]
     vit, deepest = BareViT(bb), max(layers)
     bf16 = args.device.startswith("cuda") and args.dtype != "float32"  # what extraction's forward runs under
 

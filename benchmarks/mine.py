@@ -1,23 +1,24 @@
-"""Mining throughput next to the bare SAE encode of the same activations, peak memory at 24,576 features,
-and the latency of `features top` / `features similar` on an index of 100k images.
+"""Mining throughput next to the bare encoder GEMM of the same activations at SAE widths 6,144 and 24,576, peak
+memory at 24,576 features, and the latency of `features top` / `features similar` on an index of 100k images.
 
-Usage: python benchmarks/mine.py [--quick] [--json OUT]
-The ceiling is `sae.encode` over the same store chunks (read from the same memory maps) in the same
-process; the ratio is mining activations/s (scan, index write and faiss build included) over it.
-Activations are synthetic (a store written directly), the SAE is random with its biases set so that
-about 1.5% of codes fire, as in a trained SAE; timings do not depend on what the values mean.
+Usage: python benchmarks/mine.py [--quick] [--widths 6144,24576] [--json OUT]
+Ceiling: `x @ W_enc` (torch.mm into a reused output, float32 as the SAE) over exactly the chunk shapes mining
+encodes (images per chunk x 256 patches, d = 384), nothing else: no store read, no bias, no nonlinearity, no
+scan. Mining (`run(Config)`: read the store, encode, statistics, streaming top-k with per-patch codes, per-image
+top features, the DuckDB write and the faiss build) and the GEMM are timed interleaved over several repeats;
+figures are min / median / max with the load average. Activations are synthetic (a store written directly), the
+SAE is random with its biases set so that about 1.5% of codes fire, as in a trained SAE.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,11 @@ from saevctl.mine import Config, Index, run
 from saevctl.mine.pipeline import CHUNK_CODES, _chunks
 from saevctl.sae import SAE, SAEConfig
 from saevctl.store import StoreWriter, open_store
+
+from _bare import encoder_gemm
+from _timing import Report, interleave, load_1m, section
+
+D, P = 384, 256
 
 
 def synthetic_store(dpath: Path, n: int, p: int, d: int, seed: int = 0) -> Path:
@@ -63,37 +69,69 @@ def sparse_sae(store_dpath: Path, n_latents: int, out: Path, density: float = 0.
     return out
 
 
-def bare_encode(sae: SAE, store_dpath: Path, fused: bool = False) -> float:
-    """Seconds for sae.encode (or mining's fused encoder) over the store in mining's chunks."""
+def encode_pass(sae: SAE, store_dpath: Path) -> float:
+    """Seconds for mining's fused encoder over the store in mining's chunks (a breakdown, not a ceiling: it is
+    our own code), also what the peak-memory comparison runs."""
     from saevctl.mine.encode import make_encoder
 
     store = open_store(store_dpath)
-    arrays = {"patches": store.layer(6).patches}
     per = max(1, min(1024, CHUNK_CODES // (sae.cfg.n_latents * store.layout.n_patches)))
-    encode = make_encoder(sae) if fused else sae.encode
+    encode = make_encoder(sae)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for _, rows in _chunks(arrays, per):
+        for _, rows in _chunks({"patches": store.layer(6).patches}, per):
             encode(rows["patches"].reshape(-1, store.d))
     return time.perf_counter() - t0
 
 
-def throughput(root: Path, n: int, repeats: int) -> dict:
-    store = synthetic_store(root / "store", n, 256, 384)
-    ckpt = sparse_sae(store, 6144, root / "sae6k")
-    sae = SAE.load(ckpt)
-    n_acts = n * 256
-    bare_encode(sae, store)  # warm-up: page cache and allocator
-    bare, fused, full = [], [], []
-    for r in range(repeats):  # interleaved, so that load from other processes hits all three alike
-        bare.append(bare_encode(sae, store))
-        fused.append(bare_encode(sae, store, fused=True))
+def chunk_rows(store_dpath: Path, n_latents: int) -> list[int]:
+    """Rows of every chunk mining encodes (per shard, `per` images at a time), for the GEMM ceiling."""
+    store = open_store(store_dpath)
+    p = store.layout.n_patches
+    per = max(1, min(1024, CHUNK_CODES // (n_latents * p)))
+    return [min(per, len(part) - lo) * p for part in store.layer(6).patches.parts for lo in range(0, len(part), per)]
+
+
+def throughput(root: Path, n: int, widths: list[int], repeats: int, breakdown: bool, rep: Report) -> None:
+    """Mining at each width, interleaved with the encoder GEMM of the same chunks (and, with `breakdown`,
+    mining's own fused encoder)."""
+    store = synthetic_store(root / "store", n, P, D)
+    fns: dict[str, Callable[[], float | None]] = {}
+    for s in widths:
+        ckpt = sparse_sae(store, s, root / f"sae{s}")
+        fns[f"gemm_{s}"] = encoder_gemm(chunk_rows(store, s), D, s)
+        fns[f"mine_{s}"] = mine_fn(ckpt, store, root, s)
+        if breakdown:
+            fns[f"fused_{s}"] = fused_fn(SAE.load(ckpt), store)
+    times = interleave(fns, repeats, warmup=1)
+    n_acts = n * P
+    section(f"mine: {n:,} images x {P} patches, d = {D}, float32 SAE, {repeats} repeats")
+    for s in widths:
+        rep.rate(f"mine_{s}", f"mining, width {s:,} (activations/s)", times[f"mine_{s}"], n_acts, "act/s", ",.0f")
+        rep.rate(f"ceiling_{s}", f"ceiling: x @ W_enc, width {s:,} (activations/s)", times[f"gemm_{s}"], n_acts,
+                 "act/s", ",.0f")
+        rep.series_ratio(f"ratio_{s}", f"ratio, width {s:,}", times[f"mine_{s}"], times[f"gemm_{s}"])
+        if breakdown:
+            rep.series_ratio(f"vs_fused_{s}", f"breakdown: vs mining's own fused encoder, width {s:,}",
+                             times[f"mine_{s}"], times[f"fused_{s}"])
+
+
+def fused_fn(sae: SAE, store: Path) -> Callable[[], float]:
+    return lambda: encode_pass(sae, store)
+
+
+def mine_fn(ckpt: Path, store: Path, root: Path, s: int) -> Callable[[], float]:
+    """`saevctl mine` end to end into a fresh index each call (the index path is not part of the timing)."""
+    calls = [0]
+
+    def go() -> float:
+        calls[0] += 1
+        index = root / f"ix{s}-{calls[0]}.duckdb"
         t0 = time.perf_counter()
-        run(Config(sae=ckpt, store=store, index=root / f"ix{r}.duckdb", device="cpu", set_defaults=False))
-        full.append(time.perf_counter() - t0)
-    b, fu, f = statistics.median(bare), statistics.median(fused), statistics.median(full)
-    return {"n_images": n, "n_acts": n_acts, "bare_s": b, "fused_encode_s": fu, "mine_s": f, "ceiling": n_acts / b,
-            "value": n_acts / f, "ratio_vs_fused_encode": fu / f}
+        run(Config(sae=ckpt, store=store, index=index, device="cpu", set_defaults=False))
+        return time.perf_counter() - t0
+
+    return go
 
 
 def peak_memory(root: Path, n: int) -> dict:
@@ -106,7 +144,7 @@ def peak_memory(root: Path, n: int) -> dict:
             "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))")
     here = str(Path(__file__).parent)
     bodies = {
-        "encode_only": f"b.bare_encode(SAE.load({str(ckpt)!r}), Path({str(store)!r}))",
+        "encode_only": f"b.encode_pass(SAE.load({str(ckpt)!r}), Path({str(store)!r}))",
         "mine": "from saevctl.mine import Config, run; "
         f"run(Config(sae=Path({str(ckpt)!r}), store=Path({str(store)!r}), "
         f"index=Path({str(root / 'ix24k.duckdb')!r}), device='cpu', set_defaults=False))",
@@ -205,69 +243,69 @@ def synthetic_index(
     return fpath, sae_id
 
 
-def latency(root: Path, n_images: int, s: int, repeats: int) -> dict:
+def latency(root: Path, n_images: int, s: int, repeats: int, rep: Report) -> None:
+    """`features top` (open, resolve, query; then the 25-tile PNG) and `features similar` (open, faiss load,
+    search) on a synthetic index, after Python start-up. Latencies against targets, so no ceiling."""
     from saevctl.mine import figures, query
 
     t0 = time.perf_counter()
     fpath, _ = synthetic_index(root, n_images, s)
-    build_s = time.perf_counter() - t0
+    rep.note("latency_index", {"images": n_images, "features": s, "build_s": time.perf_counter() - t0,
+                               "mib": fpath.stat().st_size / 2**20})
     rng = np.random.default_rng(1)
-    top_q, top_png, sim = [], [], []
+    top_q: list[float] = []
+    top_png: list[float] = []
+    sim: list[float] = []
+    loads: list[float] = []
     for f in rng.integers(0, s, repeats).tolist():
-        t0 = time.perf_counter()  # what `features top` does after start-up: open, resolve, query
+        t0 = time.perf_counter()
         with Index.open(fpath) as idx:
             sae_id = idx.resolve_sae(None)
             idx.top_exemplars(sae_id, f)
             t1 = time.perf_counter()
             figures.feature_grid(idx, sae_id, f, root / "grid.png")
         t2 = time.perf_counter()
-        top_q.append(t1 - t0)
-        top_png.append(t2 - t0)
-        t0 = time.perf_counter()  # `features similar`: open, resolve, load faiss from disk, search
+        top_q.append(1000 * (t1 - t0))
+        top_png.append(1000 * (t2 - t0))
+        t0 = time.perf_counter()
         with Index.open(fpath) as idx:
             query.similar(idx, idx.resolve_sae(None), f, 10)
-        sim.append(time.perf_counter() - t0)
-    def ms(xs: list[float]) -> float:
-        return 1000 * statistics.median(xs)
-
-    return {"latency_images": n_images, "latency_features": s, "index_build_s": build_s,
-            "index_mib": fpath.stat().st_size / 2**20, "top_query_ms": ms(top_q), "top_with_png_ms": ms(top_png),
-            "similar_ms": ms(sim)}
+        sim.append(1000 * (time.perf_counter() - t0))
+        loads.append(load_1m())
+    section(f"latency: index of {n_images:,} images, {s:,} features, {repeats} queries (target 200 ms)")
+    rep.figure("top_ms", "features top: open + query", top_q, "ms", loads)
+    rep.figure("top_png_ms", "features top with the 25-tile PNG", top_png, "ms", loads)
+    rep.figure("similar_ms", "features similar: open + faiss load + search", sim, "ms", loads)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer images and repeats (a few minutes on 2 cores)")
-    ap.add_argument("--images", type=int, default=None, help="images in the throughput store (default 1024, quick 512)")
+    ap.add_argument("--quick", action="store_true",
+                    help="64 images, 3 repeats, a 20k-image latency index, no peak-memory runs (about a minute)")
+    ap.add_argument("--images", type=int, default=None, help="images in the throughput store (default 512, quick 64)")
+    ap.add_argument("--widths", default="6144,24576", help="SAE widths (latents), comma-separated")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 5, quick 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    n = args.images or (512 if args.quick else 1024)
-    repeats = 1 if args.quick else 3
+    n = args.images or (64 if args.quick else 512)
+    repeats = args.repeats or (3 if args.quick else 5)
+    widths = [int(x) for x in args.widths.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
+    rep = Report("mine", args.quick, images=n, patches=P, d=D, widths=widths, repeats=repeats)
     with tempfile.TemporaryDirectory(prefix="saevctl-bench-mine-") as tmp:
         root = Path(tmp)
-        tp = throughput(root, n, repeats)
-        print(f"mine:        {tp['value']:,.0f} activations/s  ({tp['n_acts']:,} patch activations, 6,144 features, "
-              f"{tp['mine_s']:.2f} s)")
-        print(f"bare encode: {tp['ceiling']:,.0f} activations/s  ({tp['bare_s']:.2f} s)")
-        print(f"ratio:       {tp['value'] / tp['ceiling']:.2f}  (target >= 0.8; vs mining's own fused encode "
-              f"{tp['ratio_vs_fused_encode']:.2f}, {tp['fused_encode_s']:.2f} s)")
-        mem = peak_memory(root, 64 if args.quick else 256)
-        print(f"peak RSS at 24,576 features: mine {mem['mine_peak_mib']:,.0f} MiB, "
-              f"encode only {mem['encode_only_peak_mib']:,.0f} MiB (exemplar state {mem['topk_state_mib']:.0f} MiB)")
-        lat = latency(root, 100_000, 24576, 5 if args.quick else 15)
-        print(f"index of {lat['latency_images']:,} images, {lat['latency_features']:,} features "
-              f"({lat['index_mib']:.0f} MiB): features top {lat['top_query_ms']:.1f} ms "
-              f"(with PNG {lat['top_with_png_ms']:.0f} ms), "
-              f"features similar {lat['similar_ms']:.1f} ms (median, excluding Python start-up)")
-    result = {"metric": "mine activations/s", "value": tp["value"], "ceiling": tp["ceiling"],
-              "ratio": tp["value"] / tp["ceiling"], **{k: v for k, v in tp.items() if k not in ("value", "ceiling")},
-              **mem, **lat, "quick": args.quick, "threads": torch.get_num_threads(), "machine": platform.machine(),
-              "torch": torch.__version__}
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        throughput(root, n, widths, repeats, breakdown=not args.quick, rep=rep)
+        if not args.quick:
+            mem = peak_memory(root, 256)
+            rep.note("peak_memory_24576", mem)
+            print(f"peak RSS at 24,576 features: mine {mem['mine_peak_mib']:,.0f} MiB, encode only "
+                  f"{mem['encode_only_peak_mib']:,.0f} MiB (exemplar state {mem['topk_state_mib']:.0f} MiB; "
+                  f"load {load_1m():.1f})")
+        latency(root, 20_000 if args.quick else 100_000, 6144 if args.quick else 24576, 5 if args.quick else 15, rep)
+    rep.headline("mine activations/s", f"mine_{widths[0]}", f"ceiling_{widths[0]}", f"ratio_{widths[0]}")
+    rep.write(args.json)
 
 
 if __name__ == "__main__":

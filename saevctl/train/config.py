@@ -43,7 +43,7 @@ class Config(DeviceOpts):
     matryoshka: tuple[float, ...] = ()
     """Nested prefix sizes trained to reconstruct on their own: fractions of the width (<= 1) or counts,
     e.g. 0.0625,0.25."""
-    nested: tuple[Literal["on", "off"], ...] = ("on",)
+    nested: tuple[Literal["off", "on"], ...] = ("on",)
     """With the --matryoshka prefixes (on) or without them (off); off,on trains both in one pass, a pair per
     combination of the other axes."""
     aux_coef: float = opt(1 / 32, default_text="1/32")

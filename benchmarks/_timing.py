@@ -93,22 +93,22 @@ class Report:
                            work=work, **extra)
 
     def ratio(self, key: str, label: str, path: Sequence[float], ceiling: Sequence[float],
-              loads: Sequence[float]) -> dict[str, Any]:
+              loads: Sequence[float], unit: str = "x the ceiling") -> dict[str, Any]:
         """Path over ceiling, both as rates (higher is faster), paired repeat by repeat (they ran back to back),
         plus the ratio of the medians."""
         pairs = [p / c for p, c in zip(path, ceiling, strict=True)]
         of_medians = statistics.median(path) / statistics.median(ceiling)
-        fig = self.figure(key, label, pairs, "x the ceiling", loads, ".3f", of_medians=of_medians)
+        fig = self.figure(key, label, pairs, unit, loads, ".3f", of_medians=of_medians)
         if of_medians > 1.0:
-            msg = f"{key}: the path beats its ceiling ({of_medians:.3f} by medians): the ceiling is wrong"
+            msg = f"{key}: the path beats its ceiling ({of_medians:.3f} by medians): noise, or a wrong ceiling"
             self.flags.append(msg)
             print(f"  WARNING {msg}", flush=True)
         return fig
 
-    def series_ratio(self, key: str, label: str, path: Series, ceiling: Series,
-                     work_path: float = 1.0, work_ceiling: float = 1.0) -> dict[str, Any]:
+    def series_ratio(self, key: str, label: str, path: Series, ceiling: Series, work_path: float = 1.0,
+                     work_ceiling: float = 1.0, unit: str = "x the ceiling") -> dict[str, Any]:
         loads = [max(a, b) for a, b in zip(path.loads, ceiling.loads, strict=True)]
-        return self.ratio(key, label, path.rates(work_path), ceiling.rates(work_ceiling), loads)
+        return self.ratio(key, label, path.rates(work_path), ceiling.rates(work_ceiling), loads, unit)
 
     def note(self, key: str, value: Any) -> None:
         """A setting or a measured fact without repeats (a size, a peak memory)."""

@@ -3,25 +3,27 @@
 Usage: python benchmarks/sources.py [--quick] [--json OUT]
 The same JPEGs (ImageNet-like, 500x375) are written as files, as WebDataset tars and (when `datasets`
 is installed) as a `save_to_disk` folder. Each source is listed, then every image is opened with
-`open_image` (one thread). The ceiling is decoding the same JPEG bytes from memory with PIL, in the same
-process; the ratio is a source's images/s over it.
+`open_image` (one thread). Ceiling: PIL decoding the same JPEG bytes from memory (no saevctl code). The ceiling
+and every source are timed interleaved (ceiling, files, wds, hf, ceiling, ...) over several repeats; figures are
+min / median / max with the load average, and a source's ratio is paired with the ceiling of the same repeat.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
-import platform
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
 
 from saevctl.data import open_image, resolve_images, wds
 from saevctl.data.images import demo_records
+
+from _timing import Report, interleave, section
 
 
 def make_jpegs(n: int) -> list[bytes]:
@@ -62,63 +64,57 @@ def write_sources(jpegs: list[bytes], root: Path, n_tars: int) -> dict[str, str]
     return specs
 
 
-def time_source(spec: str) -> tuple[float, float]:
-    """(listing seconds, images/s of open_image over every record)."""
-    wds._INDEX._members.clear()  # list from scratch, as a new process would
-    t0 = time.perf_counter()
-    src = resolve_images(spec)
-    t1 = time.perf_counter()
-    for rec in src.records:
-        open_image(rec.path)
-    return t1 - t0, len(src.records) / (time.perf_counter() - t1)
+def source_fn(spec: str, listing: list[float]) -> Callable[[], float]:
+    """open_image over every record of the source (timed); the listing is timed apart, into `listing`."""
+    def go() -> float:
+        wds._INDEX._members.clear()  # list from scratch, as a new process would
+        t0 = time.perf_counter()
+        src = resolve_images(spec)
+        t1 = time.perf_counter()
+        for rec in src.records:
+            open_image(rec.path)
+        listing.append(t1 - t0)
+        return time.perf_counter() - t1
+
+    return go
 
 
-def ceiling(jpegs: list[bytes]) -> float:
-    t0 = time.perf_counter()
-    for b in jpegs:
-        with Image.open(io.BytesIO(b)) as img:
-            img.convert("RGB")
-    return len(jpegs) / (time.perf_counter() - t0)
+def ceiling_fn(jpegs: list[bytes]) -> Callable[[], None]:
+    def go() -> None:
+        for b in jpegs:
+            with Image.open(io.BytesIO(b)) as img:
+                img.convert("RGB")
+
+    return go
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="256 images, one repeat")
+    ap.add_argument("--quick", action="store_true", help="256 images, 5 repeats (seconds)")
     ap.add_argument("--images", type=int, default=None, help="default 1024, quick 256")
     ap.add_argument("--tars", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=None, help="best of N (default 3, quick 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 9, quick 5)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     n = args.images or (256 if args.quick else 1024)
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats or (5 if args.quick else 9)
     jpegs = make_jpegs(n)
+    listing: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         specs = write_sources(jpegs, Path(tmp), args.tars)
-        best: dict[str, tuple[float, float]] = {}
-        ceil = 0.0
-        for _ in range(repeats):  # interleaved, best of N: the machine may be shared
-            ceil = max(ceil, ceiling(jpegs))
-            for name, spec in specs.items():
-                list_s, rate = time_source(spec)
-                old = best.get(name, (float("inf"), 0.0))
-                best[name] = (min(old[0], list_s), max(old[1], rate))
-    print(f"{n} JPEGs 500x375, {args.tars} tars, best of {repeats}; ceiling (PIL decode from memory) {ceil:.1f} img/s")
-    for name, (list_s, rate) in best.items():
-        print(f"  {name:6s} list {list_s * 1e3:8.1f} ms   open_image {rate:8.1f} img/s   ratio {rate / ceil:.3f}")
-    result = {
-        "metric": "wds open_image images/s",
-        "value": round(best["wds"][1], 1),
-        "ceiling": round(ceil, 1),
-        "ratio": round(best["wds"][1] / ceil, 3),
-        "images": n,
-        "tars": args.tars,
-        "repeats": repeats,
-        "sources": {k: {"list_ms": round(v[0] * 1e3, 1), "images_per_s": round(v[1], 1),
-                        "ratio": round(v[1] / ceil, 3)} for k, v in best.items()},
-        "machine": platform.processor() or platform.machine(),
-    }
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        fns: dict[str, Callable[[], float | None]] = {"ceiling": ceiling_fn(jpegs)}
+        fns |= {name: source_fn(spec, listing.setdefault(name, [])) for name, spec in specs.items()}
+        times = interleave(fns, repeats, warmup=1)
+    rep = Report("sources", args.quick, images=n, tars=args.tars, repeats=repeats, sources=list(specs))
+    section(f"sources: {n} JPEGs 500x375, {args.tars} tars, one thread, {repeats} repeats")
+    rep.rate("ceiling", "ceiling: PIL decode from memory (img/s)", times["ceiling"], n, "img/s")
+    for name in specs:
+        rep.rate(name, f"{name}: open_image (img/s)", times[name], n, "img/s")
+        rep.figure(f"{name}_list_ms", f"{name}: listing", [1e3 * t for t in listing[name][1:]], "ms",
+                   times[name].loads)
+        rep.series_ratio(f"{name}_ratio", f"{name}: ratio", times[name], times["ceiling"], n, n)
+    rep.headline("wds open_image images/s", "wds", "ceiling", "wds_ratio")
+    rep.write(args.json)
 
 
 if __name__ == "__main__":

@@ -1,144 +1,180 @@
-"""Training throughput next to the bare matmul ceiling at the same shapes, measured in the same process.
+"""Training-step throughput next to the bare GEMM ceilings of the same shapes and dtype, at SAE widths 6,144 and
+24,576 (d = 768), in float32 and in bfloat16 autocast; and the loader next to a bare read of the same rows.
 
-Usage: python benchmarks/train.py [--quick] [--json OUT] [--d 768] [--width 16] [--batch 4096]
-Ceiling: plain torch.mm forward+backward of (b, d) @ (d, s) then (b, s) @ (s, d) with autograd: the 5 GEMMs a
-dense SAE step needs (2 forward, 3 backward), nothing else. The ReLU step is the whole `fast` training step
-(encode, decode, losses, gradients, decoder constraint, Adam). TopK (sparse decoder) is compared with the dense
-ReLU step at the same width. bf16 repeats both with bfloat16 matmuls (AMX on this CPU class). The loader is
-timed alone on a float16 store of the same d.
+Usage: python benchmarks/train.py [--quick] [--widths 6144,24576] [--batch 4096] [--json OUT]
+Ceilings (no saevctl code; float32 weights, bf16 through torch.autocast as the step runs it):
+- ReLU: the 5 GEMMs of a dense SAE step, (b, d) @ (d, s) @ (s, d) forward and backward through autograd.
+- TopK: the encoder GEMM `x @ W_enc` plus the sparse decoder's minimum work (b*k*d multiply-adds to decode and
+  b*k*d for its gradient) counted at that GEMM's measured rate.
+- Loader: casting the same number of float16 rows from the store's memory maps, in order, into a reused float32
+  batch.
+Paths: one whole `fast` step of one SAE (encode, decode, losses, gradients, decoder constraint, Adam); no AuxK.
+Equal work: the ReLU step counts firing (L0, dead, dense) on every row here, as the TopK step and the reference
+step do (the shipped step samples 512 rows; that figure is printed beside it, not as the ratio).
+Everything of one width and precision is timed interleaved over several repeats; figures are min / median / max
+with the load average.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import tempfile
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from saevctl.store import open_store
+from saevctl.train import step_fast
 from saevctl.train import synthetic as syn
 from saevctl.train.config import RunSpec
 from saevctl.train.group import SAEGroup
 from saevctl.train.loader import ActivationLoader, Prefetcher
 
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+from _bare import encoder_step_gemm, step_gemms, sync, topk_min_work_factor
+from _timing import Report, Series, interleave, section
 
 
-def timed(fns: dict[str, object], reps: int, device: str) -> dict[str, float]:
-    """Median seconds per call of each function, after a warm-up call; calls are interleaved round-robin so
-    that load from other processes on a shared machine hits every measurement alike."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    _sync(device)
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {k: float(np.median(v)) for k, v in times.items()}
-
-
-def ceiling(b: int, d: int, s: int, dtype: torch.dtype, device: str):
-    x = torch.randn(b, d, device=device, dtype=dtype)
-    w1 = torch.randn(d, s, device=device, dtype=dtype, requires_grad=True)
-    w2 = torch.randn(s, d, device=device, dtype=dtype, requires_grad=True)
-    g = torch.randn(b, d, device=device, dtype=dtype)
-
-    def step() -> None:
-        w1.grad = w2.grad = None
-        (x.mm(w1).mm(w2)).backward(g)
-
-    return step
-
-
-def sae_step(act: str, b: int, d: int, s: int, k: int, bf16: bool, device: str):
+def sae_step(act: str, b: int, d: int, s: int, k: int, bf16: bool, device: str,
+             count_all: bool = True) -> Callable[[], None]:
+    """One training step of one SAE; `count_all` counts ReLU firing on every row (equal work, see the docstring)."""
     group = SAEGroup([RunSpec("bench", act, s, 1e-4, 5e-4, k, ())], d, 0, 1 / 32, device)
     x = torch.randn(b, d, device=device)
     state = {"t": 0}
 
     def step() -> None:
-        out = group.compute(x, 1.0, 10**12, "fast", bf16)
-        group.apply(out, state["t"], 1.0)
+        # A benchmark-side switch: the library has no option for it (COUNT_ROWS is read at call time).
+        saved = step_fast.COUNT_ROWS
+        step_fast.COUNT_ROWS = b if count_all else saved
+        try:
+            out = group.compute(x, 1.0, 10**12, "fast", bf16)
+            group.apply(out, state["t"], 1.0)
+        finally:
+            step_fast.COUNT_ROWS = saved
         state["t"] += 1
 
     return step
 
 
-def loader_rate(d: int, n_rows: int, batch: int) -> float:
-    """Rows/s of the background-prefetched loader alone over a float16 store on local disk."""
-    with tempfile.TemporaryDirectory() as tmp:
-        x = np.random.default_rng(0).standard_normal((n_rows, d)).astype(np.float32)
-        store = syn.write_store(Path(tmp) / "store", x, n_patches=256, dtype="float16", images_per_shard=256)
-        arrays = {"patches": open_store(store).layer(0).patches}
+def steps(args: argparse.Namespace, b: int, s: int, prec: str, rep: Report) -> dict[str, Series]:
+    """Time the ReLU and TopK steps of one width and precision with their ceilings, interleaved."""
+    d, dev, bf16 = args.d, args.device, prec == "bf16"
+    fns: dict[str, Callable[[], None]] = {
+        "relu_ceiling": step_gemms(b, d, s, bf16, dev),
+        "relu": sae_step("relu", b, d, s, 0, bf16, dev),
+        "topk_gemm": encoder_step_gemm(b, d, s, bf16, dev),
+        "topk": sae_step("topk", b, d, s, args.k, bf16, dev),
+    }
+    if not args.quick:
+        fns["relu_shipped"] = sae_step("relu", b, d, s, 0, bf16, dev, count_all=False)
+    times = interleave(fns, args.reps, warmup=1, sync=sync(dev))
+    flop = 10 * b * d * s  # the 5 GEMMs
+    key = f"{prec}_{s}"
+    section(f"train {prec}, width {s:,}: batch {b:,}, d {d}, k {args.k}, {args.reps} repeats")
+    gf = {n: [flop / t / 1e9 for t in times[n].seconds] for n in ("relu", "relu_ceiling")}
+    rep.rate(f"relu_{key}", "ReLU + L1 step (activations/s)", times["relu"], b, "act/s", ",.0f", gflops=gf["relu"])
+    rep.rate(f"relu_ceiling_{key}", "ceiling: the 5 GEMMs (activations/s)", times["relu_ceiling"], b, "act/s",
+             ",.0f", gflops=gf["relu_ceiling"])
+    rep.series_ratio(f"relu_ratio_{key}", "ratio ReLU / 5 GEMMs", times["relu"], times["relu_ceiling"], b, b)
+    if "relu_shipped" in times:
+        rep.rate(f"relu_shipped_{key}", "ReLU step as shipped (firing counted on 512 rows)", times["relu_shipped"],
+                 b, "act/s", ",.0f")
+    factor = topk_min_work_factor(s, args.k)
+    ceil = Series("topk_ceiling", [t * factor for t in times["topk_gemm"].seconds], times["topk_gemm"].loads)
+    rep.rate(f"topk_{key}", f"TopK k={args.k} step (activations/s)", times["topk"], b, "act/s", ",.0f")
+    rep.rate(f"topk_ceiling_{key}", "ceiling: x @ W_enc + sparse decode minimum", ceil, b, "act/s", ",.0f",
+             min_work_factor=factor)
+    rep.series_ratio(f"topk_ratio_{key}", "ratio TopK / its ceiling", times["topk"], ceil, b, b)
+    return times
+
+
+def loader_fns(d: int, n_rows: int, batch: int) -> tuple[dict[str, Callable[[], float]], Callable[[], None], int]:
+    """The background-prefetched loader and the bare read over one float16 store; returns (fns, clean-up, rows)."""
+    tmp = tempfile.TemporaryDirectory()
+    x = np.random.default_rng(0).standard_normal((n_rows, d)).astype(np.float32)
+    store = syn.write_store(Path(tmp.name) / "store", x, n_patches=256, dtype="float16", images_per_shard=256)
+    arrays = {"patches": open_store(store).layer(0).patches}
+    n_batches = max(4, 2 * n_rows // batch)
+
+    def loader() -> float:
         pf = Prefetcher(ActivationLoader(arrays, batch, seed=0).batches())
-        next(pf)
-        n = max(4, 2 * n_rows // batch)
+        next(pf)  # thread start and the first buffer fill are not part of the rate
         t0 = time.perf_counter()
-        for _ in range(n):
+        for _ in range(n_batches):
             next(pf)
         dt = time.perf_counter() - t0
         pf.close()
-    return n * batch / dt
+        return dt
+
+    parts = arrays["patches"].parts
+    per = max(1, batch // 256)  # images per batch
+    out = torch.empty(per * 256, d)
+
+    def bare() -> float:
+        """Cast straight from the memory maps into one reused float32 batch: a fresh 50 MB tensor per batch
+        costs more in page faults than the cast itself."""
+        t0 = time.perf_counter()
+        left = n_batches * batch
+        with warnings.catch_warnings():  # the maps are read-only; nothing writes through the tensor
+            warnings.simplefilter("ignore", UserWarning)
+            while left > 0:
+                for part in parts:
+                    for lo in range(0, len(part), per):
+                        if left <= 0:
+                            break
+                        rows = torch.from_numpy(part[lo : lo + per]).reshape(-1, d)
+                        out[: len(rows)].copy_(rows)
+                        left -= len(rows)
+        return time.perf_counter() - t0
+
+    return {"loader": loader, "bare": bare}, tmp.cleanup, n_batches * batch
+
+
+def parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="batch 1024, 3 repeats (about a minute on 2 cores)")
+    ap.add_argument("--d", type=int, default=768)
+    ap.add_argument("--widths", default="6144,24576", help="SAE widths (latents), comma-separated")
+    ap.add_argument("--batch", type=int, default=None, help="default 4096 (quick: 1024)")
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=None, help="interleaved repeats (default 5, quick 3)")
+    ap.add_argument("--precisions", default=None, help="fp32,bf16 (default; CUDA: bf16)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", type=Path, default=None)
+    return ap.parse_args()
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="batch 1024 and 2 repeats (about a minute on 2 cores)")
-    ap.add_argument("--d", type=int, default=768)
-    ap.add_argument("--width", type=int, default=16, help="latents as a multiple of d")
-    ap.add_argument("--batch", type=int, default=None, help="default 4096 (quick: 1024)")
-    ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
+    args = parse()
     b = args.batch or (1024 if args.quick else 4096)
-    reps = args.reps or (2 if args.quick else 3)
-    d, s, dev = args.d, args.d * args.width, args.device
-    flop = 5 * 2 * b * d * s
-    gpu = dev.startswith("cuda")
-    res: dict[str, float] = {}
-    for prec, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        if gpu and prec == "fp32":
-            continue
-        fns = {f"ceil_{prec}_s": ceiling(b, d, s, dtype, dev),
-               f"relu_{prec}_s": sae_step("relu", b, d, s, 0, prec == "bf16", dev),
-               f"topk_{prec}_s": sae_step("topk", b, d, s, args.k, prec == "bf16", dev)}
-        res |= timed(fns, reps, dev)
-        del fns
-    res["loader_rows_per_s"] = loader_rate(d, 65536 if args.quick else 262144, b)
-    main_key = "bf16" if gpu else "fp32"
-    value, ceil = flop / res[f"relu_{main_key}_s"] / 1e9, flop / res[f"ceil_{main_key}_s"] / 1e9
-    report = {
-        "metric": f"relu_sae_train_step_gemm_gflops_{main_key}",
-        "value": round(value, 2),
-        "ceiling": round(ceil, 2),
-        "ratio": round(value / ceil, 3),
-        "shape": {"batch": b, "d": d, "latents": s, "k": args.k},
-        "device": (torch.cuda.get_device_name() if gpu
-                   else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"),
-        **{k: round(v, 4) for k, v in res.items()},
-    }
-    for prec in ("fp32", "bf16"):
-        if f"relu_{prec}_s" in res:
-            report[f"relu_{prec}_acts_per_s"] = round(b / res[f"relu_{prec}_s"])
-            report[f"relu_{prec}_ratio"] = round(res[f"ceil_{prec}_s"] / res[f"relu_{prec}_s"], 3)
-            report[f"ceil_{prec}_gflops"] = round(flop / res[f"ceil_{prec}_s"] / 1e9, 1)
-            report[f"topk_{prec}_speedup_vs_relu"] = round(res[f"relu_{prec}_s"] / res[f"topk_{prec}_s"], 2)
-    report["loader_vs_relu_step"] = round(res["loader_rows_per_s"] / report[f"relu_{main_key}_acts_per_s"], 1)
-    print(json.dumps(report, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    args.reps = args.reps or (3 if args.quick else 5)
+    widths = [int(x) for x in args.widths.split(",")]
+    precs = (args.precisions or ("bf16" if args.device.startswith("cuda") else "fp32,bf16")).split(",")
+    rep = Report("train", args.quick, batch=b, d=args.d, widths=widths, k=args.k, precisions=precs, reps=args.reps,
+                 device=args.device)
+    relu_s: dict[str, float] = {}
+    for prec in precs:
+        for s in widths:
+            times = steps(args, b, s, prec, rep)
+            relu_s[f"{prec}_{s}"] = float(np.median(times["relu"].seconds))
+    fns, cleanup, rows = loader_fns(args.d, 65536 if args.quick else 262144, b)
+    try:
+        times = interleave(fns, args.reps, warmup=1)
+    finally:
+        cleanup()
+    section(f"loader: float16 store, d {args.d}, batch {b:,}, {rows:,} rows per repeat")
+    rep.rate("loader", "loader, background prefetch (rows/s)", times["loader"], rows, "rows/s", ",.0f")
+    rep.rate("loader_ceiling", "ceiling: read in order + cast to float32", times["bare"], rows, "rows/s", ",.0f")
+    rep.series_ratio("loader_ratio", "ratio loader / bare read", times["loader"], times["bare"], rows, rows)
+    slowest = max(relu_s.values())
+    rep.note("loader_vs_slowest_relu_step", rep.data["figures"]["loader"]["median"] * slowest / b)
+    main_key = f"{precs[0]}_{widths[0]}"
+    rep.headline(f"relu step activations/s ({main_key})", f"relu_{main_key}", f"relu_ceiling_{main_key}",
+                 f"relu_ratio_{main_key}")
+    rep.write(args.json)
 
 
 if __name__ == "__main__":

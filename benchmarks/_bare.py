@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # the GEMM ceilings (mine, label, train) need no model code
+    from saevctl.edit.heads import Head
+    from saevctl.vit import Backbone
 
 
 def autocast(device: str, bf16: bool) -> contextlib.AbstractContextManager[Any]:
@@ -123,18 +127,18 @@ class BareViT:
         return self.norm(self._run(x_btd, layer + 1, len(self.blocks)))
 
 
-def head_network(head: nn.Module, bb: nn.Module, vit: BareViT) -> Callable[[Tensor], Tensor]:
+def head_network(head: Head, bb: Backbone, vit: BareViT) -> Callable[[Tensor], Tensor]:
     """The network behind a probe head, called directly on final tokens: the demo model's saliency decoder, or the
     timm classifier (softmax included, as a probability is what a probe compares)."""
-    name = getattr(head, "name", "")
-    if name == "saliency":
-        decoder = head.decoder
-        lay = bb.layout
+    from saevctl.edit.heads import SaliencyHead
+
+    if isinstance(head, SaliencyHead):
+        decoder, lay = head.decoder, bb.layout
         hw = (bb.preprocess.size, bb.preprocess.size)
         return lambda t: decoder(t[:, lay.n_prefix :], (lay.grid_h, lay.grid_w), hw)
-    if name == "timm":
+    if head.name == "timm":
         return lambda t: vit.model_head(t).softmax(-1)
-    raise SystemExit(f"no bare ceiling for head {name!r}: use --head saliency (demo) or --head timm")
+    raise SystemExit(f"no bare ceiling for head {head.name!r}: use --head saliency (demo) or --head timm")
 
 
 def resumed_passes(vit: BareViT, head_fn: Callable[[Tensor], Tensor], batches: Sequence[Tensor], layer: int,

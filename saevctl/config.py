@@ -311,7 +311,7 @@ def load_toml(fpath: Path) -> dict[str, Any]:
 
 def merge_config(cls: type[C], file_values: Mapping[str, Any], cli_values: Mapping[str, Any]) -> C:
     """Build `cls` from TOML values overridden by explicitly given CLI values (None means not given)."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # cls is a dataclass type
+    names = {spec.name for spec in field_specs(cls)}
     unknown = sorted(set(file_values) - names)
     if unknown:
         raise InputError(f"unknown config keys {unknown}", f"valid keys: {', '.join(sorted(names))}")

@@ -148,6 +148,7 @@ def test_bad_input_is_one_line_and_changes_nothing(workspace: dict[str, str], be
     proc = subprocess.run([sys.executable, "-m", "saevctl", *argv], cwd=ws, env=env, capture_output=True,
                           text=True, timeout=120)
     lines = proc.stderr.splitlines()
+    print(" ".join(args[:2]), "->", proc.stderr.strip())  # `pytest -rP` lists every case's message
     assert proc.returncode == 2, (argv, proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr

@@ -228,10 +228,19 @@ def raise_if_any_failed(error: BaseException | None) -> None:
 
 def shutdown() -> None:
     """Leave the process group together (no-op without one): a rank that tears its connections down while a
-    peer is still finishing its last collective can make that peer's transport threads abort the process."""
+    peer is still finishing its last collective can make that peer's transport threads abort the process.
+
+    A rank other than 0 then ends its process at once: its work is done and written, and the interpreter's
+    teardown (destructors of the backend's threads, run while rank 0 still prints) was seen to abort an idle rank
+    with SIGABRT now and then, which made torchrun report a finished run as failed."""
     if _is_initialized():
         import torch.distributed as tdist
 
         with contextlib.suppress(RuntimeError, DistError):
             barrier()
         tdist.destroy_process_group()
+        if dist_info().rank != 0:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)

@@ -281,6 +281,8 @@ def check_finite(name: str, value: float | None, *, low: float | None = None, hi
     where = "--" + name.replace("_", "-")
     if isinstance(value, float) and not math.isfinite(value):
         raise InputError(f"{where} {value} is not a finite number", f"pass a finite {where}")
+    if low == 1 and not low_open and isinstance(value, int) and value < 1:  # counts and sizes: one wording
+        raise InputError(f"{where} {value} is out of range: it must be positive", f"pass {where} 1 or more")
     if low is not None and (value <= low if low_open else value < low):
         raise InputError(f"{where} {_num(value)} is out of range",
                          f"{where} must be {'>' if low_open else '>='} {_num(low)}")

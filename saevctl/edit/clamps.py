@@ -38,9 +38,10 @@ def parse_clamp(text: str) -> Clamp:
 
 
 def check_features(features: list[int], n_latents: int) -> None:
+    """Every feature id exists in an SAE of `n_latents` (the one check and wording of every command)."""
     bad = [f for f in features if not 0 <= f < n_latents]
     if bad:
         raise ProbeError(
             f"feature {bad[0]} is out of range: this SAE has features 0..{n_latents - 1}",
-            "pick a feature id below n_latents",
+            f"pick an id from 0 to {n_latents - 1}",
         )

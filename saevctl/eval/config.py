@@ -16,9 +16,8 @@ MIN_BOOT = 10
 """Fewest bootstrap resamples that still give a 95% interval worth printing."""
 
 
-def _positive(name: str, value: int | None, hint: str = "pass a positive number") -> None:
-    if value is not None and value < 1:
-        raise InputError(f"--{name.replace('_', '-')} must be positive", hint)
+def _positive(name: str, value: int | None) -> None:
+    check_finite(name, value, low=1)
 
 
 def _image_limit(name: str, value: int | None) -> None:
@@ -137,7 +136,7 @@ class ReconConfig(SummaryOut, StoreOpt, SaeRef, DeviceOpts):
 
     def check(self) -> None:
         super().check()
-        _positive("batch_tokens", self.batch_tokens, "pass e.g. 4096")
+        _positive("batch_tokens", self.batch_tokens)
         _image_limit("max_images", self.max_images)
 
 

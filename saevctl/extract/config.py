@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from saevctl.config import DeviceOpts, opt
+from saevctl.config import DeviceOpts, check_finite, opt
 from saevctl.errors import InputError
 
 StoreDtype = Literal["float16", "bfloat16", "float32"]
@@ -60,8 +60,7 @@ class Config(DeviceOpts):
         if bad:  # checked here, not as a Literal, to name every unknown kind in one line
             raise InputError(f"unknown token kind(s) {bad}", f"use a comma list of {', '.join(TOKEN_KINDS)}")
         for name in ("batch_size", "images_per_shard", "n_workers"):
-            if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be positive", "pass a positive number")
+            check_finite(name, getattr(self, name), low=1)
         if self.max_images is not None and self.max_images < 1:
             raise InputError(f"--max-images {self.max_images} keeps no images",
                              "pass a positive number, or leave it out")

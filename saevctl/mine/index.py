@@ -208,12 +208,9 @@ class Index:
         return token
 
     def check_feature(self, sae_id: str, feature: int) -> int:
-        n = self.n_features(sae_id)
-        if not 0 <= int(feature) < n:
-            raise IndexError_(
-                f"feature {feature} is out of range: SAE {sae_id} has features 0..{n - 1}",
-                f"pick an id from 0 to {n - 1}",
-            )
+        from saevctl.edit.clamps import check_features
+
+        check_features([int(feature)], self.n_features(sae_id))
         return int(feature)
 
     # --- features --------------------------------------------------------------------------------

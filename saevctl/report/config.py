@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from saevctl import layout
-from saevctl.config import IndexOpt, opt
+from saevctl.config import IndexOpt, check_finite, opt
 from saevctl.errors import InputError
 
 IMAGE_FORMATS = ("png", "jpeg")
@@ -43,11 +43,9 @@ class Config(IndexOpt):
             raise InputError(f"unknown image format {self.image_format!r}", "use png or jpeg")
         if self.k is not None and self.k < 1:
             raise InputError(f"--k {self.k} shows no exemplars", "pass a positive --k, or leave it out for all")
-        if self.cols < 1:
-            raise InputError(f"--cols {self.cols} must be positive", "pass a positive number")
+        check_finite("cols", self.cols, low=1)
         if self.neighbours < 0:
             raise InputError(f"--neighbours {self.neighbours} must not be negative", "pass 0 or more")
-        if self.max_features is not None and self.max_features < 1:
-            raise InputError("--max-features must be positive", "pass a positive number, or leave it out for all")
+        check_finite("max_features", self.max_features, low=1)
         if self.workers is not None and self.workers < 0:
             raise InputError("--workers must be 0 or more", "pass 0 to draw in one process")

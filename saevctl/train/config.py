@@ -104,11 +104,10 @@ class Config(DeviceOpts):
         for v in self.matryoshka:
             check_finite("matryoshka", v, low=0, low_open=True)
         check_finite("aux_coef", self.aux_coef, low=0)
-        if any(v < 1 for v in self.k):
-            raise InputError("--k must be >= 1", "pass at least one active latent per token")
+        for v in self.k:
+            check_finite("k", v, low=1)
         for name in ("batch_size", "log_every", "ckpt_every", "buffer_rows", "n_norm_sample", "dead_after"):
-            if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be positive", "pass a positive number")
+            check_finite(name, getattr(self, name), low=1)
         check_finite("lr_warmup", self.lr_warmup, low=0)
         check_finite("sparsity_warmup", self.sparsity_warmup, low=0)
         check_finite("seed", self.seed, low=0, high=MAX_SEED)

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from saevctl import lock
 from saevctl.errors import CheckpointError, InputError
 from saevctl.layers import resolve_layer
 from saevctl.sae.model import SAE, SAEConfig
@@ -219,6 +220,7 @@ def import_sae(src: str | Path, out: str | Path, layer: int | None = None) -> Pa
         # the source records no model, so only a block number from 0 can be stored (None stays "unknown")
         layer = resolve_layer(layer, None, what="the imported SAE's model")
         sae.cfg = SAEConfig.from_dict(sae.cfg.to_dict() | {"layer": layer})
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--out {out} already exists and is not empty", "choose a new folder")
-    return sae.save(out)
+    with lock.exclusive(out, "the imported SAE"):  # two imports into one --out: the second is one line
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise InputError(f"--out {out} already exists and is not empty", "choose a new folder")
+        return sae.save(out)

@@ -1,5 +1,6 @@
 """Stage 5, evaluation: how much of a task head's behaviour an SAE keeps when spliced in, whether feature
-edits are specific to their class, and a one-page report card. `saevctl eval splice|edits|recon|all|card`.
+edits are specific to their class, a one-page report card, and how many features SAEs of other seeds or widths
+share. `saevctl eval splice|edits|recon|all|card|stability`.
 """
 
 from __future__ import annotations
@@ -9,16 +10,18 @@ from typing import TYPE_CHECKING
 from saevctl.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from saevctl.eval.config import AllConfig, EditsConfig, ReconConfig, SpliceConfig
+    from saevctl.eval.config import AllConfig, EditsConfig, ReconConfig, SpliceConfig, StabilityConfig
     from saevctl.eval.edits import EditsResult, run_edits
     from saevctl.eval.metrics import recovery
     from saevctl.eval.recon import ReconResult, run_recon
     from saevctl.eval.splice import SpliceResult, run_splice
+    from saevctl.eval.stability import StabilityResult, run_stability
     from saevctl.eval.suite import AllResult, run_all
 
 __all__ = [
     "AllConfig", "AllResult", "EditsConfig", "EditsResult", "ReconConfig", "ReconResult", "SpliceConfig",
-    "SpliceResult", "recovery", "run_all", "run_edits", "run_recon", "run_splice",
+    "SpliceResult", "StabilityConfig", "StabilityResult", "recovery", "run_all", "run_edits", "run_recon",
+    "run_splice", "run_stability",
 ]
 __getattr__ = lazy_exports(
     __name__,
@@ -36,5 +39,8 @@ __getattr__ = lazy_exports(
         "AllResult": "saevctl.eval.suite",
         "run_all": "saevctl.eval.suite",
         "recovery": "saevctl.eval.metrics",
+        "StabilityConfig": "saevctl.eval.config",
+        "StabilityResult": "saevctl.eval.stability",
+        "run_stability": "saevctl.eval.stability",
     },
 )

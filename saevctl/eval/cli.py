@@ -1,5 +1,5 @@
-"""`saevctl eval splice|edits|recon|all|card`: options from each evaluation's Config (or --config x.toml), run,
-print rich tables. Totals for the progress bars come from the library as it learns them.
+"""`saevctl eval splice|edits|recon|all|card|stability`: options from each evaluation's Config (or --config
+x.toml), run, print rich tables. Totals for the progress bars come from the library as it learns them.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import typer
 from saevctl.cliconfig import config_command
 
 if TYPE_CHECKING:
-    from saevctl.eval.config import AllConfig, CardQuery, EditsConfig, ReconConfig, SpliceConfig
+    from saevctl.eval.config import AllConfig, CardQuery, EditsConfig, ReconConfig, SpliceConfig, StabilityConfig
 
 eval_app = typer.Typer(
     name="eval",
-    help="Evaluate an SAE: behaviour kept when spliced in, specificity of class edits, reconstruction, report card.",
+    help="Evaluate an SAE: behaviour kept when spliced in, specificity of class edits, reconstruction, report card; "
+         "features shared across seeds and widths.",
     no_args_is_help=True,
 )
 
@@ -237,6 +238,48 @@ def card_cmd(cfg: CardQuery) -> None:
     for item in card_table(figures):
         console.print(item)
     say_path("card", layout.eval_card_fpath(dpath))
+
+
+def stability_tables(res: Any) -> list[Any]:
+    """Two matrix tables (decoder, encoder): per pair, the share of the narrower SAE's features whose one-to-one
+    partner exceeds each threshold; then a line per pair of different widths for the nested (split) view."""
+    from rich.table import Table
+
+    from saevctl.eval.stability import THRESHOLDS
+
+    keys = [f">{t:g}" for t in THRESHOLDS]
+    out: list[Any] = []
+    for kind, attr in (("decoder", "dec"), ("encoder", "enc")):
+        t = Table(title=f"{kind} directions: features with a partner at cosine {' / '.join(keys)}")
+        t.add_column("SAE (latents)")
+        for name in res.names:
+            t.add_column(name, justify="right")
+        for i, (name, width) in enumerate(zip(res.names, res.widths, strict=True)):
+            cells = ["-" if i == j else " / ".join(_fmt(getattr(res.pair(i, j), attr)[k], pct=True) for k in keys)
+                     for j in range(len(res.names))]
+            t.add_row(f"{name} ({width:,})", *cells)
+        out.append(t)
+    for p in res.pairs:
+        if p.nested:
+            n = p.nested
+            hist = ", ".join(f"{k}: {v}" for k, v in n["histogram"].items())
+            out.append(f"nested {n['narrow']} in {n['wide']}: {n['mean']:.2f} wide features per narrow one at "
+                       f"cosine > {n['threshold']:g} ({_fmt(n['split'], pct=True)} split into 2+; counts {hist})")
+    return out
+
+
+@config_command(eval_app, "stability", lambda: _configs().StabilityConfig)
+def stability_cmd(cfg: StabilityConfig) -> None:
+    """Match the features of two or more SAEs (other seeds or widths) one to one by direction; share of features
+    with a partner, decoder and encoder, and how wider SAEs split the narrower one's features."""
+    from saevctl.console import console, say_path
+    from saevctl.eval.stability import run_stability
+
+    res = run_stability(cfg)
+    for item in stability_tables(res):
+        console.print(item)
+    say_path("summary", res.summary)
+    say_path("plot", res.plot)
 
 
 def register(app: typer.Typer) -> None:

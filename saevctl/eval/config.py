@@ -160,3 +160,19 @@ class CardQuery(SaeRef):
 
     out: Path | None = opt(None, short="-o")
     """The folder eval all wrote to, when it was given --out (default: beside the index, else ./eval/<name>)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StabilityConfig(ConfigBase):
+    """`eval stability`: how many features two or more SAEs share (seeds, widths), by one-to-one direction matching."""
+
+    saes: tuple[Path, ...] = opt((), argument=True, repeat=True)
+    """SAE checkpoint folders to compare, two or more of the same model and width d: every pair is matched."""
+    out: Path = opt(Path("eval/stability"), short="-o")
+    """Folder of stability.json (the summary) and stability.png (the matched-cosine distributions)."""
+
+    def check(self) -> None:
+        super().check()
+        if len(self.saes) < 2:
+            raise InputError(f"eval stability needs two or more SAEs, got {len(self.saes)}",
+                             "pass their checkpoint folders: saevctl eval stability SAE_A SAE_B")

@@ -4,10 +4,13 @@ Configs can check a clamp when they are built (the edit itself is in saevctl.edi
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
-from saevctl.errors import ProbeError
+from saevctl import layout, workspace
+from saevctl.errors import ProbeError, SaevctlError
 
 
 @dataclass(frozen=True)
@@ -45,3 +48,16 @@ def check_features(features: list[int], n_latents: int) -> None:
             f"feature {bad[0]} is out of range: this SAE has features 0..{n_latents - 1}",
             f"pick an id from 0 to {n_latents - 1}",
         )
+
+
+def check_clamp_ids(clamps: tuple[str, ...], sae: Path | None) -> None:
+    """Refuse bad clamps and feature ids beyond the SAE's width in well under a second, before the SAE, the ViT or
+    torch load: the width comes from the checkpoint's config.json. Anything unreadable is left to the full load,
+    which says what is wrong with the checkpoint."""
+    parsed = [parse_clamp(c) for c in clamps]
+    try:
+        ckpt = workspace.resolve_ckpt(workspace.resolve_sae_ref(sae))
+        n_latents = int(json.loads(layout.sae_config_fpath(ckpt).read_text())["n_latents"])
+    except (SaevctlError, OSError, ValueError, KeyError, TypeError):
+        return
+    check_features([c.feature for c in parsed if c.feature is not None], n_latents)

@@ -77,8 +77,10 @@ def heads_list(cfg: HeadsQuery) -> None:
 @config_command(app, "probe", lambda: _configs().ProbeConfig)
 def probe(cfg: ProbeConfig) -> None:
     """Clamp SAE features on chosen patches at the SAE's layer, run the rest of the ViT, and compare a head's output."""
+    from saevctl.edit.clamps import check_clamp_ids
     from saevctl.probe.config import BatchConfig  # at run time too: isinstance needs the class
 
+    check_clamp_ids(cfg.clamps, cfg.sae)  # a wrong id fails before the SAE, the ViT and torch load
     one = cfg.pick()
     if isinstance(one, BatchConfig):
         _batch(one)

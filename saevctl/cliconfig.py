@@ -7,14 +7,13 @@ default from its default) plus `--config FILE.toml`; the command body receives t
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 
 from saevctl.config import FieldSpec, field_specs, load_toml, merge_config
-from saevctl.errors import InputError
 
 C = TypeVar("C")
 CONFIG_HELP = "TOML file with any of these options (command-line values win; a list is a sweep axis where one sweeps)."
@@ -67,18 +66,9 @@ def _parameter(spec: FieldSpec) -> inspect.Parameter:
     return inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
 
 
-def build_config(cls: type[C], given: dict[str, Any], config: Path | None,
-                 missing: Mapping[str, str] | None = None) -> C:
-    """The Config from a TOML file (if any) overridden by the options given on the command line.
-
-    `missing` {field: hint}: a required field given nowhere is the one line "missing --flag. Pass <hint>." (the
-    wording of the commands that always said so), before the generic check of `merge_config`."""
-    file_values = load_toml(config) if config else {}
-    for name, hint in (missing or {}).items():
-        if given.get(name) is None and file_values.get(name) is None:
-            spec = next(s for s in field_specs(cls) if s.name == name)
-            raise InputError(f"missing {(spec.cli.flag or spec.flag).split('/')[0]}", f"pass {hint}")
-    return merge_config(cls, file_values, given)
+def build_config(cls: type[C], given: dict[str, Any], config: Path | None) -> C:
+    """The Config from a TOML file (if any) overridden by the options given on the command line."""
+    return merge_config(cls, load_toml(config) if config else {}, given)
 
 
 ConfigRef = type[Any] | Callable[[], type[Any]]
@@ -101,8 +91,8 @@ class ConfigCommand:
     """The callback typer registers: its signature (one option per Config field, the function's own options,
     --config) is built on first use, so starting `saevctl` never imports the Configs of commands it does not run."""
 
-    def __init__(self, fn: Callable[..., None], ref: ConfigRef, missing: Mapping[str, str] | None) -> None:
-        self.fn, self.ref, self.missing = fn, ref, missing
+    def __init__(self, fn: Callable[..., None], ref: ConfigRef) -> None:
+        self.fn, self.ref = fn, ref
         self.__name__, self.__qualname__ = fn.__name__, fn.__qualname__
         self.__module__, self.__doc__ = fn.__module__, reflow(fn.__doc__ or "")
         self._sig: inspect.Signature | None = None
@@ -136,20 +126,19 @@ class ConfigCommand:
         for s in field_specs(cls):
             if s.many and isinstance(kwargs.get(s.name), list):
                 kwargs[s.name] = ",".join(kwargs[s.name])  # repeated options: one comma list
-        self.fn(build_config(cls, kwargs, config, self.missing), **extra)
+        self.fn(build_config(cls, kwargs, config), **extra)
 
 
-def config_command(app: typer.Typer, name: str, ref: ConfigRef, *, missing: Mapping[str, str] | None = None,
+def config_command(app: typer.Typer, name: str, ref: ConfigRef,
                    **command_kwargs: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Register `fn(cfg, **extra)` as `saevctl <name>` with one option per field of the Config and `--config`.
 
     `ref` is the Config class or a function returning it (`lambda: Config` after a local import keeps the Config
     module, and what it imports, out of every other command's start-up). `fn`'s own keyword parameters (typer
-    options for presentation only, e.g. `--plain`) are kept beside them; `missing` words the error of a required
-    field left out (see `build_config`)."""
+    options for presentation only, e.g. `--plain`) are kept beside them."""
 
     def decorate(fn: Callable[..., None]) -> Callable[..., None]:
-        app.command(name, **command_kwargs)(ConfigCommand(fn, ref, missing))
+        app.command(name, **command_kwargs)(ConfigCommand(fn, ref))
         REGISTERED[f"{app.info.name or ''} {name}".strip()] = ref
         return fn
 

@@ -43,13 +43,15 @@ class CliMeta:
     repeat: bool = False
     """A list option that may also be repeated (`--sae a --sae b`); otherwise a repeated option keeps its last
     value, as options always have."""
+    example: str | None = None
+    """What a required field's error suggests when it is left out ("--images DIR"; else the bare flag)."""
 
 
 def opt(default: Any = dataclasses.MISSING, *, short: str | None = None, flag: str | None = None,
         default_text: str | None = None, hidden: bool = False, argument: bool = False, repeat: bool = False,
-        factory: Any = dataclasses.MISSING) -> Any:
+        example: str | None = None, factory: Any = dataclasses.MISSING) -> Any:
     """A dataclass field carrying its command-line spelling (`x: int = opt(3, short="-x")`)."""
-    meta = {"cli": CliMeta(short, flag, default_text, hidden, argument, repeat)}
+    meta = {"cli": CliMeta(short, flag, default_text, hidden, argument, repeat, example)}
     if factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -321,7 +323,8 @@ def merge_config(cls: type[C], file_values: Mapping[str, Any], cli_values: Mappi
     for spec in field_specs(cls):
         if spec.required and values.get(spec.name) is None:
             where = spec.cli.flag.split("/")[0] if spec.cli.flag else spec.flag
-            raise InputError(f"missing {where}", f"pass {where} (or set {spec.name} in the --config file)")
+            raise InputError(f"missing {where}", f"pass {spec.cli.example}" if spec.cli.example
+                             else f"pass {where} (or set {spec.name} in the --config file)")
     return cls(**values)
 
 

@@ -155,3 +155,49 @@ def test_bad_input_is_one_line_and_changes_nothing(workspace: dict[str, str], be
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert expected in lines[0], lines[0]
     assert _hashes(ws) == before, f"{argv} changed the workspace"
+
+
+# Concurrency: another process holds an artifact's write lock (the same lock every saevctl writer takes, held by a
+# real second process); the writer started now must refuse in one line naming that process, and change nothing.
+HOLDER = """
+import sys
+from pathlib import Path
+from saevctl import lock
+with lock.exclusive(Path(sys.argv[1]), "the artifact"):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+"""
+BUSY: list[tuple[str, str, list[str], str]] = [
+    ("extract-into-a-busy-store", "{store}",
+     ["extract", "--model", "{vit}", "--images", "{imgs}", "--layers", "2", "--out", "{store}", "--batch-size", "4",
+      "--device", "cpu"], "the store"),
+    ("mine-into-a-busy-index", "{index}",
+     ["mine", "--sae", "{sae}", "--store", "{store}", "--index", "{index}", "--top-k", "3", "--device", "cpu"],
+     "the index"),
+    ("train-into-a-busy-run", "{run}",
+     ["train", "--store", "{store}", "--out", "{run}", "--resume", "--activation", "topk", "--k", "4", "--width", "2x",
+      "--batch-size", "32", "--n-tokens", "128", "--lr-warmup", "1", "--device", "cpu"], "the training run"),
+]
+
+
+@pytest.mark.parametrize(("target", "args", "what"), [pytest.param(t, a, w, id=i) for i, t, a, w in BUSY])
+def test_a_second_writer_is_one_line_and_changes_nothing(workspace: dict[str, str], before: dict[str, str],
+                                                          target: str, args: list[str], what: str) -> None:
+    ws = Path(workspace["ws"])
+    env = {**os.environ, "SAEVCTL_HOME": str(ws / "home"), "SAEVCTL_DEBUG": "0"}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, target.format(**workspace)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=ws, env=env)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        proc = subprocess.run([sys.executable, "-m", "saevctl", *(a.format(**workspace) for a in args)], cwd=ws,
+                              env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    lines = proc.stderr.splitlines()
+    print(" ".join(args[:1]), "->", proc.stderr.strip())
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: {what} "), proc.stderr
+    assert f"being written by another saevctl process (pid {holder.pid}" in lines[0], lines[0]
+    assert _hashes(ws) == before, f"{args[0]} changed the workspace while refused"

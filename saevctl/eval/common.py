@@ -4,6 +4,7 @@ per-image class labels from a mask folder mapped to a head's classes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Iterable, Iterator
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saevctl import layout, workspace
+from saevctl import layout, lock, workspace
 from saevctl.data import ImageRecord
 from saevctl.data.masks import MaskSet
 from saevctl.data.preprocess import Preprocess
@@ -26,6 +27,16 @@ from saevctl.store.format import TokenLayout
 
 log = logging.getLogger(__name__)
 FORMAT = "saevctl-eval"
+
+
+@contextlib.contextmanager
+def summary_target(sae: Path | None, index: Path | None, out: Path | None, kind: str) -> Iterator[tuple[Path, Path]]:
+    """(the SAE's checkpoint path, the JSON summary to write) of one evaluation, with the summary's write lock held
+    for the block: `out`, else `<kind>.json` in the SAE's eval folder (see `out_dpath`)."""
+    sae_path = workspace.resolve_sae_ref(sae)
+    summary = out or layout.eval_summary_fpath(out_dpath(sae_path, index), kind)
+    with lock.exclusive(summary, "the evaluation summary", "--out"):
+        yield sae_path, summary
 
 
 def out_dpath(sae_path: Path, index: Path | None) -> Path:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saevctl import atomic, layout, lock, workspace
+from saevctl import atomic, layout, workspace
 from saevctl.config import resolve_device
 from saevctl.data import ImageRecord, resolve_images
 from saevctl.edit.clamps import check_features, parse_clamp
@@ -311,9 +311,7 @@ def run_edits(cfg: EditsConfig, progress: Progress | None = None, prober: Prober
     Progress counts images; `on_total` learns how many once they are listed. The summary's write lock is held
     throughout."""
     t0 = time.perf_counter()
-    sae_path = workspace.resolve_sae_ref(cfg.sae)
-    summary = cfg.out or layout.eval_summary_fpath(common.out_dpath(sae_path, cfg.index), "edits")
-    with lock.exclusive(summary, "the evaluation summary", "--out"):
+    with common.summary_target(cfg.sae, cfg.index, cfg.out, "edits") as (sae_path, summary):
         return _edits(cfg, sae_path, summary, t0, progress, prober, on_total)
 
 

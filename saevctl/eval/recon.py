@@ -14,7 +14,7 @@ from typing import Any, TypedDict
 import numpy as np
 import torch
 
-from saevctl import atomic, layout, lock, workspace
+from saevctl import atomic, layout
 from saevctl.config import resolve_device
 from saevctl.errors import StoreError
 from saevctl.eval import common
@@ -107,9 +107,7 @@ def run_recon(cfg: ReconConfig, progress: Progress | None = None, sae: SAE | Non
     """Encode and decode every stored token of the kinds the SAE was trained on; progress counts images
     (`on_total` learns how many once the store is open). The summary's write lock is held throughout."""
     t0 = time.perf_counter()
-    sae_path = workspace.resolve_sae_ref(cfg.sae)
-    summary = cfg.out or layout.eval_summary_fpath(common.out_dpath(sae_path, cfg.index), "recon")
-    with lock.exclusive(summary, "the evaluation summary", "--out"):
+    with common.summary_target(cfg.sae, cfg.index, cfg.out, "recon") as (sae_path, summary):
         return _recon(cfg, sae_path, summary, t0, progress, sae, on_total)
 
 

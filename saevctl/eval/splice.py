@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from saevctl import atomic, layout, lock, workspace
+from saevctl import atomic, layout
 from saevctl.config import resolve_device
 from saevctl.data import resolve_images
 from saevctl.edit.session import Prober
@@ -216,9 +216,7 @@ def run_splice(cfg: SpliceConfig, progress: Progress | None = None, prober: Prob
     Progress counts images per pass (two passes when the ablation mean comes from the images); `on_total` learns
     that count once the images are listed. The summary's write lock is held throughout."""
     t0 = time.perf_counter()
-    sae_path = workspace.resolve_sae_ref(cfg.sae)
-    summary = cfg.out or layout.eval_summary_fpath(common.out_dpath(sae_path, cfg.index), "splice")
-    with lock.exclusive(summary, "the evaluation summary", "--out"):
+    with common.summary_target(cfg.sae, cfg.index, cfg.out, "splice") as (sae_path, summary):
         return _splice(cfg, sae_path, summary, t0, progress, prober, on_total)
 
 

@@ -24,8 +24,7 @@ def _configs() -> ModuleType:
     return config
 
 
-@config_command(heads_app, "train", lambda: _configs().HeadTrainConfig,
-                missing={"task": "--task classify or --task segment", "images": "--images DIR"})
+@config_command(heads_app, "train", lambda: _configs().HeadTrainConfig)
 def heads_train(cfg: HeadTrainConfig) -> None:
     """Train a linear head on a frozen ViT's final tokens; prints validation accuracy (classify) or mIoU (segment)."""
     from rich.table import Table

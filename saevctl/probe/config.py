@@ -105,9 +105,9 @@ class ProbeConfig(BatchOpts, SaeTarget, ProbeEdit):
 class HeadTrainConfig(DeviceOpts):
     """`heads train`: fit a linear head on a frozen ViT's tokens and evaluate it on held-out images."""
 
-    task: Literal["classify", "segment"] = opt(short="-t")
+    task: Literal["classify", "segment"] = opt(short="-t", example="--task classify or --task segment")
     """classify (labels from ImageFolder subfolders) or segment (PNG masks of class indices)."""
-    images: str = opt(short="-i")
+    images: str = opt(short="-i", example="--images DIR")
     """Image folder (ImageFolder layout for classify), .txt list of paths, or demo[:N]."""
     model: str = opt("demo", short="-m")
     """Model spec the head reads: demo, timm:NAME, local-dir:/path, hf-hub:org/name, open_clip:ARCH/PRETRAINED."""

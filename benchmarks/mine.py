@@ -29,7 +29,7 @@ from saevctl.mine.pipeline import CHUNK_CODES, _chunks
 from saevctl.sae import SAE, SAEConfig
 from saevctl.store import StoreWriter, open_store
 
-from _bare import encoder_gemm
+from _bare import encoder_gemm, sync
 from _timing import Report, interleave, load_1m, section
 
 D, P = 384, 256
@@ -80,7 +80,7 @@ def encode_pass(sae: SAE, store_dpath: Path) -> float:
     t0 = time.perf_counter()
     with torch.inference_mode():
         for _, rows in _chunks({"patches": store.layer(6).patches}, per):
-            encode(rows["patches"].reshape(-1, store.d))
+            encode(rows["patches"].reshape(-1, store.d).to(sae.W_enc.device))
     return time.perf_counter() - t0
 
 
@@ -92,20 +92,21 @@ def chunk_rows(store_dpath: Path, n_latents: int) -> list[int]:
     return [min(per, len(part) - lo) * p for part in store.layer(6).patches.parts for lo in range(0, len(part), per)]
 
 
-def throughput(root: Path, n: int, widths: list[int], repeats: int, breakdown: bool, rep: Report) -> None:
+def throughput(root: Path, n: int, widths: list[int], repeats: int, breakdown: bool, rep: Report,
+               device: str = "cpu") -> None:
     """Mining at each width, interleaved with the encoder GEMM of the same chunks (and, with `breakdown`,
     mining's own fused encoder)."""
     store = synthetic_store(root / "store", n, P, D)
     fns: dict[str, Callable[[], float | None]] = {}
     for s in widths:
         ckpt = sparse_sae(store, s, root / f"sae{s}")
-        fns[f"gemm_{s}"] = encoder_gemm(chunk_rows(store, s), D, s)
-        fns[f"mine_{s}"] = mine_fn(ckpt, store, root, s)
+        fns[f"gemm_{s}"] = encoder_gemm(chunk_rows(store, s), D, s, device=device)
+        fns[f"mine_{s}"] = mine_fn(ckpt, store, root, s, device)
         if breakdown:
-            fns[f"fused_{s}"] = fused_fn(SAE.load(ckpt), store)
-    times = interleave(fns, repeats, warmup=1)
+            fns[f"fused_{s}"] = fused_fn(SAE.load(ckpt, device=device), store)
+    times = interleave(fns, repeats, warmup=1, sync=sync(device))
     n_acts = n * P
-    section(f"mine: {n:,} images x {P} patches, d = {D}, float32 SAE, {repeats} repeats")
+    section(f"mine on {device}: {n:,} images x {P} patches, d = {D}, float32 SAE, {repeats} repeats")
     for s in widths:
         rep.rate(f"mine_{s}", f"mining, width {s:,} (activations/s)", times[f"mine_{s}"], n_acts, "act/s", ",.0f")
         rep.rate(f"ceiling_{s}", f"ceiling: x @ W_enc, width {s:,} (activations/s)", times[f"gemm_{s}"], n_acts,
@@ -120,7 +121,7 @@ def fused_fn(sae: SAE, store: Path) -> Callable[[], float]:
     return lambda: encode_pass(sae, store)
 
 
-def mine_fn(ckpt: Path, store: Path, root: Path, s: int) -> Callable[[], float]:
+def mine_fn(ckpt: Path, store: Path, root: Path, s: int, device: str = "cpu") -> Callable[[], float]:
     """`saevctl mine` end to end into a fresh index each call (the index path is not part of the timing)."""
     calls = [0]
 
@@ -128,7 +129,7 @@ def mine_fn(ckpt: Path, store: Path, root: Path, s: int) -> Callable[[], float]:
         calls[0] += 1
         index = root / f"ix{s}-{calls[0]}.duckdb"
         t0 = time.perf_counter()
-        run(Config(sae=ckpt, store=store, index=index, device="cpu", set_defaults=False))
+        run(Config(sae=ckpt, store=store, index=index, device=device, set_defaults=False))
         return time.perf_counter() - t0
 
     return go
@@ -286,6 +287,7 @@ def main() -> None:
     ap.add_argument("--widths", default="6144,24576", help="SAE widths (latents), comma-separated")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 5, quick 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (mining and its GEMM ceiling on that device)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     n = args.images or (64 if args.quick else 512)
@@ -293,11 +295,11 @@ def main() -> None:
     widths = [int(x) for x in args.widths.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
-    rep = Report("mine", args.quick, images=n, patches=P, d=D, widths=widths, repeats=repeats)
+    rep = Report("mine", args.quick, images=n, patches=P, d=D, widths=widths, repeats=repeats, device=args.device)
     with tempfile.TemporaryDirectory(prefix="saevctl-bench-mine-") as tmp:
         root = Path(tmp)
-        throughput(root, n, widths, repeats, breakdown=not args.quick, rep=rep)
-        if not args.quick:
+        throughput(root, n, widths, repeats, breakdown=not args.quick, rep=rep, device=args.device)
+        if not args.quick and args.device == "cpu":
             mem = peak_memory(root, 256)
             rep.note("peak_memory_24576", mem)
             print(f"peak RSS at 24,576 features: mine {mem['mine_peak_mib']:,.0f} MiB, encode only "

@@ -5,20 +5,23 @@
 #   2. the whole suite with CUDA visible (pytest-xdist when present);
 #   3. the benchmarks on CUDA: training at the paper's setting (d 768, width 24,576, batch 16,384, bfloat16),
 #      extraction of a ViT-B/16 with parallel decoding, mining at widths 6,144 and 24,576.
-# Usage: bash benchmarks/gpu_validate.sh OUTDIR [PYTHON]   (run from the repository root; saevctl importable)
-# Every step writes its log and JSON under OUTDIR and has its own time limit, so a slow step cannot hide the rest.
+# Usage: bash benchmarks/gpu_validate.sh OUTDIR [PYTHON] [TARBALL]   (from the repository root; saevctl importable)
+# Every step writes its log and JSON under OUTDIR and has its own time limit, so a slow step cannot hide the rest;
+# with TARBALL, OUTDIR is packed into it after every step (one file to copy back, complete up to the last step).
 set -u
-OUT=${1:?usage: gpu_validate.sh OUTDIR [PYTHON]}
+OUT=${1:?usage: gpu_validate.sh OUTDIR [PYTHON] [TARBALL]}
 PY=${2:-python3}
+TARBALL=${3:-}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 SAEVCTL_PARITY_LOG="$OUT/parity.jsonl"
 step() {  # step NAME SECONDS CMD...: run with a limit, keep the log, print its tail and the exit code
     local name=$1 limit=$2; shift 2
     local t0=$SECONDS
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout --kill-after=5 "$limit" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
     echo "== $name: exit $rc in $((SECONDS - t0)) s"
     tail -n 6 "$OUT/$name.log"
+    [ -z "$TARBALL" ] || tar czf "$TARBALL" -C "$OUT" .
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
@@ -29,8 +32,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 
 XDIST=""
 "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"
-step gpu-tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs tests/
-step suite 170 "$PY" -m pytest -q $XDIST -m "not gpu" -p no:cacheprovider -rfs tests/
+step gpu-tests 110 "$PY" -m pytest -v -m gpu -p no:cacheprovider -rs --tb=short tests/
+step suite 140 "$PY" -m pytest -v $XDIST -m "not gpu" -p no:cacheprovider -rfs --tb=short --durations=10 tests/
 
 # A ViT-B/16 with random weights as a local-dir: model (the speed of a forward does not depend on its weights).
 "$PY" - /tmp/vitb <<'EOF'
@@ -39,11 +42,13 @@ from timm.models._hub import save_for_hf
 torch.manual_seed(0)
 save_for_hf(timm.create_model("vit_base_patch16_224", pretrained=False), sys.argv[1], safe_serialization=True)
 EOF
-step bench-train 100 "$PY" benchmarks/train.py --device cuda --d 768 --widths 24576 --batch 16384 \
+step bench-train 70 "$PY" benchmarks/train.py --device cuda --d 768 --widths 24576 --batch 16384 \
     --precisions bf16,fp32 --reps 5 --json "$OUT/bench-train.json"
-step bench-extract 100 "$PY" benchmarks/extract.py --device cuda --model "local-dir:/tmp/vitb" --images 2048 \
+step bench-extract 80 "$PY" benchmarks/extract.py --device cuda --model "local-dir:/tmp/vitb" --images 2048 \
     --batch-size 256 --layers 6,10 --repeats 3 --workers 12 --json "$OUT/bench-extract.json"
-step bench-mine 120 "$PY" benchmarks/mine.py --quick --device cuda --images 8192 --repeats 3 \
+step bench-mine 80 "$PY" benchmarks/mine.py --quick --device cuda --images 8192 --repeats 3 \
     --json "$OUT/bench-mine.json"
 rm -rf /tmp/vitb
 echo "== parity"; cat "$OUT/parity.jsonl" 2>/dev/null
+echo "== failures"; grep -h "FAILED\|ERROR " "$OUT"/*.log | sort -u | head -40
+[ -z "$TARBALL" ] || tar czf "$TARBALL" -C "$OUT" .

@@ -137,3 +137,23 @@ def test_mine_on_cuda_matches_cpu(tiny_store: Path, tmp_path: Path) -> None:
             features_fired=int(fired.sum()))
     assert fired.sum() > 10
     assert freq_err < 1e-3 and max_err < 1e-3 and mean_overlap >= 0.95
+
+
+def test_eval_recon_on_cuda_matches_cpu(tiny_store: Path, tmp_path: Path) -> None:
+    from saevctl.eval import run_recon
+    from saevctl.eval.config import ReconConfig
+    from saevctl.sae import SAE, SAEConfig
+    from saevctl.store import open_store
+
+    store = open_store(tiny_store)
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d=store.d, n_latents=128, model=store.model, layer=3, tokens=("patches",)))
+    sae.set_normalization(store.layer(3).patches.torch(slice(0, store.n_images)).float().reshape(-1, store.d))
+    sae.save(tmp_path / "sae")
+    res = [run_recon(ReconConfig(sae=tmp_path / "sae", store=tiny_store, device=dev, batch_tokens=64,
+                                 out=tmp_path / f"{i}.json"))
+           for i, dev in enumerate(("cpu", DEV))]
+    errs = {k: abs(getattr(res[1], k) - getattr(res[0], k)) / max(abs(getattr(res[0], k)), 1e-12)
+            for k in ("mse", "nmse", "l0")}
+    _record("eval-recon", rel_err=errs)
+    assert max(errs.values()) < 1e-4, errs

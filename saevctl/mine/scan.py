@@ -198,6 +198,6 @@ class FeatureScanner:
         ids = torch.cat([t[0] for t in self.image_top])
         feats = torch.cat([t[1] for t in self.image_top])
         vals = torch.cat([t[2] for t in self.image_top])
-        rank = torch.arange(feats.shape[1], dtype=torch.int32).expand_as(feats)
+        rank = torch.arange(feats.shape[1], dtype=torch.int32, device=feats.device).expand_as(feats)
         keep = vals > 0
         return ids[:, None].expand_as(feats)[keep], rank[keep], feats[keep], vals[keep]

@@ -2,9 +2,11 @@
 
 Usage: python benchmarks/extract.py [--quick] [--model demo] [--json OUT]
 Ceiling: the model's own modules (timm's patch embedding, blocks 0..deepest stored layer; no saevctl code) on the
-same pre-decoded, pre-normalised batches, same batch size and compute dtype (float32 on a CPU; bfloat16 autocast
-on CUDA for a 16-bit store, as extraction runs it). Paths and ceiling are timed interleaved (bare, full, bare,
-full, ...) over several repeats, --quick included; figures are min / median / max with the load average.
+same pre-decoded, pre-normalised batches, same batch size and compute dtype (--compute: float32 on a CPU by
+default; bfloat16 autocast on CUDA for a 16-bit store, or anywhere with --compute bfloat16, as extraction runs it).
+With bfloat16 the path also measures its error against float32 on 4 images of each fresh store, which it pays
+for. Paths and ceiling are timed interleaved (bare, full, bare, full, ...) over several repeats, --quick
+included; figures are min / median / max with the load average.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from saevctl.data import open_image, resolve_images
 from saevctl.extract import Config, run
+from saevctl.extract.precision import resolve_compute
 from saevctl.vit import load_backbone
 
 from _bare import BareViT, autocast, sync
@@ -34,6 +37,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--dtype", default="float16", help="store dtype")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compute", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="forward precision, for the path and the bare forward alike (auto: bf16 on CUDA)")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 5, quick 3)")
     ap.add_argument("--workers", type=int, default=None, help="decoding threads (default: the Config default)")
     ap.add_argument("--json", type=Path, default=None)
@@ -52,7 +57,7 @@ def main() -> None:
     # Contiguous (b, 3, h, w) float32, as extraction's decoding threads hand them to the forward pass.
     batches = [pre.normalize(torch.stack(u8[i : i + bs])).contiguous().to(args.device) for i in range(0, n, bs)]
     vit, deepest = BareViT(bb), max(layers)
-    bf16 = args.device.startswith("cuda") and args.dtype != "float32"  # what extraction's forward runs under
+    bf16 = resolve_compute(args.compute, args.device, args.dtype) == "bfloat16"  # what extraction's forward runs
 
     def bare() -> None:
         with torch.inference_mode(), autocast(args.device, bf16):
@@ -63,7 +68,7 @@ def main() -> None:
         out = Path(tempfile.mkdtemp(prefix="saevctl-bench-"))
         try:
             cfg = Config(model=args.model, images=f"demo:{images}", layers=tuple(layers), out=out / "store",
-                         dtype=args.dtype, batch_size=bs, device=args.device,
+                         dtype=args.dtype, batch_size=bs, device=args.device, compute=args.compute,
                          **({"n_workers": args.workers} if args.workers else {}))
             t0 = time.perf_counter()
             run(cfg, backbone=bb)

@@ -18,6 +18,7 @@ with the load average.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 import warnings
@@ -28,7 +29,6 @@ import numpy as np
 import torch
 
 from saevctl.store import open_store
-from saevctl.train import step_fast
 from saevctl.train import synthetic as syn
 from saevctl.train.config import RunSpec
 from saevctl.train.group import SAEGroup
@@ -42,18 +42,14 @@ def sae_step(act: str, b: int, d: int, s: int, k: int, bf16: bool, device: str,
              count_all: bool = True) -> Callable[[], None]:
     """One training step of one SAE; `count_all` counts ReLU firing on every row (equal work, see the docstring)."""
     group = SAEGroup([RunSpec("bench", act, s, 1e-4, 5e-4, k, ())], d, 0, 1 / 32, device)
+    if count_all:
+        group.hp = dataclasses.replace(group.hp, count_rows=b)
     x = torch.randn(b, d, device=device)
     state = {"t": 0}
 
     def step() -> None:
-        # A benchmark-side switch: the library has no option for it (COUNT_ROWS is read at call time).
-        saved = step_fast.COUNT_ROWS
-        step_fast.COUNT_ROWS = b if count_all else saved
-        try:
-            out = group.compute(x, 1.0, 10**12, "fast", bf16)
-            group.apply(out, state["t"], 1.0)
-        finally:
-            step_fast.COUNT_ROWS = saved
+        out = group.compute(x, 1.0, 10**12, "fast", bf16)
+        group.apply(out, state["t"], 1.0)
         state["t"] += 1
 
     return step

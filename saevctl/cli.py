@@ -22,6 +22,7 @@ from saevctl.mine import cli as mine_cli
 from saevctl.probe import cli as probe_cli
 from saevctl.report import cli as report_cli
 from saevctl.sae import cli as sae_cli
+from saevctl.serve import cli as serve_cli
 from saevctl.train import cli as train_cli
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 # The stages' commands, in the pipeline's order (each stage CLI adds its commands and groups here). They are built
 # into click commands one at a time, on demand, so `saevctl X` loads only X's Config and options.
 STAGES = typer.Typer()
-for stage_cli in (extract_cli, train_cli, sae_cli, mine_cli, report_cli, probe_cli, eval_cli):
+for stage_cli in (extract_cli, train_cli, sae_cli, mine_cli, report_cli, probe_cli, eval_cli, serve_cli):
     stage_cli.register(STAGES)
 
 

@@ -351,6 +351,13 @@ class DeviceOpts(ConfigBase):
 
 
 @dataclass(frozen=True, kw_only=True)
+class RerunOpts(ConfigBase):
+    force: bool = False
+    """Redo the work even when its inputs (checkpoint, store, images, index, options) are unchanged since the
+    last run, which otherwise says so and keeps its output."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class StatsOpts(ConfigBase):
     n_boot: int = 1000
     """Bootstrap resamples behind every confidence interval."""
@@ -362,6 +369,17 @@ class StatsOpts(ConfigBase):
         if self.n_boot < 1:
             raise InputError(f"--n-boot {self.n_boot} draws no resamples", "pass --n-boot 1 or more (1000 is usual)")
         check_finite("seed", self.seed, low=0, high=MAX_SEED)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerdictOpts(ConfigBase):
+    min_effect: float = 0.05
+    """Smallest mean effect a verdict calls specific (a share: of predictions flipped, of pixels or patches whose
+    class changed); an edit whose CI clears both controls' but whose mean is smaller is 'too small'."""
+
+    def check(self) -> None:
+        super().check()
+        check_finite("min_effect", self.min_effect, low=0, high=1)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -87,6 +87,23 @@ def sae_config_fpath(ckpt_dpath: Path) -> Path:
     return ckpt_dpath / "config.json"
 
 
+def sae_baselines_dpath(ckpt_dpath: Path) -> Path:
+    """The null baselines of an SAE (saevctl eval baselines), cached beside its weights: one checkpoint folder each."""
+    return ckpt_dpath / "baselines"
+
+
+def sae_baseline_dpath(ckpt_dpath: Path, kind: str) -> Path:
+    """One baseline's checkpoint folder (config.json + sae.safetensors; its mined index beside them when labels
+    were scored)."""
+    return sae_baselines_dpath(ckpt_dpath) / kind
+
+
+def sae_baseline_index_fpath(baseline_dpath: Path) -> Path:
+    """The index a baseline is mined and labelled into, for label coverage and edits (inside its own folder, so a
+    rebuilt baseline drops it)."""
+    return baseline_dpath / "index.duckdb"
+
+
 # --- mined index --------------------------------------------------------------------------------
 
 
@@ -272,9 +289,20 @@ def eval_dpath(index_fpath: Path | None, sae_name: str, cwd: Path | None = None)
 
 
 def eval_summary_fpath(eval_dpath_: Path, kind: str) -> Path:
-    """JSON figures of one evaluation: splice.json, edits.json or recon.json."""
-    assert kind in ("splice", "edits", "recon"), kind
+    """JSON figures of one evaluation: splice.json, edits.json, recon.json, spatial.json (its histogram beside it as
+    spatial.png), sparse-probe.json or absorption.json."""
+    assert kind in ("splice", "edits", "recon", "spatial", "sparse-probe", "absorption"), kind
     return eval_dpath_ / f"{kind}.json"
+
+
+def eval_baselines_fpath(eval_dpath_: Path) -> Path:
+    """The SAE against its null baselines: every metric for each, and the SAE's margins with CIs."""
+    return eval_dpath_ / "baselines.json"
+
+
+def eval_baseline_dpath(eval_dpath_: Path, kind: str) -> Path:
+    """The summaries (recon.json, splice.json, edits.json) of one baseline's evaluations."""
+    return eval_dpath_ / "baselines" / kind
 
 
 def eval_card_fpath(eval_dpath_: Path) -> Path:
@@ -302,14 +330,20 @@ def store_labels_dpath(store_dpath: Path) -> Path:
     return store_dpath / "labels"
 
 
-def store_patch_labels_fpath(store_dpath: Path) -> Path:
+def store_mask_set_dpath(store_dpath: Path, extra: str | None = None) -> Path:
+    """One mask set's labels: the store's first (default) set in labels/ itself, as stores with one set always had
+    them; each further set of `extract --masks NAME=DIR ...` in labels/<NAME>/."""
+    return store_labels_dpath(store_dpath) / extra if extra else store_labels_dpath(store_dpath)
+
+
+def store_patch_labels_fpath(store_dpath: Path, extra: str | None = None) -> Path:
     """int16 (n_rows, n_patches) class id per patch of each stored row; -1 unlabelled (or no mask)."""
-    return store_labels_dpath(store_dpath) / "patches.npy"
+    return store_mask_set_dpath(store_dpath, extra) / "patches.npy"
 
 
-def store_classes_fpath(store_dpath: Path) -> Path:
-    """{"schema", "classes", "source"}: class names by id (0 ignored); written last, marks complete labels."""
-    return store_labels_dpath(store_dpath) / "classes.json"
+def store_classes_fpath(store_dpath: Path, extra: str | None = None) -> Path:
+    """{"schema", "name", "classes", "source"}: class names by id (0 ignored); written last, marks complete labels."""
+    return store_mask_set_dpath(store_dpath, extra) / "classes.json"
 
 
 # --- training under torchrun with --place-sweep ranks -----------------------------------------------

@@ -187,3 +187,24 @@ def test_no_labels_and_no_index_is_one_line(planted, seg_head, seg):
         invoke("eval", "edits", "--sae", planted, "--head", seg_head, "--images", images, "--masks", masks)
     )
     assert "none mined in this workspace" in line
+
+
+def test_verdict_per_class_and_true_label_flips(planted, seg_head, seg, tmp_path):
+    """Each class gets a verdict (its target change rate against both controls', and --min-effect), and the share
+    of its patches the head got right before the edit and wrong after (the masks are the truth)."""
+    images, masks = seg
+    res = run_edits(EditsConfig(images=str(images), masks=masks, sae=planted, head=str(seg_head),
+                                features=("square=0",), value="-30x", out=tmp_path / "v.json", device="cpu",
+                                n_boot=200))
+    square = res.rows[0]
+    v = square["verdict"]
+    assert v["result"] == "specific" and v["metric"] == "target change rate" and v["test"]
+    assert v["effect"] == square["conditions"]["feature"]["target"]
+    feat_true = square["conditions"]["feature"]["true"]
+    assert feat_true["mean"] > 0.9  # the squares it got right are all wrong after suppressing the square direction
+    assert square["conditions"]["random direction"]["true"]["mean"] < feat_true["lo"]
+    strict = run_edits(EditsConfig(images=str(images), masks=masks, sae=planted, head=str(seg_head),
+                                   features=("square=0",), value="-30x", out=tmp_path / "s.json", device="cpu",
+                                   n_boot=200, min_effect=1.0))
+    target = square["conditions"]["feature"]["target"]["mean"]
+    assert strict.rows[0]["verdict"]["result"] == ("specific" if target >= 1.0 else "too small")

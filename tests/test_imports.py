@@ -36,7 +36,7 @@ def test_artifact_readers_import_no_torch() -> None:
     assert loaded_after("from saevctl.mine import Index\nfrom saevctl.report import Config, count_pages, run") == []
 
 
-STAGES = ("edit", "eval", "extract", "mine", "probe", "report", "sae", "train")
+STAGES = ("edit", "eval", "extract", "mine", "probe", "report", "sae", "serve", "train")
 
 
 def test_stage_packages_import_nothing_heavy() -> None:
@@ -57,7 +57,7 @@ def test_stage_packages_export_lazily(pkg: str) -> None:
 
 # --- stages meet only through artifacts and public surfaces -------------------------------------------------
 
-PIPELINE = ("extract", "train", "mine", "report", "probe", "eval")
+PIPELINE = ("extract", "train", "mine", "report", "probe", "eval", "serve")
 SHARED = ("data", "edit", "sae", "store", "vit")
 """Packages every stage may build on; they import no stage either, beyond the public surfaces below."""
 PUBLIC = {
@@ -70,6 +70,23 @@ PUBLIC = {
     "saevctl.mine.figures.open_model_view": "report draws exemplar tiles with mine's renderer (the model's view)",
     "saevctl.mine.figures.heat_tile": "report draws exemplar tiles with mine's renderer (the heat overlay)",
     "saevctl.mine.figures.compose": "report draws exemplar sheets with mine's renderer (tiles, captions, colour bar)",
+    "saevctl.mine.figures.caption": "report captions tiles as mine's grids do (rank, value, image id)",
+    "saevctl.mine.figures.label_tile": "report writes the image id on its thumbnails with mine's tile labeller",
+    "saevctl.train.Config": "eval trains the random-decoder null baseline with train's own loop and settings",
+    "saevctl.train.run": "eval trains the random-decoder null baseline with train's own loop and settings",
+    "saevctl.mine.Config": "eval mines each null baseline with mine's own code, so its label coverage is the SAE's",
+    "saevctl.mine.run": "eval mines each null baseline with mine's own code, so its label coverage is the SAE's",
+    "saevctl.mine.config.LabelConfig": "eval labels each null baseline with features label's own settings",
+    "saevctl.mine.label.run": "eval labels each null baseline with features label's own code",
+    "saevctl.mine.figures.shared_vmax": "serve draws exemplar strips on the colour scale mine's grids use",
+    "saevctl.mine.figures.LUT": "serve draws an edit's saliency maps on mine's heat scale",
+    "saevctl.mine.query": "serve answers its views with the features commands' own queries (the Figure-2 sum, "
+                          "faiss neighbours, cross-SAE matches), so the app and `features search/show/match` agree",
+    "saevctl.mine.queries.sae_in_index": "serve finds its SAE in the index the way every features command does",
+    "saevctl.probe.Config": "serve's edit view runs `saevctl probe`'s own run, with the CLI's Config",
+    "saevctl.probe.run": "serve's edit view runs `saevctl probe`'s own run, so its numbers are the CLI's",
+    "saevctl.probe.BatchConfig": "serve's controls button runs the probe's batch mode, with its Config",
+    "saevctl.probe.run_batch": "serve's controls button runs the probe's batch mode (controls and bootstrap CIs)",
 }
 """Names one stage (or shared package) may import from another stage, each with why it is a public surface."""
 

@@ -317,3 +317,35 @@ def test_image_level_from_masks_on_a_store_without_image_labels(env: dict, tmp_p
         n_pos = {r["class_id"]: r["n_positive"] for r in idx.class_features(res.sae_id, "image")}
     assert n_pos == {k: int((lab == k).any(1).sum()) for k in range(1, len(CLASSES))}
     assert res.levels["image"].n_items == int((lab >= 0).any(1).sum())
+
+
+def test_negatives_all_ranks_each_class_against_every_patch(env: dict, tmp_path: Path) -> None:
+    """--negatives all: a class's negatives are every other patch of the images with a mask, the unlabelled ('other')
+    ones included, as AUROC is usually reported; the default ranks against the other labelled patches only."""
+    index = _copy_index(env, tmp_path)
+    res = label(LabelConfig(sae=env["sae_dpath"], index=index, level="patch", negatives="all", device="cpu"))
+    store = open_store(env["store"])
+    x = store.layer(1).patches.torch().float()
+    n, p, d = x.shape
+    with torch.no_grad():
+        codes = env["sae"].encode(x.reshape(-1, d)).reshape(n, p, -1).numpy()
+    lab = np.asarray(store.patch_labels)
+    rows = (lab >= 0).any(1)  # images with a labelled patch (the others have no usable mask)
+    flat, lab_n, mx = codes[rows].reshape(-1, codes.shape[-1]), lab[rows].reshape(-1), codes.max((0, 1))
+    assert (lab_n < 0).sum() > 0 and res.levels["patch"].n_items == len(lab_n)
+    assert "every other patch" in res.levels["patch"].negatives
+    with Index.open(index) as idx:
+        rows_all = {r["class_id"]: r for r in idx.class_features(env["sae_id"], "patch")}
+    fg = label(LabelConfig(sae=env["sae_dpath"], index=index, level="patch", device="cpu"))
+    with Index.open(index) as idx:
+        rows_fg = {r["class_id"]: r for r in idx.class_features(env["sae_id"], "patch")}
+    for c, r in rows_all.items():
+        ref = np.array([auroc_reference(flat[:, f], lab_n == c) for f in range(48)])
+        bound = np.array([_tie_bound(flat[:, f], lab_n == c, mx[f], 256) for f in range(48)])
+        assert abs(r["auroc"] - ref.max()) <= bound.max() + 1e-6
+        assert r["n_positive"] == rows_fg[c]["n_positive"] == int((lab == c).sum())
+    assert any(abs(rows_all[c]["auroc"] - rows_fg[c]["auroc"]) > 1e-3 for c in rows_all)
+    assert fg.levels["patch"].n_items == int((lab >= 0).sum()) < res.levels["patch"].n_items
+    out = _ok(["features", "label", "--sae", str(env["sae_dpath"]), "--index", str(index), "--device", "cpu",
+               "--level", "patch"])
+    assert "ranked against the other labelled (foreground) patches; --negatives all" in " ".join(out.split())

@@ -133,6 +133,52 @@ def test_streaming_topk_merges_in_blocks_of_features(monkeypatch: pytest.MonkeyP
     assert torch.equal(one.ranked()[0], scores.topk(5, dim=0).values)
 
 
+def _greedy_capped(scores_ns: torch.Tensor, src_n: torch.Tensor, k: int, cap: int) -> list[set[int]]:
+    """Per feature, the rows of the best top-k with at most `cap` rows per source, positive scores only (the
+    brute-force greedy over all rows at once)."""
+    out = []
+    for f in range(scores_ns.shape[1]):
+        kept: list[int] = []
+        per: dict[int, int] = {}
+        for r in scores_ns[:, f].argsort(descending=True).tolist():
+            if len(kept) == k or scores_ns[r, f] <= 0:
+                break
+            if per.get(int(src_n[r]), 0) < cap:
+                per[int(src_n[r])] = per.get(int(src_n[r]), 0) + 1
+                kept.append(r)
+        out.append(set(kept))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(code_streams(), st.integers(1, 4), st.integers(1, 5))
+def test_capped_streaming_topk_equals_greedy_over_everything(
+    stream: tuple[torch.Tensor, list[int], int], cap: int, n_sources: int
+) -> None:
+    """With max_per_source, merging chunk by chunk keeps exactly the rows the one-pass greedy keeps (at most `cap`
+    per source), with each kept row's per-patch codes; a cap >= k changes nothing."""
+    codes, cuts, k = stream
+    n, p, s = codes.shape
+    src_n = torch.arange(n) * 7 % n_sources  # sources interleaved across chunks
+    sc = FeatureScanner(s, k, p, "max", top_n=3, keep_patches=True, max_per_source=cap)
+    ids = torch.arange(100, 100 + n)
+    lo = 0
+    for c in cuts:
+        sc.update(codes[lo : lo + c], ids[lo : lo + c], src_n[lo : lo + c])
+        lo += c
+    vals, got_ids, slots = sc.topk.ranked()
+    want = _greedy_capped(codes.amax(1), src_n, k, cap)
+    for f in range(s):
+        keep = vals[:, f] > 0
+        rows = (got_ids[keep, f] - 100).tolist()
+        assert set(rows) == want[f], (f, rows, want[f])
+        assert all(torch.equal(sc.topk.patches_skp[f, sl], codes[r, :, f].to(torch.float16))
+                   for r, sl in zip(rows, slots[keep, f].tolist(), strict=True))
+        assert (got_ids[~keep & torch.isinf(vals[:, f]), f] == -1).all()
+    if cap >= k:
+        assert sc.topk.src_ks is None  # the uncapped path
+
+
 def test_hist_edges_cover_all_positive_values() -> None:
     edges = np.array(hist_edges())
     assert len(edges) == N_HIST and edges[0, 0] == 0 and math.isinf(edges[-1, 1])

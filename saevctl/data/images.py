@@ -9,29 +9,17 @@ import hashlib
 import io
 import os
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from saevctl.data import hf, wds
+from saevctl.data import demo, hf, wds
+from saevctl.data.demo import DEFAULT_DEMO_N, DEMO_PHOTOS, DEMO_SIZES  # noqa: F401  (re-exported)
+from saevctl.data.demo import demo_array as _demo_array  # noqa: F401  (re-exported)
 from saevctl.errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-DEMO_PHOTOS = (
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "colorwheel",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "logo",
-    "retina",
-    "rocket",
-    "stereo_motorcycle",
-)
-DEFAULT_DEMO_N = 2048
 
 
 @dataclass(frozen=True)
@@ -119,6 +107,9 @@ def _from_list(fpath: Path, spec: str) -> ImageSource:
         if not line or line.startswith("#"):
             continue
         path, _, label = line.partition("\t")
+        if _dataset_path(path):  # a store's own path for a demo photo, tar member or dataset row: kept as is
+            records.append(ImageRecord(len(records), path, label or None))
+            continue
         p = Path(path).expanduser()
         if not p.is_absolute():
             p = fpath.parent / p
@@ -131,7 +122,14 @@ def _from_list(fpath: Path, spec: str) -> ImageSource:
     return ImageSource(spec, "list", tuple(records))
 
 
+def _dataset_path(path: str) -> bool:
+    """A path open_image reads from a dataset rather than a file (demo photo, WebDataset member, HF row)."""
+    return path.startswith((demo.PREFIX, wds.PREFIX, hf.PREFIX))
+
+
 def _nonempty(path: str) -> bool:
+    if _dataset_path(path):
+        return True
     try:
         return os.stat(path).st_size > 0
     except OSError:
@@ -139,68 +137,19 @@ def _nonempty(path: str) -> bool:
 
 
 def demo_records(n: int) -> tuple[ImageRecord, ...]:
-    """The colour scikit-image photos, then deterministic square crops (some flipped) until n images."""
-    out = [ImageRecord(i, f"skimage:{name}", name) for i, name in enumerate(DEMO_PHOTOS[:n])]
-    rng = np.random.default_rng(0)
-    while len(out) < n:
-        name = DEMO_PHOTOS[len(out) % len(DEMO_PHOTOS)]
-        h, w = _demo_size(name)
-        side = int(min(h, w) * rng.uniform(0.35, 1.0))
-        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        flip = int(rng.integers(0, 2))
-        out.append(ImageRecord(len(out), f"skimage:{name}#{left},{top},{side},{flip}", name))
-    return tuple(out)
+    """The scikit-image photos, then deterministic square crops (some flipped, half with a shape) until n images."""
+    return tuple(ImageRecord(i, path, name) for i, (path, name) in enumerate(demo.demo_paths(n)))
 
 
-@cache
-def _demo_array(name: str) -> np.ndarray:
-    import skimage.data
-
-    arr = skimage.data.stereo_motorcycle()[0] if name == "stereo_motorcycle" else getattr(skimage.data, name)()
-    if arr.ndim == 2:
-        arr = np.stack([arr] * 3, axis=-1)
-    if arr.shape[-1] == 4:  # logo is RGBA: composite on white
-        rgb, alpha = arr[..., :3].astype(np.float32), arr[..., 3:].astype(np.float32) / 255.0
-        arr = (rgb * alpha + 255.0 * (1 - alpha)).round().astype(np.uint8)
-    if arr.dtype != np.uint8:
-        arr = (255 * (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-8)).astype(np.uint8)
-    return np.ascontiguousarray(arr)
-
-
-# (height, width) of each photo in scikit-image 0.24-0.26, so listing the demo source loads no pixels
-# (the photos are then loaded by the decoding threads, overlapping the forward pass). A test checks it.
-DEMO_SIZES = {
-    "astronaut": (512, 512), "chelsea": (300, 451), "coffee": (400, 600), "colorwheel": (370, 371),
-    "hubble_deep_field": (872, 1000), "immunohistochemistry": (512, 512), "logo": (500, 500),
-    "retina": (1411, 1411), "rocket": (427, 640), "stereo_motorcycle": (500, 741),
-}
-
-
-def _demo_size(name: str) -> tuple[int, int]:
-    if name in DEMO_SIZES:
-        return DEMO_SIZES[name]
-    h, w = _demo_array(name).shape[:2]
-    return h, w
-
-
-@cache
-def _demo_image(name: str, mirrored: bool) -> Image.Image:
-    img = Image.fromarray(_demo_array(name))
-    if mirrored:  # flipping each crop costs more than the crop: flip the photo once instead
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    img.load()  # unpack once; crops of a loaded image are plain copies (thread-safe, no re-decoding)
-    return img
-
-
-def _open_demo(path: str) -> Image.Image:
-    name, _, crop = path.removeprefix("skimage:").partition("#")
-    if not crop:
-        return _demo_image(name, False).copy()
-    left, top, side, flip = (int(v) for v in crop.split(","))
-    img = _demo_image(name, bool(flip))
-    if flip:  # the crop's mirror image is the mirrored photo's crop at the mirrored offset
-        left = img.width - left - side
-    return img.crop((left, top, left + side, top + side))
+def source_of(path: str) -> str:
+    """The source photo an image was made from: for a demo path (`KIND:NAME#how`, e.g. `skimage:chelsea#12,40,200,1`)
+    the part before '#' (`skimage:chelsea`); every other path is its own source. File paths are absolute (no
+    `KIND:` prefix; a one-letter prefix is a Windows drive), and a `wds:`/`hf:` path's '#' names a member or row of
+    a dataset, not a crop. `mine --max-per-source` caps a feature's exemplars per source."""
+    kind, sep, _ = path.partition(":")
+    if sep and len(kind) > 1 and kind.isidentifier() and not path.startswith((wds.PREFIX, hf.PREFIX)):
+        return path.partition("#")[0]
+    return path
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -220,8 +169,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def open_image(path: str) -> Image.Image:
     """Open one image as RGB; raises InputError when the file is missing or not a readable image.
     `wds:TAR#MEMBER` and `hf:SOURCE[:SPLIT]#ROW` paths read one tar member or dataset row."""
-    if path.startswith("skimage:"):
-        return _open_demo(path)
+    if path.startswith(demo.PREFIX):
+        return demo.open_demo(path)
     if path.startswith((wds.PREFIX, hf.PREFIX)):
         data, path = (wds if path.startswith(wds.PREFIX) else hf).open_bytes(path)
         return _open_file(io.BytesIO(data), path)

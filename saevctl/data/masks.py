@@ -8,7 +8,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,37 +105,106 @@ def _read_object_info(fpath: Path) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _class_files(dpath: Path) -> list[Path]:
+    """Where a mask folder's class file may sit, nearest first: classes.txt or ADE20K's objectInfo150.csv/.txt in the
+    folder; objectInfo150 in its parent; classes.txt or objectInfo150 in its grandparent, beside the parent as
+    ADE20K lays it out (ADEChallengeData2016/objectInfo150.txt beside annotations/training/). The path as given
+    is searched first (a symlinked mask tree keeps the layout it is linked into), then as its links resolve."""
+    given = Path(os.path.abspath(dpath.expanduser()))
+    ade = (ADE_OBJECT_INFO, ADE_OBJECT_INFO_TXT)
+    out: list[Path] = []
+    for base in (given, given.resolve()):
+        for d, names in ((base, (CLASSES_TXT, *ade)), (base.parent, ade), (base.parent.parent, (CLASSES_TXT, *ade))):
+            out += [d / n for n in names if d / n not in out]
+    return out
+
+
 def read_classes(dpath: Path) -> tuple[str, ...]:
-    """Class names of a mask folder: DIR/classes.txt, else ADE20K's objectInfo150.csv (or .txt) in DIR, its parent
-    or its grandparent (ADEChallengeData2016/objectInfo150.txt beside annotations/training/)."""
-    if (dpath / CLASSES_TXT).is_file():
-        return _read_classes_txt(dpath / CLASSES_TXT)
-    for d in (dpath, dpath.parent, dpath.parent.parent):
-        for name in (ADE_OBJECT_INFO, ADE_OBJECT_INFO_TXT):
-            if (d / name).is_file():
-                return _read_object_info(d / name)
+    """Class names of a mask folder from the nearest class file (`_class_files`): one name per line (classes.txt),
+    or ADE20K's Idx/Name table."""
+    for fpath in _class_files(dpath):
+        if fpath.is_file():
+            return _read_classes_txt(fpath) if fpath.name == CLASSES_TXT else _read_object_info(fpath)
     raise InputError(
         f"the mask folder {dpath} has no class file ({CLASSES_TXT} in it, or {ADE_OBJECT_INFO} or .txt in it, "
-        "its parent or grandparent)",
+        f"its parent or grandparent, where {CLASSES_TXT} counts too)",
         f"add {CLASSES_TXT}: one class name per line, line 0 the ignored class",
     )
 
 
+def _pngs(root: Path) -> Iterator[Path]:
+    """Every .png under `root`, following symlinked folders (each real folder once, so a link loop ends) and
+    skipping hidden files and folders."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            p = Path(dirpath) / name
+            if name.endswith(".png") and not name.startswith(".") and p.is_file():
+                yield p
+
+
+# --- named mask sets (extract --masks NAME=DIR, repeatable) ------------------------------------------------
+
+_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+DEMO_MASKS = "demo"
+"""`--masks demo`: the shapes drawn on the demo images (saevctl.data.demo), as `--images demo` names the images."""
+
+
+def mask_dir(dpath: str | Path) -> Path:
+    """The folder a --masks value names: `demo` is the demo's shape masks (written once under SAEVCTL_CACHE, a
+    folder named `shapes`), anything else the path itself (~ expanded)."""
+    if str(dpath).strip() == DEMO_MASKS:
+        from saevctl.data.demo import ensure_demo_masks
+
+        return ensure_demo_masks()
+    return Path(dpath).expanduser()
+
+
+def parse_mask_spec(text: str) -> tuple[str, Path]:
+    """`NAME=DIR` or `DIR` (named after the folder, as given): one mask set's name and folder."""
+    name, sep, rest = str(text).partition("=")
+    if sep and _SET_NAME.fullmatch(name.strip()) and rest.strip():
+        return name.strip(), mask_dir(rest.strip())
+    dpath = mask_dir(str(text).strip())
+    return Path(os.path.abspath(dpath)).name, dpath
+
+
+def parse_mask_specs(specs: Sequence[str]) -> list[tuple[str, Path]]:
+    """Several mask sets, names unique (the first is the store's default set)."""
+    out = [parse_mask_spec(s) for s in specs]
+    names = [n for n, _ in out]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise InputError(f"two mask sets are named {dup!r}",
+                         "name each set: --masks shape=DIR --masks colour=DIR")
+    bad = next((n for n in names if not _SET_NAME.fullmatch(n)), None)
+    if bad is not None:
+        raise InputError(f"bad mask set name {bad!r}", "name it with letters, digits, '.', '_' or '-': NAME=DIR")
+    return out
+
+
 def open_masks(dpath: str | Path) -> MaskSet:
-    """Index a mask folder; a missing folder, a folder without PNGs or without a class file is an InputError."""
-    dpath = Path(dpath).expanduser()
+    """Index a mask folder (or `demo`); a missing folder, a folder without PNGs or without a class file is an
+    InputError."""
+    dpath = mask_dir(dpath)
     if not dpath.is_dir():
         raise InputError(f"mask folder {dpath} does not exist", "pass the folder of per-image PNG masks to --masks")
-    dpath = dpath.resolve()
+    given, dpath = dpath, dpath.resolve()
     by_stem: dict[str, list[Path]] = {}
-    for p in sorted(dpath.rglob("*.png")):
-        rel = p.relative_to(dpath)
-        if p.is_file() and not any(part.startswith(".") for part in rel.parts):
-            by_stem.setdefault(p.stem, []).append(p)
+    for p in sorted(_pngs(dpath)):
+        by_stem.setdefault(p.stem, []).append(p)
     if not by_stem:
         raise InputError(f"the mask folder {dpath} holds no .png masks",
                          "put one single-channel PNG of class ids per image there, named <image stem>.png")
-    classes = read_classes(dpath)
+    classes = read_classes(given)
     return MaskSet(dpath, classes, {k: tuple(v) for k, v in by_stem.items()})
 
 

@@ -16,7 +16,8 @@ from saevctl.errors import ProbeError
 from saevctl.sae.model import SAE
 from saevctl.store.format import TokenLayout
 
-PATCH_FORMS = "all, fired, r,c;r,c (patch rows/columns) or box:x0,y0,x1,y1 (model-input pixels)"
+PATCH_FORMS = ("all, fired, r,c;r,c (patch rows/columns), box:x0,y0,x1,y1 (model-input pixels) or mask:CLASS "
+               "(mask:SET/CLASS with several mask sets)")
 
 
 @dataclass(frozen=True)
@@ -24,11 +25,16 @@ class Patches:
     """Which patches an edit touches."""
 
     kind: str
-    """all, fired (where each edited feature fires), cells or box."""
+    """all, fired (where each edited feature fires), cells, box or mask (a mask class's patches, per image)."""
     cells: tuple[tuple[int, int], ...] = ()
     box: tuple[int, int, int, int] = (0, 0, 0, 0)
+    mask_set: str | None = None
+    """mask: the mask set named in mask:SET/CLASS (None: whichever set has the class)."""
+    mask_class: str = ""
 
     def describe(self) -> str:
+        if self.kind == "mask":
+            return "mask:" + (f"{self.mask_set}/" if self.mask_set else "") + self.mask_class
         if self.kind == "cells":
             return ";".join(f"{r},{c}" for r, c in self.cells)
         if self.kind == "box":
@@ -50,6 +56,11 @@ def parse_patches(text: str) -> Patches:
     text = text.strip()
     if text in ("all", "fired"):
         return Patches(text)
+    if text.startswith("mask:"):
+        set_name, _, cls = text.removeprefix("mask:").strip().rpartition("/")
+        if not cls.strip():
+            raise ProbeError(f"bad --patches {text!r}: no class", "write mask:CLASS or mask:SET/CLASS")
+        return Patches("mask", mask_set=set_name.strip() or None, mask_class=cls.strip())
     if text.startswith("box:"):
         x0, y0, x1, y1 = _ints(text.removeprefix("box:"), 4, "box")
         return Patches("box", box=(x0, y0, x1, y1))
@@ -64,9 +75,9 @@ def parse_patches(text: str) -> Patches:
 
 
 def static_mask(patches: Patches, lay: TokenLayout, patch_size: int) -> Bool[Tensor, " p"] | None:
-    """The patch mask for all/cells/box (None for fired, which depends on the codes)."""
+    """The patch mask for all/cells/box (None for fired and mask, which depend on each image)."""
     gh, gw = lay.grid_h, lay.grid_w
-    if patches.kind == "fired":
+    if patches.kind in ("fired", "mask"):
         return None
     mask = torch.zeros(gh, gw, dtype=torch.bool)
     if patches.kind == "all":
@@ -159,13 +170,15 @@ class EditPlan:
 def make_plan(
     sae: SAE, x_npd: Tensor, features: list[int], values_nk: Tensor, patches: Patches, mask_p: Tensor | None
 ) -> EditPlan:
-    """Resolve the patch mask (fired: where each feature's code is > 0) into an EditPlan."""
+    """Resolve the patch mask (fired: where each feature's code is > 0) into an EditPlan; `mask_p` is one mask for
+    every image (p,) or one per image (n, p)."""
     n, p, _ = x_npd.shape
     if patches.kind == "fired":
         mask = feature_codes(sae, x_npd, features) > 0
     else:
         assert mask_p is not None
-        mask = mask_p.to(x_npd.device)[None, :, None].expand(n, p, len(features))
+        per_image = mask_p.to(x_npd.device) if mask_p.ndim == 2 else mask_p.to(x_npd.device)[None, :]
+        mask = per_image[:, :, None].expand(n, p, len(features))
     return EditPlan(features, values_nk.to(x_npd.device), mask)
 
 

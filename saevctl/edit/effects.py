@@ -13,12 +13,14 @@ from torch import Tensor
 SALIENT = 0.5
 """Saliency probability above which a pixel counts as salient."""
 
-# Per task: (metric key, label, magnitude?) — magnitude metrics decide whether an effect is specific.
+# Per task: (metric key, label, magnitude?) — the magnitude metric is tested against the controls (the most sensitive
+# measure of how far the head's output moved); DECISION says how many of the head's decisions the edit changed, which
+# a verdict also needs: a shift no control matches can still flip only 0.5% of predictions.
 METRICS: dict[str, list[tuple[str, str, bool]]] = {
     "classify": [
         ("tv", "total variation of class probabilities", True),
         ("dp_top", "Δ p(top class before)", False),
-        ("top_changed", "top class changed (share of images)", False),
+        ("top_changed", "prediction flips: top class changed (share of images)", False),
     ],
     "segment": [
         ("changed", "pixels whose class changed (share)", True),
@@ -30,10 +32,62 @@ METRICS: dict[str, list[tuple[str, str, bool]]] = {
         ("changed", "pixels crossing 0.5 (share)", False),
     ],
 }
+DECISION = {"classify": ("top_changed", "prediction flips"), "segment": ("changed", "pixels whose class changed"),
+            "saliency": ("changed", "pixels crossing 0.5")}
+"""Per task: the metric counting changed decisions (a share), and how a verdict names it."""
+LABEL_METRICS: dict[str, list[tuple[str, str, bool]]] = {
+    "classify": [
+        ("label_flips", "true-label flips: right before, wrong after (share of labelled images)", False),
+        ("dacc", "Δ accuracy against the true label", False),
+    ],
+}
+"""Metrics against the images' true labels (ImageFolder classes), where the head predicts those classes."""
+VERDICT_TEST = ("specific when the edit's 95% bootstrap CI of the * effect lies above both controls' 95% CIs and the "
+                "share of decisions it changes reaches --min-effect; 'too small' when only the first holds")
 
 
 def primary_metric(task: str) -> str:
     return next(k for k, _, mag in METRICS[task] if mag)
+
+
+def task_metrics(task: str, labelled: bool) -> list[tuple[str, str, bool]]:
+    """The metrics reported for `task`, with the true-label ones when the images' labels are head classes."""
+    return METRICS[task] + (LABEL_METRICS.get(task, []) if labelled else [])
+
+
+def verdict(effect: dict[str, float], controls: dict[str, dict[str, float]], min_effect: float, label: str,
+            size: dict[str, float] | None = None, size_label: str = "", share: bool = True) -> dict[str, Any]:
+    """Whether an edit is specific, from its effect {mean, lo, hi} and each control's, and the share of decisions it
+    changed (`size`, default the effect itself): 'specific' when the effect's CI lies above every control's CI and
+    the size's mean reaches `min_effect`, 'too small' when only the first holds, else 'not specific'. The dict
+    carries the test and the numbers, so a reader can check the call; `share` says the effect is a share."""
+    size = size if size is not None else effect
+    above = {c: bool(effect["lo"] > v["hi"]) for c, v in controls.items()}  # False when either is NaN
+    separated = bool(above) and all(above.values())
+    result = "specific" if separated and size["mean"] >= min_effect else "too small" if separated else "not specific"
+    return {"result": result, "specific": result == "specific", "metric": label, "effect": effect,
+            "controls": controls, "above": above, "size_metric": size_label or label, "size": size,
+            "min_effect": min_effect, "share": share, "test": VERDICT_TEST}
+
+
+def _ci_text(c: dict[str, float], share: bool) -> str:
+    def f(x: float) -> str:
+        return f"{100 * x:.1f}%" if share else f"{x:.4g}"
+
+    return f"{f(c['mean'])} [{f(c['lo'])}, {f(c['hi'])}]"
+
+
+def verdict_text(v: dict[str, Any]) -> str:
+    """One line: the verdict, then the numbers behind it (no markup)."""
+    ctrl = "; ".join(f"{c} {_ci_text(x, v['share'])}" for c, x in v["controls"].items())
+    effect = f"{v['metric']} {_ci_text(v['effect'], v['share'])}"
+    size = f"{v['size_metric']} {_ci_text(v['size'], True)}"
+    floor = f"--min-effect {100 * v['min_effect']:.1f}%"
+    if v["result"] == "not specific":
+        return f"not specific: {effect} does not lie above both controls' CIs ({ctrl})"
+    if v["result"] == "too small":
+        return f"too small: {effect} lies above both controls' CIs ({ctrl}), but {size} is below {floor}"
+    return f"specific: {effect} lies above both controls' CIs ({ctrl}), and {size} reaches {floor}"
 
 
 # --- one image ---------------------------------------------------------------------------------------
@@ -96,8 +150,9 @@ def dense_summary(
 
 
 @torch.no_grad()
-def effect_sizes(before: Tensor, after: Tensor, task: str) -> dict[str, np.ndarray]:
-    """Per-image effect sizes (each a (b,) array) for the metrics of `task`."""
+def effect_sizes(before: Tensor, after: Tensor, task: str, truth_b: Tensor | None = None) -> dict[str, np.ndarray]:
+    """Per-image effect sizes (each a (b,) array) for the metrics of `task`; with `truth_b` (the true head class
+    of each image, -1 unknown) also the true-label metrics, NaN where the truth is unknown."""
     if task == "classify":
         top = before.argmax(-1, keepdim=True)
         out = {
@@ -105,6 +160,12 @@ def effect_sizes(before: Tensor, after: Tensor, task: str) -> dict[str, np.ndarr
             "dp_top": (after.gather(-1, top) - before.gather(-1, top))[:, 0],
             "top_changed": (after.argmax(-1) != top[:, 0]).float(),
         }
+        if truth_b is not None:
+            truth = truth_b.to(before.device)
+            known, right_b, right_a = truth >= 0, top[:, 0] == truth, after.argmax(-1) == truth
+            nan = torch.full_like(out["tv"], float("nan"))
+            out["label_flips"] = torch.where(known, (right_b & ~right_a).float(), nan)
+            out["dacc"] = torch.where(known, right_a.float() - right_b.float(), nan)
     elif task == "segment":
         lb, la = before.argmax(1), after.argmax(1)
         share_b, share_a = class_shares(lb, before.shape[1]), class_shares(la, before.shape[1])
@@ -130,8 +191,10 @@ def class_shares(labels_bhw: Tensor, n_classes: int) -> Tensor:
 def bootstrap_ci(
     values_n: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float, float]:
-    """Mean and a percentile bootstrap confidence interval of the mean (resampling images)."""
+    """Mean and a percentile bootstrap confidence interval of the mean (resampling images; NaN entries, images a
+    metric does not apply to, are left out)."""
     v = np.asarray(values_n, dtype=np.float64)
+    v = v[np.isfinite(v)]
     if v.size == 0:
         return float("nan"), float("nan"), float("nan")
     rng = np.random.default_rng(seed)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from saevctl import atomic, layout
+from saevctl.data import ImageRecord
 from saevctl.errors import OutputError, ProbeError
 from saevctl.store.format import TokenLayout
 from saevctl.vit.backbone import Backbone
@@ -172,6 +173,36 @@ def _timm_head(bb: Backbone) -> Head:
     head = TimmClassifierHead(bb)
     head.setup("timm", "classify", names, *_final(bb))
     return head
+
+
+def class_index(head_classes: list[str]) -> dict[str, int]:
+    """A head's class names, case and spacing ignored, to their index: how mask classes and image labels (ImageFolder
+    folders) are matched to what a head predicts."""
+    return {norm_class(n): i for i, n in enumerate(head_classes)}
+
+
+def norm_class(name: str) -> str:
+    return " ".join(name.strip().lower().split())
+
+
+def label_truth(labels: list[str | None], head_classes: list[str]) -> list[int]:
+    """Each image label's head class index (-1: no label, or a label the head does not predict)."""
+    index = class_index(head_classes)
+    return [index.get(norm_class(lab), -1) if lab is not None else -1 for lab in labels]
+
+
+def image_truth(records: list[ImageRecord], head: Head, notes: list[str]) -> dict[int, int] | None:
+    """Each image's true class as a head class index (by image id), when the images carry labels (ImageFolder) and
+    `head` is a classify head that predicts some of them; None otherwise (a note says why, when labels exist)."""
+    labels = [r.label for r in records]
+    if head.task != "classify" or all(lab is None for lab in labels):
+        return None
+    truth = label_truth(labels, head.classes)
+    if max(truth, default=-1) < 0:
+        names = ", ".join(sorted({str(lab) for lab in labels if lab is not None})[:5])
+        notes.append(f"the images' labels ({names}) are no classes of head {head.name}: no true-label flips")
+        return None
+    return {r.id: t for r, t in zip(records, truth, strict=True)}
 
 
 def split_prompts(text: str) -> list[str]:

@@ -162,6 +162,13 @@ class Prober:
         return probs
 
     @torch.no_grad()
+    def patch_codes(self, x_btd: Tensor) -> Float[Tensor, "b p s"]:
+        """The SAE's codes of every patch token of the residual stream at the SAE's layer."""
+        patches = x_btd[:, self.bb.layout.n_prefix :]
+        codes: Tensor = self.sae.encode(patches.reshape(-1, patches.shape[-1]))
+        return codes.reshape(patches.shape[0], patches.shape[1], -1)
+
+    @torch.no_grad()
     def top_feature(self, x_btd: Tensor) -> int:
         """The feature with the largest summed activation over this image's patches."""
         patches = x_btd[:, self.bb.layout.n_prefix :]

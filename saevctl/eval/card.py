@@ -17,9 +17,13 @@ from saevctl.layers import layer_text
 
 esc = html.escape  # quote=True: safe in text and in double-quoted attributes
 CARD_FORMAT = FORMAT + "-card"
-SECTIONS = ("recon", "splice", "coverage", "edits")
+SECTIONS = ("recon", "splice", "coverage", "edits", "spatial", "sparse_probe", "absorption", "baselines")
 TITLES = {"recon": "Reconstruction", "splice": "Behaviour kept when spliced in", "coverage": "Label coverage",
-          "edits": "Are edits specific"}
+          "edits": "Are edits specific", "baselines": "Better than chance? The SAE against null baselines",
+          "spatial": "Spatial coherence", "sparse_probe": "Sparse probing of image labels",
+          "absorption": "Feature absorption"}
+ON_REQUEST = ("baselines", "spatial", "sparse_probe", "absorption")
+"""Sections shown only when asked for (eval all --baselines, --vision), ran or not."""
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'"
 CSS = """
 body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem auto;max-width:60rem;padding:0 1rem;
@@ -79,7 +83,7 @@ def recon_html(r: dict[str, Any]) -> str:
             ["dead latents (never fired)", esc(pct(r["dead"]))],
             ["dense latents (fire on > 1% of tokens)", esc(pct(r["dense"]))]]
     return (_table(["figure", "value"], rows)
-            + f"<p class=\"meta\">{r['n_tokens']:,} tokens of {r['n_images']:,} images from the store "
+            + f"<p class=\"meta\">{r['n_tokens']:,} tokens of {r['n_images']:,} images of the activation store at "
             f"<code>{esc(str(r['store']))}</code>.</p>\n")
 
 
@@ -120,7 +124,80 @@ def edits_html(e: dict[str, Any], limit: int = 40) -> str:
             "random direction of the edit's norm, on the same patches. 95% bootstrap CIs over images.</p>\n")
 
 
-RENDER = {"recon": recon_html, "splice": splice_html, "coverage": coverage_html, "edits": edits_html}
+def _signed(c: dict[str, Any] | None, as_pct: bool) -> str:
+    """A margin and its CI, signed; shares in percentage points."""
+    if not c or c.get("mean") is None:
+        return "n/a"
+    scale, unit = (100.0, " pt") if as_pct else (1.0, "")
+
+    def f(v: Any) -> str:
+        return "n/a" if v is None or not math.isfinite(float(v)) else f"{scale * float(v):+.3g}"
+
+    return f"{esc(f(c['mean']))}{unit} <span class=\"ci\">[{esc(f(c.get('lo')))}, {esc(f(c.get('hi')))}]</span>"
+
+
+def baselines_html(b: dict[str, Any]) -> str:
+    kinds = list(b["baselines"])
+    rows = []
+    for m in b["metrics"]:
+        fmt = pct if m["pct"] else num
+        cells = [esc(fmt(m["baselines"][k]["value"]["mean"])) if k in m["baselines"] else "n/a" for k in kinds]
+        best = f" ({esc(m['best'])})" if m["best"] else ""
+        better = "higher" if m["higher_better"] else "lower"
+        rows.append([f"{esc(m['label'])} <span class=\"ci\">{better} is better</span>", _ci(m["sae"], fmt), *cells,
+                     _signed(m["margin"], m["pct"]) + best])
+    out = _table(["metric", "SAE", *kinds, "SAE's margin over the best baseline"], rows)
+    built = ", ".join(f"{esc(k)} ({'reused' if v['reused'] else 'built'})" for k, v in b["baselines"].items())
+    out += (f"<p class=\"meta\">Each baseline is a TopK SAE of the same width with k = {b['k']} (the SAE's mean L0, "
+            f"{esc(num(b['sae_l0']))}), scored by the same code: {built}. A positive margin means the SAE does better; "
+            "95% paired bootstrap CIs over the metric's units (images, or classes for labels). untrained: random "
+            "tied weights as training starts; random-decoder: a frozen random decoder with a trained encoder; pca, "
+            "kmeans: principal directions or spherical k-means centroids as a tied dictionary.</p>\n")
+    out += "".join(f"<p class=\"skip\">{esc(n)}</p>\n" for n in b.get("notes", []))
+    return out
+
+
+def spatial_html(s: dict[str, Any]) -> str:
+    rows = [["median [quartiles]", f"{esc(num(s['median']))} <span class=\"ci\">[{esc(num(s['q1']))}, "
+             f"{esc(num(s['q3']))}]</span>"], ["mean", esc(num(s["mean"]))],
+            ["features scored", f"{s['n_scored']:,} of {s['n_features']:,}"],
+            ["no spatial structure, -1/(N-1)", esc(num(s["null"]))]]
+    return (_table(["Moran's I per feature", "value"], rows)
+            + f"<p class=\"meta\">Moran's I of each feature's activation map on the {s['grid'][0]}x{s['grid'][1]} "
+            f"patch grid ({esc(s['adjacency'])} adjacency), averaged over the images where it fires, of "
+            f"{s['n_images']:,} stored images: 1 for a feature that fires on smooth regions, near 0 for scattered "
+            "patches. Histogram and per-feature values: spatial.png and spatial.json beside this card.</p>\n")
+
+
+def sparse_probe_html(p: dict[str, Any]) -> str:
+    rows = [[str(r["k"]), _ci(r["sae"]), _ci(r["raw"]), _ci(r["diff"])] for r in p["rows"]]
+    return (_table(["k", "SAE codes", "raw activations", "SAE - raw"], rows)
+            + f"<p class=\"meta\">Held-out balanced accuracy (chance {num(p['chance'])}) of one-against-the-rest "
+            f"probes for {len(p['classes']):,} {esc(p['labels'])} classes, each on the k features (SAE latents, or "
+            "raw dimensions) whose standardised class means differ most, both pooled by max over the patches; "
+            f"{p['n_train']:,} training and {p['n_test']:,} held-out images; 95% bootstrap CIs over held-out "
+            "images.</p>\n" + "".join(f"<p class=\"skip\">{esc(n)}</p>\n" for n in p.get("notes", [])))
+
+
+def absorption_html(a: dict[str, Any], limit: int = 20) -> str:
+    tested = sorted((r for r in a["classes"] if r.get("tested")), key=lambda r: -r["absorbed"])[:limit]
+    rows = [[esc(str(r["class"])), str(r["feature"]), esc(num(r["auroc"], 3)), str(r["n_close"]), esc(pct(r["silent"])),
+             esc(pct(r["absorbed"]))] for r in tested]
+    ab = a["absorbed"]
+    return (f"<p><span class=\"big\">{esc(pct(ab['mean']))}</span> <span class=\"ci\">[{esc(pct(ab['lo']))}, "
+            f"{esc(pct(ab['hi']))}]</span> of a "
+            f"class's images, on average over {a['n_tested']} classes, lose the class's best feature to a feature "
+            f"whose decoder direction is within cosine {esc(num(a['cos']))} of it.</p>\n"
+            + _table(["class", "best feature", "AUROC", "close features", "silent", "absorbed"], rows)
+            + f"<p class=\"meta\">Image level, {esc(a['labels'])} labels: a class is tested when its best feature's "
+            f"AUROC reaches {esc(num(a['min_auroc']))} ({a['n_tested']} of {a['n_classes']}). Silent: the feature "
+            "fires on no patch of the image; absorbed: silent while a close feature fires.</p>\n"
+            + "".join(f"<p class=\"skip\">{esc(n)}</p>\n" for n in a.get("notes", [])))
+
+
+RENDER = {"recon": recon_html, "splice": splice_html, "coverage": coverage_html, "edits": edits_html,
+          "baselines": baselines_html, "spatial": spatial_html, "sparse_probe": sparse_probe_html,
+          "absorption": absorption_html}
 
 
 def card_html(card: dict[str, Any]) -> str:
@@ -141,6 +218,8 @@ def card_html(card: dict[str, Any]) -> str:
         f" &middot; made {esc(card['created'])}</p>\n",
     ]
     for name in SECTIONS:
+        if name in ON_REQUEST and card["sections"].get(name) is None and name not in card["skipped"]:
+            continue
         parts.append(f"<section id=\"{name}\">\n<h2>{esc(TITLES[name])}</h2>\n")
         if card["sections"].get(name) is not None:
             parts.append(RENDER[name](card["sections"][name]))

@@ -1,5 +1,5 @@
-"""`saevctl eval splice|edits|recon|all|card|stability`: options from each evaluation's Config (or --config
-x.toml), run, print rich tables. Totals for the progress bars come from the library as it learns them.
+"""`saevctl eval splice|edits|recon|baselines|all|card|stability|...`: options from each evaluation's Config (or
+--config x.toml), run, print rich tables. Totals for the progress bars come from the library as it learns them.
 """
 
 from __future__ import annotations
@@ -15,12 +15,26 @@ import typer
 from saevctl.cliconfig import config_command
 
 if TYPE_CHECKING:
-    from saevctl.eval.config import AllConfig, CardQuery, EditsConfig, ReconConfig, SpliceConfig, StabilityConfig
+    from pathlib import Path
+
+    from saevctl.eval.config import (
+        AbsorptionConfig,
+        AllConfig,
+        BaselinesConfig,
+        CardQuery,
+        EditsConfig,
+        ReconConfig,
+        SparseProbeConfig,
+        SpatialConfig,
+        SpliceConfig,
+        StabilityConfig,
+    )
 
 eval_app = typer.Typer(
     name="eval",
-    help="Evaluate an SAE: behaviour kept when spliced in, specificity of class edits, reconstruction, report card; "
-         "features shared across seeds and widths.",
+    help="Evaluate an SAE: behaviour kept when spliced in, specificity of class edits, reconstruction, margins over "
+         "null baselines, spatial coherence, sparse probes, absorption, report card; features shared across seeds "
+         "and widths.",
     no_args_is_help=True,
 )
 
@@ -33,12 +47,12 @@ class _Bars:
         self.cur: contextlib.ExitStack | None = None
         self.advance: Callable[[int], None] | None = None
 
-    def stage(self, name: str, total: int | None) -> None:
+    def stage(self, name: str, total: int | None, unit: str = "img") -> None:
         from saevctl.console import progress_bar
 
         self.close(None, None, None)
         self.cur = contextlib.ExitStack()
-        self.advance = self.cur.enter_context(progress_bar(name, total, "img"))
+        self.advance = self.cur.enter_context(progress_bar(name, total, unit))
 
     def total(self, name: str) -> Callable[[int], None]:
         """An `on_total` callback that opens the bar `name` sized to the total it is told."""
@@ -106,57 +120,110 @@ def splice_cmd(cfg: SpliceConfig) -> None:
     from saevctl.console import console, say_path
     from saevctl.eval.splice import run_splice
 
+    if (inputs := _kept_or_inputs(cfg, "splice")) is None:
+        return
     with _Bars() as bars:
         res = run_splice(cfg, progress=bars, on_total=bars.total("splice"))
     for item in splice_tables(res):
         console.print(item)
+    _record(res.summary, inputs)
     say_path("summary", res.summary)
 
 
+def _kept_or_inputs(cfg: Any, kind: str) -> str | None:
+    """The fingerprint of the evaluation's inputs, or None when its summary already holds their result (then
+    printed: the recorded figures for recon, the summary's path for the others)."""
+    from saevctl import rerun
+    from saevctl.console import console, say_path
+    from saevctl.eval import fresh
+
+    inputs = fresh.inputs(cfg)
+    fpath = fresh.summary_fpath(cfg, kind)
+    data = rerun.kept(fpath, inputs, cfg.force)
+    if data is None:
+        return inputs
+    console.print(f"unchanged: the {kind} summary was made from the same inputs (--force evaluates again)")
+    if kind == "recon":
+        console.print(_recon_table(data))
+    say_path("summary", fpath)
+    return None
+
+
+def _record(summary: Path, inputs: str) -> None:
+    from saevctl import rerun
+
+    rerun.record(summary, inputs)
+
+
 def edits_tables(res: Any, limit: int = 30) -> list[Any]:
-    """A rich table: per class, target and other change rates for the feature and the two controls."""
+    """Rich tables: per class, target and other change rates for the feature and the two controls; then each
+    class's verdict and flips against the true label; then the verdict over all classes, its numbers and test."""
+    from rich.markup import escape
     from rich.table import Table
 
+    from saevctl.edit.effects import verdict_text
+
+    image = getattr(res, "level", "patch") == "image"
     out: list[Any] = [f"{res.n_images} masked images ({res.n_unmasked} without a mask skipped, "
                       f"{res.n_failed} unreadable); feature max/frequency from {res.freq_source}"]
     out += [f"[yellow]note:[/] {n}" for n in res.notes]
     conds = list(res.overall["conditions"])
-    t = Table(title="edit specificity: share of patches whose predicted class changes (mean [95% bootstrap CI])")
+    what = "images whose predicted class changes" if image else "patches whose predicted class changes"
+    shown = [*sorted(res.rows[:-1], key=lambda r: -r["n_target"])[:limit], res.overall]
+    t = Table(title=f"edit specificity: share of {what} (mean [95% bootstrap CI])")
+    t2 = Table(title="verdict, and true-label flips: share of the units right before the edit that are wrong after")
     t.add_column("class (feature, AUROC, set to)", ratio=1)
-    for col in ("condition", "target", "other"):
-        t.add_column(col, justify="left" if col == "condition" else "right", no_wrap=True)
-    shown = sorted(res.rows[:-1], key=lambda r: -r["n_target"])[:limit]
-    for r in [*shown, res.overall]:
-        if r is res.overall:
-            label = f"all {r['n_classes']} classes"
-        else:
-            auroc = f", AUROC {r['auroc']:.3f}" if r.get("auroc") is not None else ""
-            label = f"{r['class']} ({r['feature']}{auroc}, {r['value']:.3g})"
+    t2.add_column("class", ratio=1)
+    for tab, cols in ((t, ("condition", "prediction flips" if image else "target", *(() if image else ("other",)))),
+                      (t2, ("condition", "true-label flips", "verdict"))):
+        for col in cols:
+            tab.add_column(col, justify="left" if col in ("condition", "verdict") else "right", no_wrap=True)
+    for r in shown:
+        label = f"all {r['n_classes']} classes" if r is res.overall else _edit_label(r)
+        v = r.get("verdict")
         for i, c in enumerate(conds):
-            t.add_row(label if i == 0 else "", c, _ci(r["conditions"][c]["target"], pct=True),
-                      _ci(r["conditions"][c]["other"], pct=True), end_section=i == len(conds) - 1)
-    out.append(t)
+            rc, end = r["conditions"][c], i == len(conds) - 1
+            cells = [_ci(rc["target"], pct=True), *(() if image else (_ci(rc["other"], pct=True),))]
+            t.add_row(label if i == 0 else "", c, *cells, end_section=end)
+            t2.add_row(r["class"] if i == 0 else "", c, _ci(rc["true"], pct=True) if "true" in rc else "n/a",
+                       v["result"] if v and i == 0 else "", end_section=end)
+    out += [t, t2]
     if len(res.rows) - 1 > limit:
         out.append(f"{len(res.rows) - 1 - limit} more classes in the JSON summary")
-    out.append("target: patches predicted as the class before the edit; other: all other patches of those images. "
-               "controls: a random feature of similar frequency, and a random direction of the edit's norm, "
-               "on the same patches")
+    unit = "the image's prediction" if image else ("target: patches predicted as the class before the edit; other: "
+                                                   "all other patches of those images")
+    out.append(f"{unit}. controls: a random feature of similar frequency, and a random direction of the edit's "
+               "norm, on the same patches")
+    if res.overall.get("verdict"):
+        v = res.overall["verdict"]
+        color = {"specific": "green", "too small": "yellow"}.get(v["result"], "red")
+        word, _, rest = verdict_text(v).partition(":")
+        out += [f"[bold {color}]all classes, {word}:[/]{escape(rest)}", f"[dim]test: {escape(v['test'])}[/]"]
     return out
+
+
+def _edit_label(r: dict[str, Any]) -> str:
+    auroc = f", AUROC {r['auroc']:.3f}" if r.get("auroc") is not None else ""
+    return f"{r['class']} ({r['feature']}{auroc}, {r['value']:.3g})"
 
 
 @config_command(eval_app, "edits", lambda: _configs().EditsConfig)
 def edits_cmd(cfg: EditsConfig) -> None:
     """Suppress each labelled class's feature on its patches; share of the class's and of other patches that change.
 
-    Needs a segment head (saevctl heads train --task segment) and --masks.
+    Needs --masks and a segment head (saevctl heads train --task segment), or with --level image a classify head
+    (e.g. --head timm, the model's own classifier), whose prediction per image is measured.
     Each class's feature comes from the index's labels (saevctl features label) unless --feature names it."""
     from saevctl.console import console, say_path
     from saevctl.eval.edits import run_edits
 
+    if (inputs := _kept_or_inputs(cfg, "edits")) is None:
+        return
     with _Bars() as bars:
         res = run_edits(cfg, progress=bars, on_total=bars.total("edits"))
     for item in edits_tables(res):
         console.print(item)
+    _record(res.summary, inputs)
     say_path("summary", res.summary)
 
 
@@ -169,18 +236,26 @@ def recon_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
 @config_command(eval_app, "recon", lambda: _configs().ReconConfig)
 def recon_cmd(cfg: ReconConfig) -> None:
     """Reconstruction over a store, streamed: MSE, normalised MSE, L0, dead and dense latents."""
-    from rich.table import Table
-
     from saevctl.console import console, say_path
     from saevctl.eval.recon import run_recon
 
+    if (inputs := _kept_or_inputs(cfg, "recon")) is None:
+        return
     with _Bars() as bars:
         res = run_recon(cfg, progress=bars, on_total=bars.total("reconstruction"))
-    t = Table(title=f"reconstruction on {res.n_tokens:,} tokens of {res.n_images:,} images", show_header=False)
-    for k, v in recon_rows(res.figures()):
-        t.add_row(k, v)
-    console.print(t)
+    console.print(_recon_table(res.figures()))
+    _record(res.summary, inputs)
     say_path("summary", res.summary)
+
+
+def _recon_table(figures: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    t = Table(title=f"reconstruction on {figures['n_tokens']:,} tokens of {figures['n_images']:,} images",
+              show_header=False)
+    for k, v in recon_rows(figures):
+        t.add_row(k, v)
+    return t
 
 
 def card_table(card: dict[str, Any]) -> list[Any]:
@@ -208,9 +283,68 @@ def card_table(card: dict[str, Any]) -> list[Any]:
         for i, (cond, v) in enumerate(overall["conditions"].items()):
             t.add_row("edits" if i == 0 else "", f"{cond}: target / other change",
                       f"{_fmt(v['target']['mean'], pct=True)} / {_fmt(v['other']['mean'], pct=True)}")
+    for part, rows_of in (("spatial", spatial_rows), ("sparse_probe", probe_rows), ("absorption", absorption_rows)):
+        if sec.get(part):
+            t.add_section()
+            for i, (k, v) in enumerate(rows_of(sec[part])):
+                t.add_row(part.replace("_", " ") if i == 0 else "", k, v)
+    if sec.get("baselines"):
+        for i, m in enumerate(sec["baselines"]["metrics"]):
+            if m["best"] is not None:
+                t.add_row("vs baselines" if i == 0 else "", f"{m['label']}: margin over {m['best']}",
+                          _margin(m["margin"], m["pct"]))
     out: list[Any] = [t]
     out += [f"[yellow]skipped {name}:[/] {why}" for name, why in card["skipped"].items()]
     return out
+
+
+def _margin(c: dict[str, Any], pct: bool) -> str:
+    """A margin with its CI, signed (percentage points for shares)."""
+    scale, unit = (100.0, " pt") if pct else (1.0, "")
+    if c["mean"] is None or not math.isfinite(c["mean"]):
+        return "n/a"
+    lo, hi = (f"{scale * v:+.4g}" if v is not None and math.isfinite(v) else "n/a" for v in (c["lo"], c["hi"]))
+    return f"{scale * c['mean']:+.4g}{unit} [{lo}, {hi}]"
+
+
+def baselines_tables(section: dict[str, Any]) -> list[Any]:
+    """A rich table: each metric for the SAE and every baseline, and the SAE's margin over the best baseline."""
+    from rich.table import Table
+
+    kinds = list(section["baselines"])
+    t = Table(title=f"the SAE against null baselines at k = {section['k']} (its mean L0 {section['sae_l0']:.1f}); "
+                    "mean [95% bootstrap CI]")
+    t.add_column("metric", ratio=1)
+    for col in ["SAE", *kinds, "margin over the best baseline"]:
+        t.add_column(col, justify="right")
+    for m in section["metrics"]:
+        vals = [_ci(m["sae"], m["pct"])] + [_fmt(m["baselines"][k]["value"]["mean"], m["pct"]) if k in m["baselines"]
+                                             else "n/a" for k in kinds]
+        best = f" ({m['best']})" if m["best"] else ""
+        arrow = "higher" if m["higher_better"] else "lower"
+        t.add_row(f"{m['label']} ({arrow} is better)", *vals,
+                  (_margin(m["margin"], m["pct"]) + best) if m["margin"] else "n/a")
+    out: list[Any] = [t]
+    for k, b in section["baselines"].items():
+        out.append(f"{k}: {'reused' if b['reused'] else 'built'} {b['path']}")
+    out += [f"[yellow]note:[/] {n}" for n in section.get("notes", [])]
+    return out
+
+
+@config_command(eval_app, "baselines", lambda: _configs().BaselinesConfig)
+def baselines_cmd(cfg: BaselinesConfig) -> None:
+    """Score null baselines of the SAE's width and L0 (untrained, random decoder, PCA, k-means; built once, cached
+    beside the SAE) on every evaluation the inputs allow, and the SAE's margin over the best of them per metric."""
+    from saevctl.console import console, say_path
+    from saevctl.eval.baselines import run_baselines
+
+    with _Bars() as bars:
+        res = run_baselines(cfg, progress=bars, on_stage=bars.stage)
+    for item in baselines_tables(res.section):
+        console.print(item)
+    for name, why in res.skipped.items():
+        console.print(f"[yellow]skipped {name}:[/] {why}")
+    say_path("summary", res.summary)
 
 
 @config_command(eval_app, "all", lambda: _configs().AllConfig)
@@ -221,6 +355,9 @@ def all_cmd(cfg: AllConfig) -> None:
 
     with _Bars() as bars:
         res = run_all(cfg, progress=bars, on_stage=bars.stage)
+    if res.unchanged:
+        console.print("unchanged: the card was made from the same SAE, store, images, masks, head, index and "
+                      "options (--force evaluates again)")
     for item in card_table(res.figures):
         console.print(item)
     say_path("card", res.card)
@@ -280,6 +417,96 @@ def stability_cmd(cfg: StabilityConfig) -> None:
         console.print(item)
     say_path("summary", res.summary)
     say_path("plot", res.plot)
+
+
+# --- vision metrics: spatial coherence, sparse probing, absorption ----------------------------------------------
+
+
+def spatial_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(f"Moran's I ({s['adjacency']}): median [quartiles]",
+             f"{_fmt(s['median'])} [{_fmt(s['q1'])}, {_fmt(s['q3'])}]"),
+            ("features scored / no-structure value", f"{s['n_scored']:,} of {s['n_features']:,} / {_fmt(s['null'])}")]
+
+
+def probe_rows(p: dict[str, Any]) -> list[tuple[str, str]]:
+    return ([(f"k={r['k']}: SAE / raw balanced accuracy", f"{_ci(r['sae'])} / {_ci(r['raw'])}") for r in p["rows"]]
+            + [("note", n) for n in p.get("notes", [])])
+
+
+def absorption_rows(a: dict[str, Any]) -> list[tuple[str, str]]:
+    return ([(f"absorbed (decoder cosine > {a['cos']:g}), mean of {a['n_tested']} classes", _ci(a["absorbed"], True)),
+             ("best feature silent on the class's images", _ci(a["silent"], True))]
+            + [("note", n) for n in a.get("notes", [])])
+
+
+def vision_tables(part: str, fig: dict[str, Any], title: str, limit: int = 20) -> list[Any]:
+    """The command's tables: the figures, and per k (probes) or per class (absorption) detail."""
+    from rich.table import Table
+
+    if part == "sparse_probe":
+        t = Table(title=title)
+        for col in ("k", "SAE codes", "raw activations", "SAE - raw"):
+            t.add_column(col, justify="right")
+        for r in fig["rows"]:
+            t.add_row(str(r["k"]), _ci(r["sae"]), _ci(r["raw"]), _ci(r["diff"]))
+        return [t]
+    t = Table(title=title, show_header=False)
+    for k, v in (spatial_rows if part == "spatial" else absorption_rows)(fig):
+        t.add_row(k, v)
+    if part != "absorption":
+        return [t]
+    c = Table(title="per class, most absorbed first")
+    for col in ("class", "feature", "AUROC", "close", "silent", "absorbed", "absorbed by (images)"):
+        c.add_column(col, justify="left" if col in ("class", "absorbed by (images)") else "right")
+    tested = sorted((r for r in fig["classes"] if r["tested"]), key=lambda r: -r["absorbed"])
+    for r in tested[:limit]:
+        c.add_row(str(r["class"]), str(r["feature"]), f"{r['auroc']:.3f}", str(r["n_close"]), _fmt(r["silent"], True),
+                  _fmt(r["absorbed"], True), ", ".join(f"{a['feature']} ({a['images']})" for a in r["absorbers"]))
+    return [t, c]
+
+
+def _vision_cmd(cfg: Any, part: str, title: str) -> None:
+    from saevctl.console import console, say_path
+    from saevctl.eval.vision import run_part, sections
+
+    with _Bars() as bars:
+        res = run_part(cfg, part, progress=bars, on_total=bars.total(part.replace("_", " ")))
+    fig, codes = sections(res.scores)[part], res.scores.codes
+    head = f"{codes.n_images:,} stored images, layer {codes.layer}, {codes.grid[0]}x{codes.grid[1]} patches"
+    if part == "sparse_probe":
+        head += (f"; {fig['labels']} labels, {len(fig['classes'])} classes, one against the rest; "
+                 f"{fig['n_train']:,} training / {fig['n_test']:,} held-out images; chance 0.5")
+    elif part == "absorption":
+        head += (f"; {fig['labels']} labels; {fig['n_tested']} of {fig['n_classes']} classes have a feature of "
+                 f"image-level AUROC >= {fig['min_auroc']:g}")
+    console.print(head)
+    for item in vision_tables(part, fig, title):
+        console.print(item)
+    for note in fig.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}")
+    for name, fpath in res.written.items():
+        say_path("plot" if name.endswith("plot") else "summary", fpath)
+
+
+@config_command(eval_app, "spatial", lambda: _configs().SpatialConfig)
+def spatial_cmd(cfg: SpatialConfig) -> None:
+    """Spatial coherence: each feature's Moran's I on the patch grid, averaged over the images where it fires; the
+    distribution over features and a histogram."""
+    _vision_cmd(cfg, "spatial", "spatial coherence of the features (1: smooth regions; about 0: scattered)")
+
+
+@config_command(eval_app, "sparse-probe", lambda: _configs().SparseProbeConfig)
+def sparse_probe_cmd(cfg: SparseProbeConfig) -> None:
+    """k-sparse probes for image labels (ImageFolder or mask classes) on the SAE's image-level codes, against the same
+    probes on the raw activations; held-out balanced accuracy per k (chance 0.5)."""
+    _vision_cmd(cfg, "sparse_probe", "k-sparse probes, held-out balanced accuracy (mean [95% bootstrap CI])")
+
+
+@config_command(eval_app, "absorption", lambda: _configs().AbsorptionConfig)
+def absorption_cmd(cfg: AbsorptionConfig) -> None:
+    """Feature absorption: how often each class's best feature is silent on its images while a feature with a close
+    decoder fires instead."""
+    _vision_cmd(cfg, "absorption", "feature absorption (share of a class's images, mean [95% bootstrap CI])")
 
 
 def register(app: typer.Typer) -> None:

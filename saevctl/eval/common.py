@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -20,6 +19,7 @@ from saevctl import layout, lock, workspace
 from saevctl.data import ImageRecord
 from saevctl.data.masks import MaskSet
 from saevctl.data.preprocess import Preprocess
+from saevctl.edit.heads import class_index, norm_class
 from saevctl.edit.session import Prober
 from saevctl.errors import IndexError_, ProbeError
 from saevctl.sae.model import SAE
@@ -80,32 +80,30 @@ def grid_hw(prober: Prober) -> tuple[int, int]:
 # --- masks -> head classes ------------------------------------------------------------------------------
 
 
-def _norm(name: str) -> str:
-    return re.sub(r"\s+", " ", name.strip().lower())
-
-
 def mask_to_head(mask_classes: tuple[str, ...], head_classes: list[str]) -> np.ndarray:
     """Lookup table mask value -> head class index (-1: no such class in the head, or value 0, the ignored class).
 
     Names are matched (case and spacing ignored); a head trained without class names ("class V") matches value V.
     """
-    by_name = {_norm(n): i for i, n in enumerate(head_classes)}
+    by_name = class_index(head_classes)
     table = np.full(max(len(mask_classes), 1), -1, np.int64)
     for v, name in enumerate(mask_classes):
         if v == 0:
             continue
-        hit = by_name.get(_norm(name), by_name.get(f"class {v}"))
+        hit = by_name.get(norm_class(name), by_name.get(f"class {v}"))
         if hit is not None:
             table[v] = hit
     return table
 
 
-def open_checked_masks(dpath: Path, records: list[ImageRecord]) -> MaskSet:
-    """The mask folder, refused before any compute when its class file is missing, a mask's size differs from
-    its image's (headers only), or no image has a mask (the checks `extract --masks` makes)."""
+def open_checked_masks(spec: Path | str, records: list[ImageRecord], sae: Path | None = None) -> MaskSet:
+    """The mask folder (`spec`: a folder, or the name of a mask set of the SAE's store), refused before any compute
+    when its class file is missing, a mask's size differs from its image's (headers only), or no image has a mask
+    (the checks `extract --masks` makes)."""
     from saevctl.data.masks import check_masks, open_masks
+    from saevctl.edit.maskpatches import eval_mask_folder
 
-    masks = open_masks(dpath)
+    masks = open_masks(eval_mask_folder(spec, sae)[0])
     check_masks(masks, records)
     return masks
 
@@ -113,11 +111,13 @@ def open_checked_masks(dpath: Path, records: list[ImageRecord]) -> MaskSet:
 class MaskLabels:
     """Per-image patch labels from a mask folder (saevctl.data.masks), in mask values and in head classes."""
 
-    def __init__(self, masks: MaskSet, prober: Prober) -> None:
+    def __init__(self, masks: MaskSet, prober: Prober, need_head: bool = True) -> None:
+        """`need_head`: refuse masks none of whose classes the head predicts (off where only the patches of each
+        class are needed, as when a classify head is tested)."""
         self.masks = masks
         self.prober = prober
         self.to_head = mask_to_head(tuple(self.masks.classes), prober.head.classes)
-        if not (self.to_head >= 0).any():
+        if need_head and not (self.to_head >= 0).any():
             raise ProbeError(
                 f"none of the mask classes in {masks.dpath} is a class of head {prober.head.name}",
                 "use the head trained on these masks (saevctl heads train --task segment --masks DIR)",

@@ -4,10 +4,22 @@ shared mixins of `saevctl.config` or in the eval mixins here, and `eval all` reu
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from saevctl.config import ConfigBase, DeviceOpts, SaeRef, SaeTarget, StatsOpts, check_finite, opt
+from saevctl.config import (
+    ConfigBase,
+    DeviceOpts,
+    RerunOpts,
+    SaeRef,
+    SaeTarget,
+    StatsOpts,
+    VerdictOpts,
+    check_finite,
+    opt,
+)
 from saevctl.edit.clamps import parse_clamp  # torch-free, so a Config can check --value when it is built
 from saevctl.errors import InputError, ProbeError
 
@@ -42,10 +54,10 @@ class ImageEval(StatsOpts, SaeTarget):
     images: str | None = opt(None, short="-i")
     """Image folder (ImageFolder labels give classify accuracy), .txt list of paths, or demo[:N]; edits use only
     images with a mask, and eval all skips the splice and the edits without images."""
-    masks: Path | None = None
+    masks: str | None = None
     """Mask folder with its class file (classes.txt or objectInfo150.csv; see saevctl extract --masks), masks named
-    like the images: a segment head's splice scores mIoU on them (else agreement with the original model), and the
-    edits need them."""
+    like the images, or the NAME of a mask set of the SAE's store: a segment head's splice scores mIoU on them (else
+    agreement with the original model), and the edits need them."""
     batch_size: int = opt(16, short="-b")
     """Images per forward pass (the splice runs 3 variants of each from the SAE's layer on)."""
     max_images: int | None = None
@@ -66,19 +78,20 @@ class ImageEval(StatsOpts, SaeTarget):
 @dataclass(frozen=True, kw_only=True)
 class StoreOpt(ConfigBase):
     store: Path | None = None
-    """Activation store of the SAE's model and layer: reconstruction runs on it and the splice's ablation mean comes
-    from it (default: the store the SAE was trained on; eval splice alone makes a first pass over the images)."""
+    """Activation store of the SAE's model and layer: reconstruction and the vision metrics run on it and the splice's
+    ablation mean comes from it (default: the store the SAE was trained on; eval splice alone makes a first pass
+    over the images)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class SummaryOut(ConfigBase):
     out: Path | None = opt(None, short="-o")
-    """JSON summary path (default: splice.json, edits.json or recon.json in the SAE's eval folder, beside the
-    index when it holds the SAE, else ./eval/<name>)."""
+    """JSON summary path (default: <evaluation>.json, e.g. splice.json, in the SAE's eval folder, beside the index
+    when it holds the SAE, else ./eval/<name>)."""
 
 
 @dataclass(frozen=True, kw_only=True)
-class EditOpts(ConfigBase):
+class EditOpts(VerdictOpts):
     min_auroc: float = MIN_AUROC
     """A class is covered, and its edit tested, when its best patch-level feature reaches this AUROC."""
     value: str = "-2x"
@@ -94,11 +107,60 @@ class EditOpts(ConfigBase):
                              "write Nx (times the feature's max, e.g. -2x) or a number") from e
 
 
+@dataclass(frozen=True, kw_only=True)
+class VisionPass(ConfigBase):
+    """The pass over the store behind the vision metrics (spatial coherence, sparse probing, absorption)."""
+
+    vision_max_images: int | None = None
+    """Spatial coherence, sparse probing and absorption: read only the first N stored images (default: all)."""
+
+    def check(self) -> None:
+        super().check()
+        _image_limit("vision_max_images", self.vision_max_images)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LabelOpts(ConfigBase):
+    labels: Literal["auto", "image", "mask"] = "auto"
+    """Image labels of sparse probing and absorption: image (the store's ImageFolder labels), mask (an image has a
+    mask class when any of its patches has it), or auto (image labels when the store has them, else mask classes)."""
+    min_positives: int = 10
+    """A class is probed and tested for absorption only when at least this many images have it and as many lack it."""
+
+    def check(self) -> None:
+        super().check()
+        _positive("min_positives", self.min_positives)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeOpts(LabelOpts):
+    probe_k: tuple[int, ...] = (1, 2, 5, 20)
+    """Sparse probing: how many features (SAE latents, or raw dimensions for the comparison) each probe may use."""
+
+    def check(self) -> None:
+        super().check()
+        if not self.probe_k:
+            raise InputError("--probe-k lists no sizes", "pass sizes such as --probe-k 1,2,5,20")
+        for k in self.probe_k:
+            _positive("probe_k", k)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AbsorbOpts(LabelOpts):
+    absorb_cos: float = 0.3
+    """Absorption: another feature can absorb a class's best feature when their decoder directions' cosine exceeds
+    this (0.3 is 6 standard deviations of two random directions' cosine at d = 384)."""
+
+    def check(self) -> None:
+        super().check()
+        check_finite("absorb_cos", self.absorb_cos, low=-1, high=1)
+
+
 # --- one Config per command ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, kw_only=True)
-class SpliceConfig(SummaryOut, StoreOpt, ImageEval):
+class SpliceConfig(RerunOpts, SummaryOut, StoreOpt, ImageEval):
     """`eval splice`: the head's metrics with the SAE's reconstruction spliced in, next to a mean ablation."""
 
     def check(self) -> None:
@@ -107,7 +169,7 @@ class SpliceConfig(SummaryOut, StoreOpt, ImageEval):
 
 
 @dataclass(frozen=True, kw_only=True)
-class EditsConfig(SummaryOut, EditOpts, ImageEval):
+class EditsConfig(RerunOpts, SummaryOut, EditOpts, ImageEval):
     """`eval edits`: suppress each labelled class's feature on its patches (needs a segment head and masks)."""
 
     features: tuple[str, ...] = opt((), flag="--feature", short="-f", repeat=True)
@@ -115,6 +177,10 @@ class EditsConfig(SummaryOut, EditOpts, ImageEval):
     index's labels."""
     controls: bool = opt(True, flag="--controls/--no-controls")
     """Run the two controls: a random feature of similar frequency and a random direction of the edit's norm."""
+    level: Literal["patch", "image"] = "patch"
+    """What the edit is measured on: patch (a segment head's class of each patch; target = the patches predicted as
+    the class) or image (a classify head's prediction of the whole image, e.g. --head timm, the ViT's own
+    classifier: prediction flips, and flips against ImageFolder labels)."""
     freq_images: int = opt(128, hidden=True)
     """Without a mined index, feature max and frequency are measured on this many images first."""
 
@@ -126,7 +192,7 @@ class EditsConfig(SummaryOut, EditOpts, ImageEval):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ReconConfig(SummaryOut, StoreOpt, SaeRef, DeviceOpts):
+class ReconConfig(RerunOpts, SummaryOut, StoreOpt, SaeRef, DeviceOpts):
     """`eval recon`: reconstruction over a store, streamed."""
 
     batch_tokens: int = 4096
@@ -140,18 +206,69 @@ class ReconConfig(SummaryOut, StoreOpt, SaeRef, DeviceOpts):
         _image_limit("max_images", self.max_images)
 
 
-@dataclass(frozen=True, kw_only=True)
-class AllConfig(EditOpts, StoreOpt, ImageEval):
-    """`eval all`: every evaluation the inputs allow, then the report card."""
+BaselineKind = Literal["untrained", "random-decoder", "pca", "kmeans"]
+BASELINE_KINDS: tuple[str, ...] = typing.get_args(BaselineKind)
 
-    out: Path | None = opt(None, short="-o")
-    """Folder of the card and the summaries (default: beside the index when it holds the SAE, else ./eval/<name>)."""
+
+@dataclass(frozen=True, kw_only=True)
+class BaselineOpts(ConfigBase):
+    """How the null baselines are built (each a TopK SAE of the SAE's width, k = the SAE's mean L0)."""
+
+    baseline_kinds: tuple[BaselineKind, ...] = opt(typing.get_args(BaselineKind))
+    """Null baselines, a comma list: untrained (random tied SAE), random-decoder (frozen random decoder, trained
+    encoder), pca and kmeans (dictionaries of principal directions or spherical k-means centroids)."""
+    baseline_sample: int = 65536
+    """Tokens sampled from the store for the SAE's mean L0 (the baselines' k) and the PCA and k-means
+    dictionaries."""
+    baseline_train_tokens: int | None = None
+    """Tokens the random-decoder baseline trains on (default: as many as the SAE was trained on, else one pass over
+    the store)."""
+    kmeans_iters: int = opt(20, hidden=True)
+    """Spherical k-means iterations."""
+    rebuild_baselines: bool = False
+    """Build the baselines afresh even when those cached beside the SAE match it, the store and these settings."""
+
+    def check(self) -> None:
+        super().check()
+        if not self.baseline_kinds:
+            raise InputError("--baseline-kinds names no baseline", f"give one or more of {', '.join(BASELINE_KINDS)}")
+        _positive("baseline_sample", self.baseline_sample)
+        _positive("baseline_train_tokens", self.baseline_train_tokens)
+        _positive("kmeans_iters", self.kmeans_iters)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SuiteOpts(AbsorbOpts, ProbeOpts, VisionPass, EditOpts, StoreOpt, ImageEval):
+    """What eval all and eval baselines evaluate, on the SAE and on each baseline alike."""
+
     recon_max_images: int | None = None
     """Reconstruction: use only the first N stored images."""
+    vision: bool = opt(False, flag="--vision/--no-vision")
+    """Also score spatial coherence, sparse probing and absorption on the store (one more pass over it; see eval
+    spatial, eval sparse-probe and eval absorption)."""
 
     def check(self) -> None:
         super().check()
         _image_limit("recon_max_images", self.recon_max_images)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AllConfig(RerunOpts, BaselineOpts, SuiteOpts):
+    """`eval all`: every evaluation the inputs allow, then the report card."""
+
+    out: Path | None = opt(None, short="-o")
+    """Folder of the card and the summaries (default: beside the index when it holds the SAE, else ./eval/<name>)."""
+    baselines: bool = opt(False, flag="--baselines/--no-baselines")
+    """Also build (or reuse) the null baselines, score each on every part that ran, and show the SAE's margin over
+    the best of them on the card (see eval baselines)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaselinesConfig(BaselineOpts, SuiteOpts):
+    """`eval baselines`: the SAE against null baselines of its width and L0, on every evaluation the inputs allow."""
+
+    out: Path | None = opt(None, short="-o")
+    """Folder of baselines.json and the summaries, the SAE's and each baseline's (default: as for eval all)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,3 +293,23 @@ class StabilityConfig(ConfigBase):
         if len(self.saes) < 2:
             raise InputError(f"eval stability needs two or more SAEs, got {len(self.saes)}",
                              "pass their checkpoint folders: saevctl eval stability SAE_A SAE_B")
+
+
+@dataclass(frozen=True, kw_only=True)
+class VisionBase(SummaryOut, VisionPass, StoreOpt, SaeRef, DeviceOpts):
+    """What the three vision metrics share: the SAE, its store, the pass over it and the summary's path."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpatialConfig(VisionBase):
+    """`eval spatial`: Moran's I of each feature's activation map on the patch grid."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparseProbeConfig(ProbeOpts, StatsOpts, VisionBase):
+    """`eval sparse-probe`: k-sparse logistic probes for image labels on the SAE's codes and on the raw activations."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AbsorptionConfig(AbsorbOpts, StatsOpts, VisionBase):
+    """`eval absorption`: how often a class's best feature is silent while a feature with a close decoder fires."""

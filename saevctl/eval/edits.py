@@ -16,40 +16,26 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saevctl import atomic, layout, workspace
+from saevctl import atomic, layout
 from saevctl.config import resolve_device
 from saevctl.data import ImageRecord, resolve_images
-from saevctl.edit.clamps import check_features, parse_clamp
-from saevctl.edit.controls import (
-    CONDITIONS,
-    direction_generator,
-    measure_stats,
-    pick_control_features,
-    random_direction_edit,
-)
+from saevctl.edit.clamps import parse_clamp
+from saevctl.edit.controls import CONDITIONS, direction_generator, measure_stats, random_direction_edit
 from saevctl.edit.edit import EditPlan, apply_edit
-from saevctl.edit.session import FeatureStats, Prober, clamp_values, open_index_stats
-from saevctl.errors import IndexError_, InputError, ProbeError
+from saevctl.edit.effects import verdict
+from saevctl.edit.heads import image_truth
+from saevctl.edit.maskpatches import eval_mask_folder
+from saevctl.edit.session import FeatureStats, Prober, open_index_stats
+from saevctl.errors import InputError, ProbeError
 from saevctl.eval import common
 from saevctl.eval.config import EditsConfig
+from saevctl.eval.edittargets import Target, resolve_targets, set_values
 from saevctl.eval.metrics import resample_weights
+
+__all__ = ["EditsConfig", "EditsResult", "Target", "change_counts", "make_rows_plan", "rates", "run_edits"]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
-
-
-@dataclass
-class Target:
-    """One class under test: its mask id, the head's index for it, and the feature to suppress."""
-
-    class_id: int
-    class_name: str
-    head_class: int
-    feature: int
-    auroc: float | None
-    value: float = 0.0
-    control_feature: int = -1
-    control_value: float = 0.0
 
 
 @dataclass
@@ -64,93 +50,16 @@ class EditsResult:
     seconds: float
     freq_source: str
     notes: list[str] = field(default_factory=list)
+    per_image: tuple[np.ndarray, dict[str, np.ndarray]] | None = field(default=None, repr=False)
+    """(image numbers among the masked images, condition -> int64 (n, 4) counts: target changed, target, other
+    changed, other), summed over each image's classes: what the overall row's bootstrap resamples."""
+
+    level: str = "patch"
+    """patch (a segment head's patches) or image (a classify head's prediction per image)."""
 
     @property
     def overall(self) -> dict[str, Any]:
         return self.rows[-1]
-
-
-# --- which classes, which features ----------------------------------------------------------------------------
-
-
-def _index_fpath(cfg: EditsConfig) -> Path | None:
-    if cfg.index is not None:
-        if not cfg.index.is_file():
-            raise IndexError_(f"mined index {cfg.index} does not exist", "run saevctl mine first, or fix --index")
-        return cfg.index
-    ref = workspace.get_default("index")
-    return Path(ref) if ref and Path(ref).is_file() else None
-
-
-def _explicit_targets(pairs: tuple[str, ...], masks: common.MaskLabels) -> list[Target]:
-    names = {n.strip().lower(): i for i, n in enumerate(masks.masks.classes)}
-    out = []
-    for text in pairs:
-        cls, sep, feat = text.rpartition("=")
-        if not sep or not cls.strip() or not feat.strip().isdigit():
-            raise InputError(f"bad --feature {text!r}", "write CLASS=FEATURE, e.g. --feature wall=6909 or 12=6909")
-        key = cls.strip()
-        cid = int(key) if key.isdigit() else names.get(key.lower())
-        if cid is None or not 0 < cid < len(masks.masks.classes):
-            raise InputError(
-                f"--feature {text!r} names no class of the masks",
-                f"use a name or id from {masks.masks.dpath}'s class file (ids 1..{len(masks.masks.classes) - 1})",
-            )
-        out.append(Target(cid, masks.masks.classes[cid], int(masks.to_head[cid]) if cid < len(masks.to_head) else -1,
-                          int(feat), None))
-    return out
-
-
-def _labelled_targets(
-    index_fpath: Path | None, sae_path: Path, min_auroc: float, masks: common.MaskLabels
-) -> list[Target]:
-    """Classes whose best patch-level feature reaches `min_auroc`, from the index's labels."""
-    from saevctl.mine.index import Index
-
-    if index_fpath is None:
-        raise IndexError_("eval edits needs the classes' features: no --index given and none mined in this workspace",
-                          "run saevctl mine and saevctl features label, or pass --feature CLASS=FEATURE")
-    with Index.open(index_fpath, read_only=True) as idx:
-        sae_id = idx.resolve_sae(str(sae_path))
-        rows = idx.class_features(sae_id, level="patch")
-    if not rows:
-        raise IndexError_(f"SAE {sae_id} in {index_fpath} has no patch-level labels",
-                          f"run saevctl features label --sae {sae_id} (on a store extracted with --masks)")
-    out = []
-    for r in rows:
-        if r["feature"] is None or r["auroc"] is None or r["auroc"] < min_auroc:
-            continue
-        cid = int(r["class_id"])
-        head_class = int(masks.to_head[cid]) if 0 <= cid < len(masks.to_head) else -1
-        out.append(Target(cid, str(r["class_name"]), head_class, int(r["feature"]), float(r["auroc"])))
-    return out
-
-
-def resolve_targets(cfg: EditsConfig, prober: Prober, masks: common.MaskLabels, sae_path: Path,
-                    notes: list[str]) -> list[Target]:
-    targets = (_explicit_targets(cfg.features, masks) if cfg.features
-               else _labelled_targets(_index_fpath(cfg), sae_path, cfg.min_auroc, masks))
-    unknown = [t.class_name for t in targets if t.head_class < 0]
-    if unknown:
-        notes.append(f"skipped {len(unknown)} class(es) the head does not predict: {', '.join(unknown[:5])}")
-    targets = [t for t in targets if t.head_class >= 0]
-    if not targets:
-        raise ProbeError(f"no class has a feature with patch AUROC >= {cfg.min_auroc} that the head predicts",
-                         "lower --min-auroc, or name pairs with --feature CLASS=FEATURE")
-    check_features([t.feature for t in targets], prober.sae.cfg.n_latents)
-    return targets
-
-
-def set_values(cfg: EditsConfig, targets: list[Target], stats: FeatureStats | None) -> None:
-    """Each target's value (Nx uses the feature's max), and its control feature with the same kind of value."""
-    rng = np.random.default_rng(cfg.seed)
-    for t in targets:
-        clamp = parse_clamp(f"{t.feature}={cfg.value}")
-        t.value = clamp_values([clamp], [t.feature], stats)[0]
-        if cfg.controls:
-            assert stats is not None
-            t.control_feature = pick_control_features([t.feature], stats.freq_s, rng)[0]
-            t.control_value = clamp_values([clamp], [t.control_feature], stats)[0]
 
 
 # --- one batch -------------------------------------------------------------------------------------------------
@@ -175,6 +84,21 @@ def make_rows_plan(features_m: list[int], values_m: list[float], mask_mp: Tensor
     return EditPlan(feats, values.to(mask_mp.device), mask)
 
 
+def truth_counts(pred_mp: Tensor, ref_mp: Tensor, truth_mp: Tensor) -> np.ndarray:
+    """(m, 2): of the units (patches or images) the head got right before the edit (prediction = the true class,
+    truth -1 unknown), how many it gets wrong after: flips against the true label."""
+    right = (ref_mp == truth_mp) & (truth_mp >= 0)
+    cols = [(right & (pred_mp != truth_mp)).sum(1), right.sum(1)]
+    return torch.stack(cols, 1).cpu().numpy().astype(np.int64)
+
+
+def image_counts(pred_m1: Tensor, ref_m1: Tensor) -> np.ndarray:
+    """(m, 4) as `change_counts` for a classify head: the image's prediction is the one target unit (no others)."""
+    changed = (pred_m1 != ref_m1).sum(1)
+    cols = [changed, torch.ones_like(changed), torch.zeros_like(changed), torch.zeros_like(changed)]
+    return torch.stack(cols, 1).cpu().numpy().astype(np.int64)
+
+
 def change_counts(pred_mp: Tensor, ref_mp: Tensor, head_class_m: Tensor) -> np.ndarray:
     """(m, 4): target patches changed, target patches, other patches changed, other patches; target = predicted
     as the row's class before the edit."""
@@ -186,11 +110,14 @@ def change_counts(pred_mp: Tensor, ref_mp: Tensor, head_class_m: Tensor) -> np.n
 
 @torch.no_grad()
 def edit_batch(prober: Prober, x_btd: Tensor, values_bp: np.ndarray, targets: list[Target],
-               gen: torch.Generator | None) -> tuple[list[tuple[int, int]], dict[str, np.ndarray]]:
-    """Every (target, image) pair of the batch whose image holds the target's class: change counts per condition."""
+               gen: torch.Generator | None, truth_b: Tensor | None = None
+               ) -> tuple[list[tuple[int, int]], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every (target, image) pair of the batch whose image holds the target's class: change counts and true-label
+    counts (`truth_counts`) per condition. A classify head is measured on each image's prediction, against
+    `truth_b` (each image's true head class, -1 unknown); a segment head on each patch, against the masks."""
     pairs = [(ti, i) for ti, t in enumerate(targets) for i in range(len(x_btd)) if (values_bp[i] == t.class_id).any()]
     if not pairs:
-        return [], {}
+        return [], {}, {}
     dev = x_btd.device
     rows = torch.tensor([i for _, i in pairs], device=dev)
     xs = x_btd[rows]
@@ -202,27 +129,39 @@ def edit_batch(prober: Prober, x_btd: Tensor, values_bp: np.ndarray, targets: li
         ctrl = make_rows_plan([targets[ti].control_feature for ti, _ in pairs],
                               [targets[ti].control_value for ti, _ in pairs], mask)
         variants += [apply_edit(sae, xs, lay, ctrl), random_direction_edit(sae, xs, lay, plan, gen)]
-    ref = patch_predictions(prober, x_btd, len(x_btd))[rows]
-    preds = patch_predictions(prober, torch.cat(variants), len(x_btd))
-    head_class = torch.tensor([targets[ti].head_class for ti, _ in pairs], device=dev)
-    m = len(pairs)
-    return pairs, {
-        c: change_counts(preds[k * m : (k + 1) * m], ref, head_class) for k, c in enumerate(CONDITIONS[: len(variants)])
-    }
+    m, conds = len(pairs), CONDITIONS[: len(variants)]
+    if prober.head.task == "classify":
+        ref = prober.outputs(x_btd, len(x_btd)).argmax(-1)[rows][:, None]
+        preds = prober.outputs(torch.cat(variants), len(x_btd)).argmax(-1)[:, None]
+        truth = (truth_b.to(dev)[rows] if truth_b is not None else torch.full((m,), -1, device=dev))[:, None]
+        counts = {c: image_counts(preds[k * m : (k + 1) * m], ref) for k, c in enumerate(conds)}
+    else:
+        ref = patch_predictions(prober, x_btd, len(x_btd))[rows]
+        preds = patch_predictions(prober, torch.cat(variants), len(x_btd))
+        head_class = torch.tensor([targets[ti].head_class for ti, _ in pairs], device=dev)
+        truth = torch.where(mask, head_class[:, None], -1)  # the edited patches are the class's, by the masks
+        counts = {c: change_counts(preds[k * m : (k + 1) * m], ref, head_class) for k, c in enumerate(conds)}
+    return pairs, counts, {c: truth_counts(preds[k * m : (k + 1) * m], ref, truth) for k, c in enumerate(conds)}
 
 
 # --- rates and their bootstrap -----------------------------------------------------------------------------------
 
 
-def rates(counts_n4: np.ndarray, n_boot: int, seed: int, level: float = 0.95) -> dict[str, dict[str, float]]:
+RATES = (("target", (0, 1)), ("other", (2, 3)))
+"""Rate name -> (changed column, total column) of `change_counts`."""
+
+
+def rates(counts_n4: np.ndarray, n_boot: int, seed: int, level: float = 0.95,
+          names: tuple[tuple[str, tuple[int, int]], ...] = RATES) -> dict[str, dict[str, float]]:
     """Pooled target and other change rates (changed / total over all units) with percentile bootstrap CIs
-    (units resampled with replacement, the same resamples for every condition given the same seed)."""
+    (units resampled with replacement, the same resamples for every condition given the same seed); `names`
+    picks other columns (("true", (0, 1)) for `truth_counts`)."""
     c = np.asarray(counts_n4, dtype=np.float64)
     out: dict[str, dict[str, float]] = {}
     w = resample_weights(len(c), n_boot, seed) if len(c) else np.zeros((0, 0))
-    boot = w @ c if len(c) else np.zeros((0, 4))
+    boot = w @ c if len(c) else np.zeros((0, c.shape[1] if c.ndim == 2 else 4))
     alpha = (1 - level) / 2
-    for name, (num, den) in (("target", (0, 1)), ("other", (2, 3))):
+    for name, (num, den) in names:
         total = c[:, den].sum()
         mean = float(c[:, num].sum() / total) if total > 0 else float("nan")
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -255,20 +194,51 @@ class _Tally:
 
     def __init__(self, n_targets: int) -> None:
         self.units: dict[str, list[np.ndarray]] = {c: [] for c in CONDITIONS}
+        self.truths: dict[str, list[np.ndarray]] = {c: [] for c in CONDITIONS}
+        """Per condition, `truth_counts` of each unit."""
         self.target_ids: list[int] = []
         self.image_ids: list[int] = []
         self.n_targets = n_targets
 
-    def add(self, pairs: list[tuple[int, int]], counts: dict[str, np.ndarray], image_offset: int) -> None:
+    def add(self, pairs: list[tuple[int, int]], counts: dict[str, np.ndarray], image_offset: int,
+            truths: dict[str, np.ndarray] | None = None) -> None:
         for c, v in counts.items():
             self.units[c].append(v)
+        for c, v in (truths or {}).items():
+            self.truths[c].append(v)
         self.target_ids += [ti for ti, _ in pairs]
         self.image_ids += [image_offset + i for _, i in pairs]
+
+    def per_image(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(image numbers, condition -> (n, 4) counts summed over each image's classes)."""
+        images, inverse = np.unique(np.asarray(self.image_ids), return_inverse=True)
+        out: dict[str, np.ndarray] = {}
+        for c in (c for c in CONDITIONS if self.units[c]):
+            acc = np.zeros((len(images), 4), np.int64)
+            np.add.at(acc, inverse, np.concatenate(self.units[c]))
+            out[c] = acc
+        return images, out
+
+    def true_rates(self, sel: np.ndarray | None, n_boot: int, seed: int) -> dict[str, dict[str, float]]:
+        """Per condition, the true-label flip rate {mean, lo, hi} of the units `sel` (None: per image, pooled over
+        each image's classes, as the overall row resamples)."""
+        out = {}
+        for c in (c for c in CONDITIONS if self.truths[c]):
+            t = np.concatenate(self.truths[c])
+            if sel is None:
+                images, inverse = np.unique(np.asarray(self.image_ids), return_inverse=True)
+                acc = np.zeros((len(images), 2), np.int64)
+                np.add.at(acc, inverse, t)
+                t = acc
+            else:
+                t = t[sel]
+            out[c] = rates(t, n_boot, seed, names=(("true", (0, 1)),))["true"]
+        return out
 
     def rows(self, targets: list[Target], n_boot: int, seed: int) -> list[dict[str, Any]]:
         conds = [c for c in CONDITIONS if self.units[c]]
         units = {c: np.concatenate(self.units[c]) for c in conds}
-        tid, iid = np.asarray(self.target_ids), np.asarray(self.image_ids)
+        tid = np.asarray(self.target_ids)
         out = []
         for ti, t in enumerate(targets):
             sel = tid == ti
@@ -291,17 +261,27 @@ class _Tally:
                     "conditions": {c: rates(units[c][sel], n_boot, seed) for c in conds},
                 }
             )
-        images, inverse = np.unique(iid, return_inverse=True)
-        per_image = {}
-        for c in conds:
-            acc = np.zeros((len(images), 4), np.int64)
-            np.add.at(acc, inverse, units[c])
-            per_image[c] = acc
+        images, per_image = self.per_image()
         first = per_image[conds[0]]
         out.append({"class_id": None, "class": "all", "n_classes": len(out), "n_images": len(images),
                     "n_target": int(first[:, 1].sum()), "n_other": int(first[:, 3].sum()),
                     "conditions": {c: rates(per_image[c], n_boot, seed) for c in conds}})
         return out
+
+
+def judged_rows(tally: _Tally, targets: list[Target], cfg: EditsConfig, label: str) -> list[dict[str, Any]]:
+    """`_Tally.rows` with each condition's true-label flip rate ("true") and each row's verdict: the feature's target
+    change rate against both controls' (`saevctl.edit.effects.verdict`; none without controls)."""
+    rows = tally.rows(targets, cfg.n_boot, cfg.seed)
+    tid = np.asarray(tally.target_ids)
+    for r in rows:
+        ti = next((i for i, t in enumerate(targets) if t.class_id == r["class_id"]), None) if r["class_id"] else None
+        for c, v in tally.true_rates(None if ti is None else tid == ti, cfg.n_boot, cfg.seed).items():
+            r["conditions"][c]["true"] = v
+        conds = r["conditions"]
+        controls = {c: conds[c]["target"] for c in conds if c != "feature"}
+        r["verdict"] = verdict(conds["feature"]["target"], controls, cfg.min_effect, label) if controls else None
+    return rows
 
 
 def run_edits(cfg: EditsConfig, progress: Progress | None = None, prober: Prober | None = None,
@@ -315,21 +295,32 @@ def run_edits(cfg: EditsConfig, progress: Progress | None = None, prober: Prober
         return _edits(cfg, sae_path, summary, t0, progress, prober, on_total)
 
 
+def _check_head(cfg: EditsConfig, prober: Prober) -> None:
+    """--level patch needs a segment head (a class per patch), --level image a classify head (one per image)."""
+    task, name = prober.head.task, prober.head.name
+    if cfg.level == "patch" and task != "segment":
+        raise ProbeError(f"eval edits needs a segment head, but {name} is a {task} head",
+                         "train one with saevctl heads train --task segment --masks DIR, or pass --level image to "
+                         "measure a classify head's prediction (e.g. --head timm, the model's own classifier)")
+    if cfg.level == "image" and task != "classify":
+        raise ProbeError(f"eval edits --level image needs a classify head, but {name} is a {task} head",
+                         "pass --head timm (the model's own classifier), clip or a trained classify head")
+
+
 def _edits(cfg: EditsConfig, sae_path: Path, summary: Path, t0: float, progress: Progress | None,
            prober: Prober | None, on_total: Callable[[int], None] | None) -> EditsResult:
     assert cfg.images is not None and cfg.masks is not None  # EditsConfig.check requires them
     records = list(resolve_images(cfg.images, cfg.max_images).records)
     if on_total:
         on_total(len(records))
-    mask_set = common.open_checked_masks(cfg.masks, records)
+    mask_set = common.open_checked_masks(cfg.masks, records, cfg.sae)
     prober = prober or Prober.load(cfg.sae, cfg.head, cfg.classes, resolve_device(cfg.device))
-    if prober.head.task != "segment":
-        raise ProbeError(f"eval edits needs a segment head, but {prober.head.name} is a {prober.head.task} head",
-                         "train one with saevctl heads train --task segment --masks DIR")
+    _check_head(cfg, prober)
     prober.check_batch_memory(cfg.batch_size, len(records), 3 if cfg.controls else 1, full_codes=False)
-    masks = common.MaskLabels(mask_set, prober)
+    masks = common.MaskLabels(mask_set, prober, need_head=cfg.level == "patch")
     notes: list[str] = []
-    targets = resolve_targets(cfg, prober, masks, sae_path, notes)
+    targets = resolve_targets(cfg, prober, masks, sae_path, notes, eval_mask_folder(cfg.masks, cfg.sae)[1])
+    truth = image_truth(records, prober.head, notes)
     stats = _stats(cfg, prober, sae_path, records, notes)
     set_values(cfg, targets, stats)
     gen = direction_generator(cfg.seed) if cfg.controls else None
@@ -343,8 +334,9 @@ def _edits(cfg: EditsConfig, sae_path: Path, summary: Path, t0: float, progress:
         n_unmasked += len(values) - len(keep)
         if keep:
             x = prober.prefix(common.to_input(prober, batch.u8[keep]))
-            pairs, counts = edit_batch(prober, x, np.stack([v for _, v in masked]), targets, gen)
-            tally.add(pairs, counts, n_images)
+            truth_b = torch.tensor([truth[batch.records[i].id] for i in keep]) if truth is not None else None
+            pairs, counts, truths = edit_batch(prober, x, np.stack([v for _, v in masked]), targets, gen, truth_b)
+            tally.add(pairs, counts, n_images, truths)
             n_images += len(keep)
         if progress:
             progress(len(batch.records) + batch.n_failed)
@@ -355,13 +347,14 @@ def _edits(cfg: EditsConfig, sae_path: Path, summary: Path, t0: float, progress:
     if not tally.target_ids:
         raise ProbeError("none of the tested classes appears in the masks of these images",
                          "use images that show the labelled classes, or lower --min-auroc")
-    rows = tally.rows(targets, cfg.n_boot, cfg.seed)
+    rows = judged_rows(tally, targets, cfg, "prediction flips" if cfg.level == "image" else "target change rate")
     res = EditsResult(rows, n_images, n_failed, n_unmasked, summary, time.perf_counter() - t0,
-                      stats.source if stats else "none", notes)
+                      stats.source if stats else "none", notes, tally.per_image(), level=cfg.level)
     atomic.write_json(summary, common.jsonable({
         "schema_version": layout.EVAL_SCHEMA, "format": common.FORMAT + "-edits", "sae": str(sae_path),
         "images": cfg.images, "masks": str(cfg.masks), "head": prober.head.name, "layer": prober.layer,
         "value": cfg.value, "min_auroc": cfg.min_auroc, "source": "--feature" if cfg.features else "index labels",
+        "level": cfg.level, "min_effect": cfg.min_effect,
         "n_images": n_images, "n_failed": n_failed, "n_unmasked": n_unmasked, "n_boot": cfg.n_boot, "seed": cfg.seed,
         "freq_source": res.freq_source, "classes": rows, "notes": notes, "seconds": res.seconds,
     }))

@@ -125,7 +125,8 @@ def resample_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
     return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
 
 
-def _ci(rows: np.ndarray, level: float) -> tuple[float, float]:
+def percentile_ci(rows: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The percentile interval of bootstrap rows at `level` (NaN rows left out; NaN when none is finite)."""
     rows = rows[np.isfinite(rows)]
     if rows.size == 0:
         return float("nan"), float("nan")
@@ -142,9 +143,9 @@ def summarize(scored: Scored, n_boot: int, seed: int, level: float = 0.95) -> di
     boot = {v: scored.score(w @ s) for v, s in scored.stats.items()}
     out: dict[str, Any] = {"metric": scored.name, "label": scored.label}
     for v in scored.stats:
-        lo, hi = _ci(boot[v], level)
+        lo, hi = percentile_ci(boot[v], level)
         out[v] = {"mean": point[v], "lo": lo, "hi": hi}
     rec = recovery(point["original"], point["spliced"], point["ablated"])
-    lo, hi = _ci(recovery_rows(boot["original"], boot["spliced"], boot["ablated"]), level)
+    lo, hi = percentile_ci(recovery_rows(boot["original"], boot["spliced"], boot["ablated"]), level)
     out["recovery"] = {"mean": rec, "lo": lo, "hi": hi}
     return out

@@ -46,6 +46,10 @@ class ReconResult:
     summary: Path
     seconds: float
     notes: list[str] = field(default_factory=list)
+    units: np.ndarray | None = field(default=None, repr=False)
+    """float64 (n_units, 3 + d): per block of images (UNITS blocks at most), the squared error, the squared
+    deviation from the SAE's mean, the token count and the summed deviation: what a bootstrap of the normalised MSE
+    over images resamples (`unit_nmse`)."""
 
     def figures(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("mse", "nmse", "l0", "dead", "dense", "n_tokens", "n_images")}
@@ -67,31 +71,50 @@ def default_store(sae: SAE) -> Path:
     return Path(ref)
 
 
-class _Sums:
-    """Float64 running sums; deviations are taken from the SAE's own mean so the variance stays well conditioned."""
+UNITS = 1000
+"""Bootstrap units of the reconstruction: images, grouped into at most this many contiguous blocks (so the per-unit
+sums stay small on any store)."""
 
-    def __init__(self, sae: SAE) -> None:
+
+def unit_nmse(sums_mk: np.ndarray) -> np.ndarray:
+    """Normalised MSE from summed unit statistics (rows of `ReconResult.units` summed or resampled): error over the
+    variance about the tokens' own mean."""
+    var = sums_mk[:, 1] - (sums_mk[:, 3:] ** 2).sum(1) / np.maximum(sums_mk[:, 2], 1e-300)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(var > 0, sums_mk[:, 0] / np.where(var > 0, var, 1.0), np.nan)
+
+
+class _Sums:
+    """Float64 running sums, in total and per bootstrap unit; deviations are taken from the SAE's own mean so the
+    variance stays well conditioned."""
+
+    def __init__(self, sae: SAE, n_units: int) -> None:
         d, s = sae.cfg.d, sae.cfg.n_latents
         self.shift = sae.act_mean.detach().double().cpu()
         self.sq_err_norm = self.sq_err = self.sq_dev = self.l0 = 0.0
         self.sum_dev = torch.zeros(d, dtype=torch.float64)
         self.fired = torch.zeros(s, dtype=torch.float64)
+        self.units = torch.zeros(n_units, 3 + d, dtype=torch.float64)
         self.n = 0
 
     @torch.no_grad()
-    def add(self, sae: SAE, x_nd: torch.Tensor) -> None:
+    def add(self, sae: SAE, x_nd: torch.Tensor, unit_n: torch.Tensor) -> None:
         codes = sae.encode(x_nd)
         err = (sae.decode(codes) - x_nd.to(codes.dtype)).double()
         scale = float(sae.act_scale)
-        self.sq_err += float(err.pow(2).sum())
-        self.sq_err_norm += float(err.pow(2).sum()) * scale * scale
+        err_n = err.pow(2).sum(1).cpu()
+        self.sq_err += float(err_n.sum())
+        self.sq_err_norm += float(err_n.sum()) * scale * scale
         dev = x_nd.double().cpu() - self.shift
+        dev_n = dev.pow(2).sum(1)
         self.sum_dev += dev.sum(0)
-        self.sq_dev += float(dev.pow(2).sum())
+        self.sq_dev += float(dev_n.sum())
         fired = codes > 0
         self.l0 += float(fired.sum())
         self.fired += fired.sum(0).double().cpu()
         self.n += len(x_nd)
+        cols = torch.cat([torch.stack([err_n, dev_n, torch.ones_like(dev_n)], 1), dev], 1)
+        self.units.index_add_(0, unit_n, cols)
 
     def result(self, d: int) -> Figures:
         n = max(self.n, 1)
@@ -125,7 +148,8 @@ def _recon(cfg: ReconConfig, sae_path: Path, summary: Path, t0: float, progress:
     if on_total:
         on_total(n_images)
     device = next(sae.parameters()).device
-    sums = _Sums(sae)
+    n_units = min(n_images, UNITS)
+    sums = _Sums(sae, n_units)
     arrays = [store.layer(layer).kind(k) for k in kinds]
     per_image = sum(int(np.prod(a.shape[1:-1], dtype=np.int64)) for a in arrays)
     step = max(1, cfg.batch_tokens // max(per_image, 1))
@@ -135,13 +159,14 @@ def _recon(cfg: ReconConfig, sae_path: Path, summary: Path, t0: float, progress:
                  "pass a smaller --batch-tokens", available=available, where=where)
     for lo in range(0, n_images, step):
         hi = min(lo + step, n_images)
+        unit_b = torch.arange(lo, hi) * n_units // max(n_images, 1)
         for arr in arrays:
             x = arr.torch(slice(lo, hi)).reshape(-1, arr.shape[-1]).to(device)
-            sums.add(sae, x.float())
+            sums.add(sae, x.float(), unit_b.repeat_interleave(len(x) // (hi - lo)))
         if progress:
             progress(hi - lo)
     res = ReconResult(**sums.result(sae.cfg.d), n_tokens=sums.n, n_images=n_images, store=store_dpath, kinds=kinds,
-                      summary=summary, seconds=time.perf_counter() - t0)
+                      summary=summary, seconds=time.perf_counter() - t0, units=sums.units.numpy())
     atomic.write_json(summary, {
         "schema_version": layout.EVAL_SCHEMA, "format": common.FORMAT + "-recon", "sae": str(sae_path),
         "store": str(store_dpath), "layer": layer, "kinds": list(kinds), **common.jsonable(res.figures()),

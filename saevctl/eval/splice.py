@@ -48,6 +48,8 @@ class SpliceResult:
     summary: Path
     seconds: float
     notes: list[str] = field(default_factory=list)
+    scored: list[Scored] = field(default_factory=list, repr=False)
+    """Each metric's per-image statistics behind `rows` (what a paired comparison with another SAE resamples)."""
 
     @property
     def primary(self) -> dict[str, Any]:
@@ -195,7 +197,7 @@ class _Collector:
 def _means(prober: Prober, records: list[Any], kinds: tuple[str, ...], slices: list[slice], cfg: SpliceConfig,
            progress: Progress | None) -> tuple[list[Tensor], str]:
     if cfg.store is not None:
-        return store_means(cfg.store, prober.sae, prober.layer, kinds), f"the store {cfg.store}"
+        return store_means(cfg.store, prober.sae, prober.layer, kinds), f"the store at {cfg.store}"
     return image_means(prober, records, slices, cfg, progress), f"a first pass over the {len(records)} evaluated images"
 
 
@@ -226,7 +228,7 @@ def _splice(cfg: SpliceConfig, sae_path: Path, summary: Path, t0: float, progres
     records = list(resolve_images(cfg.images, cfg.max_images).records)
     if on_total:
         on_total(len(records) if cfg.store is not None else 2 * len(records))
-    mask_set = common.open_checked_masks(cfg.masks, records) if cfg.masks is not None else None
+    mask_set = common.open_checked_masks(cfg.masks, records, cfg.sae) if cfg.masks is not None else None
     prober = prober or Prober.load(cfg.sae, cfg.head, cfg.classes, resolve_device(cfg.device))
     prober.check_batch_memory(cfg.batch_size, len(records), len(metrics.VARIANTS), full_codes=True)
     kinds = common.spliced_kinds(prober.sae, prober.bb.layout.n_cls)
@@ -253,11 +255,12 @@ def _splice(cfg: SpliceConfig, sae_path: Path, summary: Path, t0: float, progres
     if masks is not None and not col.n_masked:
         notes.append(f"no image has a mask in {cfg.masks}: scored by agreement with the original model")
         col.parts.pop("miou", None)
-    rows = [metrics.summarize(s, cfg.n_boot, cfg.seed) for s in col.scored()]
+    scored = col.scored()
+    rows = [metrics.summarize(s, cfg.n_boot, cfg.seed) for s in scored]
     if not np.isfinite(rows[0]["recovery"]["mean"]):
         notes.append("recovery is undefined: mean-ablating the layer does not change the metric")
     res = SpliceResult(prober.head.task, prober.head.name, prober.layer, kinds, n_images, n_failed, rows,
-                       mean_source, summary, time.perf_counter() - t0, notes)
+                       mean_source, summary, time.perf_counter() - t0, notes, scored)
     atomic.write_json(summary, {
         "schema_version": layout.EVAL_SCHEMA, "format": common.FORMAT + "-splice", "sae": str(sae_path),
         "images": cfg.images, "head": res.head, "task": res.task, "layer": res.layer, "kinds": list(kinds),

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from saevctl import layout, lock, workspace
+from saevctl import layout, lock, rerun, workspace
 from saevctl.config import resolve_device
 from saevctl.edit.heads import resolve_head
 from saevctl.edit.session import Prober, load_sae_and_backbone
 from saevctl.errors import InputError
-from saevctl.eval import card, common
-from saevctl.eval.config import AllConfig, EditOpts, EditsConfig, ImageEval, ReconConfig, SpliceConfig
+from saevctl.eval import card, common, fresh, vision
+from saevctl.eval.config import AllConfig, EditOpts, EditsConfig, ImageEval, ReconConfig, SpliceConfig, SuiteOpts
 from saevctl.eval.edits import run_edits
 from saevctl.eval.recon import run_recon
 from saevctl.eval.splice import run_splice
@@ -28,7 +28,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
-Stage = Callable[[str, "int | None"], None]
+
+
+Stage = Callable[..., None]
+"""stage(name, total, unit="img"): announces a stage of work and its size before its first progress (a new bar);
+written loosely because its unit is optional."""
+
+
+def _no_stage(name: str, total: int | None, unit: str = "img") -> None:
+    """The stage callback when nobody listens."""
 
 
 @dataclass
@@ -42,9 +50,11 @@ class AllResult:
     """recon/splice/edits results and the coverage dict, for those that ran."""
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    unchanged: bool = False
+    """The card in `out` was made from the same inputs (saevctl.rerun): kept, nothing evaluated."""
 
 
-def _index(cfg: AllConfig) -> Path | None:
+def find_index(cfg: SuiteOpts) -> Path | None:
     ref = cfg.index if cfg.index is not None else workspace.get_default("index")
     if ref is None:
         return None
@@ -56,7 +66,7 @@ def _index(cfg: AllConfig) -> Path | None:
     return fpath
 
 
-def _store(cfg: AllConfig, sae: SAE) -> tuple[Path | None, str]:
+def _store(cfg: SuiteOpts, sae: SAE) -> tuple[Path | None, str]:
     if cfg.store is not None:
         return cfg.store, ""
     ref = sae.cfg.train.get("store") if isinstance(sae.cfg.train, dict) else None
@@ -83,8 +93,11 @@ def coverage(index_fpath: Path | None, sae_path: Path, min_auroc: float) -> tupl
         return None, (f"SAE {sae_id} has no patch-level labels "
                       "(run saevctl features label on a store extracted with --masks)")
     covered = sum(1 for r in rows if r["auroc"] is not None and r["auroc"] >= min_auroc)
+    # each class's best feature, which the baselines' comparison resamples (bootstrap over classes)
+    classes = [{"class_id": r["class_id"], "class": r["class_name"], "feature": r["feature"], "auroc": r["auroc"]}
+               for r in rows]
     return {"coverage": share, "n_classes": len(rows), "n_covered": covered, "min_auroc": min_auroc,
-            "level": "patch", "sae_id": sae_id}, ""
+            "level": "patch", "sae_id": sae_id, "classes": classes}, ""
 
 
 def sae_card_info(sae: SAE, sae_path: Path) -> dict[str, Any]:
@@ -93,7 +106,7 @@ def sae_card_info(sae: SAE, sae_path: Path) -> dict[str, Any]:
             "layer": c.layer, "n_latents": c.n_latents, "activation": c.activation, "k": c.k, "tokens": list(c.tokens)}
 
 
-def _prober(cfg: AllConfig, sae_path: Path, device: str) -> tuple[SAE, Prober | None]:
+def _prober(cfg: SuiteOpts, sae_path: Path, device: str) -> tuple[SAE, Prober | None]:
     """The SAE, and a Prober (SAE + ViT + head) when there are images to run."""
     if cfg.images is None:
         from saevctl.sae import SAE
@@ -104,7 +117,7 @@ def _prober(cfg: AllConfig, sae_path: Path, device: str) -> tuple[SAE, Prober | 
     return sae, Prober(sae, bb, resolve_head(head, bb, cfg.classes))
 
 
-def _edits_skip(cfg: AllConfig, prober: Prober | None, cov: dict[str, Any] | None, cov_why: str) -> str:
+def _edits_skip(cfg: SuiteOpts, prober: Prober | None, cov: dict[str, Any] | None, cov_why: str) -> str:
     if prober is None:
         return "no --images"
     if cfg.masks is None:
@@ -118,63 +131,119 @@ def _edits_skip(cfg: AllConfig, prober: Prober | None, cov: dict[str, Any] | Non
     return ""
 
 
-def _shared(cfg: AllConfig, *mixins: type) -> dict[str, Any]:
+def _shared(cfg: SuiteOpts, *mixins: type) -> dict[str, Any]:
     """The values of the options eval all shares with one evaluation (the fields of these mixins)."""
     return {f.name: getattr(cfg, f.name) for m in mixins for f in dataclasses.fields(m)}
 
 
 def run_all(cfg: AllConfig, progress: Progress | None = None, on_stage: Stage | None = None) -> AllResult:
-    """Run what applies, then write the card; `on_stage(name, total)` announces each stage once it knows its
-    image count (before the stage's first progress)."""
+    """Run what applies (and, with cfg.baselines, the same on each null baseline), then write the card;
+    `on_stage(name, total)` announces each stage once it knows its item count (before the stage's first progress)."""
     t0 = time.perf_counter()
     sae_path = workspace.resolve_sae_ref(cfg.sae)
-    index_fpath = _index(cfg)
+    index_fpath = find_index(cfg)
     out = cfg.out or common.out_dpath(sae_path, index_fpath)
+    inputs = fresh.inputs(cfg)
+    card_json = layout.eval_card_json_fpath(out)
+    if layout.eval_card_fpath(out).is_file() and (card := rerun.kept(card_json, inputs, cfg.force)) is not None:
+        return AllResult(out, layout.eval_card_fpath(out), card_json, card, {}, card.get("skipped", {}), 0.0,
+                         unchanged=True)
     with lock.exclusive(out, "the eval output folder", "--out"):  # held by the evaluations inside it too
-        return _run_all(cfg, sae_path, index_fpath, out, t0, progress, on_stage)
+        res = _run_all(cfg, sae_path, index_fpath, out, t0, progress, on_stage)
+        rerun.record(res.card_json, inputs)
+    return res
 
 
-def _run_all(cfg: AllConfig, sae_path: Path, index_fpath: Path | None, out: Path, t0: float,
-             progress: Progress | None, on_stage: Stage | None) -> AllResult:
+@dataclass
+class Scores:
+    """One SAE's evaluations: the card's sections (those that ran), the full results, and why the others did not."""
+
+    sections: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """What every evaluation of one command shares: the store (or why there is none), device and progress."""
+
+    store: Path | None
+    store_why: str
+    device: str
+    progress: Progress | None
+    stage: Stage
+
+
+def open_run(cfg: SuiteOpts, sae_path: Path, progress: Progress | None,
+             on_stage: Stage | None) -> tuple[SAE, Prober | None, Run]:
+    """The SAE, its Prober when there are images, and the shared inputs of its evaluations."""
     device = resolve_device(cfg.device)
     sae, prober = _prober(cfg, sae_path, device)
-    stage = on_stage or (lambda name, total: None)
-    results: dict[str, Any] = {}
-    sections: dict[str, Any] = {}
-    skipped: dict[str, str] = {}
     store, why = _store(cfg, sae)
-    # Every evaluation gets eval all's options, with the SAE, index and device resolved once and its own output.
-    resolved: dict[str, Any] = {"sae": sae_path, "index": index_fpath, "device": device}
-    if store is not None:
-        rec = run_recon(ReconConfig(**resolved, store=store, out=layout.eval_summary_fpath(out, "recon"),
-                                    max_images=cfg.recon_max_images), progress, sae=sae,
-                        on_total=lambda n: stage("reconstruction", n))
-        results["recon"] = rec
-        sections["recon"] = {**rec.figures(), "store": str(store), "kinds": list(rec.kinds)}
+    return sae, prober, Run(store, why, device, progress, on_stage or _no_stage)
+
+
+def evaluate(cfg: SuiteOpts, sae_path: Path, sae: SAE, prober: Prober | None, index_fpath: Path | None, out: Path,
+             run: Run, what: str = "") -> Scores:
+    """Every evaluation the inputs allow on one SAE (the SAE under test, or a baseline: `what` prefixes the
+    progress stages), each summary written into `out`."""
+    sc = Scores()
+    # Every evaluation gets the suite's options, with the SAE, index and device resolved once and its own output.
+    resolved: dict[str, Any] = {"sae": sae_path, "index": index_fpath, "device": run.device}
+    if run.store is not None:
+        rec = run_recon(ReconConfig(**resolved, store=run.store, out=layout.eval_summary_fpath(out, "recon"),
+                                    max_images=cfg.recon_max_images), run.progress, sae=sae,
+                        on_total=lambda n: run.stage(what + "reconstruction", n))
+        sc.results["recon"] = rec
+        sc.sections["recon"] = {**rec.figures(), "store": str(run.store), "kinds": list(rec.kinds)}
     else:
-        skipped["recon"] = why
+        sc.skipped["recon"] = run.store_why
     if prober is not None:
-        sp = run_splice(SpliceConfig(**(_shared(cfg, ImageEval) | resolved), store=store,
+        sp = run_splice(SpliceConfig(**(_shared(cfg, ImageEval) | resolved), store=run.store,
                                      out=layout.eval_summary_fpath(out, "splice")),
-                        progress, prober=prober, on_total=lambda n: stage("splice", n))
-        results["splice"] = sp
-        sections["splice"] = {"head": sp.head, "task": sp.task, "layer": sp.layer, "kinds": list(sp.kinds),
-                              "n_images": sp.n_images, "mean_source": sp.mean_source, "metrics": sp.rows}
+                        run.progress, prober=prober, on_total=lambda n: run.stage(what + "splice", n))
+        sc.results["splice"] = sp
+        sc.sections["splice"] = {"head": sp.head, "task": sp.task, "layer": sp.layer, "kinds": list(sp.kinds),
+                                 "n_images": sp.n_images, "mean_source": sp.mean_source, "metrics": sp.rows}
     else:
-        skipped["splice"] = "no --images"
+        sc.skipped["splice"] = "no --images"
     cov, cov_why = coverage(index_fpath, sae_path, cfg.min_auroc)
     if cov is not None:
-        results["coverage"] = sections["coverage"] = cov
+        sc.results["coverage"] = sc.sections["coverage"] = cov
     else:
-        skipped["coverage"] = cov_why
+        sc.skipped["coverage"] = cov_why
     why = _edits_skip(cfg, prober, cov, cov_why)
     if not why:
         ed = run_edits(EditsConfig(**(_shared(cfg, ImageEval, EditOpts) | resolved),
                                    out=layout.eval_summary_fpath(out, "edits")),
-                       progress, prober=prober, on_total=lambda n: stage("edits", n))
-        results["edits"] = ed
-        sections["edits"] = {"value": cfg.value, "n_images": ed.n_images, "classes": ed.rows}
+                       run.progress, prober=prober, on_total=lambda n: run.stage(what + "edits", n))
+        sc.results["edits"] = ed
+        sc.sections["edits"] = {"value": cfg.value, "n_images": ed.n_images, "classes": ed.rows}
     else:
-        skipped["edits"] = why
-    html_fpath, json_fpath, figures = card.write_card(out, sae_card_info(sae, sae_path), sections, skipped)
-    return AllResult(out, html_fpath, json_fpath, figures, results, skipped, time.perf_counter() - t0)
+        sc.skipped["edits"] = why
+    vis = vision.in_suite(cfg, sae, sae_path, run.store, run.store_why, out, run.progress,
+                          lambda n: run.stage(what + "vision metrics", n))
+    sc.sections.update(vis.sections)
+    sc.results.update(vis.results)
+    sc.skipped.update(vis.skipped)
+    return sc
+
+
+def _run_all(cfg: AllConfig, sae_path: Path, index_fpath: Path | None, out: Path, t0: float,
+             progress: Progress | None, on_stage: Stage | None) -> AllResult:
+    sae, prober, run = open_run(cfg, sae_path, progress, on_stage)
+    if cfg.baselines and run.store is not None:
+        from saevctl.eval.baselines import preflight
+
+        preflight(cfg, sae, run.store)  # before any evaluation runs
+    sc = evaluate(cfg, sae_path, sae, prober, index_fpath, out, run)
+    if cfg.baselines:
+        from saevctl.eval.baselines import score_baselines
+
+        section, why = score_baselines(cfg, cfg, sae_path, sae, prober, out, run, sc)
+        if section is not None:
+            sc.results["baselines"] = sc.sections["baselines"] = section
+        else:
+            sc.skipped["baselines"] = why
+    html_fpath, json_fpath, figures = card.write_card(out, sae_card_info(sae, sae_path), sc.sections, sc.skipped)
+    return AllResult(out, html_fpath, json_fpath, figures, sc.results, sc.skipped, time.perf_counter() - t0)

@@ -63,10 +63,18 @@ def _summary(console: Console, result: Result) -> None:
     t.add_row("layers", ", ".join(str(x) for x in cfg["layers"]))
     t.add_row("tokens", f"{', '.join(cfg['tokens'])}; {n_tok} patches/image ({lay['grid_h']}x{lay['grid_w']})")
     t.add_row("activations", f"{m['n_rows'] * n_tok * len(cfg['layers']):,} patch vectors, dtype {cfg['dtype']}")
+    if result.compute:
+        c = result.compute
+        errs = ", ".join(f"layer {k} {100 * v:.2f}%" for k, v in c["rel_error_vs_float32"].items())
+        t.add_row("compute", f"bfloat16 autocast on {c['device']}; error vs float32 on {c['images_measured']} "
+                  f"images: {errs}")
     if cfg.get("masks"):
-        head = result.labels or {}
-        t.add_row("labels", f"{head.get('n_labelled_rows', 0):,} images labelled per patch, "
-                            f"{len(cfg['masks']['classes']) - 1} classes, from {cfg['masks']['dpath']}")
+        sets = [cfg["masks"], *(cfg.get("mask_sets") or [])]
+        heads = result.label_sets or [result.labels or {}]
+        for i, (entry, head) in enumerate(zip(sets, heads, strict=False)):
+            name = f" (set {head.get('name')}{', default' if i == 0 else ''})" if len(sets) > 1 else ""
+            t.add_row("labels" if i == 0 else "", f"{head.get('n_labelled_rows', 0):,} images labelled per patch, "
+                      f"{len(entry['classes']) - 1} classes, from {entry['dpath']}{name}")
     resumed = f" ({result.resumed_shards} resumed)" if result.resumed_shards and not result.already_complete else ""
     t.add_row("size", f"{fmt_bytes(m['bytes'])} in {len(m['shards'])} shards{resumed}")
     console.print(t)

@@ -42,13 +42,20 @@ class Config(DeviceOpts):
     float32."""
     batch_size: int = opt(32, short="-b")
     """Images per forward pass."""
+    compute: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Forward precision: auto (bfloat16 autocast on a GPU for a 16-bit store, float32 on a CPU), float32, or
+    bfloat16 autocast (on a CPU with AMX or AVX-512 BF16 about 3x faster than float32). With bfloat16 a few images
+    of the first batch also run in float32, and each layer's relative error is printed and kept in the store's
+    compute.json."""
     max_images: int | None = None
     """Use only the first N images of the source."""
     images_per_shard: int = 512
     """Images per shard (rounded up to a multiple of --batch-size), the unit of resume."""
-    masks: Path | None = None
-    """Folder of per-image PNG class masks named <image stem>.png, with classes.txt (or ADE20K's
-    objectInfo150.csv): stores each patch's majority class beside the activations."""
+    masks: tuple[str, ...] = opt((), repeat=True)
+    """Folder of per-image PNG class masks named <image stem>.png, with its class file (classes.txt, or ADE20K's
+    objectInfo150.csv, in it, its parent or grandparent): stores each patch's majority class beside the
+    activations. Several mask sets: NAME=DIR, repeated (--masks shape=DIR --masks colour=DIR); the first is the
+    default set of readers."""
     n_workers: int = opt(factory=_default_workers, hidden=True)
     """Threads decoding images ahead of the forward pass (default: one per core, up to 4)."""
 

@@ -24,7 +24,7 @@ from saevctl import atomic, dist
 from saevctl.config import resolve_device
 from saevctl.data import ImageRecord, ImageSource, open_image, resolve_images
 from saevctl.errors import InputError, SaevctlError, StoreError
-from saevctl.extract import config, labels, ranks
+from saevctl.extract import config, labels, precision, ranks
 from saevctl.extract.config import Config
 from saevctl.memory import check_memory, device_memory
 from saevctl.store import StoreWriter
@@ -47,6 +47,10 @@ class Result:
     already_complete: bool
     labels: dict[str, Any] | None = None
     """The store's labels header (labels/classes.json) when --masks was given, for the summary."""
+    label_sets: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """Every mask set's labels header, the default set first."""
+    compute: dict[str, Any] | None = None
+    """With a bfloat16 forward: its relative error against float32 per layer (the store's compute.json)."""
 
 
 def _decode(
@@ -99,12 +103,6 @@ def _background_priority() -> None:
         return
     with contextlib.suppress(OSError):  # not permitted here: run at normal priority
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), int(os.environ.get("SAEVCTL_DECODE_NICE", "5")))
-
-
-def _autocast(device: str, dtype: str) -> contextlib.AbstractContextManager[Any]:
-    if device.startswith("cuda") and dtype != "float32":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class _ShardSink:
@@ -171,7 +169,7 @@ def _store_config(cfg: Config, bb: Backbone, layers: list[int], src: ImageSource
         "tokens": list(cfg.tokens),
         "dtype": cfg.dtype,
         "images_per_shard": per_shard,
-    }
+    } | ({"compute": cfg.compute} if cfg.compute != "auto" else {})  # auto stays resumable across devices
 
 
 def _batches(
@@ -219,7 +217,7 @@ def run(
     labels.before_extract(cfg.masks, src.records)  # mask errors come before any compute
     single = dist.dist_info().world_size == 1  # under torchrun/srun each rank extracts its share of shards
     if on_total and single:
-        on_total(len(src.records) * (2 if cfg.masks else 1))  # --masks: the mask pass advances the bar again
+        on_total(len(src.records) * (1 + len(cfg.masks)))  # --masks: each set's mask pass advances the bar again
     device = dist.rank_device(resolve_device(cfg.device))
     dist.init_process_group(device)
     bb = backbone if backbone is not None else load_backbone(cfg.model, device)
@@ -232,7 +230,8 @@ def run(
     per_shard = -(-cfg.images_per_shard // cfg.batch_size) * cfg.batch_size
     with contextlib.ExitStack() as held:  # rank 0 holds the store's write lock until the store is finished
         plan = ranks.plan_shards(cfg.out, _store_config(cfg, bb, layers, src, per_shard), len(src.records), held)
-        return _write_store(cfg, bb, layers, list(src.records), plan, device, progress, on_total)
+        result = _write_store(cfg, bb, layers, list(src.records), plan, device, progress, on_total)
+    return dataclasses.replace(result, compute=precision.read(cfg.out))
 
 
 def _write_store(cfg: Config, bb: Backbone, layers: list[int], records: list[ImageRecord], plan: ranks.Plan,
@@ -269,6 +268,8 @@ def _extract_shards(
     progress: Progress | None,
 ) -> None:
     on_cuda = device.startswith("cuda")
+    compute = precision.resolve_compute(cfg.compute, device, cfg.dtype)
+    measure = compute == "bfloat16" and dist.is_main() and precision.read(cfg.out) is None
     pending: Future[None] | None = None
     sink: _ShardSink | None = None
     with ThreadPoolExecutor(cfg.n_workers, initializer=_background_priority) as decoders, \
@@ -283,7 +284,10 @@ def _extract_shards(
                     x = torch.from_numpy(pixels)
                     if on_cuda:
                         x = bb.preprocess.normalize(x.pin_memory().to(device, non_blocking=True))
-                    with _autocast(device, cfg.dtype):
+                    if measure:
+                        precision.record(cfg.out, precision.measure(bb, x[: precision.MEASURE_IMAGES], layers, device))
+                        measure = False
+                    with precision.autocast(device, compute):
                         outs = bb.forward_to(x, layers)
                     sink.add(outs, rows)
                 else:

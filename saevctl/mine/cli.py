@@ -17,7 +17,16 @@ if TYPE_CHECKING:
     from saevctl.config import IndexQuery
     from saevctl.mine.config import Config, LabelConfig
     from saevctl.mine.index import Index
-    from saevctl.mine.queries import ListQuery, MatchQuery, SearchQuery, ShowQuery, SimilarQuery, SqlQuery, TopQuery
+    from saevctl.mine.queries import (
+        ListQuery,
+        MatchQuery,
+        PickQuery,
+        SearchQuery,
+        ShowQuery,
+        SimilarQuery,
+        SqlQuery,
+        TopQuery,
+    )
 
 app = typer.Typer()
 features_app = typer.Typer(
@@ -70,13 +79,18 @@ def mine(cfg: Config) -> None:
 
     with progress_bar("mine", None, "img") as advance:
         result = run(cfg, progress=advance, on_total=advance.set_total)
-    t = Table(title="mined", show_header=False)
+    t = Table(title="mined" + (" (inputs unchanged: kept)" if result.unchanged else ""), show_header=False)
     t.add_row("SAE", result.sae_id)
     t.add_row("images", f"{result.n_images:,}")
     t.add_row("features", f"{result.n_features:,} ({result.alive:,} fire, {result.n_features - result.alive:,} never)")
     t.add_row("tokens", ", ".join(result.tokens))
-    t.add_row("time", f"{result.seconds:.1f} s")
+    if cfg.max_per_source is not None:
+        t.add_row("exemplars", f"top {cfg.top_k} by {cfg.by}, at most {cfg.max_per_source} per source photo")
+    t.add_row("time", f"{result.seconds:.1f} s" + (" (when mined)" if result.unchanged else ""))
     console.print(t)
+    if result.unchanged:
+        console.print("unchanged: the index holds this SAE mined from the same checkpoint, store and options "
+                      "(--force mines it again)")
     say_path("index", result.index.resolve())
     console.print("next: saevctl features list --sort freq   ·   saevctl features top --id 0")
 
@@ -200,6 +214,42 @@ def list_(cfg: ListQuery, *, plain: bool = typer.Option(
     console.print(t)
 
 
+@config_command(features_app, "pick", lambda: _queries().PickQuery)
+def pick(cfg: PickQuery) -> None:
+    """Features that look like concepts, by a stated rule: sparse, spatially coherent, off borders and padding, and
+    spread over source photos; each with an image where it fires and a comparable one where it does not."""
+    from rich.table import Table
+
+    from saevctl.console import console
+    from saevctl.mine.pick import pick as run_pick
+    from saevctl.mine.pick import rule_text
+
+    idx, sae_id = _open(cfg, quiet=cfg.plain)
+    with idx:
+        picks, n_passed = run_pick(idx, sae_id, cfg)
+    if cfg.plain:
+        for p in picks:
+            typer.echo(f"{p.feature}\t{p.present}\t{p.absent or ''}")
+        return
+    console.print(f"rule: {rule_text(cfg)}")
+    t = Table(title=f"{n_passed:,} features pass the rule" + (f"; the first {len(picks)}" if n_passed > len(picks)
+                                                                  else ""))
+    cols = ("feature", "img_freq", "max", "coherent", "border", "padding", "photos", "label")
+    for c in cols:
+        t.add_column(c, justify="left" if c == "label" else "right", no_wrap=True)
+    for p in picks:
+        t.add_row(str(p.feature), _fmt(p.img_freq), _fmt(p.max), f"{p.coherence:.2f}", f"{p.border:.2f}",
+                  f"{p.padding:.2f}", str(p.sources), p.label or "")
+    console.print(t)
+    if not picks:
+        console.print("no feature passes: loosen the rule (e.g. --min-coherence, --max-border, --min-sources)")
+        return
+    first = picks[0]
+    console.print(f"picked: feature {first.feature}\n  fires on: {first.present}\n  not on:   {first.absent or '-'}")
+    console.print(f"next: saevctl features top --id {first.feature}   ·   saevctl probe --image "
+                  f"'{first.present}' --clamp {first.feature}=0")
+
+
 @config_command(features_app, "label", lambda: _configs().LabelConfig)
 def label_(cfg: LabelConfig, *, top: int = typer.Option(20, "--top", help="Classes to show (best AUROC first).")
            ) -> None:
@@ -214,6 +264,9 @@ def label_(cfg: LabelConfig, *, top: int = typer.Option(20, "--top", help="Class
     with progress_bar("label", None, "img") as advance:
         result = labelling.run(cfg, progress=advance, on_total=advance.set_total)
     console.print(f"[dim]index {result.index} · SAE {result.sae_id}[/]")
+    if result.unchanged:
+        console.print("unchanged: labelled before from the same SAE, store labels and options (--force labels "
+                      "again); the recorded result:")
     for lv in result.levels.values():
         _label_table(console, lv, top)
     say_path("index", result.index.resolve())
@@ -224,8 +277,8 @@ def label_(cfg: LabelConfig, *, top: int = typer.Option(20, "--top", help="Class
 def _label_table(console: Console, lv: Any, top: int) -> None:
     from rich.table import Table
 
-    unit = "patches" if lv.level == "patch" else "images"
-    t = Table(title=f"{lv.level} level: best feature per class ({lv.n_items:,} labelled {unit})")
+    unit = "patches" if lv.level.startswith("patch") else "images"
+    t = Table(title=f"{lv.level} level: best feature per class ({lv.n_items:,} {unit} scored)")
     for col in ("class", "positives", "feature", "AUROC", "F1", "threshold"):
         t.add_column(col, justify="left" if col == "class" else "right")
     for r in lv.classes[:top]:
@@ -235,6 +288,8 @@ def _label_table(console: Console, lv: Any, top: int) -> None:
     cov = " · ".join(f"AUROC >= {k:g}: {v:.0%}" for k, v in lv.coverage.items())
     console.print(f"{lv.level} level, {min(top, len(lv.classes))} of {lv.n_classes} classes shown; "
                   f"classes with a feature at {cov}; AUROC binning error <= {lv.max_error:.1e}", highlight=False)
+    if lv.negatives:
+        console.print(f"{lv.level} level: each class is ranked against {lv.negatives}", highlight=False)
 
 
 def _example_class(result: Any) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from saevctl import layout, workspace
-from saevctl.config import DeviceOpts, IndexQuery, check_finite, opt
+from saevctl.config import DeviceOpts, IndexQuery, RerunOpts, check_finite, opt
 from saevctl.errors import InputError
 from saevctl.memory import check_memory, physical_memory
 
@@ -20,7 +20,7 @@ MAX_RANK = (1 << 15) - 1
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config(DeviceOpts):
+class Config(RerunOpts, DeviceOpts):
     sae: Path | None = None
     """SAE checkpoint folder, config.json + sae.safetensors (default: the workspace's last SAE)."""
     store: Path | None = None
@@ -33,6 +33,10 @@ class Config(DeviceOpts):
     """Exemplar images kept per feature."""
     by: Literal["max", "mean"] = "max"
     """Rank an image for a feature by the max or the mean of the feature over the image's patches."""
+    max_per_source: int | None = None
+    """At most this many of a feature's exemplars from one source photo (the demo's crops of one photo share a
+    source; every other image is its own), so a grid shows a concept across photos, not one photo's crops
+    (default: no limit)."""
     top_n: int = 32
     """Features kept per image for image -> feature queries."""
     name: str | None = None
@@ -46,6 +50,7 @@ class Config(DeviceOpts):
         super().check()
         check_finite("top_k", self.top_k, low=1, high=MAX_RANK)
         check_finite("top_n", self.top_n, low=1, high=MAX_RANK)
+        check_finite("max_per_source", self.max_per_source, low=1)
         check_finite("chunk_images", self.chunk_images, low=1)
 
     def resolved(self) -> Config:
@@ -86,7 +91,7 @@ def check_exemplar_memory(top_k: int, n_latents: int, n_patches: int, kinds: tup
 
 
 @dataclass(frozen=True, kw_only=True)
-class LabelConfig(IndexQuery, DeviceOpts):
+class LabelConfig(RerunOpts, IndexQuery, DeviceOpts):
     """`features label`: the SAE and index to label (defaults as for every features command), and the labels."""
 
     store: Path | None = None
@@ -95,6 +100,13 @@ class LabelConfig(IndexQuery, DeviceOpts):
     level: Literal["patch", "image", "auto"] = "auto"
     """patch (extract --masks labels), image (ImageFolder labels, else 'the image contains class c' from masks),
     or auto: every level the store has labels for."""
+    masks: str | None = None
+    """The store's mask set to label from (extract --masks NAME=DIR; default: its first set). Another set's labels
+    are written at levels patch:NAME and image:NAME, the default set's at patch and image."""
+    negatives: Literal["foreground", "all"] = "foreground"
+    """Patch level: what a class is ranked against: foreground (the other labelled patches; unlabelled ones, the
+    mask's 'other' 0, are left out) or all (every other patch of the images with a mask, as AUROC is usually
+    reported)."""
     thresholds: tuple[float, ...] = opt((0.0, 0.1, 0.2, 0.3, 0.5), default_text="0,0.1,0.2,0.3,0.5")
     """F1 thresholds as fractions of each feature's max activation (rounded to histogram bin edges)."""
     n_bins: int = opt(256, flag="--bins")

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 TILE_PX = 160
 CAPTION_PX = 18
+COLORBAR_PX = 34
+COLORBAR_LABEL = "SAE activation per patch (one scale for all tiles)"
 # Anchor colours of a dark-to-bright heat scale (inferno-like), interpolated to a 256-entry table.
 _ANCHORS = np.array([(0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164)], dtype=np.float32)
 SPARK = "▁▂▃▄▅▆▇█"
@@ -76,14 +78,33 @@ def heat_tile(img: Image.Image | None, acts_hw: np.ndarray | None, vmax: float, 
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
-def _colorbar(width: int, vmax: float) -> Image.Image:
-    bar = Image.new("RGB", (width, 22), "white")
+def _colorbar(width: int, vmax: float, label: str = COLORBAR_LABEL) -> Image.Image:
+    """The heat scale from 0 to vmax, with what the colour means written under it."""
+    bar = Image.new("RGB", (width, COLORBAR_PX), "white")
     strip = np.repeat(LUT[np.linspace(0, 255, max(width - 120, 10)).astype(int)][None], 10, axis=0)
     bar.paste(Image.fromarray(strip), (60, 6))
     draw = ImageDraw.Draw(bar)
     draw.text((4, 4), "0", fill="black", font=_font(11))
     draw.text((width - 56, 4), f"{vmax:.3g}", fill="black", font=_font(11))
+    draw.text((width // 2, 19), label, fill="black", font=_font(11), anchor="ma")
     return bar
+
+
+def caption(rank: int, value: float, image_id: int) -> str:
+    """A tile's caption: its rank (from 0), value and image id (`saevctl sql`, `features show` and the report's
+    exemplar tables name images by it)."""
+    return f"#{rank + 1}  {value:.3g}  · id {image_id}"
+
+
+def label_tile(tile: Image.Image, text: str) -> Image.Image:
+    """The tile with `text` on a dark band in its top-left corner (thumbnails, which have no caption)."""
+    out = tile.copy()
+    draw = ImageDraw.Draw(out)
+    font = _font(11)
+    _, _, x1, y1 = draw.textbbox((3, 2), text, font=font)
+    draw.rectangle((0, 0, x1 + 3, y1 + 2), fill=(0, 0, 0))
+    draw.text((3, 2), text, fill="white", font=font)
+    return out
 
 
 def compose(
@@ -95,7 +116,7 @@ def compose(
     cell_w, cell_h = TILE_PX + 6, TILE_PX + CAPTION_PX + 6
     head = 24
     width = max(cols * cell_w, 320)
-    sheet = Image.new("RGB", (width, head + rows * cell_h + (24 if vmax else 0)), "white")
+    sheet = Image.new("RGB", (width, head + rows * cell_h + (COLORBAR_PX + 2 if vmax else 0)), "white")
     draw = ImageDraw.Draw(sheet)
     draw.text((4, 5), title, fill="black", font=_font(13))
     for i, (tile, cap) in enumerate(zip(tiles, captions, strict=True)):
@@ -142,7 +163,7 @@ def feature_grid(index: Index, sae_id: str, feature: int, out_fpath: Path, k: in
     info = index.sae_info(sae_id)
     vmax = shared_vmax(exemplars)
     tiles = exemplar_tiles(exemplars, info["model"]["preprocess"], vmax)
-    caps = [f"#{ex['rank'] + 1}  {ex['value']:.3g}" for ex in exemplars]
+    caps = [caption(ex["rank"], ex["value"], ex["image_id"]) for ex in exemplars]
     title = f"{sae_id}  feature {feature}  top {len(exemplars)} by {info['rank_by']}"
     return save_png(compose(tiles, caps, title, cols, vmax), out_fpath)
 
@@ -227,7 +248,7 @@ def search_figure(index: Index, result: SearchResult, out_fpath: Path, per_featu
         vmax = max(shared_vmax(exemplars), float(result.codes_ps[:, f].max()))
         tiles = [heat_tile(result.view, result.codes_ps[:, f].reshape(result.grid), vmax)]
         tiles += exemplar_tiles(exemplars, pre, vmax)
-        caps = ["on the query"] + [f"#{ex['rank'] + 1}  {ex['value']:.3g}" for ex in exemplars]
+        caps = ["on the query"] + [caption(ex["rank"], ex["value"], ex["image_id"]) for ex in exemplars]
         parts.append(compose(tiles, caps, f"feature {f}  (sum over chosen patches {value:.3g})", len(tiles), vmax))
     return save_png(_stack(parts), out_fpath)
 
@@ -242,7 +263,7 @@ def match_figure(index: Index, sae_a: str, feature: int, sae_b: str, feature_b: 
         exemplars = index.top_exemplars(sae_id, f, 8)
         vmax = shared_vmax(exemplars)
         tiles = exemplar_tiles(exemplars, info["model"]["preprocess"], vmax)
-        caps = [f"#{ex['rank'] + 1}  {ex['value']:.3g}" for ex in exemplars]
+        caps = [caption(ex["rank"], ex["value"], ex["image_id"]) for ex in exemplars]
         parts.append(
             compose(tiles, caps, f"{sae_id} ({info['model_spec']}, layer {info['layer']})  feature {f}", 8, vmax)
         )

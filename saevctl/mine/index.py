@@ -334,6 +334,35 @@ class Index:
             "SELECT rank, feature, value FROM image_features WHERE sae_id = ? AND token = ? AND image_id = ? "
             "ORDER BY rank", [sae_id, token, int(image_id)]))
 
+    def fingerprint(self) -> str:
+        """What the index holds, for the stages that read it to decide on a rerun (saevctl.rerun): every SAE's
+        mining inputs and labels record; it changes when an SAE is mined or labelled anew."""
+        return index_reads.fingerprint(self.con)
+
+    @classmethod
+    def fingerprint_of(cls, ref: str | Path | None) -> list[str | None] | None:
+        """[path, fingerprint] of the index at `ref` (else the workspace's), None when there is none."""
+        from saevctl import workspace
+
+        ref = ref if ref is not None else workspace.get_default("index")
+        fpath = Path(ref).expanduser() if ref is not None else None
+        if fpath is None or not fpath.is_file():
+            return None
+        try:
+            with cls.open(fpath, read_only=True) as idx:
+                return [str(fpath.resolve()), idx.fingerprint()]
+        except IndexError_:
+            return [str(fpath.resolve()), None]
+
+    def images_without_feature(self, sae_id: str, feature: int, token: str | None = None) -> list[str]:
+        """Paths of the stored images (by id) whose top features (mine --top-n) leave `feature` out."""
+        store_id, token = self.sae_info(sae_id)["store_id"], self._token(sae_id, token)
+        rows = self.con.execute(
+            'SELECT i.path FROM images i WHERE i.store_id = ? AND i."row" >= 0 AND NOT EXISTS (SELECT 1 FROM '
+            "image_features f WHERE f.sae_id = ? AND f.token = ? AND f.image_id = i.image_id AND f.feature = ?) "
+            "ORDER BY i.image_id", [store_id, sae_id, token, int(feature)]).fetchall()
+        return [str(r[0]) for r in rows]
+
     def image_ids_by_path(self, sae_id: str, paths: list[str]) -> list[int]:
         """Ids, in this SAE's store, of the images with these paths (for matching across models)."""
         store_id = self.sae_info(sae_id)["store_id"]

@@ -150,3 +150,25 @@ def run_select(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int | None,
         raise IndexError_(f"the query failed: {str(e).splitlines()[0]}", "tables: " + ", ".join(TABLES)) from e
     truncated = max_rows is not None and len(rows) > max_rows
     return cols, rows[:max_rows] if truncated else rows, truncated
+
+
+# --- what the index holds, for incremental reruns (saevctl.rerun) -------------------------------------------------
+
+def get_meta(con: duckdb.DuckDBPyConnection, key: str) -> str | None:
+    row = con.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+    return None if row is None else str(row[0])
+
+
+def set_meta(con: duckdb.DuckDBPyConnection, key: str, value: str) -> None:
+    con.execute("DELETE FROM meta WHERE key = ?", [key])
+    con.execute("INSERT INTO meta VALUES (?, ?)", [key, value])
+
+
+def fingerprint(con: duckdb.DuckDBPyConnection) -> str:
+    """Each SAE's id with the inputs it was mined from (saes.config) and its labels' record (meta labels:ID)."""
+    import hashlib
+
+    rows = con.execute(
+        "SELECT s.sae_id, json_extract_string(s.config, '$.inputs'), m.value FROM saes s "
+        "LEFT JOIN meta m ON m.key = 'labels:' || s.sae_id ORDER BY s.sae_id").fetchall()
+    return hashlib.sha256(repr(rows).encode()).hexdigest()

@@ -7,6 +7,7 @@ Per feature and class: AUROC of the feature's activation for 'this patch/image i
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -21,11 +22,15 @@ import torch
 from saevctl import lock, workspace
 from saevctl.config import resolve_device
 from saevctl.errors import IndexError_, StoreError
+from saevctl.mine import fresh
 from saevctl.mine.config import LabelConfig as Config
 from saevctl.mine.index import Index
+from saevctl.mine.labelsource import NEGATIVES, LevelLabels, _presence_pairs, level_labels
 from saevctl.mine.labelstats import ClassHistograms, scores
 from saevctl.mine.queries import sae_in_index
 from saevctl.store import Store, open_store
+
+__all__ = ["Config", "LevelResult", "Result", "_presence_pairs", "run"]  # _presence_pairs: tests import it here
 
 if TYPE_CHECKING:
     from saevctl.sae import SAE
@@ -39,6 +44,7 @@ CHUNK_CODES = 1 << 24
 @dataclass(frozen=True)
 class LevelResult:
     level: str
+    """As written to the index: patch or image (the default mask set), patch:NAME or image:NAME (another set)."""
     n_items: int
     """Labelled patches (patch level) or images (image level) that took part."""
     n_classes: int
@@ -49,6 +55,8 @@ class LevelResult:
     """Largest bound on the binned AUROC's error among the written rows (see docs/eval.md)."""
     classes: list[dict[str, Any]] = field(default_factory=list)
     """class_features rows, best AUROC first."""
+    negatives: str = ""
+    """What each class was ranked against, in words."""
 
 
 @dataclass(frozen=True)
@@ -58,64 +66,11 @@ class Result:
     levels: dict[str, LevelResult]
     n_passes: int
     seconds: float
+    unchanged: bool = False
+    """Labelled before from the same inputs (saevctl.rerun): the recorded result, nothing recomputed."""
 
 
 COVERAGE_AT = (0.7, 0.8, 0.9)
-
-
-@dataclass
-class _Labels:
-    """One level's labels: per chunk, (item, class) pairs for the items of rows lo..hi."""
-
-    level: str
-    classes: tuple[str, ...]
-    pairs: Callable[[int, int], tuple[np.ndarray, np.ndarray]]
-    skip_class: int | None = None
-    """Class id never used as a label (a mask's ignored id 0)."""
-    multi_label: bool = False
-    """Items may carry several classes (image-level presence from masks)."""
-
-
-def _single_pairs(labels: np.ndarray) -> Callable[[int, int], tuple[np.ndarray, np.ndarray]]:
-    """One class per item: patch labels (rows, patches), flattened row-major like the codes, or image labels (rows,)."""
-    def pairs(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        lab = np.asarray(labels[lo:hi]).reshape(-1)
-        items = np.flatnonzero(lab >= 0)
-        return items, lab[items].astype(np.int64)
-    return pairs
-
-
-def _presence_pairs(patch_labels: np.ndarray, n_classes: int) -> Callable[[int, int], tuple[np.ndarray, np.ndarray]]:
-    """Image-level labels from masks: an image is positive for every class that labels one of its patches."""
-    def pairs(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        lab = np.asarray(patch_labels[lo:hi])
-        present = np.zeros((len(lab), n_classes), dtype=bool)
-        r, p = np.nonzero(lab >= 0)
-        present[r, lab[r, p]] = True
-        items, cls = np.nonzero(present)
-        return items, cls.astype(np.int64)
-    return pairs
-
-
-def level_labels(store: Store, level: str) -> list[_Labels]:
-    """The labels of each requested level; a one-line error when the store has none for it."""
-    masks, images = store.patch_labels, store.image_labels
-    hint = "extract the store with --masks DIR (per-patch labels) or from an ImageFolder tree (image labels)"
-    if level == "auto":
-        levels = [lv for lv, ok in (("patch", masks is not None), ("image", images is not None)) if ok]
-        if not levels:
-            raise StoreError(f"the store {store.dpath} holds no class labels", hint)
-        return [lab for lv in levels for lab in level_labels(store, lv)]
-    if level == "patch":
-        if masks is None:
-            raise StoreError(f"the store {store.dpath} holds no per-patch labels", "re-extract it with --masks DIR")
-        return [_Labels("patch", store.classes or (), _single_pairs(masks), skip_class=0)]
-    if images is not None:
-        return [_Labels("image", store.image_classes or (), _single_pairs(images))]
-    if masks is not None:
-        n = len(store.classes or ())
-        return [_Labels("image", store.classes or (), _presence_pairs(masks, n), skip_class=0, multi_label=True)]
-    raise StoreError(f"the store {store.dpath} holds no image labels", hint)
 
 
 def upgrade_index(index_fpath: Path) -> None:
@@ -158,7 +113,7 @@ def _load(cfg: Config, info: dict[str, Any], device: str) -> tuple[Any, Store, i
     return sae, store, check_match(sae, store, sae_dpath)
 
 
-def _feature_blocks(n_latents: int, labels: list[_Labels], cfg: Config) -> list[tuple[int, int]]:
+def _feature_blocks(n_latents: int, labels: list[LevelLabels], cfg: Config) -> list[tuple[int, int]]:
     """Feature ranges whose histograms fit the memory budget: each is one pass over the store."""
     per_feature = sum((len(lab.classes) + 1) * cfg.n_bins * 4 for lab in labels)
     size = max(1, min(n_latents, int(cfg.max_memory_mb * (1 << 20)) // per_feature))
@@ -188,7 +143,7 @@ class _Best:
         self.feature[better] = f0 + f[better]
 
 
-def _feature_rows(f0: int, lab: _Labels, auroc_fc: np.ndarray, f1_fc: np.ndarray, thr_fc: np.ndarray,
+def _feature_rows(f0: int, lab: LevelLabels, auroc_fc: np.ndarray, f1_fc: np.ndarray, thr_fc: np.ndarray,
                   fired_f: np.ndarray) -> dict[str, np.ndarray]:
     """feature_labels columns of a block: each feature's best class (None for features that never fired)."""
     a = np.where(np.isnan(auroc_fc), -np.inf, auroc_fc)
@@ -226,7 +181,7 @@ def _block_codes(sae: SAE, encode: Callable[..., torch.Tensor], folded: tuple[to
     return nz_i, nz_f, codes_nf[nz_i, nz_f]
 
 
-def _one_pass(sae: SAE, store: Store, layer: int, labels: list[_Labels], max_s: np.ndarray, f0: int, f1: int,
+def _one_pass(sae: SAE, store: Store, layer: int, labels: list[LevelLabels], max_s: np.ndarray, f0: int, f1: int,
               cfg: Config, device: str, progress: Progress | None) -> dict[str, ClassHistograms]:
     """Stream the store once, folding features f0..f1's codes into one ClassHistograms per level."""
     from saevctl.mine.encode import make_encoder
@@ -260,7 +215,7 @@ def _edges(cfg: Config) -> list[int]:
     return sorted({min(cfg.n_bins - 1, round(t * cfg.n_bins)) for t in cfg.thresholds})
 
 
-def compute(sae: SAE, store: Store, layer: int, labels: list[_Labels], max_s: np.ndarray, cfg: Config, device: str,
+def compute(sae: SAE, store: Store, layer: int, labels: list[LevelLabels], max_s: np.ndarray, cfg: Config, device: str,
             progress: Progress | None = None
             ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, _Best], dict[str, Any]]:
     """(feature_labels columns per level, best feature per class per level, counts per level + passes)."""
@@ -288,7 +243,7 @@ def compute(sae: SAE, store: Store, layer: int, labels: list[_Labels], max_s: np
     return merged, best, counts
 
 
-def _class_rows(lab: _Labels, best: _Best, n_pos_c: np.ndarray) -> dict[str, np.ndarray]:
+def _class_rows(lab: LevelLabels, best: _Best, n_pos_c: np.ndarray) -> dict[str, np.ndarray]:
     """class_features columns: every class but the ignored one, with its best feature (None without one)."""
     ids = np.array([c for c in range(len(lab.classes)) if c != lab.skip_class], dtype=np.int64)
     found = np.isfinite(best.auroc[ids])
@@ -361,10 +316,13 @@ def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int],
 
 def _run(cfg: Config, index_fpath: Path, progress: Progress | None, on_total: Callable[[int], None] | None) -> Result:
     t0 = time.perf_counter()
+    inputs, kept = fresh.label_state(cfg, index_fpath)
+    if kept is not None:
+        return _from_record(index_fpath, kept["result"])
     device = resolve_device(cfg.device)
     sae_id, info, max_s = _resolve(cfg, index_fpath)
     sae, store, layer = _load(cfg, info, device)
-    labels = level_labels(store, cfg.level)
+    labels = level_labels(store, cfg.level, cfg.masks, cfg.negatives)
     blocks = _feature_blocks(sae.cfg.n_latents, labels, cfg)
     if on_total:
         on_total(store.n_images * len(blocks))
@@ -373,13 +331,28 @@ def _run(cfg: Config, index_fpath: Path, progress: Progress | None, on_total: Ca
     for lab in labels:
         n_items, n_pos_c = counts[lab.level]
         class_cols = _class_rows(lab, best[lab.level], n_pos_c)
-        tables[lab.level] = (feats[lab.level], class_cols)
-        res = _level_result(lab.level, n_items, class_cols)
+        tables[lab.written] = (feats[lab.level], class_cols)
+        res = _level_result(lab.written, n_items, class_cols)
         err = best[lab.level].error[class_cols["class_id"].astype(np.int64)]
         max_error = float(np.nanmax(err)) if np.isfinite(err).any() else 0.0
-        results[lab.level] = LevelResult(**{**res.__dict__, "max_error": max_error})
+        results[lab.written] = LevelResult(**{**res.__dict__, "max_error": max_error,
+                                              "negatives": NEGATIVES[lab.negatives]})
     write(index_fpath, sae_id, tables)
     secs = time.perf_counter() - t0
     log.info("labelled %s at %s level(s) in %.1f s (%d pass(es))", sae_id, ", ".join(results), secs, counts["n_passes"])
-    return Result(index_fpath, sae_id, results, int(counts["n_passes"]), secs)
+    result = Result(index_fpath, sae_id, results, int(counts["n_passes"]), secs)
+    if inputs is not None:
+        fresh.record_labels(index_fpath, sae_id, inputs, _to_record(result))
+    return result
+
+
+def _to_record(res: Result) -> dict[str, Any]:
+    levels = {k: {**dataclasses.asdict(v), "coverage": list(v.coverage.items())} for k, v in res.levels.items()}
+    return {"sae_id": res.sae_id, "n_passes": res.n_passes, "seconds": res.seconds, "levels": levels}
+
+
+def _from_record(index_fpath: Path, rec: dict[str, Any]) -> Result:
+    levels = {k: LevelResult(**{**v, "coverage": {float(t): float(c) for t, c in v["coverage"]}})
+              for k, v in rec["levels"].items()}
+    return Result(index_fpath, rec["sae_id"], levels, int(rec["n_passes"]), float(rec["seconds"]), unchanged=True)
 

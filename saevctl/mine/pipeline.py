@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from saevctl import workspace
+from saevctl import rerun, workspace
 from saevctl.config import resolve_device
+from saevctl.data.images import source_of
 from saevctl.errors import CheckpointError
 from saevctl.memory import device_memory
-from saevctl.mine import vectors, writer
+from saevctl.mine import fresh, vectors, writer
 from saevctl.mine.config import Config, check_exemplar_memory
 from saevctl.mine.encode import make_encoder
 from saevctl.mine.scan import FeatureScanner
@@ -49,6 +50,8 @@ class Result:
     tokens: tuple[str, ...]
     alive: int
     seconds: float
+    unchanged: bool = False
+    """The index already held this SAE mined from the same inputs: nothing was done (`seconds` is that run's)."""
 
 
 def mined_kinds(sae: SAE) -> tuple[str, ...]:
@@ -99,6 +102,14 @@ def _one_thread(device: str) -> Iterator[None]:
         torch.set_num_threads(n)
 
 
+def source_numbers(store: Store) -> torch.Tensor | None:
+    """Each stored row's source photo as a number (saevctl.data.images.source_of), or None when every row is its
+    own source: then --max-per-source cannot bind and the scan takes the uncapped path."""
+    numbers: dict[str, int] = {}
+    src = [numbers.setdefault(source_of(im["path"]), len(numbers)) for im in store.images if im["row"] >= 0]
+    return torch.tensor(src, dtype=torch.int64) if len(numbers) < len(src) else None
+
+
 def scan_store(
     sae: SAE, store: Store, layer: int, kinds: tuple[str, ...], cfg: Config, device: str,
     progress: Progress | None = None,
@@ -108,21 +119,27 @@ def scan_store(
     arrays = {k: view.kind(k) for k in kinds}
     s, p = sae.cfg.n_latents, store.layout.n_patches
     per = cfg.chunk_images or max(1, min(1024, CHUNK_CODES // (s * p)))
-    scanners = {k: FeatureScanner(s, cfg.top_k, p if k == "patches" else 1, cfg.by, cfg.top_n,
-                                  keep_patches=k == "patches", device=device) for k in kinds}
+    src_n = source_numbers(store) if cfg.max_per_source is not None else None
+    cap = cfg.max_per_source if src_n is not None else None
+    # With fewer sources than top_k / cap, no feature can have top_k exemplars: fewer slots let them fill, so a
+    # chunk's merge again skips the features none of its images beats.
+    top_k = min(cfg.top_k, (int(src_n.max()) + 1) * cap) if src_n is not None and cap is not None else cfg.top_k
+    scanners = {k: FeatureScanner(s, top_k, p if k == "patches" else 1, cfg.by, cfg.top_n,
+                                  keep_patches=k == "patches", device=device, max_per_source=cap) for k in kinds}
     ids_n = torch.from_numpy(store.row_image_ids())
     encode = make_encoder(sae)
     bufs = {k: torch.empty(per * (p if k == "patches" else 1) * s, device=device) for k in kinds}
     with torch.inference_mode():
         for row0, rows in _prefetched(_chunks(arrays, per)):
             ids_b = ids_n[row0 : row0 + len(next(iter(rows.values())))].to(device)
+            src_b = src_n[row0 : row0 + len(ids_b)].to(device) if src_n is not None else None
             for kind, x in rows.items():
                 x_bpd = x.to(device).reshape(len(ids_b), -1, sae.cfg.d)
                 b, t, d = x_bpd.shape
                 out = bufs[kind][: b * t * s].view(b * t, s)
                 codes_bps = encode(x_bpd.reshape(b * t, d), out=out).reshape(b, t, s)
                 with _one_thread(device):
-                    scanners[kind].update(codes_bps, ids_b)
+                    scanners[kind].update(codes_bps, ids_b, src_b)
             if progress:
                 progress(len(ids_b))
     return scanners
@@ -190,7 +207,9 @@ def _sae_row(cfg: Config, sae: SAE, sae_id: str, store: Store, layer: int, kinds
             "tokens": json.dumps(list(kinds)), "top_k": cfg.top_k, "top_n": cfg.top_n, "rank_by": cfg.by,
             "n_images": store.n_images, "n_patches": store.layout.n_patches, "grid_h": store.layout.grid_h,
             "grid_w": store.layout.grid_w, "seconds": secs,
-            "config": json.dumps({"sae": sae.cfg.to_dict(), "store": str(store.dpath.resolve())}, default=str)}
+            "config": json.dumps({"sae": sae.cfg.to_dict(), "store": str(store.dpath.resolve()),
+                                  rerun.KEY: fresh.mine_inputs(cfg),
+                                  "max_per_source": cfg.max_per_source}, default=str)}
 
 
 def _check_memory(cfg: Config, sae: SAE, store: Store, kinds: tuple[str, ...], device: str) -> None:
@@ -212,6 +231,11 @@ def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int],
     t0 = time.perf_counter()
     cfg = cfg.resolved()
     sae_dpath, store_dpath, index_fpath = cfg.paths()
+    if (kept := fresh.kept_mine(cfg, fresh.mine_inputs(cfg))) is not None:
+        if cfg.set_defaults:
+            workspace.set_defaults(store=store_dpath.resolve(), sae=sae_dpath.resolve(), index=index_fpath.resolve())
+        return Result(index_fpath, kept["sae_id"], kept["n_images"], kept["n_features"], kept["tokens"],
+                      kept["alive"], kept["seconds"], unchanged=True)
     device = resolve_device(cfg.device)
     sae = SAE.load(sae_dpath, device)
     store = open_store(store_dpath)

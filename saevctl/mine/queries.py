@@ -125,6 +125,38 @@ class ListQuery(IndexQuery):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PickQuery(IndexQuery):
+    """`features pick`: features that look like concepts (patch tokens), by a rule stated in the output."""
+
+    max_freq: float = 0.01
+    """Sparse: fires on at most this share of patch tokens."""
+    min_img_freq: float = 0.005
+    """Fires on at least this share of images (not a one-off)."""
+    max_img_freq: float = 0.25
+    """Fires on at most this share of images (not everywhere)."""
+    min_coherence: float = 0.6
+    """Spatially coherent: on its median top image, at least this share of its firing patches have a firing
+    4-neighbour."""
+    max_border: float = 0.35
+    """At most this share of its activation on the outer ring of the patch grid (a 16x16 grid's ring is 23% of it)."""
+    max_padding: float = 0.05
+    """At most this share of its activation on patches that are mostly letterbox padding."""
+    min_sources: int = 5
+    """Its top images come from at least this many source photos (the demo's crops of a photo share one)."""
+    limit: int = 5
+    """Features to show (most coherent first)."""
+    plain: bool = False
+    """Print only FEATURE, PRESENT and ABSENT images (tab-separated), one picked feature a line (for scripts)."""
+
+    def check(self) -> None:
+        super().check()
+        for name in ("max_freq", "min_img_freq", "max_img_freq", "min_coherence", "max_border", "max_padding"):
+            check_finite(name, getattr(self, name), low=0, high=1)
+        check_finite("min_sources", self.min_sources, low=1)
+        check_finite("limit", self.limit, low=1)
+
+
+@dataclass(frozen=True, kw_only=True)
 class MatchQuery(FeatureQuery):
     """`features match`: the closest features of another SAE to one feature of this one."""
 

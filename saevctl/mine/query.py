@@ -135,10 +135,15 @@ def search_image(index: Index, sae_id: str, image: str, patches: str | None = No
         sel = parse_box(box, grid, int(info["model"]["preprocess"]["size"]))
     else:
         sel = list(range(codes_ps.shape[0]))
-    summed_s = codes_ps[sel].sum(0)
+    return SearchResult(sae_id, str(image), view, grid, sel, codes_ps, top_features(codes_ps, sel, n))
+
+
+def top_features(codes_ps: np.ndarray, selected: list[int], n: int) -> list[tuple[int, float]]:
+    """The paper's Figure 2 ranking: (feature, sum of its codes over the selected patches), the n largest sums
+    first (ties by id), features that fire on none of them left out. saevctl serve ranks a selection the same way."""
+    summed_s = codes_ps[selected].sum(0)
     order = np.argsort(-summed_s, kind="stable")[:n]
-    feats = [(int(f), float(summed_s[f])) for f in order if summed_s[f] > 0]
-    return SearchResult(sae_id, str(image), view, grid, sel, codes_ps, feats)
+    return [(int(f), float(summed_s[f])) for f in order if summed_s[f] > 0]
 
 
 def similar(index: Index, sae_id: str, feature: int, n: int = 10) -> list[tuple[int, float]]:

@@ -31,31 +31,50 @@ class StreamingTopK:
 
     def __init__(
         self, n_features: int, k: int, n_patches: int = 0, patch_dtype: torch.dtype = torch.float16,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "cpu", max_per_source: int | None = None,
     ) -> None:
-        assert k >= 1
+        assert k >= 1 and (max_per_source is None or max_per_source >= 1)
         self.k = k
         self.vals_ks = torch.full((k, n_features), -math.inf, device=device)
         self.ids_ks = torch.full((k, n_features), -1, dtype=torch.int64, device=device)
         self.patches_skp = (
             torch.zeros((n_features, k, n_patches), dtype=patch_dtype, device=device) if n_patches else None
         )
+        # A cap of k or more never binds: those scans take the uncapped path and keep no source ids.
+        self.cap = max_per_source if max_per_source is not None and max_per_source < k else None
+        self.src_ks = torch.full((k, n_features), -1, dtype=torch.int64, device=device) if self.cap else None
+        self.n_sources = 0
 
     def update(
         self,
         scores_bs: Float[Tensor, "b s"],
         ids_b: Int[Tensor, " b"],
         patches_bps: Float[Tensor, "b p s"] | None = None,
+        src_b: Int[Tensor, " b"] | None = None,
     ) -> None:
+        """Fold in b rows; `src_b` (a source photo's number per row) is needed when built with max_per_source."""
+        # Capped or not, a row that beats no slot cannot enter: the k slots already hold k better rows that are
+        # allowed together.
         hit_s = (scores_bs > self.vals_ks.amin(0)).any(0)
         feats = hit_s.nonzero().squeeze(1)
+        if self.cap is not None:
+            assert src_b is not None, "a capped top-k needs each row's source"
+            self.n_sources = max(self.n_sources, int(src_b.max()) + 1 if len(src_b) else 0)
         for lo in range(0, len(feats), MERGE_BLOCK):
-            self._merge(feats[lo : lo + MERGE_BLOCK], scores_bs, ids_b, patches_bps)
+            self._merge(feats[lo : lo + MERGE_BLOCK], scores_bs, ids_b, patches_bps, src_b)
 
-    def _merge(self, f: Tensor, scores_bs: Tensor, ids_b: Tensor, patches_bps: Tensor | None) -> None:
+    def _merge(
+        self, f: Tensor, scores_bs: Tensor, ids_b: Tensor, patches_bps: Tensor | None, src_b: Tensor | None
+    ) -> None:
         k = self.k
         new_bf = scores_bs[:, f].float()
         cand = torch.cat([self.vals_ks[:, f], new_bf], 0)  # (k+b, F)
+        allowed = None
+        if self.cap is not None:
+            assert self.src_ks is not None and src_b is not None
+            src = torch.cat([self.src_ks[:, f], src_b[:, None].expand(-1, len(f))], 0)
+            allowed = within_cap(cand, src, self.cap, self.n_sources)
+            cand = cand.masked_fill(~allowed, -math.inf)  # a row over its source's cap counts as an empty slot
         pos = cand.topk(k, dim=0, sorted=False).indices
         chosen = torch.zeros_like(cand, dtype=torch.bool).scatter_(0, pos, True)
         # Per feature, as many old slots are evicted as new rows enter; nonzero() on the transposed masks lists
@@ -64,8 +83,10 @@ class StreamingTopK:
         in_fb = chosen[k:].t().nonzero()
         assert out_fk.shape == in_fb.shape and torch.equal(out_fk[:, 0], in_fb[:, 0])
         fi, slot, row = f[out_fk[:, 0]], out_fk[:, 1], in_fb[:, 1]
-        self.vals_ks[slot, fi] = new_bf[row, out_fk[:, 0]]
+        self.vals_ks[slot, fi] = cand[k + row, out_fk[:, 0]]
         self.ids_ks[slot, fi] = ids_b[row]
+        if allowed is not None:
+            self._settle_capped(f, fi, slot, row, allowed, chosen, src_b)
         if self.patches_skp is not None:
             assert patches_bps is not None
             b, _, s = patches_bps.shape
@@ -76,11 +97,54 @@ class StreamingTopK:
             else:
                 self.patches_skp[fi, slot] = patches_bps[row, :, fi].to(self.patches_skp.dtype)
 
+    def _settle_capped(self, f: Tensor, fi: Tensor, slot: Tensor, row: Tensor, allowed: Tensor, chosen: Tensor,
+                       src_b: Tensor | None) -> None:
+        """Record the entering rows' sources, and empty every slot that holds -inf: a row over its source's cap
+        that entered, or an old row now over its cap that topk kept among the -inf ties (fewer than k rows
+        allowed)."""
+        assert self.src_ks is not None and src_b is not None
+        entered_empty = self.vals_ks[slot, fi] == -math.inf
+        self.ids_ks[slot[entered_empty], fi[entered_empty]] = -1
+        self.src_ks[slot, fi] = torch.where(entered_empty, -1, src_b[row])
+        stale_s, stale_f = (chosen[: self.k] & ~allowed[: self.k]).nonzero().unbind(1)
+        self.vals_ks[stale_s, f[stale_f]] = -math.inf
+        self.ids_ks[stale_s, f[stale_f]] = -1
+        self.src_ks[stale_s, f[stale_f]] = -1
+
     def ranked(self) -> tuple[Float[Tensor, "k s"], Int[Tensor, "k s"], Int[Tensor, "k s"]]:
         """Values and ids best first, and the slot each came from (to index patches_skp); unfilled slots
         hold -inf and id -1."""
         vals_ks, slot_ks = self.vals_ks.sort(0, descending=True)
         return vals_ks, self.ids_ks.gather(0, slot_ks), slot_ks
+
+
+def within_cap(vals_mf: Float[Tensor, "m f"], src_mf: Int[Tensor, "m f"], cap: int, n_sources: int) -> Tensor:
+    """Per column, which rows are among the `cap` best of their source (sources are < n_sources, or -1 for an empty
+    slot; values are >= 0 or -inf). Greedy over rows by value keeping those is the best top-k with at most `cap`
+    per source, and as the allowed sets form a matroid, merging chunk by chunk gives the same rows as one pass
+    over all of them (with ties either row may be kept)."""
+    src_fm = src_mf.t() + 1
+    m = src_fm.shape[1]
+    pos_fm = torch.arange(m, device=src_fm.device).expand_as(src_fm)
+    idx_bits = max(1, (m - 1).bit_length())
+    if n_sources < 1 << (32 - idx_bits):
+        # Non-negative float32 values order as their bit patterns, so one int64 key (source, value descending,
+        # column) puts each source's rows together, best first, with a plain sort (numpy's is several times
+        # faster than torch's on CPU).
+        vals_fm = vals_mf.t().contiguous()
+        desc = torch.where(vals_fm >= 0, 0x7F800000 - vals_fm.view(torch.int32), 0x7F800001).long()
+        key = (src_fm << (31 + idx_bits)) | (desc << idx_bits) | pos_fm
+        key = torch.from_numpy(np.sort(key.numpy(), 1)) if key.device.type == "cpu" else key.sort(1).values
+        order, src_sorted = key & ((1 << idx_bits) - 1), key >> (31 + idx_bits)
+    else:  # more sources than the key holds: two stable sorts
+        order = vals_mf.t().argsort(dim=1, descending=True, stable=True)
+        src_sorted, by_src = src_fm.gather(1, order).sort(dim=1, stable=True)
+        order = order.gather(1, by_src)
+    # Sorted by source then value, a row is among its source's `cap` best iff the row `cap` places up is another
+    # source's.
+    keep = torch.ones_like(src_sorted, dtype=torch.bool)
+    keep[:, cap:] = src_sorted[:, cap:] != src_sorted[:, :-cap]
+    return torch.empty_like(keep).scatter_(1, order, keep).t()
 
 
 @dataclass
@@ -129,11 +193,12 @@ class FeatureScanner:
 
     def __init__(
         self, n_features: int, k: int, n_patches: int, by: str, top_n: int, keep_patches: bool,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "cpu", max_per_source: int | None = None,
     ) -> None:
         assert by in ("max", "mean"), by
         self.s, self.by, self.top_n = n_features, by, min(top_n, n_features)
-        self.topk = StreamingTopK(n_features, k, n_patches if keep_patches else 0, device=device)
+        self.topk = StreamingTopK(n_features, k, n_patches if keep_patches else 0, device=device,
+                                  max_per_source=max_per_source)
         self.img_fired = torch.zeros(n_features, dtype=torch.int64, device=device)
         self.sum = torch.zeros(n_features, dtype=torch.float64, device=device)
         self.img_score_sum = torch.zeros(n_features, dtype=torch.float64, device=device)
@@ -143,8 +208,11 @@ class FeatureScanner:
         self._mask: np.ndarray | None = None
         self.image_top: list[tuple[Tensor, Tensor, Tensor]] = []  # (ids_b, feats_bn, vals_bn)
 
-    def update(self, codes_bps: Float[Tensor, "b p s"], ids_b: Int[Tensor, " b"]) -> None:
-        """Fold in one chunk: b images, p tokens each (p = 1 for CLS), s features; codes are >= 0."""
+    def update(
+        self, codes_bps: Float[Tensor, "b p s"], ids_b: Int[Tensor, " b"], src_b: Int[Tensor, " b"] | None = None
+    ) -> None:
+        """Fold in one chunk: b images, p tokens each (p = 1 for CLS), s features; codes are >= 0. `src_b`: each
+        image's source photo (a number), for max_per_source."""
         b, p, s = codes_bps.shape
         assert s == self.s
         # One dense pass finds the firing codes; every statistic is then computed on those few entries.
@@ -168,7 +236,7 @@ class FeatureScanner:
         self.hist_sb += torch.bincount(feat * N_HIST + bins, minlength=s * N_HIST)
         self.n_tokens += b * p
         self.n_images += b
-        self.topk.update(scores_bs, ids_b, codes_bps if self.topk.patches_skp is not None else None)
+        self.topk.update(scores_bs, ids_b, codes_bps if self.topk.patches_skp is not None else None, src_b)
         vals_bn, feats_bn = scores_bs.topk(self.top_n, dim=1)
         self.image_top.append((ids_b.clone(), feats_bn.to(torch.int32), vals_bn.float()))
 

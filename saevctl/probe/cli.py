@@ -10,6 +10,8 @@ import typer
 from saevctl.cliconfig import config_command
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from saevctl.probe.config import BatchConfig, Config, HeadsQuery, HeadTrainConfig, ProbeConfig
 
 app = typer.Typer()
@@ -34,6 +36,9 @@ def heads_train(cfg: HeadTrainConfig) -> None:
 
     with progress_bar("features", None, "img") as advance:
         res = train_head(cfg, progress=advance, on_total=advance.set_total)
+    if res.unchanged:
+        console.print("unchanged: the head was trained from the same model, images, masks and options (--force "
+                      "trains it again)")
     t = Table(title=f"{res.task} head", show_header=False)
     t.add_row("classes", f"{len(res.classes)}: {', '.join(res.classes[:8])}{' ...' if len(res.classes) > 8 else ''}")
     t.add_row("images", f"{res.n_train} train, {res.n_val} validation")
@@ -76,37 +81,81 @@ def heads_list(cfg: HeadsQuery) -> None:
 @config_command(app, "probe", lambda: _configs().ProbeConfig)
 def probe(cfg: ProbeConfig) -> None:
     """Clamp SAE features on chosen patches at the SAE's layer, run the rest of the ViT, and compare a head's output."""
+    from saevctl import rerun
     from saevctl.edit.clamps import check_clamp_ids
+    from saevctl.probe import fresh
     from saevctl.probe.config import BatchConfig  # at run time too: isinstance needs the class
 
     check_clamp_ids(cfg.clamps, cfg.sae)  # a wrong id fails before the SAE, the ViT and torch load
     one = cfg.pick()
+    inputs = fresh.probe_inputs(cfg)
     if isinstance(one, BatchConfig):
-        _batch(one)
+        from saevctl.probe.batch import figure_fpath
+
+        figure = figure_fpath(one)
     else:
-        _single(one)
+        from saevctl.probe.probe import default_figure_fpath
+
+        figure = one.out or default_figure_fpath(one.image, one.clamps)
+    summary = fresh.single_summary_fpath(figure)  # a batch probe's JSON summary sits there too
+    kept = None if cfg.force else rerun.kept(summary, inputs)
+    if kept is not None and figure.is_file() and isinstance(kept.get("printed"), str):
+        _say_kept(kept["printed"], figure, summary)
+        return
+    printed = _batch(one) if isinstance(one, BatchConfig) else _single(one, summary)
+    rerun.record_extra(summary, {rerun.KEY: inputs, "printed": printed})
 
 
-def _single(cfg: Config) -> None:
+def _say_kept(printed: str, figure: Path, summary: Path) -> None:
     from saevctl.console import console, say_path
+
+    console.print("unchanged: this probe ran on the same SAE, head, index, image(s) and edit; its recorded result "
+                  "(--force probes again):")
+    console.print(printed, markup=False, highlight=False, end="")
+    say_path("figure", figure)
+    say_path("summary", summary)
+
+
+def _shown(items: list[Any]) -> str:
+    """Print the result's tables and lines; return them as plain text (what a rerun with unchanged inputs shows)."""
+    import io
+
+    from rich.console import Console
+
+    from saevctl.console import console
+
+    rec = Console(file=io.StringIO(), width=console.width, record=True)
+    for item in items:
+        console.print(item)
+        rec.print(item)
+    return rec.export_text()
+
+
+def _single(cfg: Config, summary: Path) -> str:
+    from saevctl import atomic
+    from saevctl.console import say_path
     from saevctl.probe.probe import run
 
     res = run(cfg)
-    for item in single_tables(res):
-        console.print(item)
+    printed = _shown(single_tables(res))
+    atomic.write_json(summary, {"format": "saevctl-probe", "image": cfg.image, "clamps": list(cfg.clamps),
+                                "features": [int(f) for f in res.features], "values": [float(v) for v in res.values],
+                                "head": res.head, "task": res.task, "figure": str(res.figure)})
     say_path("figure", res.figure)
+    say_path("summary", summary)
+    return printed
 
 
-def _batch(cfg: BatchConfig) -> None:
-    from saevctl.console import console, progress_bar, say_path
+def _batch(cfg: BatchConfig) -> str:
+    from saevctl.console import progress_bar, say_path
     from saevctl.probe.batch import run_batch
 
     with progress_bar("probe", None, "img") as advance:
         res = run_batch(cfg, progress=advance, on_total=advance.set_total)
-    for item in batch_tables(res):
-        console.print(item)
+    printed = _shown(batch_tables(res))
     say_path("figure", res.figure)
     say_path("summary", res.summary)
+    return printed
 
 
 def _pct(v: float) -> str:
@@ -183,11 +232,20 @@ def batch_tables(res: Any) -> list[Any]:
             label = (r["label"] + (" *" if r["magnitude"] else "")) if i == 0 else ""
             t.add_row(label, name, f"{c['mean']:+.4f}", _ci(c), end_section=i == len(cells) - 1)
     out.append(t)
-    if res.specific is True:
-        out.append("[bold green]specific:[/] the * effect is larger than both controls' (paired CIs above 0)")
-    elif res.specific is False:
-        out.append("[bold red]not specific:[/] the * effect is not larger than both controls' (a paired CI reaches 0)")
+    if res.verdict is not None:
+        out += verdict_lines(res.verdict)
     return out
+
+
+def verdict_lines(v: dict[str, Any]) -> list[str]:
+    """The verdict (saevctl.edit.effects.verdict) in colour, with the numbers behind it, and the test it applied."""
+    from rich.markup import escape
+
+    from saevctl.edit.effects import verdict_text
+
+    color = {"specific": "green", "too small": "yellow"}.get(v["result"], "red")
+    word, _, rest = verdict_text(v).partition(":")
+    return [f"[bold {color}]{word}:[/]{escape(rest)}", f"[dim]test: {escape(v['test'])}[/]"]
 
 
 def register(root: typer.Typer) -> None:

@@ -9,7 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from saevctl.config import MAX_SEED, ConfigBase, DeviceOpts, SaeTarget, StatsOpts, check_finite, opt
+from saevctl.config import (
+    MAX_SEED,
+    ConfigBase,
+    DeviceOpts,
+    RerunOpts,
+    SaeTarget,
+    StatsOpts,
+    VerdictOpts,
+    check_finite,
+    opt,
+)
 from saevctl.errors import InputError, ProbeError
 
 
@@ -22,8 +32,12 @@ class ProbeEdit(ConfigBase):
     """FEATURE=VALUE edits, repeatable or comma-separated: 6909=0 ablates, 6909=3.5 sets, 6909=2x sets twice its max
     activation (needs a mined index), top=V edits the image's most active feature (one --image only)."""
     patches: str = opt("fired", short="-p")
-    """all, fired (default: where each edited feature fires), r,c;r,c (grid row,column), or box:x0,y0,x1,y1
-    (model-input pixels)."""
+    """all, fired (default: where each edited feature fires), r,c;r,c (grid row,column), box:x0,y0,x1,y1
+    (model-input pixels), or mask:CLASS (each image's patches of a mask class; mask:SET/CLASS with several sets)."""
+    masks: tuple[str, ...] = opt((), repeat=True)
+    """For --patches mask:CLASS: a mask folder (PNG masks named like the images, with its class file), NAME=DIR, or
+    the NAME of a mask set of the SAE's store; repeatable (default: every mask set of the store the SAE was trained
+    on)."""
     out: Path | None = opt(None, short="-o")
     """PNG path (default probes/<image>_<clamps>.png, in batch mode probes/batch_<clamps>.png); batch mode writes a
     JSON summary beside it."""
@@ -37,9 +51,9 @@ class ProbeEdit(ConfigBase):
 
 
 @dataclass(frozen=True, kw_only=True)
-class BatchOpts(StatsOpts):
+class BatchOpts(StatsOpts, VerdictOpts):
     """How a batch probe runs: images per pass and the two controls (a random feature of similar firing frequency,
-    a random direction of the same norm) whose effects are compared with bootstrap CIs."""
+    a random direction of the same norm) whose effects are compared with bootstrap CIs, and the verdict's floor."""
 
     batch_size: int = opt(16, short="-b")
     """Batch mode: images per forward pass (each pass runs 4 variants from the SAE's layer on)."""
@@ -80,7 +94,7 @@ class BatchConfig(BatchOpts, SaeTarget, ProbeEdit):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ProbeConfig(BatchOpts, SaeTarget, ProbeEdit):
+class ProbeConfig(RerunOpts, BatchOpts, SaeTarget, ProbeEdit):
     """What `saevctl probe` takes: --image makes it a `Config`, --images a `BatchConfig` (batch options then apply)."""
 
     image: str | None = None
@@ -102,7 +116,7 @@ class ProbeConfig(BatchOpts, SaeTarget, ProbeEdit):
 
 
 @dataclass(frozen=True, kw_only=True)
-class HeadTrainConfig(DeviceOpts):
+class HeadTrainConfig(RerunOpts, DeviceOpts):
     """`heads train`: fit a linear head on a frozen ViT's tokens and evaluate it on held-out images."""
 
     task: Literal["classify", "segment"] = opt(short="-t", example="--task classify or --task segment")

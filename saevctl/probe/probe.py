@@ -16,9 +16,11 @@ from saevctl import layout, workspace
 from saevctl.config import resolve_device
 from saevctl.data import open_image
 from saevctl.edit.clamps import Clamp, parse_clamp
-from saevctl.edit.edit import apply_edit, make_plan, parse_patches, static_mask
+from saevctl.edit.edit import Patches, apply_edit, make_plan, parse_patches, static_mask
 from saevctl.edit.effects import classify_summary, dense_summary
+from saevctl.edit.maskpatches import mask_patches
 from saevctl.edit.session import Prober, clamp_values, open_index_stats
+from saevctl.errors import ProbeError
 from saevctl.probe.config import Config
 from saevctl.probe.figures import probe_figure
 
@@ -66,8 +68,25 @@ def prepare(cfg: Config) -> tuple[Prober, list[Clamp]]:
     return prober, clamps
 
 
-def run(cfg: Config, prober: Prober | None = None) -> Result:
-    """Probe one image; `prober` reuses already loaded models (it must match cfg's SAE and head)."""
+def image_patch_mask(cfg: Config, prober: Prober, patches: Patches) -> tuple[torch.Tensor | None, list[str]]:
+    """The patches to edit in this image: a fixed mask (all, cells, box), None (fired: decided by the codes), or
+    the image's patches of a mask class (mask:CLASS), with a note when that class covers none."""
+    lay = prober.bb.layout
+    sel = mask_patches(patches.kind, patches.mask_set, patches.mask_class, cfg.masks, prober.sae.cfg.train)
+    if sel is None:
+        return static_mask(patches, lay, prober.bb.patch_size), []
+    chosen = sel.select(cfg.image, prober.bb.preprocess, (lay.grid_h, lay.grid_w))
+    if chosen is None:
+        raise ProbeError(f"{cfg.image} has no mask in {sel.masks.dpath} (mask set {sel.set_name})",
+                         "pass the folder holding its mask with --masks DIR")
+    notes = [] if chosen.any() else [f"{sel.describe()} covers no patch of this image, so nothing was edited"]
+    return torch.from_numpy(chosen), notes
+
+
+def run(cfg: Config, prober: Prober | None = None, figure: bool = True) -> Result:
+    """Probe one image; `prober` reuses already loaded models (it must match cfg's SAE and head). `figure=False`
+    skips drawing the PNG (saevctl serve draws its own panels from the same numbers); `Result.figure` then names
+    where it would have gone."""
     image = open_image(cfg.image)  # a missing or corrupt image fails before the models load
     if prober is None:
         prober, clamps = prepare(cfg)
@@ -75,7 +94,7 @@ def run(cfg: Config, prober: Prober | None = None) -> Result:
         clamps = [parse_clamp(c) for c in cfg.clamps]
         prober.check_clamps(clamps)
     patches = parse_patches(cfg.patches)
-    bb, lay = prober.bb, prober.bb.layout
+    lay = prober.bb.layout
     stats = None
     if any(c.multiple for c in clamps):  # before any model work: a missing index is a quick error
         stats = open_index_stats(cfg.index, workspace.resolve_sae_ref(cfg.sae), prober.sae.cfg.n_latents)
@@ -85,13 +104,14 @@ def run(cfg: Config, prober: Prober | None = None) -> Result:
     x_btd = prober.prefix(x_bchw)
     features = resolve_features(prober, clamps, x_btd)
     values = clamp_values(clamps, features, stats)
-    plan = make_plan(prober.sae, x_btd[:, lay.n_prefix :], features, torch.tensor([values]),
-                     patches, static_mask(patches, lay, bb.patch_size))
+    mask_p, mask_notes = image_patch_mask(cfg, prober, patches)
+    plan = make_plan(prober.sae, x_btd[:, lay.n_prefix :], features, torch.tensor([values]), patches, mask_p)
     before = prober.outputs(x_btd)[0].float().cpu().numpy()
     after = prober.outputs(apply_edit(prober.sae, x_btd, lay, plan, fast=cfg.fast))[0].float().cpu().numpy()
     edited_hw = plan.edited_np[0].cpu().numpy().reshape(lay.grid_h, lay.grid_w)
     notes = [f"feature {f} fires on no patch of this image, so nothing was edited; try --patches all"
              for j, f in enumerate(features) if patches.kind == "fired" and not bool(plan.mask_npk[0, :, j].any())]
+    notes += mask_notes
     head = prober.head
     if head.task == "classify":
         summary = classify_summary(before, after, head.classes)
@@ -101,7 +121,8 @@ def run(cfg: Config, prober: Prober | None = None) -> Result:
     fpath = cfg.out or default_figure_fpath(cfg.image, cfg.clamps)
     title = (f"{Path(cfg.image).name}: clamp {desc} at layer {prober.layer} on {patches.describe()} patches; "
              f"head {head.name}")
-    probe_figure(fpath, head.task, image_u8[0], edited_hw, before, after, head.classes, title)
+    if figure:
+        probe_figure(fpath, head.task, image_u8[0], edited_hw, before, after, head.classes, title)
     log.info("probed %s: %s on %d patches, figure %s", cfg.image, desc, int(edited_hw.sum()), fpath)
     return Result(head.task, head.classes, features, values, list(cfg.clamps), edited_hw, before, after, summary,
                   fpath, head.name, notes)

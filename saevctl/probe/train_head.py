@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from saevctl import layout, lock
+from saevctl import layout, lock, rerun
 from saevctl.config import resolve_device
 from saevctl.data import ImageRecord, open_image, resolve_images
-from saevctl.data.masks import IGNORED, MaskSet, check_masks, mask_geometry, read_classes
+from saevctl.data.masks import IGNORED, MaskSet, check_masks, mask_dir, mask_geometry, read_classes
 from saevctl.edit.heads import LinearClassifyHead, LinearSegmentHead, describe_model, save_head
 from saevctl.errors import InputError, SaevctlError
+from saevctl.probe import fresh
 from saevctl.probe.config import HeadTrainConfig
 from saevctl.vit import Backbone, Preprocess, load_backbone
 
@@ -38,6 +39,8 @@ class HeadTrainResult:
     n_val: int
     metrics: dict[str, float]
     seconds: float
+    unchanged: bool = False
+    """The head in `out` was trained from the same inputs (saevctl.rerun): kept, nothing trained."""
 
 
 def read_class_names(fpath: Path) -> tuple[list[str], int]:
@@ -200,6 +203,14 @@ def train_head(
 def _train_head(cfg: HeadTrainConfig, out: Path, progress: Progress | None, backbone: Backbone | None,
                 on_total: Progress | None) -> HeadTrainResult:
     t0 = time.perf_counter()
+    inputs = fresh.head_inputs(cfg)
+    kept = None if cfg.force else rerun.kept(layout.head_config_fpath(out), inputs)
+    if kept is not None and layout.head_weights_fpath(out).is_file():
+        return HeadTrainResult(out, kept["task"], list(kept["classes"]), int(kept.get("n_train", 0)),
+                               int(kept.get("n_val", 0)), dict(kept["metrics"]), float(kept.get("seconds", 0.0)),
+                               unchanged=True)
+    if cfg.masks is not None:  # `--masks demo`: the demo's shape masks, as extract and eval read them
+        cfg = dataclasses.replace(cfg, masks=mask_dir(cfg.masks))
     device = resolve_device(cfg.device)
     records = list(resolve_images(cfg.images, cfg.max_images).records)
     if on_total:
@@ -214,7 +225,8 @@ def _train_head(cfg: HeadTrainConfig, out: Path, progress: Progress | None, back
             progress(len(records) - len(pairs))  # images without a mask are skipped
         fitted = _train_segment(cfg, bb, layer, pairs, device, progress)
     classes, metrics, extra, w, b, n_tr, n_val = fitted
-    save_head(out, w, b, _header(cfg, bb, layer, classes, metrics, extra))
+    save_head(out, w, b, {**_header(cfg, bb, layer, classes, metrics, extra), "n_train": n_tr, "n_val": n_val,
+                          "seconds": time.perf_counter() - t0, rerun.KEY: inputs})
     return HeadTrainResult(out, cfg.task, classes, n_tr, n_val, metrics, time.perf_counter() - t0)
 
 

@@ -21,7 +21,7 @@ table.features th[data-key] { cursor: pointer; }
 table.features th[aria-sort=ascending]::after { content: " \\25B2"; }
 table.features th[aria-sort=descending]::after { content: " \\25BC"; }
 table.features tbody tr:hover { background: #f5f8ff; }
-img.thumb { width: 48px; height: 48px; display: block; }
+img.thumb { width: 128px; height: 128px; display: block; }
 .controls { margin: .5em 0; display: flex; gap: 1em; align-items: center; }
 .controls input { width: 28em; padding: .3em .5em; font: inherit; }
 .count { color: #555; }

@@ -49,6 +49,9 @@ def report(cfg: Config) -> None:
             advance.set_total(total)
 
         result = run(cfg, progress=advance, on_total=on_total)
+    if result.unchanged:
+        console.print("unchanged: the site was built from the same index content, report cards and options "
+                      "(--force builds it again)")
     _summary(console, result)
     say_path("report", result.index_html)
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from saevctl import layout
-from saevctl.config import IndexOpt, check_finite, opt
+from saevctl.config import IndexOpt, RerunOpts, check_finite, opt
 from saevctl.errors import InputError
 
 IMAGE_FORMATS = ("png", "jpeg")
@@ -17,7 +18,7 @@ IMAGE_FORMATS = ("png", "jpeg")
 
 
 @dataclass(frozen=True)
-class Config(IndexOpt):
+class Config(RerunOpts, IndexOpt):
     out: Path = opt(short="-o", factory=layout.default_report_dpath, default_text="./report")
     """Folder of the site; an earlier report there is replaced as a whole."""
     saes: tuple[str, ...] = opt((), flag="--sae", repeat=True)
@@ -32,7 +33,10 @@ class Config(IndexOpt):
     workers: int | None = None
     """Drawing processes; 0 draws in this process (default: one per core up to 8, none for small reports)."""
     max_features: int | None = None
-    """Pages only for the N most frequent live features per SAE (default: every live feature)."""
+    """Pages only for N live features per SAE, chosen by --pick (default: every live feature)."""
+    pick: Literal["interpretable", "freq"] = "interpretable"
+    """How --max-features chooses: interpretable (neither dense nor near-dead nor on most images, ranked by peak
+    over typical value on a small part of the image; the rule is on the index page) or freq (the most frequent)."""
     image_format: str = opt("png", flag="--format")
     """Picture format, png or jpeg: jpeg grids are about 5x smaller and drawn about 4x faster, for SAEs with tens of
     thousands of live features."""

@@ -18,6 +18,7 @@ import numpy as np
 
 from saevctl.report.assets import JS
 from saevctl.report.data import Exemplar
+from saevctl.report.select import RULE
 
 esc = html.escape  # quote=True: safe in text and in double-quoted attributes
 TABLE_COLS = ("feature", "freq", "img_freq", "mean", "max", "label", "share", "page", "thumb", "concept", "auroc")
@@ -106,10 +107,10 @@ def _exemplar_table(exs: list[Exemplar], n_patches: int) -> str:
     for e in exs:
         name = PurePosixPath(e.path.replace("\\", "/")).name or e.path
         fired = f"{e.n_fired} / {n_patches}" if e.acts_hw is not None else ""
-        rows.append(f"<tr><td>{e.rank + 1}</td><td class=\"text\"><span class=\"image-name\" title=\"{esc(e.path)}\">"
-                    f"{esc(name)}</span></td><td class=\"text\">{esc(e.label or '')}</td>"
+        rows.append(f"<tr><td>{e.rank + 1}</td><td>{e.image_id}</td><td class=\"text\"><span class=\"image-name\" "
+                    f"title=\"{esc(e.path)}\">{esc(name)}</span></td><td class=\"text\">{esc(e.label or '')}</td>"
                     f"<td>{e.value:.4g}</td><td>{fired}</td></tr>")
-    return ("<table class=\"exemplars\"><thead><tr><th>rank</th><th class=\"text\">image</th>"
+    return ("<table class=\"exemplars\"><thead><tr><th>rank</th><th>image id</th><th class=\"text\">image</th>"
             "<th class=\"text\">label</th><th>value</th><th>patches fired</th></tr></thead><tbody>"
             + "".join(rows) + "</tbody></table>")
 
@@ -146,13 +147,20 @@ def labels_html(rows: list[dict[str, Any]]) -> str:
     return "<section class=\"labels\"><h2>Concept (features label)</h2><ul>" + "".join(items) + "</ul></section>"
 
 
-def neighbours_html(near: list[tuple[int, float]] | None, pages: dict[int, str]) -> str:
+def neighbours_html(near: list[tuple[int, float]] | None, pages: dict[int, str], live: set[int] | None = None,
+                    max_features: int | None = None) -> str:
+    """The nearest features, linked where they have a page; the others say why not: never fired, or fired but
+    left out by --max-features (`live`: every feature that fired)."""
     if near is None:
         return "<p class=\"dead\">neighbours unavailable: the index lacks this SAE's decoder directions</p>"
     items = []
     for f, sim in near:
         if f in pages:
             items.append(f"<li><a href=\"{esc(pages[f])}\">feature {f}</a> "
+                         f"<span class=\"meta\">cosine {sim:.3f}</span></li>")
+        elif live is not None and f in live:
+            items.append(f"<li class=\"dead\">feature {f} (not in this report: fired; left out by --max-features "
+                         f"{max_features}): run saevctl features show --id {f} "
                          f"<span class=\"meta\">cosine {sim:.3f}</span></li>")
         else:
             items.append(f"<li class=\"dead\">feature {f} (never fired, no page) "
@@ -191,7 +199,7 @@ def sae_section(sae: dict[str, Any], rows: list[list[Any]]) -> str:
         f"<p class=\"meta\">{esc(sae['summary'])}<br>{sae['n_pages']:,} features with pages; "
         f"{skipped:,} never fired and were skipped (no page)"
         + (f"; {sae['n_unlisted']:,} live features left out by --max-features" if sae.get("n_unlisted") else "")
-        + ".</p>\n"
+        + ".</p>\n" + pick_html(sae)
         + (f"<p class=\"card\"><a href=\"{esc(sae['card'])}\">report card</a> (saevctl eval all: reconstruction, "
            "splice recovery, label coverage, edit specificity)</p>\n" if sae.get("card") else "")
         + "<div class=\"controls\"><input type=\"search\" class=\"filter\" "
@@ -203,6 +211,18 @@ def sae_section(sae: dict[str, Any], rows: list[list[Any]]) -> str:
         f"{script_json({'cols': TABLE_COLS, 'rows': rows, 'labelled': labelled})}</script>\n"
         "</section>\n"
     )
+
+
+def pick_html(sae: dict[str, Any]) -> str:
+    """Which features have pages, and by what rule (saevctl.report.select)."""
+    if not sae.get("n_unlisted"):
+        return "<p class=\"pick\">Pages: every feature that fired.</p>\n"
+    n_live = sae["n_pages"] + sae["n_unlisted"]
+    head = f"Pages: {sae['n_pages']:,} of the {n_live:,} live features (--max-features {sae['max_features']}), "
+    if sae.get("pick") == "freq":
+        return f"<p class=\"pick\">{esc(head)}the most frequent (--pick freq).</p>\n"
+    return (f"<p class=\"pick\">{esc(head)}picked by interpretability (--pick interpretable): {esc(RULE)}. "
+            "A feature without a page is one command away: saevctl features show --id N.</p>\n")
 
 
 def index_page(index_path: str, saes: list[dict[str, Any]], sections: list[str], created: str) -> str:

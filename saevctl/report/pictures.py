@@ -19,7 +19,7 @@ from typing import Any
 from saevctl.report.data import Exemplar
 
 log = logging.getLogger(__name__)
-THUMB_PX = 64
+THUMB_PX = 128  # drawn at this size on the index page: a 64 px heat tile was unreadable
 FORMATS = {"png": "PNG", "jpeg": "JPEG"}
 
 
@@ -63,18 +63,21 @@ def _save(img: Any, fpath: Path, fmt: str) -> None:
 
 def render(job: Grid, preprocess_json: str, fmt: str) -> None:
     """Draw one grid (and thumbnail) with mine's tile and sheet renderers."""
-    from saevctl.mine.figures import compose, heat_tile
+    from PIL import Image
+
+    from saevctl.mine.figures import caption, compose, heat_tile, label_tile
 
     exs = job.exemplars
     peaks = [float(e.acts_hw.max()) if e.acts_hw is not None else e.value for e in exs]
     vmax = max(peaks, default=0.0)
     tiles = [heat_tile(_view(e.path, preprocess_json), e.acts_hw, vmax) for e in exs]
-    caps = [f"#{e.rank + 1}  {e.value:.3g}" for e in exs]
+    caps = [caption(e.rank, e.value, e.image_id) for e in exs]
     # A colour bar only where there is an overlay (CLS exemplars have no per-patch activations).
     has_heat = any(e.acts_hw is not None for e in exs)
     _save(compose(tiles, caps, job.title, job.cols, vmax if has_heat and vmax > 0 else None), job.grid_fpath, fmt)
     if job.thumb_fpath is not None and tiles:
-        _save(tiles[0].resize((THUMB_PX, THUMB_PX)), job.thumb_fpath, fmt)
+        thumb = tiles[0].resize((THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS)
+        _save(label_tile(thumb, f"id {exs[0].image_id}"), job.thumb_fpath, fmt)
 
 
 def render_batch(jobs: list[Job], preprocess_json: str, fmt: str) -> int:

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from saevctl import atomic, layout, workspace
+from saevctl import atomic, layout, rerun, workspace
 from saevctl.errors import IndexError_
 from saevctl.mine.schema import hist_edges
-from saevctl.report import config, data, pages, pictures, site
+from saevctl.report import config, data, pages, pictures, select, site
 from saevctl.report.assets import CSS
 from saevctl.report.config import Config
 
@@ -45,6 +45,8 @@ class Result:
     saes: list[dict[str, Any]] = field(default_factory=list)
     """Per SAE: sae_id, dname, n_latents, n_pages, n_skipped."""
     seconds: float = 0.0
+    unchanged: bool = False
+    """The site in `out` was built from the same index content, report cards and options: kept as it is."""
 
     @property
     def index_html(self) -> Path:
@@ -97,26 +99,40 @@ class _SaeContext:
     edges: list[tuple[float, float]]
     ext: str
     cols: int
+    live: set[int] = field(default_factory=set)
+    """Every feature that fired, page or not (a neighbour without a page is 'left out', not 'never fired')."""
     labels: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     """Each feature's rows of features label (patch level first)."""
+
+
+def _pages(idx: Index, sae_id: str, info: dict[str, Any], live: np.ndarray, stats: dict[str, np.ndarray],
+           cfg: Config) -> np.ndarray:
+    """The live features that get pages (ascending): all, or --max-features of them chosen by --pick."""
+    if cfg.max_features is None or cfg.max_features >= len(live):
+        return live
+    if cfg.pick == "freq":
+        return idx.fired_features(sae_id, info["tokens"], cfg.max_features)
+    t0 = info["tokens"][0]
+    return select.pick(live, stats, int(info["n_images"]), t0 == "patches", cfg.max_features)
 
 
 def _context(idx: Index, sae_id: str, position: int, root: Path, cfg: Config) -> tuple[_SaeContext, np.ndarray]:
     info = idx.sae_info(sae_id)
     tokens = info["tokens"]
     dname = layout.report_sae_dname(sae_id, position)
-    fired = idx.fired_features(sae_id, tokens, cfg.max_features)
-    n_live = len(fired) if cfg.max_features is None else len(idx.fired_features(sae_id, tokens))
+    stats = {t: data.feature_table(idx, sae_id, t) for t in tokens}
+    live = idx.fired_features(sae_id, tokens)
+    fired = _pages(idx, sae_id, info, live, stats[tokens[0]], cfg)
     sae = {"sae_id": sae_id, "dname": dname, "anchor": f"sae-{position}", "summary": _summary(info),
            "model_spec": info["model_spec"], "layer": info["layer"], "n_latents": int(info["n_latents"]),
-           "n_images": int(info["n_images"]), "n_pages": len(fired), "n_skipped": int(info["n_latents"]) - n_live,
-           "n_unlisted": n_live - len(fired)}
+           "n_images": int(info["n_images"]), "n_pages": len(fired), "n_skipped": int(info["n_latents"]) - len(live),
+           "n_unlisted": len(live) - len(fired), "max_features": cfg.max_features, "pick": cfg.pick}
     ctx = _SaeContext(
         sae, info, tokens, (int(info["grid_h"]), int(info["grid_w"])), layout.report_sae_dpath(root, dname),
-        {t: data.feature_table(idx, sae_id, t) for t in tokens}, {t: data.histograms(idx, sae_id, t) for t in tokens},
+        stats, {t: data.histograms(idx, sae_id, t) for t in tokens},
         data.neighbours(idx, sae_id, fired, cfg.neighbours),
         {int(f): layout.report_feature_name(int(f)) for f in fired}, hist_edges(),
-        "jpg" if cfg.image_format == "jpeg" else "png", cfg.cols)
+        "jpg" if cfg.image_format == "jpeg" else "png", cfg.cols, live={int(f) for f in live})
     ctx.labels = data.feature_labels(idx, sae_id)
     sae["label_level"] = idx.primary_label_level(sae_id)
     ctx.dpath.mkdir(parents=True)
@@ -138,7 +154,8 @@ def _feature(ctx: _SaeContext, f: int, exs: dict[str, dict[int, list[data.Exempl
         sections.append(pages.token_section(t, f_stats, t_exs, grid_name, ctx.hists[t].get(f), ctx.edges,
                                             ctx.grid[0] * ctx.grid[1], f))
     sections.insert(0, pages.labels_html(ctx.labels.get(f, [])))
-    near_html = pages.neighbours_html(None if ctx.near is None else ctx.near.get(f, []), ctx.page_names)
+    near_html = pages.neighbours_html(None if ctx.near is None else ctx.near.get(f, []), ctx.page_names, ctx.live,
+                                      ctx.sae["max_features"])
     text = pages.feature_page(ctx.sae, f, sections, near_html, prev_next, ctx.page_names)
     (ctx.dpath / ctx.page_names[f]).write_text(text, encoding="utf-8")
     t0 = ctx.tokens[0]
@@ -207,6 +224,10 @@ def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[Path,
     t0 = time.perf_counter()
     index_fpath = resolve_index(cfg.index)
     site.check_target(cfg.out.absolute())  # before any work: a wrong --out fails at once
+    with Index.open(index_fpath) as idx:
+        inputs = _inputs(idx, index_fpath, cfg)
+    if (kept := _kept(cfg, inputs)) is not None:
+        return Result(cfg.out.absolute(), index_fpath, kept["saes"], float(kept.get("seconds", 0.0)), unchanged=True)
     saes, sections = [], []
     with Index.open(index_fpath) as idx, site.staged_site(cfg.out) as root:
         if on_total is not None:
@@ -223,7 +244,32 @@ def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[Path,
         layout.report_index_fpath(root).write_text(index_html, encoding="utf-8")
         summary = [{k: s[k] for k in ("sae_id", "dname", "n_latents", "n_pages", "n_skipped")} for s in saes]
         meta = {"format": site.FORMAT, "schema_version": layout.REPORT_SCHEMA, "index": str(index_fpath.resolve()),
-                "created": created, "image_format": cfg.image_format, "saes": summary}
+                "created": created, "image_format": cfg.image_format, "saes": summary,
+                "seconds": time.perf_counter() - t0, rerun.KEY: inputs, "files": _files(root)}
         atomic.write_json(layout.report_meta_fpath(root), meta)  # last: marks the folder complete
     out = cfg.out.absolute()
     return Result(out, index_fpath, summary, time.perf_counter() - t0)
+
+
+def _inputs(idx: Index, index_fpath: Path, cfg: Config) -> str:
+    """What the site is made from (saevctl.rerun): the index's content, the SAEs' report cards, the options."""
+    cards = {s: rerun.file_part(layout.eval_card_fpath(layout.eval_dpath(index_fpath, s))) for s in idx.sae_ids()}
+    return rerun.digest({"index": [str(index_fpath.resolve()), idx.fingerprint()], "cards": cards,
+                         "config": rerun.config_part(cfg, drop=("workers", "out", "index"))})
+
+
+def _kept(cfg: Config, inputs: str) -> dict[str, Any] | None:
+    """The site's meta when `cfg.out` holds a complete site built from these inputs (else None: build it)."""
+    if cfg.force or not layout.report_index_fpath(cfg.out).is_file():
+        return None
+    try:
+        meta = json.loads(layout.report_meta_fpath(cfg.out).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get(rerun.KEY) != inputs or "saes" not in meta:
+        return None
+    return meta if meta.get("files") == _files(cfg.out) else None  # a file added, removed or changed: rebuild
+
+
+def _files(root: Path) -> str:
+    return rerun.listing(root, skip=(layout.report_meta_fpath(root).name,))

@@ -231,9 +231,10 @@ class Store:
         return np.array([im["id"] for im in self.images if im["row"] >= 0], dtype=np.int64)
 
     # --- class labels (extract --masks; ImageFolder) -------------------------------------------------
-    def labels_info(self) -> dict[str, Any] | None:
-        """labels/classes.json (schema, classes, source, n_labelled_rows, ...); None without --masks."""
-        fpath = layout.store_classes_fpath(self.dpath)
+    def labels_info(self, extra: str | None = None) -> dict[str, Any] | None:
+        """labels/classes.json (schema, name, classes, source, n_labelled_rows, ...) of the default mask set, or of
+        the further set in labels/<extra>/; None when that set's labels are not there (complete)."""
+        fpath = layout.store_classes_fpath(self.dpath, extra)
         if not fpath.is_file():
             return None
         try:
@@ -246,19 +247,51 @@ class Store:
                              "re-run saevctl extract --masks into a new --out")
         return head
 
+    def mask_sets(self) -> dict[str, str | None]:
+        """The store's complete mask sets, the default (first) first: name -> labels subfolder (None: labels/ itself).
+        A store of one unnamed set (older stores too) names it after its mask folder. Empty without --masks."""
+        out: dict[str, str | None] = {}
+        head = self.labels_info()
+        if head is not None:
+            out[str(head.get("name") or Path(str(head.get("source") or "masks")).name)] = None
+        for entry in self.manifest["config"].get("mask_sets") or []:
+            if self.labels_info(entry["name"]) is not None:
+                out[entry["name"]] = entry["name"]
+        return out
+
+    def mask_set(self, name: str | None) -> str | None:
+        """The labels subfolder of mask set `name` (None: the default set); a StoreError naming the sets when the
+        store has no set of that name."""
+        sets = self.mask_sets()
+        if name is None or (name in sets and sets[name] is None):
+            return None
+        if name not in sets:
+            have = ", ".join(sets) or "none"
+            raise StoreError(f"the store {self.dpath} has no mask set {name!r} (its sets: {have})",
+                             "pick one of its sets, or extract with --masks NAME=DIR")
+        return sets[name]
+
     @property
     def classes(self) -> tuple[str, ...] | None:
         """Class names of the per-patch labels by id (classes[0] is the ignored class); None without --masks."""
-        head = self.labels_info()
+        return self.classes_of(None)
+
+    def classes_of(self, extra: str | None) -> tuple[str, ...] | None:
+        """`classes` of the default set (None) or of the further set in labels/<extra>/."""
+        head = self.labels_info(extra)
         return tuple(head["classes"]) if head else None
 
     @property
     def patch_labels(self) -> np.ndarray | None:
         """Memory-mapped int16 (n_images, n_patches): class id of each patch of each stored row (aligned with the
-        activations' rows), -1 unlabelled; None when the store was extracted without --masks."""
-        if self.labels_info() is None:
+        activations' rows), -1 unlabelled; None when the store was extracted without --masks (default set)."""
+        return self.patch_labels_of(None)
+
+    def patch_labels_of(self, extra: str | None) -> np.ndarray | None:
+        """`patch_labels` of the default set (None) or of the further set in labels/<extra>/."""
+        if self.labels_info(extra) is None:
             return None
-        fpath = layout.store_patch_labels_fpath(self.dpath)
+        fpath = layout.store_patch_labels_fpath(self.dpath, extra)
         try:
             arr: np.ndarray = np.load(fpath, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:

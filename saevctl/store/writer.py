@@ -29,7 +29,7 @@ def _masks_name(masks: dict[str, Any] | None) -> str:
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     """Name the first settings that differ, for the error message."""
     parts = []
-    for key in ("model", "layers", "tokens", "dtype", "images", "images_per_shard", "masks"):
+    for key in ("model", "layers", "tokens", "dtype", "images", "images_per_shard", "masks", "mask_sets"):
         a, b = old.get(key), new.get(key)
         if key == "model" and isinstance(a, dict) and isinstance(b, dict):
             if a.get("spec") != b.get("spec"):
@@ -44,7 +44,11 @@ def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
                 parts.append(f"images {a.get('spec')} ({a.get('n')}) vs {b.get('spec')} ({b.get('n')})")
         elif key == "masks" and a != b:
             same = _masks_name(a) == _masks_name(b)
-            parts.append(f"masks {_masks_name(a)} vs {_masks_name(b)}" + (" (other class names)" if same else ""))
+            why = " (other class names or set name)" if same else ""
+            parts.append(f"masks {_masks_name(a)} vs {_masks_name(b)}{why}")
+        elif key == "mask_sets" and a != b:
+            names = [", ".join(f"{m.get('name')}={_masks_name(m)}" for m in sets or []) or "none" for sets in (a, b)]
+            parts.append(f"further mask sets {names[0]} vs {names[1]}")
         elif a != b:
             parts.append(f"{key} {a} vs {b}")
     return "; ".join(parts) or "settings"

@@ -46,6 +46,9 @@ class Config(DeviceOpts):
     nested: tuple[Literal["off", "on"], ...] = ("on",)
     """With the --matryoshka prefixes (on) or without them (off); off,on trains both in one pass, a pair per
     combination of the other axes."""
+    freeze_decoder: bool = opt(False, flag="--freeze-decoder/--train-decoder")
+    """Keep every decoder at its random unit-norm initialisation and train only the encoder and the biases (the
+    random-decoder null baseline of saevctl eval baselines)."""
     aux_coef: float = opt(1 / 32, default_text="1/32")
     """AuxK loss weight for topk/batchtopk (reconstructs the residual from dead latents)."""
     n_tokens: int | None = None

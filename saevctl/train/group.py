@@ -31,10 +31,12 @@ def _init_rows(spec: RunSpec, d: int, seed: int) -> Tensor:
 class SAEGroup:
     """SAEs sharing (activation, width, k, matryoshka prefixes); each step feeds them the same batch."""
 
-    def __init__(self, specs: list[RunSpec], d: int, seed: int, aux_coef: float, device: str | torch.device) -> None:
+    def __init__(self, specs: list[RunSpec], d: int, seed: int, aux_coef: float, device: str | torch.device,
+                 freeze_decoder: bool = False) -> None:
         assert specs and len({s.shape_key for s in specs}) == 1, "a group holds same-shape SAEs only"
         self.specs = specs
         self.d = d
+        self.freeze_decoder = freeze_decoder
         first = specs[0]
         s = first.n_latents
         rows = first.activation != "relu"
@@ -84,11 +86,16 @@ class SAEGroup:
 
     @torch.no_grad()
     def apply(self, out: StepOut, step: int, lr_scale: float, fused: bool = True) -> None:
-        """Adam on the gradients, with the unit-norm decoder constraint, then the trackers."""
-        optim.remove_parallel_grads(self.params["W_dec"], out.grads["W_dec"])
+        """Adam on the gradients, with the unit-norm decoder constraint (or a frozen decoder), then the trackers."""
+        params = self.params
+        if self.freeze_decoder:  # left out of the update: its Adam moments stay zero, its rows their random init
+            params = {k: v for k, v in self.params.items() if k != "W_dec"}
+        else:
+            optim.remove_parallel_grads(self.params["W_dec"], out.grads["W_dec"])
         update = optim.adam_update_fused if fused else optim.adam_update
-        update(self.params, out.grads, self.moments, [sp.lr * lr_scale for sp in self.specs], step)
-        optim.normalize_rows(self.params["W_dec"])
+        update(params, out.grads, self.moments, [sp.lr * lr_scale for sp in self.specs], step)
+        if not self.freeze_decoder:
+            optim.normalize_rows(self.params["W_dec"])
         fired = out.fired_ms > 0
         since = self.trackers["since_fired"]
         since.add_(out.n_counted).masked_fill_(fired, 0)

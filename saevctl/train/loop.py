@@ -63,6 +63,8 @@ def fingerprint(cfg: Config, array: dict[str, Any] | None = None) -> dict[str, A
         del d["place_sweep"]
     if d.get("nested") == ("on",):
         del d["nested"]
+    if d.get("freeze_decoder") is False:
+        del d["freeze_decoder"]
     if array is not None:
         d["store"] = array
     # Paths are compared resolved, so `--store store` from the run's folder equals `--store run/store`.
@@ -91,7 +93,7 @@ def _build_groups(cfg: Config, data: Data, device: str, place: Place) -> list[SA
     check_train_memory(cfg, shares, data, device)
     if place.mode == "ranks":  # dealt in sweep.json's order
         specs = shares[place.rank]
-    return [SAEGroup(g, data.d, cfg.seed, cfg.aux_coef, device) for g in group_specs(specs)]
+    return [SAEGroup(g, data.d, cfg.seed, cfg.aux_coef, device, cfg.freeze_decoder) for g in group_specs(specs)]
 
 
 def _state_tensors(groups: list[SAEGroup], mean_d: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -360,7 +362,7 @@ def _finish(cfg: Config, data: Data, groups: list[SAEGroup], norm: tuple[torch.T
     }
     pdir = layout.train_plots_dpath(cfg.out)
     pngs = [plots.curves(read(layout.train_metrics_fpath(cfg.out)), pdir / "curves.png")]
-    if all(r["final"] for r in runs):
+    if plots.wants_pareto(runs):
         pngs.append(plots.mse_vs_l0(runs, pdir / "mse_vs_l0.png"))
     atomic.write_json(layout.train_sweep_fpath(cfg.out), summary)  # last: marks the run complete (see --resume)
     shutil.rmtree(layout.train_state_dpath(cfg.out), ignore_errors=True)

@@ -116,6 +116,7 @@ def provenance(
         "lr_decay": cfg.lr_decay,
         "sparsity_warmup": cfg.sparsity_warmup,
         "aux_coef": cfg.aux_coef,
+        "freeze_decoder": cfg.freeze_decoder,
         "dtype": cfg.dtype,
         "impl": cfg.impl,
         "final": final,

@@ -38,11 +38,6 @@ def _bmm(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     return torch.stack(outs) if len(a) > 1 else outs[0][None]
 
 
-# ReLU firing statistics (L0, dead, dense) are counted on this many rows of each batch: the compare-and-count
-# pass over the whole (batch, latents) block would cost more than all the other elementwise work together.
-COUNT_ROWS = 512
-
-
 # (loss_m, x_hat_mbd, grad_f, grad_W_dec, grad_b_dec)
 DecodeOut = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
@@ -103,7 +98,7 @@ def _relu_step(
         g_W_enc = _bmm(x_c.transpose(1, 2), g_pre).float()
         g_b_enc = _bmm(ones, g_pre).float()[:, 0]  # a GEMV: faster than a strided reduction
     g_b_dec = g_b_dec.float() - torch.bmm(params["W_enc"], g_b_enc[:, :, None])[:, :, 0]
-    n_counted = min(COUNT_ROWS, len(x_bd))
+    n_counted = min(hp.count_rows, len(x_bd))
     fired = (f[:, :n_counted] > 0).sum(1, dtype=torch.float32)
     with _autocast(x_bd, bf16):
         l1_m = _bmm(ones.to(f.dtype), f).float().sum((1, 2)) / len(x_bd)  # GEMV, not a strided reduction

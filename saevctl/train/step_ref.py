@@ -32,6 +32,10 @@ class Hyper:
     enc_rows: bool = False
     """W_enc is stored (m, s, d) (one row per latent: what the sparse TopK gradients produce) instead of
     (m, d, s) (what the dense ReLU gradients produce); `SAE.W_enc` is always (d, s)."""
+    count_rows: int = 512
+    """ReLU firing statistics (L0, dead, dense) are counted on this many rows of each batch in the fast step: the
+    compare-and-count pass over the whole (batch, latents) block would cost more than all the other elementwise
+    work together. (TopK counts every row: its codes are already sparse.)"""
 
 
 @dataclass

@@ -1,0 +1,25 @@
+"""What the machine's processor offers, read without importing torch (for defaults and notes)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags Linux reports in /proc/cpuinfo (empty where there is no such file)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where bfloat16 matmuls run in hardware (AMX tiles or AVX-512 BF16): about 3x float32 on such CPUs,
+    while elsewhere bfloat16 is emulated and slower than float32."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())

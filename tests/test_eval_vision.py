@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from saevctl import atomic, layout
 from saevctl.cli import app
-from saevctl.errors import InputError
+from saevctl.errors import InputError, StoreError
 from saevctl.eval.absorption import absorption_from_codes
 from saevctl.eval.imagecodes import ImageCodes, LabelSet, encode_store, label_set
 from saevctl.eval.moran import morans_i, null_expectation
@@ -239,6 +239,10 @@ def test_absorption_cli_and_mask_labels(tmp_path: Path) -> None:
     lab = label_set(open_store(store), "mask", 100, 10)
     assert lab.source == "mask" and lab.classes == ["dot"] and lab.n_dropped == 1  # every masked image has ground
     assert lab.known_n.sum() == 90 and lab.y_nc[:, 0].sum() == 45
+    named = label_set(open_store(store), "mask:m", 100, 10)  # the set by name (named after its mask folder)
+    assert named.source == "mask:m" and named.classes == ["dot"]
+    with pytest.raises(StoreError, match="no mask set 'nope'"):
+        label_set(open_store(store), "mask:nope", 100, 10)
     ckpt = relu_sae(store, _close_decoder()).save(tmp_path / "sae")
     out = tmp_path / "absorption.json"
     r = CliRunner().invoke(app, ["eval", "absorption", "--sae", str(ckpt), "--store", str(store), "--out", str(out),

@@ -187,7 +187,7 @@ def absorption_html(a: dict[str, Any], limit: int = 20) -> str:
     return (f"<p><span class=\"big\">{esc(pct(ab['mean']))}</span> <span class=\"ci\">[{esc(pct(ab['lo']))}, "
             f"{esc(pct(ab['hi']))}]</span> of a "
             f"class's images, on average over {a['n_tested']} classes, lose the class's best feature to a feature "
-            f"whose decoder direction is within cosine {esc(num(a['cos']))} of it.</p>\n"
+            f"whose decoder direction has cosine above {esc(num(a['cos']))} with it.</p>\n"
             + _table(["class", "best feature", "AUROC", "close features", "silent", "absorbed"], rows)
             + f"<p class=\"meta\">Image level, {esc(a['labels'])} labels: a class is tested when its best feature's "
             f"AUROC reaches {esc(num(a['min_auroc']))} ({a['n_tested']} of {a['n_classes']}). Silent: the feature "

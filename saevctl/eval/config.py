@@ -121,15 +121,18 @@ class VisionPass(ConfigBase):
 
 @dataclass(frozen=True, kw_only=True)
 class LabelOpts(ConfigBase):
-    labels: Literal["auto", "image", "mask"] = "auto"
+    labels: str = "auto"
     """Image labels of sparse probing and absorption: image (the store's ImageFolder labels), mask (an image has a
-    mask class when any of its patches has it), or auto (image labels when the store has them, else mask classes)."""
+    class of the store's default mask set when any of its patches has it), mask:NAME (the same with another mask
+    set), or auto (image labels when the store has them, else the default mask set)."""
     min_positives: int = 10
     """A class is probed and tested for absorption only when at least this many images have it and as many lack it."""
 
     def check(self) -> None:
         super().check()
         _positive("min_positives", self.min_positives)
+        if self.labels not in ("auto", "image", "mask") and not (self.labels.startswith("mask:") and self.labels[5:]):
+            raise InputError(f"unknown --labels {self.labels!r}", "use auto, image, mask or mask:NAME (a mask set)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,7 +226,7 @@ class BaselineOpts(ConfigBase):
     baseline_train_tokens: int | None = None
     """Tokens the random-decoder baseline trains on (default: as many as the SAE was trained on, else one pass over
     the store)."""
-    kmeans_iters: int = opt(20, hidden=True)
+    kmeans_iters: int = opt(10, hidden=True)
     """Spherical k-means iterations."""
     rebuild_baselines: bool = False
     """Build the baselines afresh even when those cached beside the SAE match it, the store and these settings."""

@@ -128,8 +128,9 @@ def _image_source(store: Store, n: int) -> tuple[list[str], np.ndarray, np.ndarr
     return list(classes), y, known
 
 
-def _mask_source(store: Store, n: int) -> tuple[list[str], np.ndarray, np.ndarray] | None:
-    classes, patches = store.classes, store.patch_labels
+def _mask_source(store: Store, n: int, name: str | None) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+    extra = store.mask_set(name)  # a StoreError naming the store's sets when it has no set `name`
+    classes, patches = store.classes_of(extra), store.patch_labels_of(extra)
     if classes is None or patches is None:
         return None
     lab = np.asarray(patches[:n], dtype=np.int64)
@@ -141,17 +142,19 @@ def _mask_source(store: Store, n: int) -> tuple[list[str], np.ndarray, np.ndarra
 
 
 def label_set(store: Store, source: str, n_images: int, min_positives: int, allow_empty: bool = False) -> LabelSet:
-    """The store's image labels from `source` (auto, image or mask) for its first `n_images` rows, keeping the classes
+    """The store's image labels from `source` (auto, image, mask or mask:NAME) for its first `n_images` rows, keeping
+    the classes
     with at least `min_positives` labelled images with and without them. InputError when the store has no such
     labels, and when no class is left unless `allow_empty` (then the set has no class and says why)."""
     found, used = None, source
     if source in ("auto", "image"):
         found, used = _image_source(store, n_images), "image"
-    if found is None and source in ("auto", "mask"):
-        found, used = _mask_source(store, n_images), "mask"
+    if found is None and (source in ("auto", "mask") or source.startswith("mask:")):
+        name = source[len("mask:"):] if source.startswith("mask:") else None
+        found, used = _mask_source(store, n_images, name), source if name else "mask"
     if found is None:
-        what = {"image": "no ImageFolder labels of two or more classes", "mask": "no mask classes"}.get(
-            source, "neither ImageFolder labels of two or more classes nor mask classes")
+        what = {"auto": "neither ImageFolder labels of two or more classes nor mask classes",
+                "image": "no ImageFolder labels of two or more classes"}.get(source, "no mask classes")
         raise InputError(f"the store {store.dpath} has {what}",
                          "extract from an ImageFolder tree or with --masks DIR, or pass another --labels")
     classes, y, known = found

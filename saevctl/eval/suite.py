@@ -1,5 +1,6 @@
-"""`eval all`: run every evaluation the given inputs allow (reconstruction, splice, label coverage, edits),
-say why the others were skipped, and write the report card beside their JSON summaries.
+"""`eval all`: run every evaluation the given inputs allow (reconstruction, splice, label coverage, edits; with
+--vision spatial coherence, sparse probing, absorption), say why the others were skipped, and write the report card
+beside their JSON summaries.
 """
 
 from __future__ import annotations

@@ -179,6 +179,29 @@ def test_capped_streaming_topk_equals_greedy_over_everything(
         assert sc.topk.src_ks is None  # the uncapped path
 
 
+def test_within_cap_packed_key_equals_two_stable_sorts() -> None:
+    """The packed-key sort (sources that fit its bits) and the fallback (too many sources) agree, ties and
+    empty slots included."""
+    from saevctl.mine.scan import within_cap
+
+    g = torch.Generator().manual_seed(0)
+    vals = torch.rand((40, 300), generator=g).round(decimals=1)  # many ties
+    vals[torch.rand((40, 300), generator=g) < 0.2] = -math.inf
+    src = torch.randint(-1, 6, (40, 300), generator=g)
+    for cap in (1, 2, 5):
+        packed = within_cap(vals, src, cap, n_sources=6)
+        assert torch.equal(packed, within_cap(vals, src, cap, n_sources=1 << 40))
+        # Per column and source, `cap` rows are kept (all when fewer), and none worse than a dropped one.
+        for f in range(0, 300, 37):
+            for sv in src[:, f].unique().tolist():
+                rows = (src[:, f] == sv).nonzero().squeeze(1)
+                kept = rows[packed[rows, f]]
+                assert len(kept) == min(cap, len(rows))
+                dropped = rows[~packed[rows, f]]
+                if len(dropped):
+                    assert vals[kept, f].min() >= vals[dropped, f].max()
+
+
 def test_hist_edges_cover_all_positive_values() -> None:
     edges = np.array(hist_edges())
     assert len(edges) == N_HIST and edges[0, 0] == 0 and math.isinf(edges[-1, 1])

@@ -31,15 +31,15 @@ STEPS = (
     "extract --model demo --images demo --masks demo --layers 6 --out store",
     "train --store store --layer 6 --activation topk --k 32 --width 18x --batch-size 2048 --lr 1e-3 --out sae",
     "mine --sae sae --store store --index index.duckdb --max-per-source 3",
-    "features label",
+    "features label --level patch",
     "features pick --limit 3",
     "features top --id {feature}",
     "features top --id 6909",
-    "heads train --task segment --images demo:256 --masks demo --out heads/shapes",
-    "eval all --images demo:64 --masks demo --head heads/shapes --recon-max-images 256 --n-boot 500",
-    "report --out report --max-features 200",
-    "probe --image {present} --head heads/shapes --clamp {feature}=0 --out probe-present.png",
-    "probe --image {absent} --head heads/shapes --clamp {feature}=0 --out probe-absent.png",
+    "heads train --task segment --images demo:128 --masks demo --out heads/shapes",
+    "eval all --images demo:64 --masks demo --head heads/shapes --recon-max-images 128 --n-boot 500",
+    "report --out report --max-features 100",
+    "probe --image {present} --head saliency --clamp {feature}=-2x --out probe-present.png",
+    "probe --image {absent} --head saliency --clamp {feature}=-2x --out probe-absent.png",
     "eval card",
 )
 PICK = "features pick --plain --limit 1"
@@ -116,18 +116,23 @@ def write_readme(transcript: list[tuple[str, str]], workspace: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workspace", type=Path, default=Path("demo-out"))
+    p.add_argument("--workspace", type=Path, default=None, help="default demo-out (with --readme: a fresh temporary "
+                   "folder named demo-out; a given one must not exist yet)")
     p.add_argument("--saevctl", default=shutil.which("saevctl") or str(Path(sys.executable).parent / "saevctl"))
     p.add_argument("--readme", action="store_true", help="run in a fresh workspace and rewrite README's transcript")
     a = p.parse_args()
     if not a.readme:
-        run(a.saevctl, a.workspace, capture=False)
+        run(a.saevctl, a.workspace or Path("demo-out"), capture=False)
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        workspace = Path(tmp) / "demo-out"
-        env = {"COLUMNS": "100", "TERMINAL_WIDTH": "100", "NO_COLOR": "1"}
-        os.environ.update(env)
-        write_readme(run(a.saevctl, workspace, capture=True), workspace)
+    os.environ.update({"COLUMNS": "100", "TERMINAL_WIDTH": "100", "NO_COLOR": "1"})
+    if a.workspace is not None:  # a first run is what a reader gets: the workspace must be new
+        if a.workspace.exists():
+            sys.exit(f"--workspace {a.workspace} exists; --readme records a first run, in a new folder")
+        write_readme(run(a.saevctl, a.workspace.resolve(), capture=True), a.workspace.resolve())
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            workspace = Path(tmp) / "demo-out"
+            write_readme(run(a.saevctl, workspace, capture=True), workspace)
     print(f"rewrote the transcript in {README}")
 
 

@@ -144,8 +144,12 @@ def dictionary(sae: SAE, rows_md: Tensor, k: int, x_nd: Tensor, train: dict[str,
     out.W_enc.copy_(W.t())
     out.b_enc[m:] = DEAD_BIAS
     xn = _normalised(out, x_nd)
-    recon = out.activate(out.pre_acts(xn)) @ out.W_dec
-    scale = float((xn * recon).sum() / recon.pow(2).sum().clamp_min(1e-12))
+    num = den = 0.0
+    for i in range(0, len(xn), 4096):  # the dense codes of a block at a time
+        recon = out.activate(out.pre_acts(xn[i : i + 4096])) @ out.W_dec
+        num += float((xn[i : i + 4096] * recon).sum())
+        den += float(recon.pow(2).sum())
+    scale = num / max(den, 1e-12)
     out.W_enc.mul_(max(scale, 0.0))
     out.cfg.train["encoder_scale"] = scale
     return out

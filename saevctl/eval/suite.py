@@ -146,10 +146,10 @@ def run_all(cfg: AllConfig, progress: Progress | None = None, on_stage: Stage | 
     out = cfg.out or common.out_dpath(sae_path, index_fpath)
     inputs = fresh.inputs(cfg)
     card_json = layout.eval_card_json_fpath(out)
-    if layout.eval_card_fpath(out).is_file() and (card := rerun.kept(card_json, inputs, cfg.force)) is not None:
-        return AllResult(out, layout.eval_card_fpath(out), card_json, card, {}, card.get("skipped", {}), 0.0,
-                         unchanged=True)
     with lock.exclusive(out, "the eval output folder", "--out"):  # held by the evaluations inside it too
+        if layout.eval_card_fpath(out).is_file() and (card := rerun.kept(card_json, inputs, cfg.force)) is not None:
+            return AllResult(out, layout.eval_card_fpath(out), card_json, card, {}, card.get("skipped", {}), 0.0,
+                             unchanged=True)
         res = _run_all(cfg, sae_path, index_fpath, out, t0, progress, on_stage)
         rerun.record(res.card_json, inputs)
     return res

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from saevctl import rerun, workspace
+from saevctl import lock, rerun, workspace
 from saevctl.config import resolve_device
 from saevctl.data.images import source_of
 from saevctl.errors import CheckpointError
@@ -231,7 +231,11 @@ def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int],
     t0 = time.perf_counter()
     cfg = cfg.resolved()
     sae_dpath, store_dpath, index_fpath = cfg.paths()
-    if (kept := fresh.kept_mine(cfg, fresh.mine_inputs(cfg))) is not None:
+    kept = None
+    if index_fpath.is_file():  # a busy index is refused, even when nothing changed
+        with lock.exclusive(index_fpath, "the index", "--index", make_parent=False):
+            kept = fresh.kept_mine(cfg, fresh.mine_inputs(cfg))
+    if kept is not None:
         if cfg.set_defaults:
             workspace.set_defaults(store=store_dpath.resolve(), sae=sae_dpath.resolve(), index=index_fpath.resolve())
         return Result(index_fpath, kept["sae_id"], kept["n_images"], kept["n_features"], kept["tokens"],

@@ -1,8 +1,9 @@
 """Null baselines (`eval baselines`, `eval all --baselines`): a planted SAE beats its untrained baseline on every
-metric of the card (reconstruction, splice, label coverage, best AUROC, edit specificity) in a tiny segmentation
-world; on a planted sparse-dictionary store the untrained baseline sits near chance while the planted SAE does not;
-baselines are real checkpoints of the SAE's width at k = its mean L0, cached beside it and rebuilt when their
-inputs change; the random-decoder baseline keeps its decoder; bad input is one line."""
+metric of the card: reconstruction, splice recovery and edit specificity in a tiny segmentation world (whose easy
+classes random features detect as well: the label metrics tie there), and label coverage, best AUROC and
+reconstruction on a planted sparse dictionary, where the untrained baseline sits near chance. Baselines are real
+checkpoints of the SAE's width at k = its mean L0, cached beside it, reused, and rebuilt when their inputs change;
+the random-decoder baseline keeps its initial decoder; margins have known answers; bad input is one line."""
 
 from __future__ import annotations
 

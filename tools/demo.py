@@ -104,8 +104,14 @@ def _tidy(text: str, workspace: Path) -> str:
     return "\n".join(line.rstrip() for line in text.splitlines())
 
 
+def _short(text: str, head: int = 16, tail: int = 3) -> str:
+    """A long output (a 25-row table) as its first and last lines."""
+    lines = text.splitlines()
+    return text if len(lines) <= head + tail + 6 else "\n".join([*lines[:head], "   ...", *lines[-tail:]])
+
+
 def write_readme(transcript: list[tuple[str, str]], workspace: Path) -> None:
-    body = "\n\n".join(f"{cmd}\n{_tidy(out, workspace).strip(chr(10))}" for cmd, out in transcript)
+    body = "\n\n".join(f"{cmd}\n{_short(_tidy(out, workspace).strip(chr(10)))}" for cmd, out in transcript)
     block = f"{BEGIN}\n```console\n{body}\n```\n{END}"
     text = README.read_text()
     pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)

@@ -271,3 +271,40 @@ def test_bad_input_is_one_line(dict_world, tmp_path):
         r = invoke("eval", "baselines", *args, "--no-vision", "--out", tmp_path / "e")
         assert r.exit_code == 2 and r.output.strip().splitlines() == [line], r.output
     assert not (ckpt / "baselines" / "kmeans").exists()
+
+
+def test_vision_metrics_have_margins_over_baselines() -> None:
+    """The vision metrics enter the baselines table like the others: a known gap gives that margin, with a CI on
+    the right side of zero, and a metric a baseline lacks leaves that baseline out of its row."""
+
+    from saevctl.eval import margins
+    from saevctl.eval.absorption import AbsorptionResult
+    from saevctl.eval.sparse_probe import SparseProbeResult
+    from saevctl.eval.spatial import SpatialResult
+
+    rng = np.random.default_rng(0)
+
+    def results(moran: float, acc: float, absorbed: float | None) -> dict[str, object]:
+        m = moran + 0.05 * rng.standard_normal(200)
+        m[::7] = np.nan  # features never scored
+        out: dict[str, object] = {
+            "spatial": SpatialResult(m, np.ones(200, np.int64), (16, 16), 50),
+            "sparse_probe": SparseProbeResult("mask", ["a", "b", "c", "d"], [1, 5], [],
+                                              {"sae": {"1": [acc, acc, acc - 0.02, acc + 0.02], "5": [1.0] * 4}},
+                                              [0, 1, 2, 3], 40, 10, 0)}
+        if absorbed is not None:
+            shifts = (0.0, 0.02, -0.02, 0.01)
+            rows = [{"class": n, "absorbed": absorbed + d} for n, d in zip("abcd", shifts, strict=True)]
+            out["absorption"] = AbsorptionResult("mask", 0.3, 0.8, rows, {}, {}, 4, 4)
+        return out
+
+    table = {r["metric"]: r for r in margins.table(results(0.5, 0.9, 0.1), {"untrained": results(0.1, 0.6, None)},
+                                                   n_boot=200, seed=0)}
+    assert table["spatial"]["margin"]["mean"] == pytest.approx(0.4, abs=0.03)
+    assert table["spatial"]["margin"]["lo"] > 0.3
+    assert table["probe_k1"]["margin"]["mean"] == pytest.approx(0.3, abs=0.01) and table["probe_k1"]["margin"]["lo"] > 0
+    assert "absorbed" not in table  # the baseline has no absorption result: no row to compare
+    both = {r["metric"]: r for r in margins.table(results(0.5, 0.9, 0.1), {"pca": results(0.5, 0.9, 0.3)},
+                                                  n_boot=200, seed=0)}
+    assert both["absorbed"]["margin"]["mean"] == pytest.approx(0.2, abs=1e-9)  # lower is better: SAE absorbs less
+    assert both["absorbed"]["margin"]["lo"] > 0 and both["absorbed"]["best"] == "pca"

@@ -150,9 +150,10 @@ def baselines_html(b: dict[str, Any]) -> str:
     built = ", ".join(f"{esc(k)} ({'reused' if v['reused'] else 'built'})" for k, v in b["baselines"].items())
     out += (f"<p class=\"meta\">Each baseline is a TopK SAE of the same width with k = {b['k']} (the SAE's mean L0, "
             f"{esc(num(b['sae_l0']))}), scored by the same code: {built}. A positive margin means the SAE does better; "
-            "95% paired bootstrap CIs over the metric's units (images, or classes for labels). untrained: random "
-            "tied weights as training starts; random-decoder: a frozen random decoder with a trained encoder; pca, "
-            "kmeans: principal directions or spherical k-means centroids as a tied dictionary.</p>\n")
+            "95% paired bootstrap CIs over the metric's units (images; classes for labels, the sparse probe and "
+            "absorption; feature slots for spatial coherence, which pairs nothing and resamples each SAE's features). "
+            "untrained: random tied weights as training starts; random-decoder: a frozen random decoder with a trained "
+            "encoder; pca, kmeans: principal directions or spherical k-means centroids as a tied dictionary.</p>\n")
     out += "".join(f"<p class=\"skip\">{esc(n)}</p>\n" for n in b.get("notes", []))
     return out
 

@@ -6,6 +6,7 @@ percentile bootstrap CI (the same resamples of the same units for the SAE and ea
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,7 @@ class Metric:
     label: str
     higher_better: bool
     unit: str
-    """What the bootstrap resamples: 'images' or 'classes'."""
+    """What the bootstrap resamples: 'images', 'classes' or 'features'."""
     units: Callable[[dict[str, Any]], Units | None]
     """From an evaluation's results (suite.Scores.results): the units, or None when that part did not run."""
     pct: bool = False
@@ -101,6 +102,45 @@ def _edits(results: dict[str, Any]) -> Units | None:
     return Units(images, counts["feature"].astype(np.float64), specificity)
 
 
+def _per_unit(values: list[float | None] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, [value, 1]) rows for the units with a finite value; the score is their mean."""
+    v = np.array([np.nan if x is None else x for x in values], dtype=np.float64)
+    ids = np.flatnonzero(np.isfinite(v))
+    return ids, np.stack([v[ids], np.ones(len(ids))], 1)
+
+
+def _spatial(results: dict[str, Any]) -> Units | None:
+    """Units are feature slots: SAEs of one width have the same slots but not the same features, so this
+    resamples each SAE's features like an unpaired bootstrap; the score is the mean Moran's I of the scored ones."""
+    sp = results.get("spatial")
+    if sp is None or not sp.scored.size:
+        return None
+    ids, stats = _per_unit(sp.moran_s)
+    return Units(ids, stats, mean_score)
+
+
+def _probe_k1(results: dict[str, Any]) -> Units | None:
+    """Units are the classes (the same labels and held-out split for every SAE of the suite)."""
+    pr = results.get("sparse_probe")
+    if pr is None or not pr.classes:
+        return None
+    k = str(min(pr.ks))
+    ids, stats = _per_unit(pr.per_class.get("sae", {}).get(k, []))
+    return Units(ids, stats, mean_score) if len(ids) else None
+
+
+def _absorbed(results: dict[str, Any]) -> Units | None:
+    ab = results.get("absorption")
+    if ab is None or not ab.n_tested:
+        return None
+    # a class's id is its name's checksum: each SAE lists only the classes it tested, and ids must agree
+    rows = [(zlib.crc32(str(r["class"]).encode()), r["absorbed"]) for r in ab.classes if r.get("absorbed") is not None]
+    if not rows:
+        return None
+    ids = np.array([i for i, _ in rows], dtype=np.int64)
+    return Units(ids, np.array([[v, 1.0] for _, v in rows], dtype=np.float64), mean_score)
+
+
 METRICS: list[Metric] = [
     Metric("fvu", "normalised MSE (FVU)", False, "images", _recon),
     Metric("recovery", "behaviour recovered when spliced in", True, "images", _splice, pct=True),
@@ -109,6 +149,11 @@ METRICS: list[Metric] = [
     Metric("best_auroc", "best feature's AUROC, mean over classes", True, "classes",
            lambda r: _classes(r, _best_auroc)),
     Metric("specificity", "edit specificity (target - other change rate)", True, "images", _edits, pct=True),
+    Metric("spatial", "spatial coherence (mean Moran's I over features)", True, "features", _spatial),
+    Metric("probe_k1", "sparse probe, k=1 (balanced accuracy, mean over classes)", True, "classes", _probe_k1,
+           pct=True),
+    Metric("absorbed", "absorption (share of a class's positives taken by a close feature)", False, "classes",
+           _absorbed, pct=True),
 ]
 """Every metric the SAE is compared with its baselines on; a new evaluation adds its entry here."""
 

@@ -230,11 +230,19 @@ def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int],
     Missing paths are the workspace's defaults; `on_total(n)` is told the number of images before the scan."""
     t0 = time.perf_counter()
     cfg = cfg.resolved()
+    index_fpath = cfg.paths()[2]
+    # One hold of the index's lock from the freshness check to the last write (the writer re-enters it), so a
+    # busy index is refused even when nothing changed, and no other writer slips in between. A new folder gets
+    # its lock from the writer, so that bad input leaves no folder behind.
+    held = (lock.exclusive(index_fpath, "the index", "--index", make_parent=False) if index_fpath.parent.is_dir()
+            else contextlib.nullcontext())
+    with held:
+        return _run_locked(cfg, t0, progress, on_total)
+
+
+def _run_locked(cfg: Config, t0: float, progress: Progress | None, on_total: Callable[[int], None] | None) -> Result:
     sae_dpath, store_dpath, index_fpath = cfg.paths()
-    kept = None
-    if index_fpath.is_file():  # a busy index is refused, even when nothing changed
-        with lock.exclusive(index_fpath, "the index", "--index", make_parent=False):
-            kept = fresh.kept_mine(cfg, fresh.mine_inputs(cfg))
+    kept = fresh.kept_mine(cfg, fresh.mine_inputs(cfg)) if index_fpath.is_file() else None
     if kept is not None:
         if cfg.set_defaults:
             workspace.set_defaults(store=store_dpath.resolve(), sae=sae_dpath.resolve(), index=index_fpath.resolve())

@@ -36,7 +36,8 @@ STEPS = (
     "features top --id {feature}",
     "features top --id 6909",
     "heads train --task segment --images demo:128 --masks demo --out heads/shapes",
-    "eval all --images demo:64 --masks demo --head heads/shapes --recon-max-images 128 --n-boot 500",
+    "eval all --images demo:64 --masks demo --head heads/shapes --recon-max-images 128 --n-boot 500 --vision "
+    "--vision-max-images 512 --baselines --baseline-kinds untrained,pca",
     "report --out report --max-features 100",
     "probe --image {present} --head saliency --clamp {feature}=-2x --out probe-present.png",
     "probe --image {absent} --head saliency --clamp {feature}=-2x --out probe-absent.png",
@@ -128,7 +129,11 @@ def main() -> None:
     p.add_argument("--readme", action="store_true", help="run in a fresh workspace and rewrite README's transcript")
     a = p.parse_args()
     if not a.readme:
-        run(a.saevctl, a.workspace or Path("demo-out"), capture=False)
+        workspace = a.workspace or Path("demo-out")
+        run(a.saevctl, workspace, capture=False)
+        # the interactive explorer blocks, so the demo only says how to start it
+        print(f"Explore it in a browser: cd {workspace} && {a.saevctl} serve   (http://127.0.0.1:8000, this "
+              "machine only; Ctrl-C stops it)")
         return
     os.environ.update({"COLUMNS": "100", "TERMINAL_WIDTH": "100", "NO_COLOR": "1"})
     if a.workspace is not None:  # a first run is what a reader gets: the workspace must be new

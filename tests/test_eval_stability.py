@@ -91,3 +91,38 @@ def test_cli_needs_two_saes(tmp_path: Path, args: list[str]) -> None:
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert "needs two or more SAEs" in r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_exemplar_overlap_of_matched_features_from_a_mined_index(tiny_store: Path, tmp_path: Path) -> None:
+    """A permuted copy of an SAE fires on the same images feature for feature: every matched pair's top exemplars
+    coincide (Jaccard 1), while random pairs of features share fewer; an SAE missing from the index is named."""
+    from saevctl.mine import Config as MineConfig
+    from saevctl.mine import run as mine
+    from test_mine import make_sae
+
+    sae = make_sae(tiny_store, tmp_path / "a", n_latents=24)
+    a = sae.save(tmp_path / "a")
+    perm = torch.randperm(24, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sae.W_enc.copy_(sae.W_enc[:, perm])
+        sae.b_enc.copy_(sae.b_enc[perm])
+        sae.W_dec.copy_(sae.W_dec[perm])
+    b = sae.save(tmp_path / "b")
+    index = tmp_path / "ix.duckdb"
+    for ckpt in (a, b):
+        mine(MineConfig(sae=ckpt, store=tiny_store, index=index, device="cpu", top_k=3, set_defaults=False))
+    res = run_stability(StabilityConfig(saes=(a, b), out=tmp_path / "out", index=index))
+    ex = res.pairs[0].exemplars
+    assert ex is not None and res.exemplar_note is None
+    assert ex["n_matched"] > 0 and ex["jaccard_matched"] == pytest.approx(1.0)
+    assert ex["jaccard_random"] < 0.9
+    other = _sae(24, 5, d=open_d(tiny_store), model=sae.cfg.model).save(tmp_path / "c")
+    res = run_stability(StabilityConfig(saes=(a, other), out=tmp_path / "out2", index=index))
+    assert res.pairs[0].exemplars is None and res.exemplar_note and "not mined" in res.exemplar_note
+    assert json.loads(res.summary.read_text())["exemplar_note"] == res.exemplar_note
+
+
+def open_d(store: Path) -> int:
+    from saevctl.store import open_store
+
+    return open_store(store).d

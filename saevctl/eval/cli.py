@@ -402,6 +402,13 @@ def stability_tables(res: Any) -> list[Any]:
             hist = ", ".join(f"{k}: {v}" for k, v in n["histogram"].items())
             out.append(f"nested {n['narrow']} in {n['wide']}: {n['mean']:.2f} wide features per narrow one at "
                        f"cosine > {n['threshold']:g} ({_fmt(n['split'], pct=True)} split into 2+; counts {hist})")
+        if p.exemplars:
+            e = p.exemplars
+            out.append(f"exemplars {p.a} vs {p.b}: top images of the {e['n_matched']:,} features matched at cosine > "
+                       f"{e['matched_above']:g} overlap by {e['jaccard_matched']:.3f} (Jaccard), random pairs by "
+                       f"{e['jaccard_random']:.3f}")
+    if res.exemplar_note:
+        out.append(f"note: {res.exemplar_note}")
     return out
 
 

@@ -290,6 +290,9 @@ class StabilityConfig(ConfigBase):
     """SAE checkpoint folders to compare, two or more of the same model and width d: every pair is matched."""
     out: Path = opt(Path("eval/stability"), short="-o")
     """Folder of stability.json (the summary) and stability.png (the matched-cosine distributions)."""
+    index: Path | None = None
+    """A mined index holding these SAEs (mined from one store): adds the overlap of matched features' top exemplar
+    images, next to random pairs'. Without it, directions only."""
 
     def check(self) -> None:
         super().check()

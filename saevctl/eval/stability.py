@@ -55,6 +55,8 @@ class PairResult:
     """The same for encoder directions (matched on their own)."""
     nested: dict[str, Any] | None
     """Widths differ: per narrow feature, the number of wide features above SPLIT_COS (mean and histogram)."""
+    exemplars: dict[str, Any] | None
+    """Both mined into --index from one store: top-exemplar overlap of matched features vs random pairs."""
     matched_dec: list[float]
     matched_enc: list[float]
 
@@ -66,6 +68,8 @@ class StabilityResult:
     pairs: list[PairResult]
     summary: Path
     plot: Path
+    exemplar_note: str | None = None
+    """With --index: which SAEs had no exemplars to compare, and why."""
 
     def pair(self, i: int, j: int) -> PairResult:
         """The result of SAEs i and j (either order)."""
@@ -111,13 +115,39 @@ def _check_compatible(ds: list[Directions]) -> None:
                                 "compare SAEs of the same model")
 
 
-def match(x: Matrix, y: Matrix) -> NDArray[np.float64]:
-    """Cosines of the optimal one-to-one matching of x's rows with y's (unit rows): min(len(x), len(y)) values."""
+def assign(x: Matrix, y: Matrix) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float64]]:
+    """The optimal one-to-one matching of x's rows with y's (unit rows): (rows of x, rows of y, their cosines)."""
     from scipy.optimize import linear_sum_assignment
 
     cos = x @ y.T
     rows, cols = linear_sum_assignment(cos, maximize=True)
-    return np.asarray(cos[rows, cols], dtype=np.float64)
+    return rows.astype(np.int64), cols.astype(np.int64), np.asarray(cos[rows, cols], dtype=np.float64)
+
+
+def match(x: Matrix, y: Matrix) -> NDArray[np.float64]:
+    """Cosines of the optimal one-to-one matching of x's rows with y's (unit rows): min(len(x), len(y)) values."""
+    return assign(x, y)[2]
+
+
+def exemplar_overlap(ex_a: NDArray[np.int64], ex_b: NDArray[np.int64], rows: NDArray[np.int64],
+                     cols: NDArray[np.int64], cos: NDArray[np.float64], seed: int = 0) -> dict[str, Any]:
+    """Jaccard overlap of the top exemplar images of matched features (decoder cosine > 0.7), next to the same
+    overlap for random pairs of features that fire (what chance gives on this data)."""
+    def jaccard(i: int, j: int) -> float | None:
+        a, b = set(ex_a[i][ex_a[i] >= 0].tolist()), set(ex_b[j][ex_b[j] >= 0].tolist())
+        return len(a & b) / len(a | b) if a and b else None
+
+    def mean(pairs: list[tuple[int, int]]) -> tuple[float, int]:
+        vals = [v for i, j in pairs if (v := jaccard(i, j)) is not None]
+        return (float(np.mean(vals)) if vals else float("nan")), len(vals)
+
+    matched, n = mean([(int(i), int(j)) for i, j, c in zip(rows, cols, cos, strict=True) if c > THRESHOLDS[0]])
+    rng = np.random.default_rng(seed)
+    live_a, live_b = np.flatnonzero(ex_a[:, 0] >= 0), np.flatnonzero(ex_b[:, 0] >= 0)
+    m = min(2000, len(live_a), len(live_b))
+    pick_a, pick_b = rng.choice(live_a, m, replace=False).tolist(), rng.choice(live_b, m, replace=False).tolist()
+    rand, _ = mean(list(zip(pick_a, pick_b, strict=True))) if m else (float("nan"), 0)
+    return {"matched_above": THRESHOLDS[0], "jaccard_matched": matched, "n_matched": n, "jaccard_random": rand}
 
 
 def _figures(matched: NDArray[np.float64]) -> dict[str, float]:
@@ -135,13 +165,43 @@ def nested(narrow: Matrix, wide: Matrix) -> dict[str, Any]:
             "split": float((counts >= 2).mean()), "histogram": hist}
 
 
-def compare(a: Directions, b: Directions) -> PairResult:
-    md, me = match(a.dec, b.dec), match(a.enc, b.enc)
+def compare(a: Directions, b: Directions, exemplars: dict[str, NDArray[np.int64]] | None = None) -> PairResult:
+    rows, cols, md = assign(a.dec, b.dec)
+    me = match(a.enc, b.enc)
     nest = None
     if len(a.dec) != len(b.dec):
         narrow, wide = (a, b) if len(a.dec) < len(b.dec) else (b, a)
         nest = {"narrow": narrow.name, "wide": wide.name, **nested(narrow.dec, wide.dec)}
-    return PairResult(a.name, b.name, _figures(md), _figures(me), nest, md.tolist(), me.tolist())
+    ex = None
+    if exemplars is not None and a.name in exemplars and b.name in exemplars:
+        ex = exemplar_overlap(exemplars[a.name], exemplars[b.name], rows, cols, md)
+    return PairResult(a.name, b.name, _figures(md), _figures(me), nest, ex, md.tolist(), me.tolist())
+
+
+def mined_exemplars(index: Path, ds: list[Directions]) -> tuple[dict[str, NDArray[np.int64]], str | None]:
+    """Each SAE's exemplar image ids from the index, for those mined there from one store (exemplar ids of two
+    stores do not name the same images); and a note on what was left out."""
+    from saevctl.errors import IndexError_
+    from saevctl.mine.index import Index
+
+    out: dict[str, NDArray[np.int64]] = {}
+    stores: dict[str, str] = {}
+    missing = []
+    with Index.open(index) as idx:
+        for d in ds:
+            try:
+                sae_id = idx.resolve_sae(str(d.path))
+            except IndexError_:
+                missing.append(d.name)
+                continue
+            stores[d.name] = str(idx.sae_info(sae_id)["store_id"])
+            out[d.name] = idx.exemplar_images(sae_id)
+    notes = [f"not mined into {index}: {', '.join(missing)}"] if missing else []
+    if len(set(stores.values())) > 1:
+        first = next(iter(stores.values()))
+        notes.append("mined from different stores: exemplar overlap only between SAEs of the first one")
+        out = {n: e for n, e in out.items() if stores[n] == first}
+    return out, "; ".join(notes) or None
 
 
 def _plot(pairs: list[PairResult], fpath: Path) -> None:
@@ -176,7 +236,8 @@ def _summary(ds: list[Directions], pairs: list[PairResult]) -> dict[str, Any]:
         "thresholds": list(THRESHOLDS),
         "saes": [{"name": d.name, "path": str(d.path), "n_latents": len(d.dec), "d": d.dec.shape[1],
                   "layer": d.layer, "model": d.model.get("spec")} for d in ds],
-        "pairs": [{"a": p.a, "b": p.b, "decoder": p.dec, "encoder": p.enc, "nested": p.nested} for p in pairs],
+        "pairs": [{"a": p.a, "b": p.b, "decoder": p.dec, "encoder": p.enc, "nested": p.nested,
+                   "exemplars": p.exemplars} for p in pairs],
     }
 
 
@@ -189,10 +250,11 @@ def run_stability(cfg: StabilityConfig) -> StabilityResult:
     # the largest pair's float64 cosine matrix, and the assignment's working copy of it
     check_memory(2 * 8 * widths[-1] * widths[-2], f"matching SAEs of {widths[-2]:,} and {widths[-1]:,} features",
                  "compare narrower SAEs, or run on a machine with more memory", available=physical_memory())
-    pairs = [compare(a, b) for a, b in itertools.combinations(ds, 2)]
+    exemplars, note = mined_exemplars(cfg.index, ds) if cfg.index is not None else (None, None)
+    pairs = [compare(a, b, exemplars) for a, b in itertools.combinations(ds, 2)]
     summary, plot = cfg.out / "stability.json", cfg.out / "stability.png"
     with lock.exclusive(cfg.out, "the stability output folder"):
         cfg.out.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(summary, _summary(ds, pairs))
+        atomic.write_json(summary, _summary(ds, pairs) | {"exemplar_note": note})
         _plot(pairs, plot)
-    return StabilityResult(names, [len(d.dec) for d in ds], pairs, summary, plot)
+    return StabilityResult(names, [len(d.dec) for d in ds], pairs, summary, plot, note)

@@ -414,6 +414,12 @@ class Index:
         store_id = self.sae_info(sae_id)["store_id"]
         return index_reads.exemplar_range(self.con, store_id, sae_id, self._token(sae_id, token), lo, hi, k)
 
+    def exemplar_images(self, sae_id: str, token: str | None = None) -> np.ndarray:
+        """int64 (n_latents, top_k): every feature's exemplar image ids by rank, -1 where it has fewer."""
+        info = self.sae_info(sae_id)
+        return index_reads.exemplar_images(self.con, sae_id, self._token(sae_id, token), int(info["n_latents"]),
+                                           int(info["top_k"]))
+
     def fired_features(self, sae_id: str, tokens: tuple[str, ...], limit: int | None = None) -> np.ndarray:
         """Features that fired on any of these token kinds (the `limit` most frequent when given), ascending."""
         return index_reads.fired_features(self.con, sae_id, tokens, limit)

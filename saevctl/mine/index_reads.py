@@ -172,3 +172,14 @@ def fingerprint(con: duckdb.DuckDBPyConnection) -> str:
         "SELECT s.sae_id, json_extract_string(s.config, '$.inputs'), m.value FROM saes s "
         "LEFT JOIN meta m ON m.key = 'labels:' || s.sae_id ORDER BY s.sae_id").fetchall()
     return hashlib.sha256(repr(rows).encode()).hexdigest()
+
+
+def exemplar_images(con: duckdb.DuckDBPyConnection, sae_id: str, token: str, n: int, k: int) -> np.ndarray:
+    """Index.exemplar_images' query: one pass over the SAE's exemplar rows, no per-patch maps read."""
+    cols = con.execute("SELECT feature, rank, image_id FROM exemplars WHERE sae_id = ? AND token = ?",
+                       [sae_id, token]).fetchnumpy()
+    out = np.full((n, k), -1, dtype=np.int64)
+    f, r = cols["feature"].astype(np.int64), cols["rank"].astype(np.int64)
+    keep = (f < n) & (r < k)
+    out[f[keep], r[keep]] = cols["image_id"][keep]
+    return out

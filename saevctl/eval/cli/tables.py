@@ -1,77 +1,10 @@
-"""`saevctl eval splice|edits|recon|baselines|all|card|stability|...`: options from each evaluation's Config (or
---config x.toml), run, print rich tables. Totals for the progress bars come from the library as it learns them.
-"""
+"""The rich tables and text lines `saevctl eval` prints: one builder per evaluation, shared by its own command,
+`eval all` and `eval card` (the face's formatting, kept apart from the command registrations)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
-
-import typer
-
-from saevctl.cliconfig import config_command
-
-if TYPE_CHECKING:
-    from pathlib import Path
-
-    from saevctl.eval.config import (
-        AbsorptionConfig,
-        AllConfig,
-        BaselinesConfig,
-        CardQuery,
-        EditsConfig,
-        ReconConfig,
-        SparseProbeConfig,
-        SpatialConfig,
-        SpliceConfig,
-        StabilityConfig,
-    )
-
-eval_app = typer.Typer(
-    name="eval",
-    help="Evaluate an SAE: behaviour kept when spliced in, specificity of class edits, reconstruction, margins over "
-         "null baselines, spatial coherence, sparse probes, absorption, report card; features shared across seeds "
-         "and widths.",
-    no_args_is_help=True,
-)
-
-
-class _Bars:
-    """Progress bars opened as the library announces each stage's total (the previous one closed); a bar shows
-    from its first advance, and vanishes on an error so the error line stands alone."""
-
-    def __init__(self) -> None:
-        self.cur: contextlib.ExitStack | None = None
-        self.advance: Callable[[int], None] | None = None
-
-    def stage(self, name: str, total: int | None, unit: str = "img") -> None:
-        from saevctl.console import progress_bar
-
-        self.close(None, None, None)
-        self.cur = contextlib.ExitStack()
-        self.advance = self.cur.enter_context(progress_bar(name, total, unit))
-
-    def total(self, name: str) -> Callable[[int], None]:
-        """An `on_total` callback that opens the bar `name` sized to the total it is told."""
-        return lambda n: self.stage(name, n)
-
-    def __call__(self, n: int) -> None:
-        if self.advance is not None:
-            self.advance(n)
-
-    def __enter__(self) -> _Bars:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close(*exc)
-
-    def close(self, *exc: Any) -> None:
-        if self.cur is not None:
-            self.cur.__exit__(*exc)
-            self.cur, self.advance = None, None
+from typing import Any
 
 
 def _fmt(v: Any, pct: bool = False) -> str:
@@ -80,8 +13,10 @@ def _fmt(v: Any, pct: bool = False) -> str:
     return f"{100 * v:.1f}%" if pct else f"{v:.4f}"
 
 
+
 def _ci(c: dict[str, Any], pct: bool = False) -> str:
     return f"{_fmt(c['mean'], pct)} [{_fmt(c['lo'], pct)}, {_fmt(c['hi'], pct)}]"
+
 
 
 def splice_tables(res: Any) -> list[Any]:
@@ -105,54 +40,6 @@ def splice_tables(res: Any) -> list[Any]:
                "((spliced - ablated) / (original - ablated), first metric)")
     return out
 
-
-def _configs() -> ModuleType:
-    """The stage's Config module, imported only when one of its commands is built (see saevctl.cliconfig)."""
-    from saevctl.eval import config
-
-    return config
-
-
-@config_command(eval_app, "splice", lambda: _configs().SpliceConfig)
-def splice_cmd(cfg: SpliceConfig) -> None:
-    """Run the head with the SAE's reconstruction in place of its layer's tokens, next to the original and a mean
-    ablation."""
-    from saevctl.console import console, say_path
-    from saevctl.eval.splice import run_splice
-
-    if (inputs := _kept_or_inputs(cfg, "splice")) is None:
-        return
-    with _Bars() as bars:
-        res = run_splice(cfg, progress=bars, on_total=bars.total("splice"))
-    for item in splice_tables(res):
-        console.print(item)
-    _record(res.summary, inputs)
-    say_path("summary", res.summary)
-
-
-def _kept_or_inputs(cfg: Any, kind: str) -> str | None:
-    """The fingerprint of the evaluation's inputs, or None when its summary already holds their result (then
-    printed: the recorded figures for recon, the summary's path for the others)."""
-    from saevctl import rerun
-    from saevctl.console import console, say_path
-    from saevctl.eval import fresh
-
-    inputs = fresh.inputs(cfg)
-    fpath = fresh.summary_fpath(cfg, kind)
-    data = rerun.kept(fpath, inputs, cfg.force)
-    if data is None:
-        return inputs
-    console.print(f"unchanged: the {kind} summary was made from the same inputs (--force evaluates again)")
-    if kind == "recon":
-        console.print(_recon_table(data))
-    say_path("summary", fpath)
-    return None
-
-
-def _record(summary: Path, inputs: str) -> None:
-    from saevctl import rerun
-
-    rerun.record(summary, inputs)
 
 
 def edits_tables(res: Any, limit: int = 30) -> list[Any]:
@@ -202,29 +89,11 @@ def edits_tables(res: Any, limit: int = 30) -> list[Any]:
     return out
 
 
+
 def _edit_label(r: dict[str, Any]) -> str:
     auroc = f", AUROC {r['auroc']:.3f}" if r.get("auroc") is not None else ""
     return f"{r['class']} ({r['feature']}{auroc}, {r['value']:.3g})"
 
-
-@config_command(eval_app, "edits", lambda: _configs().EditsConfig)
-def edits_cmd(cfg: EditsConfig) -> None:
-    """Suppress each labelled class's feature on its patches; share of the class's and of other patches that change.
-
-    Needs --masks and a segment head (saevctl heads train --task segment), or with --level image a classify head
-    (e.g. --head timm, the model's own classifier), whose prediction per image is measured.
-    Each class's feature comes from the index's labels (saevctl features label) unless --feature names it."""
-    from saevctl.console import console, say_path
-    from saevctl.eval.edits import run_edits
-
-    if (inputs := _kept_or_inputs(cfg, "edits")) is None:
-        return
-    with _Bars() as bars:
-        res = run_edits(cfg, progress=bars, on_total=bars.total("edits"))
-    for item in edits_tables(res):
-        console.print(item)
-    _record(res.summary, inputs)
-    say_path("summary", res.summary)
 
 
 def recon_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
@@ -232,20 +101,6 @@ def recon_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
             ("L0", _fmt(r["l0"])), ("dead", _fmt(r["dead"], pct=True)),
             ("dense (> 1% of tokens)", _fmt(r["dense"], pct=True))]
 
-
-@config_command(eval_app, "recon", lambda: _configs().ReconConfig)
-def recon_cmd(cfg: ReconConfig) -> None:
-    """Reconstruction over a store, streamed: MSE, normalised MSE, L0, dead and dense latents."""
-    from saevctl.console import console, say_path
-    from saevctl.eval.recon import run_recon
-
-    if (inputs := _kept_or_inputs(cfg, "recon")) is None:
-        return
-    with _Bars() as bars:
-        res = run_recon(cfg, progress=bars, on_total=bars.total("reconstruction"))
-    console.print(_recon_table(res.figures()))
-    _record(res.summary, inputs)
-    say_path("summary", res.summary)
 
 
 def _recon_table(figures: dict[str, Any]) -> Any:
@@ -256,6 +111,7 @@ def _recon_table(figures: dict[str, Any]) -> Any:
     for k, v in recon_rows(figures):
         t.add_row(k, v)
     return t
+
 
 
 def card_table(card: dict[str, Any]) -> list[Any]:
@@ -298,6 +154,7 @@ def card_table(card: dict[str, Any]) -> list[Any]:
     return out
 
 
+
 def _margin(c: dict[str, Any], pct: bool) -> str:
     """A margin with its CI, signed (percentage points for shares)."""
     scale, unit = (100.0, " pt") if pct else (1.0, "")
@@ -305,6 +162,7 @@ def _margin(c: dict[str, Any], pct: bool) -> str:
         return "n/a"
     lo, hi = (f"{scale * v:+.4g}" if v is not None and math.isfinite(v) else "n/a" for v in (c["lo"], c["hi"]))
     return f"{scale * c['mean']:+.4g}{unit} [{lo}, {hi}]"
+
 
 
 def baselines_tables(section: dict[str, Any]) -> list[Any]:
@@ -330,51 +188,6 @@ def baselines_tables(section: dict[str, Any]) -> list[Any]:
     out += [f"[yellow]note:[/] {n}" for n in section.get("notes", [])]
     return out
 
-
-@config_command(eval_app, "baselines", lambda: _configs().BaselinesConfig)
-def baselines_cmd(cfg: BaselinesConfig) -> None:
-    """Score null baselines of the SAE's width and L0 (untrained, random decoder, PCA, k-means; built once, cached
-    beside the SAE) on every evaluation the inputs allow, and the SAE's margin over the best of them per metric."""
-    from saevctl.console import console, say_path
-    from saevctl.eval.baselines import run_baselines
-
-    with _Bars() as bars:
-        res = run_baselines(cfg, progress=bars, on_stage=bars.stage)
-    for item in baselines_tables(res.section):
-        console.print(item)
-    for name, why in res.skipped.items():
-        console.print(f"[yellow]skipped {name}:[/] {why}")
-    say_path("summary", res.summary)
-
-
-@config_command(eval_app, "all", lambda: _configs().AllConfig)
-def all_cmd(cfg: AllConfig) -> None:
-    """Run every evaluation the inputs allow and write the report card (HTML + JSON); says why any part was skipped."""
-    from saevctl.console import console, say_path
-    from saevctl.eval.suite import run_all
-
-    with _Bars() as bars:
-        res = run_all(cfg, progress=bars, on_stage=bars.stage)
-    if res.unchanged:
-        console.print("unchanged: the card was made from the same SAE, store, images, masks, head, index and "
-                      "options (--force evaluates again)")
-    for item in card_table(res.figures):
-        console.print(item)
-    say_path("card", res.card)
-    say_path("card data", res.card_json)
-
-
-@config_command(eval_app, "card", lambda: _configs().CardQuery)
-def card_cmd(cfg: CardQuery) -> None:
-    """Print the report card that eval all last wrote for an SAE (no computation)."""
-    from saevctl import layout
-    from saevctl.console import console, say_path
-    from saevctl.eval.card import find_card
-
-    dpath, figures = find_card(cfg)
-    for item in card_table(figures):
-        console.print(item)
-    say_path("card", layout.eval_card_fpath(dpath))
 
 
 def stability_tables(res: Any) -> list[Any]:
@@ -412,22 +225,6 @@ def stability_tables(res: Any) -> list[Any]:
     return out
 
 
-@config_command(eval_app, "stability", lambda: _configs().StabilityConfig)
-def stability_cmd(cfg: StabilityConfig) -> None:
-    """Match the features of two or more SAEs (other seeds or widths) one to one by direction; share of features
-    with a partner, decoder and encoder, and how wider SAEs split the narrower one's features."""
-    from saevctl.console import console, say_path
-    from saevctl.eval.stability import run_stability
-
-    res = run_stability(cfg)
-    for item in stability_tables(res):
-        console.print(item)
-    say_path("summary", res.summary)
-    say_path("plot", res.plot)
-
-
-# --- vision metrics: spatial coherence, sparse probing, absorption ----------------------------------------------
-
 
 def spatial_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
     return [(f"Moran's I ({s['adjacency']}): median [quartiles]",
@@ -435,15 +232,18 @@ def spatial_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
             ("features scored / no-structure value", f"{s['n_scored']:,} of {s['n_features']:,} / {_fmt(s['null'])}")]
 
 
+
 def probe_rows(p: dict[str, Any]) -> list[tuple[str, str]]:
     return ([(f"k={r['k']}: SAE / raw balanced accuracy", f"{_ci(r['sae'])} / {_ci(r['raw'])}") for r in p["rows"]]
             + [("note", n) for n in p.get("notes", [])])
+
 
 
 def absorption_rows(a: dict[str, Any]) -> list[tuple[str, str]]:
     return ([(f"absorbed (decoder cosine > {a['cos']:g}), mean of {a['n_tested']} classes", _ci(a["absorbed"], True)),
              ("best feature silent on the class's images", _ci(a["silent"], True))]
             + [("note", n) for n in a.get("notes", [])])
+
 
 
 def vision_tables(part: str, fig: dict[str, Any], title: str, limit: int = 20) -> list[Any]:
@@ -470,51 +270,3 @@ def vision_tables(part: str, fig: dict[str, Any], title: str, limit: int = 20) -
         c.add_row(str(r["class"]), str(r["feature"]), f"{r['auroc']:.3f}", str(r["n_close"]), _fmt(r["silent"], True),
                   _fmt(r["absorbed"], True), ", ".join(f"{a['feature']} ({a['images']})" for a in r["absorbers"]))
     return [t, c]
-
-
-def _vision_cmd(cfg: Any, part: str, title: str) -> None:
-    from saevctl.console import console, say_path
-    from saevctl.eval.vision import run_part, sections
-
-    with _Bars() as bars:
-        res = run_part(cfg, part, progress=bars, on_total=bars.total(part.replace("_", " ")))
-    fig, codes = sections(res.scores)[part], res.scores.codes
-    head = f"{codes.n_images:,} stored images, layer {codes.layer}, {codes.grid[0]}x{codes.grid[1]} patches"
-    if part == "sparse_probe":
-        head += (f"; {fig['labels']} labels, {len(fig['classes'])} classes, one against the rest; "
-                 f"{fig['n_train']:,} training / {fig['n_test']:,} held-out images; chance 0.5")
-    elif part == "absorption":
-        head += (f"; {fig['labels']} labels; {fig['n_tested']} of {fig['n_classes']} classes have a feature of "
-                 f"image-level AUROC >= {fig['min_auroc']:g}")
-    console.print(head)
-    for item in vision_tables(part, fig, title):
-        console.print(item)
-    for note in fig.get("notes", []):
-        console.print(f"[yellow]note:[/] {note}")
-    for name, fpath in res.written.items():
-        say_path("plot" if name.endswith("plot") else "summary", fpath)
-
-
-@config_command(eval_app, "spatial", lambda: _configs().SpatialConfig)
-def spatial_cmd(cfg: SpatialConfig) -> None:
-    """Spatial coherence: each feature's Moran's I on the patch grid, averaged over the images where it fires; the
-    distribution over features and a histogram."""
-    _vision_cmd(cfg, "spatial", "spatial coherence of the features (1: smooth regions; about 0: scattered)")
-
-
-@config_command(eval_app, "sparse-probe", lambda: _configs().SparseProbeConfig)
-def sparse_probe_cmd(cfg: SparseProbeConfig) -> None:
-    """k-sparse probes for image labels (ImageFolder or mask classes) on the SAE's image-level codes, against the same
-    probes on the raw activations; held-out balanced accuracy per k (chance 0.5)."""
-    _vision_cmd(cfg, "sparse_probe", "k-sparse probes, held-out balanced accuracy (mean [95% bootstrap CI])")
-
-
-@config_command(eval_app, "absorption", lambda: _configs().AbsorptionConfig)
-def absorption_cmd(cfg: AbsorptionConfig) -> None:
-    """Feature absorption: how often each class's best feature is silent on its images while a feature with a close
-    decoder fires instead."""
-    _vision_cmd(cfg, "absorption", "feature absorption (share of a class's images, mean [95% bootstrap CI])")
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(eval_app, name="eval")

@@ -98,6 +98,7 @@ def test_exemplar_overlap_of_matched_features_from_a_mined_index(tiny_store: Pat
     coincide (Jaccard 1), while random pairs of features share fewer; an SAE missing from the index is named."""
     from saevctl.mine import Config as MineConfig
     from saevctl.mine import run as mine
+
     from test_mine import make_sae
 
     sae = make_sae(tiny_store, tmp_path / "a", n_latents=24)

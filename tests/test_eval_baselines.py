@@ -13,10 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from saevctl import layout
-from saevctl.cli import app
 from saevctl.edit.heads import describe_model
 from saevctl.eval.baselines import run_baselines
 from saevctl.eval.config import BaselinesConfig
@@ -26,17 +24,8 @@ from saevctl.sae import SAE, SAEConfig
 from saevctl.store import open_store
 from saevctl.vit import load_backbone
 
+from test_eval_card import _ok, invoke
 from test_eval_edits import LAYER, seg, seg_head  # noqa: F401  (shared fixtures)
-
-
-def invoke(*args: object):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def _ok(*args: object) -> str:
-    r = invoke(*args)
-    assert r.exit_code == 0, f"{args}: {r.output}"
-    return r.output
 
 
 def plus_minus_sae(cfg: SAEConfig, acts_nd: torch.Tensor, q_d: torch.Tensor, t: float) -> SAE:

@@ -23,8 +23,6 @@ from saevctl.eval.cli.tables import (
 )
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from saevctl.eval.config import (
         AbsorptionConfig,
         AllConfig,
@@ -93,16 +91,24 @@ def _configs() -> ModuleType:
 def splice_cmd(cfg: SpliceConfig) -> None:
     """Run the head with the SAE's reconstruction in place of its layer's tokens, next to the original and a mean
     ablation."""
-    from saevctl.console import console, say_path
     from saevctl.eval.splice import run_splice
 
-    if (inputs := _kept_or_inputs(cfg, "splice")) is None:
+    _one_eval(cfg, "splice", "splice", run_splice, splice_tables)
+
+
+def _one_eval(cfg: Any, kind: str, bar: str, run: Callable[..., Any], tables: Callable[[Any], list[Any]]) -> None:
+    """One evaluation command: say so and stop when its summary was made from the same inputs; else run it under
+    progress bars, print its tables, record its inputs' fingerprint in the summary and say where it is."""
+    from saevctl import rerun
+    from saevctl.console import console, say_path
+
+    if (inputs := _kept_or_inputs(cfg, kind)) is None:
         return
     with _Bars() as bars:
-        res = run_splice(cfg, progress=bars, on_total=bars.total("splice"))
-    for item in splice_tables(res):
+        res = run(cfg, progress=bars, on_total=bars.total(bar))
+    for item in tables(res):
         console.print(item)
-    _record(res.summary, inputs)
+    rerun.record(res.summary, inputs)
     say_path("summary", res.summary)
 
 
@@ -125,12 +131,6 @@ def _kept_or_inputs(cfg: Any, kind: str) -> str | None:
     return None
 
 
-def _record(summary: Path, inputs: str) -> None:
-    from saevctl import rerun
-
-    rerun.record(summary, inputs)
-
-
 @config_command(eval_app, "edits", lambda: _configs().EditsConfig)
 def edits_cmd(cfg: EditsConfig) -> None:
     """Suppress each labelled class's feature on its patches; share of the class's and of other patches that change.
@@ -138,32 +138,17 @@ def edits_cmd(cfg: EditsConfig) -> None:
     Needs --masks and a segment head (saevctl heads train --task segment), or with --level image a classify head
     (e.g. --head timm, the model's own classifier), whose prediction per image is measured.
     Each class's feature comes from the index's labels (saevctl features label) unless --feature names it."""
-    from saevctl.console import console, say_path
     from saevctl.eval.edits import run_edits
 
-    if (inputs := _kept_or_inputs(cfg, "edits")) is None:
-        return
-    with _Bars() as bars:
-        res = run_edits(cfg, progress=bars, on_total=bars.total("edits"))
-    for item in edits_tables(res):
-        console.print(item)
-    _record(res.summary, inputs)
-    say_path("summary", res.summary)
+    _one_eval(cfg, "edits", "edits", run_edits, edits_tables)
 
 
 @config_command(eval_app, "recon", lambda: _configs().ReconConfig)
 def recon_cmd(cfg: ReconConfig) -> None:
     """Reconstruction over a store, streamed: MSE, normalised MSE, L0, dead and dense latents."""
-    from saevctl.console import console, say_path
     from saevctl.eval.recon import run_recon
 
-    if (inputs := _kept_or_inputs(cfg, "recon")) is None:
-        return
-    with _Bars() as bars:
-        res = run_recon(cfg, progress=bars, on_total=bars.total("reconstruction"))
-    console.print(_recon_table(res.figures()))
-    _record(res.summary, inputs)
-    say_path("summary", res.summary)
+    _one_eval(cfg, "recon", "reconstruction", run_recon, lambda res: [_recon_table(res.figures())])
 
 
 @config_command(eval_app, "baselines", lambda: _configs().BaselinesConfig)

@@ -77,7 +77,8 @@ def test_cli_sweep_trains_every_combination(synth_store: Path, tmp_path: Path) -
 
 
 def test_topk_batchtopk_and_matryoshka_run(synth_store: Path, tmp_path: Path) -> None:
-    res = run(_small(synth_store, tmp_path / "o", activation=("topk", "batchtopk"), k=(4,), matryoshka=(0.25,)))
+    res = run(_small(synth_store, tmp_path / "o", activation=("topk", "batchtopk"), k=(4,), matryoshka=("on",),
+                     prefixes=(0.25,)))
     by = {r["activation"]: r for r in res.runs}
     assert by["topk"]["matryoshka"] == [8, 32]
     sae = SAE.load(by["batchtopk"]["path"])

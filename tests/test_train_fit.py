@@ -1,5 +1,5 @@
 """`fit(acts, cfg)` on numpy arrays, memmaps and torch tensors: the same SAEs as `run` on a store of the same rows,
-one-line errors for bad arrays, resume; and `--nested off,on`, matryoshka as a sweep axis."""
+one-line errors for bad arrays, resume; and `--matryoshka off,on`, matryoshka as a sweep axis."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from saevctl.train import Config, fit, run
 from saevctl.train import synthetic as syn
 from saevctl.train.arrays import as_rows
 from saevctl.train.config import expand
-from saevctl.train.loop import fingerprint
+from saevctl.train.loop import fingerprint, saved_settings
 
 N_PATCHES = 16
 
@@ -137,7 +137,7 @@ def test_interrupted_fit_resumes_to_identical_weights(rows: np.ndarray, tmp_path
 
 
 def test_nested_off_on_trains_both_in_one_pass(rows: np.ndarray, tmp_path: Path) -> None:
-    res = fit(rows, _cfg(tmp_path / "o", activation=("topk",), matryoshka=(0.25,), nested=("off", "on")))
+    res = fit(rows, _cfg(tmp_path / "o", activation=("topk",), matryoshka=("off", "on"), prefixes=(0.25,)))
     by = {r["name"]: r for r in res.runs}
     assert list(by) == ["topk-w32-lr0.0003-k4", "topk-mat-w32-lr0.0003-k4"]
     plain, nested = (SAE.load(r["path"]).cfg for r in res.runs)
@@ -150,27 +150,72 @@ def test_nested_off_on_trains_both_in_one_pass(rows: np.ndarray, tmp_path: Path)
 
 
 def test_nested_names_order_and_errors() -> None:
-    cfg = Config(activation=("relu", "topk"), k=(4,), width=("2x",), matryoshka=(0.5,), nested=("off", "on"))
+    cfg = Config(activation=("relu", "topk"), k=(4,), width=("2x",), matryoshka=("off", "on"), prefixes=(0.5,))
     assert [s.name for s in expand(cfg, 16)] == [
         "relu-w32-lr0.0003-l1-0.0008", "relu-mat-w32-lr0.0003-l1-0.0008",
         "topk-w32-lr0.0003-k4", "topk-mat-w32-lr0.0003-k4"]
-    assert [s.matryoshka for s in expand(dataclasses.replace(cfg, nested=("off",)), 16)] == [(), ()]
-    with pytest.raises(InputError, match="--nested off,on needs --matryoshka"):
-        Config(nested=("off", "on"))
-    with pytest.raises(InputError, match="empty sweep axis --nested"):
-        Config(nested=())
-    # the default is left out of the resume fingerprint, so runs started before --nested existed still resume
-    assert "nested" not in fingerprint(Config()) and fingerprint(cfg)["nested"] == ["off", "on"]
+    assert [s.matryoshka for s in expand(dataclasses.replace(cfg, matryoshka=("off",)), 16)] == [(), ()]
+    with pytest.raises(InputError, match="--matryoshka on needs --prefixes"):
+        Config(matryoshka=("off", "on"), prefixes=())
+    with pytest.raises(InputError, match="empty sweep axis --matryoshka"):
+        Config(matryoshka=())
+    with pytest.raises(InputError, match="prefixes"):
+        Config(prefixes=(0.0,))
+    # the old spelling, prefix sizes given to --matryoshka, names the fix (from Python, TOML and the CLI alike)
+    for old in ((0.25,), [0.0625, 0.25], "0.0625,0.25", 8):
+        kw: dict[str, Any] = {"matryoshka": old}
+        with pytest.raises(InputError, match="--matryoshka takes off, on or off,on") as e:
+            Config(**kw)
+        assert "--prefixes 0.0625,0.25" in e.value.one_line()
+    # unused prefixes are left out of the resume fingerprint, so runs started before the axis existed still resume
+    assert "prefixes" not in fingerprint(Config()) and fingerprint(cfg)["matryoshka"] == ["off", "on"]
+    assert fingerprint(cfg)["prefixes"] == [0.5]
+
+
+def test_run_saved_before_the_matryoshka_axis_resumes(rows: np.ndarray, tmp_path: Path) -> None:
+    steps = 0
+
+    def stop_at_25(n: int, records: object) -> None:
+        nonlocal steps
+        steps += n
+        if steps == 25:
+            raise _Stop
+
+    cut = tmp_path / "cut"
+    cfg = _cfg(cut, activation=("topk",), ckpt_every=10, matryoshka=("off", "on"), prefixes=(0.25,))
+    with pytest.raises(_Stop):
+        fit(rows, cfg, progress=stop_at_25)
+    # rewrite the saved settings as saevctl wrote them before: prefix sizes in `matryoshka`, the axis in `nested`
+    (jpath,) = layout.train_state_dpath(cut).glob("step-*.json")
+    header = json.loads(jpath.read_text())
+    assert header["config"]["matryoshka"] == ["off", "on"] and header["config"]["prefixes"] == [0.25]
+    del header["config"]["prefixes"]
+    header["config"] |= {"matryoshka": [0.25], "nested": ["off", "on"]}
+    jpath.write_text(json.dumps(header))
+    with pytest.raises(TrainingError, match="other settings"):  # the old settings are still checked
+        fit(rows, dataclasses.replace(cfg, resume=True, prefixes=(0.5,)))
+    assert fit(rows, dataclasses.replace(cfg, resume=True)).resumed_from == 20
+    # the old defaults: no prefixes (nested left out) is today's --matryoshka off, whatever --prefixes says
+    now = fingerprint(Config())
+    assert saved_settings(now | {"matryoshka": []}) == now
+    assert saved_settings({"matryoshka": [0.25]}) == {"matryoshka": ["on"], "prefixes": [0.25]}
+    assert saved_settings({"matryoshka": [0.25], "nested": ["off"]}) == {"matryoshka": ["off"]}
+    assert saved_settings(fingerprint(cfg)) == fingerprint(cfg)  # today's fingerprints pass unchanged
 
 
 def test_cli_nested_sweep(rows: np.ndarray, tmp_path: Path) -> None:
     store = syn.write_store(tmp_path / "store", rows[:1024], n_patches=N_PATCHES)
     out = tmp_path / "o"
-    args = ["train", "--store", str(store), "--out", str(out), "--width", "2x", "--matryoshka", "0.25",
-            "--nested", "off,on", "--batch-size", "64", "--device", "cpu"]
+    args = ["train", "--store", str(store), "--out", str(out), "--width", "2x", "--matryoshka", "off,on",
+            "--prefixes", "0.25", "--batch-size", "64", "--device", "cpu"]
     res = CliRunner().invoke(app, args, terminal_width=200)
     assert res.exit_code == 0, res.output
     runs = json.loads(layout.train_sweep_fpath(out).read_text())["runs"]
     assert [r["matryoshka"] for r in runs] == [[], [8, 32]]
-    bad = CliRunner().invoke(app, ["train", "--store", str(store), "--out", str(tmp_path / "b"), "--nested", "off,on"])
-    assert bad.exit_code == 2 and "--nested off,on needs --matryoshka" in bad.output
+    bad = CliRunner().invoke(app, ["train", "--store", str(store), "--out", str(tmp_path / "b"),
+                                   "--matryoshka", "off,on", "--prefixes", ""])
+    assert bad.exit_code == 2 and "--matryoshka on needs --prefixes" in bad.output
+    old = CliRunner().invoke(app, ["train", "--store", str(store), "--out", str(tmp_path / "b"),
+                                   "--matryoshka", "0.0625,0.25"], terminal_width=200)
+    assert old.exit_code == 2 and "Traceback" not in old.output
+    assert "--matryoshka takes off, on or off,on. Give prefix sizes with --prefixes 0.0625,0.25." in old.output

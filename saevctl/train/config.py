@@ -40,12 +40,12 @@ class Config(DeviceOpts):
     """L1 coefficient(s) for relu SAEs (the paper's lambda), a comma list sweeps; ignored by topk/batchtopk."""
     k: tuple[int, ...] = (32,)
     """Active latents per token for topk/batchtopk, a comma list sweeps; ignored by relu."""
-    matryoshka: tuple[float, ...] = ()
-    """Nested prefix sizes trained to reconstruct on their own: fractions of the width (<= 1) or counts,
-    e.g. 0.0625,0.25."""
-    nested: tuple[Literal["off", "on"], ...] = ("on",)
-    """With the --matryoshka prefixes (on) or without them (off); off,on trains both in one pass, a pair per
-    combination of the other axes."""
+    matryoshka: tuple[Literal["off", "on"], ...] = ("off",)
+    """Matryoshka SAEs, a sweep axis: off, on (nested --prefixes each reconstruct on their own), or off,on to train
+    both in one pass, a pair per combination of the other axes."""
+    prefixes: tuple[float, ...] = (0.0625, 0.25)
+    """Nested prefix sizes where --matryoshka is on: fractions of the width (<= 1) or counts; the full width is
+    always added."""
     freeze_decoder: bool = opt(False, flag="--freeze-decoder/--train-decoder")
     """Keep every decoder at its random unit-norm initialisation and train only the encoder and the biases (the
     random-decoder null baseline of saevctl eval baselines)."""
@@ -91,21 +91,29 @@ class Config(DeviceOpts):
     """Under torchrun: data (every SAE on every rank, each rank a slice of each batch, gradients averaged) or
     ranks (a sweep's SAEs dealt round-robin to ranks, each rank reading every batch whole)."""
 
+    def __post_init__(self) -> None:
+        # before the generic "unknown --matryoshka '0.25'": the old spelling (prefix sizes) gets its fix
+        raw = self.matryoshka
+        items = raw.split(",") if isinstance(raw, str) else raw if isinstance(raw, (list, tuple)) else [raw]
+        if any(_is_number(v) for v in items):
+            raise InputError("--matryoshka takes off, on or off,on",
+                             "give prefix sizes with --prefixes 0.0625,0.25")
+        super().__post_init__()
+
     def check(self) -> None:
         super().check()
         if not (self.activation and self.width and self.lr):
             raise InputError("empty sweep axis", "give at least one --activation, --width and --lr")
-        if not self.nested:
-            raise InputError("empty sweep axis --nested", "give on, off or off,on")
-        if len(set(self.nested)) > 1 and not self.matryoshka:
-            raise InputError("--nested off,on needs --matryoshka prefix sizes",
-                             "give them, e.g. --matryoshka 0.0625,0.25, or drop --nested")
+        if not self.matryoshka:
+            raise InputError("empty sweep axis --matryoshka", "give off, on or off,on")
+        if "on" in self.matryoshka and not self.prefixes:
+            raise InputError("--matryoshka on needs --prefixes sizes", "give them, e.g. --prefixes 0.0625,0.25")
         for v in self.lr:
             check_finite("lr", v, low=0, low_open=True)
         for v in self.sparsity:
             check_finite("sparsity", v, low=0)
-        for v in self.matryoshka:
-            check_finite("matryoshka", v, low=0, low_open=True)
+        for v in self.prefixes:
+            check_finite("prefixes", v, low=0, low_open=True)
         check_finite("aux_coef", self.aux_coef, low=0)
         for v in self.k:
             check_finite("k", v, low=1)
@@ -124,6 +132,16 @@ class Config(DeviceOpts):
         """The dead threshold in tokens for a run of `n_steps`: --dead-after, capped at a tenth of the run (at least
         one batch), the same for the reported dead fraction and for the AuxK loss."""
         return max(self.batch_size, min(self.dead_after, n_steps * self.batch_size // 10))
+
+
+def _is_number(v: Any) -> bool:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return True
+    try:
+        float(str(v).strip())
+    except ValueError:
+        return False
+    return True
 
 
 def parse_width(text: str, d: int) -> int:
@@ -172,13 +190,13 @@ def expand(cfg: Config, d: int) -> list[RunSpec]:
     for act in cfg.activation:
         sparse_axis = cfg.sparsity if act == "relu" else (0.0,)
         k_axis = cfg.k if act != "relu" else (0,)
-        # nested is the innermost axis, so an off/on pair sits side by side in sweep.json
-        for width, lr, coef, k, nest in itertools.product(cfg.width, cfg.lr, sparse_axis, k_axis, cfg.nested):
+        # matryoshka is the innermost axis, so an off/on pair sits side by side in sweep.json
+        for width, lr, coef, k, mode in itertools.product(cfg.width, cfg.lr, sparse_axis, k_axis, cfg.matryoshka):
             n = parse_width(width, d)
             if act != "relu" and k > n:
                 raise InputError(f"--k {k} exceeds the width {n}", "use a smaller k or a wider SAE")
             knob = f"l1-{coef:g}" if act == "relu" else f"k{k}"
-            mat = _prefixes(cfg.matryoshka, n) if nest == "on" else ()
+            mat = _prefixes(cfg.prefixes, n) if mode == "on" else ()
             name = f"{act}{'-mat' if mat else ''}-w{n}-lr{lr:g}-{knob}"
             specs.append(RunSpec(name, act, n, lr, coef, k, mat))
     names = [s.name for s in specs]

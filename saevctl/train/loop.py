@@ -61,8 +61,8 @@ def fingerprint(cfg: Config, array: dict[str, Any] | None = None) -> dict[str, A
     # defaults of options added later: runs started before they existed still resume
     if d.get("place_sweep") == "data":
         del d["place_sweep"]
-    if d.get("nested") == ("on",):
-        del d["nested"]
+    if "on" not in cfg.matryoshka:  # unused, so they do not block a resume
+        del d["prefixes"]
     if d.get("freeze_decoder") is False:
         del d["freeze_decoder"]
     if array is not None:
@@ -70,6 +70,19 @@ def fingerprint(cfg: Config, array: dict[str, Any] | None = None) -> dict[str, A
     # Paths are compared resolved, so `--store store` from the run's folder equals `--store run/store`.
     return {k: (str(v.resolve()) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
             for k, v in d.items() if k not in RESUME_FREE}
+
+
+def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved fingerprint in today's keys. Runs started before matryoshka was a sweep axis saved the prefix sizes
+    as `matryoshka` (a number list, [] for none) and the axis as `nested` (left out when it was ["on"])."""
+    sizes = saved.get("matryoshka")
+    if "nested" not in saved and not (isinstance(sizes, list) and all(isinstance(v, (int, float)) for v in sizes)):
+        return saved
+    d = {k: v for k, v in saved.items() if k not in ("matryoshka", "nested")}
+    d["matryoshka"] = saved.get("nested", ["on"]) if sizes else ["off"]
+    if "on" in d["matryoshka"]:
+        d["prefixes"] = sizes
+    return d
 
 
 def _check_out(cfg: Config) -> None:
@@ -123,7 +136,7 @@ def _restore(cfg: Config, data: Data, groups: list[SAEGroup],
     if found is None:
         return None
     header, tensors = found
-    state.check_same_settings(header["config"], fingerprint(cfg, data.array), cfg.out)
+    state.check_same_settings(saved_settings(header["config"]), fingerprint(cfg, data.array), cfg.out)
     if place.mode == "ranks" and header.get("world_size") != place.world:
         raise TrainingError(
             f"the run in {cfg.out} spread its SAEs over {header.get('world_size')} processes, not {place.world}",
@@ -173,7 +186,7 @@ def _already_done(cfg: Config, array: dict[str, Any] | None) -> Result | None:
     if not (cfg.resume and fpath.is_file()):
         return None
     summary = json.loads(fpath.read_text())
-    state.check_same_settings(summary["config"], fingerprint(cfg, array), cfg.out)
+    state.check_same_settings(saved_settings(summary["config"]), fingerprint(cfg, array), cfg.out)
     pngs = sorted(layout.train_plots_dpath(cfg.out).glob("*.png"))
     return Result(cfg.out, summary["runs"], pngs, summary["n_steps"], summary["n_steps"])
 

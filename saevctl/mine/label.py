@@ -167,16 +167,20 @@ def _folded(sae: SAE) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _block_codes(sae: SAE, encode: Callable[..., torch.Tensor], folded: tuple[torch.Tensor, torch.Tensor],
-                 x_nd: torch.Tensor, f0: int, f1: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 x_nd: torch.Tensor, f0: int, f1: int, buf: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Non-zero codes of features f0..f1 as (item, feature - f0, value). TopK SAEs give them straight from
-    their top-k (no dense codes, no scan); the other activations are encoded densely by mining's encoder."""
+    their top-k (no dense codes, no scan); the other activations are encoded densely by mining's encoder. Both
+    write the (n, s) pre-activations into `buf`, reused across chunks: a fresh tensor per chunk costs a page fault
+    per 4 KiB, about as much as the GEMM's own pass over it."""
+    out = buf[: len(x_nd) * sae.cfg.n_latents].view(len(x_nd), sae.cfg.n_latents)
     if sae.cfg.activation == "topk":
         w_ds, bias_s = folded
-        vals_nk, idx_nk = torch.addmm(bias_s, x_nd.to(w_ds.dtype), w_ds).topk(sae.cfg.k, dim=-1)
+        vals_nk, idx_nk = torch.addmm(bias_s, x_nd.to(w_ds.dtype), w_ds, out=out).topk(sae.cfg.k, dim=-1)
         keep = (vals_nk > 0) & (idx_nk >= f0) & (idx_nk < f1)
         nz_i, j = keep.nonzero(as_tuple=True)
         return nz_i, idx_nk[nz_i, j] - f0, vals_nk[nz_i, j]
-    codes_nf = encode(x_nd)[:, f0:f1]
+    codes_nf = encode(x_nd, out=out)[:, f0:f1]
     nz_i, nz_f = codes_nf.nonzero(as_tuple=True)
     return nz_i, nz_f, codes_nf[nz_i, nz_f]
 
@@ -193,11 +197,12 @@ def _one_pass(sae: SAE, store: Store, layer: int, labels: list[LevelLabels], max
     max_f = torch.from_numpy(max_s[f0:f1]).to(device)
     hists = {lab.level: ClassHistograms(max_f, len(lab.classes), cfg.n_bins, big, lab.multi_label) for lab in labels}
     encode, folded = make_encoder(sae), _folded(sae)
+    buf = torch.empty(per * p * s, device=device, dtype=folded[0].dtype)
     with torch.inference_mode():
         for row0, rows in _prefetched(_chunks({"patches": store.layer(layer).kind("patches")}, per)):
             x_bpd = rows["patches"].to(device)
             b = x_bpd.shape[0]
-            nz_i, nz_f, vals = _block_codes(sae, encode, folded, x_bpd.reshape(b * p, -1), f0, f1)
+            nz_i, nz_f, vals = _block_codes(sae, encode, folded, x_bpd.reshape(b * p, -1), f0, f1, buf)
             for lab in labels:
                 items, cls = (torch.from_numpy(a).to(device) for a in lab.pairs(row0, row0 + b))
                 if lab.level == "patch":

@@ -1,36 +1,43 @@
 """Mining throughput next to the bare encoder GEMM of the same activations at SAE widths 6,144 and 24,576, peak
 memory at 24,576 features, and the latency of `features top` / `features similar` on an index of 100k images.
 
-Usage: python benchmarks/mine.py [--quick] [--widths 6144,24576] [--json OUT]
+Usage: python benchmarks/mine.py [--quick] [--images N] [--widths 6144,24576] [--repeats R] [--json OUT]
 Ceiling: `x @ W_enc` (torch.mm into a reused output, float32 as the SAE) over exactly the chunk shapes mining
 encodes (images per chunk x 256 patches, d = 384), nothing else: no store read, no bias, no nonlinearity, no
-scan. Mining (`run(Config)`: read the store, encode, statistics, streaming top-k with per-patch codes, per-image
-top features, the DuckDB write and the faiss build) and the GEMM are timed interleaved over several repeats;
-figures are min / median / max with the load average. Activations are synthetic (a store written directly), the
-SAE is random with its biases set so that about 1.5% of codes fire, as in a trained SAE.
+scan. Mining is `run(Config)` end to end; two ratios against that ceiling, both from the same interleaved runs:
+  (a) steady scan: mining's wall time from the end of its first chunk to the end of its last (chunks 2..N: store
+      read, fused encode, statistics, streaming top-k with per-patch codes, per-image top features: the part
+      that grows with the images) over the GEMM of chunks 2..N;
+  (b) end to end: the whole `run` (also SAE load, store open, index open, the first chunk with the top-k's
+      fill-in, the DuckDB write with the exemplars' per-patch BLOBs, the faiss build) over the GEMM of all
+      chunks; its fixed seconds (set-up, first chunk, write) are printed beside it.
+Figures are min / median / max over interleaved repeats, with the load average. Activations are synthetic (a store
+written directly), the SAE is random with its biases set so that about 1.5% of codes fire, as in a trained SAE.
+Full mode mines 2,048 images (a real store's size: the demo's), --quick 64 (a check of the code paths; its
+fixed costs weigh far more than in a real run).
 """
-
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from saevctl.mine import Config, Index, run
+from saevctl.mine import Config, Index, pipeline, run
 from saevctl.mine.pipeline import CHUNK_CODES, _chunks
 from saevctl.sae import SAE, SAEConfig
 from saevctl.store import StoreWriter, open_store
 
 from _bare import encoder_gemm, sync
-from _timing import Report, interleave, load_1m, section
+from _timing import Report, Series, Timed, interleave, load_1m, section
 
 D, P = 384, 256
 
@@ -70,8 +77,8 @@ def sparse_sae(store_dpath: Path, n_latents: int, out: Path, density: float = 0.
 
 
 def encode_pass(sae: SAE, store_dpath: Path) -> float:
-    """Seconds for mining's fused encoder over the store in mining's chunks (a breakdown, not a ceiling: it is
-    our own code), also what the peak-memory comparison runs."""
+    """Seconds for mining's fused encoder over the store in mining's chunks: the peak-memory comparison's
+    "encoding only" process."""
     from saevctl.mine.encode import make_encoder
 
     store = open_store(store_dpath)
@@ -92,47 +99,114 @@ def chunk_rows(store_dpath: Path, n_latents: int) -> list[int]:
     return [min(per, len(part) - lo) * p for part in store.layer(6).patches.parts for lo in range(0, len(part), per)]
 
 
-def throughput(root: Path, n: int, widths: list[int], repeats: int, breakdown: bool, rep: Report,
-               device: str = "cpu") -> None:
-    """Mining at each width, interleaved with the encoder GEMM of the same chunks (and, with `breakdown`,
-    mining's own fused encoder)."""
-    store = synthetic_store(root / "store", n, P, D)
-    fns: dict[str, Callable[[], float | None]] = {}
-    for s in widths:
-        ckpt = sparse_sae(store, s, root / f"sae{s}")
-        fns[f"gemm_{s}"] = encoder_gemm(chunk_rows(store, s), D, s, device=device)
-        fns[f"mine_{s}"] = mine_fn(ckpt, store, root, s, device)
-        if breakdown:
-            fns[f"fused_{s}"] = fused_fn(SAE.load(ckpt, device=device), store)
-    times = interleave(fns, repeats, warmup=1, sync=sync(device))
-    n_acts = n * P
-    section(f"mine on {device}: {n:,} images x {P} patches, d = {D}, float32 SAE, {repeats} repeats")
-    for s in widths:
-        rep.rate(f"mine_{s}", f"mining, width {s:,} (activations/s)", times[f"mine_{s}"], n_acts, "act/s", ",.0f")
-        rep.rate(f"ceiling_{s}", f"ceiling: x @ W_enc, width {s:,} (activations/s)", times[f"gemm_{s}"], n_acts,
-                 "act/s", ",.0f")
-        rep.series_ratio(f"ratio_{s}", f"ratio, width {s:,}", times[f"mine_{s}"], times[f"gemm_{s}"])
-        if breakdown:
-            rep.series_ratio(f"vs_fused_{s}", f"breakdown: vs own fused encoder, width {s:,}",
-                             times[f"mine_{s}"], times[f"fused_{s}"], unit="x the fused encoder (not a ceiling)")
+@dataclass
+class Spans:
+    """Where one mining run's seconds went, from its own callbacks (`on_total` before the scan, `progress` after
+    every chunk): set-up (SAE load, store open, checks), the first chunk (index open, read, encode, scan, the
+    top-k's fill-in), the steady scan (chunks 2..N: read, encode, scan: what grows with the data) and the write
+    (tables, the DuckDB write with the exemplars' per-patch BLOBs, decoder, faiss, rename)."""
+
+    setup: float
+    first: float
+    steady: float
+    write: float
 
 
-def fused_fn(sae: SAE, store: Path) -> Callable[[], float]:
-    return lambda: encode_pass(sae, store)
-
-
-def mine_fn(ckpt: Path, store: Path, root: Path, s: int, device: str = "cpu") -> Callable[[], float]:
-    """`saevctl mine` end to end into a fresh index each call (the index path is not part of the timing)."""
+def mine_fn(ckpt: Path, store: Path, root: Path, s: int, spans: list[Spans], device: str = "cpu",
+            one_thread_scan: bool = True) -> Timed:
+    """`saevctl mine` end to end into a fresh index each call (making the path and deleting the index afterwards
+    are not timed); appends each call's Spans to `spans`. `one_thread_scan=False` lets the scan use every torch
+    thread (pipeline.ONE_THREAD_SCAN)."""
     calls = [0]
 
     def go() -> float:
         calls[0] += 1
-        index = root / f"ix{s}-{calls[0]}.duckdb"
+        index = root / f"ix{s}-{int(one_thread_scan)}-{calls[0]}.duckdb"
+        pipeline.ONE_THREAD_SCAN = one_thread_scan
+        marks: list[float] = []
+
+        def mark(_n: int) -> None:
+            marks.append(time.perf_counter())
+
         t0 = time.perf_counter()
-        run(Config(sae=ckpt, store=store, index=index, device=device, set_defaults=False))
-        return time.perf_counter() - t0
+        try:
+            run(Config(sae=ckpt, store=store, index=index, device=device, set_defaults=False), progress=mark,
+                on_total=mark)
+        finally:
+            pipeline.ONE_THREAD_SCAN = True
+        t1 = time.perf_counter()
+        spans.append(Spans(marks[0] - t0, marks[1] - marks[0], marks[-1] - marks[1], t1 - marks[-1]))
+        for f in index.parent.glob(f"{index.name}*"):  # the index and its decoder / faiss files
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+        return t1 - t0
 
     return go
+
+
+def gemm_fn(rows: list[int], s: int, steady: list[float], device: str = "cpu") -> Timed:
+    """The ceiling: the encoder GEMM of every chunk mining encodes; also records the seconds of chunks 2..N
+    alone (the steady scan's ceiling) in `steady`."""
+    first, rest = encoder_gemm(rows[:1], D, s, device=device), encoder_gemm(rows[1:], D, s, device=device)
+    wait = sync(device)
+
+    def go() -> float:
+        t0 = time.perf_counter()
+        first()
+        wait()
+        t1 = time.perf_counter()
+        rest()
+        wait()
+        t2 = time.perf_counter()
+        steady.append(t2 - t1)
+        return t2 - t0
+
+    return go
+
+
+def throughput(root: Path, n: int, widths: list[int], repeats: int, rep: Report, device: str = "cpu",
+               ab_threads: bool = False) -> None:
+    """Mining at each width, interleaved with the encoder GEMM of the same chunks: end to end with its fixed
+    seconds broken out, and the steady scan (chunks 2..N) against the GEMM of those chunks. `ab_threads` adds
+    mining with the scan on every torch thread, interleaved too (an A/B of our own code, same ceiling)."""
+    store = synthetic_store(root / "store", n, P, D)
+    fns: dict[str, Timed] = {}
+    spans: dict[str, list[Spans]] = {}
+    steady: dict[int, list[float]] = {s: [] for s in widths}
+    rows: dict[int, list[int]] = {}
+    for s in widths:
+        ckpt = sparse_sae(store, s, root / f"sae{s}")
+        rows[s] = chunk_rows(store, s)
+        fns[f"gemm_{s}"] = gemm_fn(rows[s], s, steady[s], device)
+        for tag in ("", "_all_threads")[: 2 if ab_threads else 1]:
+            spans[f"mine{tag}_{s}"] = []
+            fns[f"mine{tag}_{s}"] = mine_fn(ckpt, store, root, s, spans[f"mine{tag}_{s}"], device, tag == "")
+    times = interleave(fns, repeats, warmup=1, sync=sync(device))
+    section(f"mine on {device}: {n:,} images x {P} patches, d = {D}, float32 SAE, {repeats} repeats")
+    for key in spans:
+        s = int(key.rsplit("_", 1)[1])
+        if key != f"mine_{s}":
+            print(f"  -- the scan on all {torch.get_num_threads()} torch threads (pipeline.ONE_THREAD_SCAN = False):")
+        mine, gemm = times[key], times[f"gemm_{s}"]
+        sp = spans[key][-repeats:]  # the warm-up round's are dropped, as interleave drops its times
+        tag = key.removeprefix("mine")  # "_1234" or "_all_threads_1234": the figures' keys
+        # (a) what grows with the data: chunks 2..N, read + encode + scan, against the GEMM of those chunks
+        acts = (sum(rows[s]) - rows[s][0])
+        scan = Series(f"scan{tag}", [x.steady for x in sp], mine.loads)
+        ceil = Series(f"gemm_steady_{s}", steady[s][-repeats:], gemm.loads)
+        rep.rate(f"scan{tag}", f"steady scan, width {s:,} (activations/s)", scan, acts, "act/s", ",.0f")
+        rep.rate(f"scan_ceiling{tag}", f"ceiling: x @ W_enc, chunks 2..N, {s:,}", ceil, acts, "act/s", ",.0f")
+        rep.series_ratio(f"scan_ratio{tag}", f"(a) steady scan ratio, width {s:,}", scan, ceil)
+        # (b) end to end, fixed seconds beside it
+        rep.rate(f"mine{tag}", f"end to end, width {s:,} (activations/s)", mine, n * P, "act/s", ",.0f")
+        rep.rate(f"ceiling{tag}", f"ceiling: x @ W_enc, all chunks, {s:,}", gemm, n * P, "act/s", ",.0f")
+        rep.series_ratio(f"ratio{tag}", f"(b) end-to-end ratio, width {s:,}", mine, gemm)
+        for part in ("setup", "first", "write"):
+            rep.figure(f"{part}_s{tag}", f"  {SPAN_LABELS[part]}", [getattr(x, part) for x in sp], "s",
+                       mine.loads, ".2f")
+
+
+SPAN_LABELS = {"setup": "set-up: SAE load, store open", "first": "first chunk: index open, fill-in",
+               "write": "write: DuckDB, BLOBs, faiss"}
 
 
 def peak_memory(root: Path, n: int) -> dict:
@@ -283,22 +357,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="64 images, 3 repeats, a 20k-image latency index, no peak-memory runs (about a minute)")
-    ap.add_argument("--images", type=int, default=None, help="images in the throughput store (default 512, quick 64)")
+    ap.add_argument("--images", type=int, default=None, help="images in the throughput store (default 2048, quick 64)")
     ap.add_argument("--widths", default="6144,24576", help="SAE widths (latents), comma-separated")
-    ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 5, quick 3)")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (mining and its GEMM ceiling on that device)")
+    ap.add_argument("--ab-scan-threads", action="store_true",
+                    help="also mine with the scan on every torch thread, interleaved (to choose ONE_THREAD_SCAN)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    n = args.images or (64 if args.quick else 512)
-    repeats = args.repeats or (3 if args.quick else 5)
+    n = args.images or (64 if args.quick else 2048)
+    repeats = args.repeats or 3
     widths = [int(x) for x in args.widths.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
     rep = Report("mine", args.quick, images=n, patches=P, d=D, widths=widths, repeats=repeats, device=args.device)
     with tempfile.TemporaryDirectory(prefix="saevctl-bench-mine-") as tmp:
         root = Path(tmp)
-        throughput(root, n, widths, repeats, breakdown=not args.quick, rep=rep, device=args.device)
+        throughput(root, n, widths, repeats, rep=rep, device=args.device, ab_threads=args.ab_scan_threads)
         if not args.quick and args.device == "cpu":
             mem = peak_memory(root, 256)
             rep.note("peak_memory_24576", mem)

@@ -8,7 +8,8 @@ Ceilings (no saevctl code; float32 weights, bf16 through torch.autocast as the s
   b*k*d for its gradient) counted at that GEMM's measured rate.
 - Loader: casting the same number of float16 rows from the store's memory maps, in order, into a reused float32
   batch.
-Paths: one whole `fast` step of one SAE (encode, decode, losses, gradients, decoder constraint, Adam); no AuxK.
+Paths: one whole `fast` step of one SAE (encode, decode, losses, gradients, decoder constraint, Adam); no AuxK;
+steps and ceilings alike run inside `saevctl.train.heap.kept()`, as `saevctl train` runs its steps.
 Equal work: the ReLU step counts firing (L0, dead, dense) on every row here, as the TopK step and the reference
 step do (the shipped step samples 512 rows; that figure is printed beside it, not as the ratio).
 Everything of one width and precision is timed interleaved over several repeats; figures are min / median / max
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from saevctl.store import open_store
+from saevctl.train import heap
 from saevctl.train import synthetic as syn
 from saevctl.train.config import RunSpec
 from saevctl.train.group import SAEGroup
@@ -158,10 +160,12 @@ def main() -> None:
     rep = Report("train", args.quick, batch=b, d=args.d, widths=widths, k=args.k, precisions=precs, reps=args.reps,
                  device=args.device)
     relu_s: dict[str, float] = {}
-    for prec in precs:
-        for s in widths:
-            times = steps(args, b, s, prec, rep)
-            relu_s[f"{prec}_{s}"] = float(np.median(times["relu"].seconds))
+    # as `saevctl train` runs its steps (saevctl.train.heap): big blocks stay mapped, for the ceilings too
+    with heap.kept(not args.device.startswith("cuda")):
+        for prec in precs:
+            for s in widths:
+                times = steps(args, b, s, prec, rep)
+                relu_s[f"{prec}_{s}"] = float(np.median(times["relu"].seconds))
     fns, cleanup, rows = loader_fns(args.d, 65536 if args.quick else 262144, b)
     try:
         times = interleave(fns, args.reps, warmup=1)

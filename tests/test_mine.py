@@ -276,3 +276,25 @@ def test_killed_mine_leaves_the_old_index_untouched(mined: dict, tiny_store: Pat
     assert tmp.exists()  # left by the killed run; the next mine removes it
     run(Config(sae=mined["root"] / "sae", store=tiny_store, index=ix_fpath, top_k=2, device="cpu", set_defaults=False))
     assert not tmp.exists()
+
+
+def test_topk_sae_mined_sparse_equals_dense(tiny_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TopK SAE's codes handed to the scanner unscattered (pipeline.SPARSE_TOPK) give the same index, every table
+    and every exemplar BLOB, as the dense codes (the reference), for patches and CLS."""
+    import duckdb
+
+    from saevctl.mine import pipeline
+
+    make_sae(tiny_store, tmp_path / "sae", n_latents=40, seed=5, activation="topk", k=6,
+             tokens=("patches", "cls")).save(tmp_path / "sae")
+    tables = {}
+    for sparse in (True, False):
+        monkeypatch.setattr(pipeline, "SPARSE_TOPK", sparse)
+        ix = tmp_path / f"ix-{sparse}.duckdb"
+        run(Config(sae=tmp_path / "sae", store=tiny_store, index=ix, top_k=4, device="cpu", set_defaults=False))
+        with duckdb.connect(str(ix), read_only=True) as con:
+            tables[sparse] = {t: con.execute(f"SELECT * EXCLUDE (sae_id) FROM {t} ORDER BY ALL").fetchall()
+                              for t in ("features", "histograms", "image_features", "exemplars")}
+    assert tables[True] == tables[False]
+    assert {row[0] for row in tables[True]["exemplars"]} == {"patches", "cls"}  # both token kinds were mined
+    assert sum(1 for row in tables[True]["features"] if row[2] > 0) > 20  # many features fire: not a vacuous match

@@ -225,3 +225,87 @@ def test_fused_encoder_equals_sae_encode(activation: str, k: int) -> None:
     got = fast.make_encoder(sae)(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert (got > 0).sum() > 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(code_streams(), st.sampled_from([None, 2]), st.sampled_from([1, 5, 1 << 18]))
+def test_fast_paths_equal_their_references(stream: tuple[torch.Tensor, list[int], int], cap: int | None,
+                                           block: int) -> None:
+    """Entering rows' per-patch codes from the firing list (SPARSE_PATCHES) equal those read from the dense chunk,
+    and the blocked firing pass finds the same codes whatever its block size: every scanner output is equal."""
+    import saevctl.mine.scan as scan
+
+    codes, cuts, k = stream
+    n, p, s = codes.shape
+    src_n = torch.arange(n) % 3
+
+    def feed(sparse: bool, firing_block: int) -> FeatureScanner:
+        scan.SPARSE_PATCHES, scan.FIRING_BLOCK = sparse, firing_block
+        try:
+            sc = FeatureScanner(s, k, p, "max", top_n=3, keep_patches=True, max_per_source=cap)
+            lo = 0
+            for c in cuts:
+                sc.update(codes[lo : lo + c], torch.arange(lo, lo + c), src_n[lo : lo + c])
+                lo += c
+            return sc
+        finally:
+            scan.SPARSE_PATCHES, scan.FIRING_BLOCK = True, 1 << 18
+
+    ref, fast = feed(False, 1 << 18), feed(True, block)
+    _assert_same_scanner(ref, fast)
+
+
+def test_exemplar_blocks_columns_equal_the_plain_forms() -> None:
+    """The exemplars' n_fired (float16 > 0 on bit patterns) and per-patch BLOBs (a fixed-size view) equal the plain
+    `> 0` and per-row `tobytes`; every float16 bit pattern is checked."""
+    from saevctl.mine.pipeline import exemplar_blocks, positive_f16
+
+    every_f16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    with np.errstate(invalid="ignore"):
+        assert np.array_equal(positive_f16(every_f16), every_f16 > 0)
+    g = torch.Generator().manual_seed(0)
+    codes = torch.where(torch.rand((30, 6, 9), generator=g) < 0.3, torch.rand((30, 6, 9), generator=g), 0.0)
+    sc = FeatureScanner(9, 4, 6, "max", top_n=3, keep_patches=True)
+    sc.update(codes, torch.arange(30))
+    (cols,) = exemplar_blocks(sc)
+    acts = codes[cols["image_id"], :, cols["feature"]].half().numpy()
+    assert cols["acts"].dtype == object and [bytes(b) for b in cols["acts"]] == [r.tobytes() for r in acts]
+    assert np.array_equal(cols["n_fired"], (acts > 0).sum(1).astype(np.int16)) and cols["n_fired"].dtype == np.int16
+
+
+@settings(max_examples=40, deadline=None)
+@given(code_streams(), st.integers(1, 4))
+def test_topk_codes_feed_the_scanner_as_their_dense_form(stream: tuple[torch.Tensor, list[int], int],
+                                                         k_code: int) -> None:
+    """A TopK encoder's unscattered codes (TopKCodes: per token k values, some <= 0, and their features) give the same
+    scanner as the dense codes they stand for."""
+    from saevctl.mine.scan import TopKCodes
+
+    codes, cuts, k = stream
+    n, p, s = codes.shape
+    g = torch.Generator().manual_seed(n * 100 + s)
+    pre = torch.randn((n * p, s), generator=g)
+    vals, idx = pre.topk(min(k_code, s), dim=1)
+    vals = vals.relu()
+    dense = torch.zeros_like(pre).scatter_(1, idx, vals).view(n, p, s)
+    ref = FeatureScanner(s, k, p, "max", top_n=3, keep_patches=True)
+    fast = FeatureScanner(s, k, p, "max", top_n=3, keep_patches=True)
+    lo = 0
+    for c in cuts:
+        rows = slice(lo * p, (lo + c) * p)
+        ref.update(dense[lo : lo + c], torch.arange(lo, lo + c))
+        fast.update(TopKCodes(vals[rows], idx[rows], (c, p, s)), torch.arange(lo, lo + c))
+        lo += c
+    assert torch.equal(TopKCodes(vals, idx, (n, p, s)).dense(), dense)
+    _assert_same_scanner(ref, fast)
+
+
+def _assert_same_scanner(ref: FeatureScanner, fast: FeatureScanner) -> None:
+    """Every output of two scanners is equal: top-k values, ids and per-patch codes, statistics, image features."""
+    pairs = [(ref.topk.vals_ks, fast.topk.vals_ks), (ref.topk.ids_ks, fast.topk.ids_ks),
+             (ref.topk.patches_skp, fast.topk.patches_skp),
+             *zip(ref.image_features(), fast.image_features(), strict=True)]
+    for a, b in pairs:
+        assert torch.equal(a, b)
+    for name in ("n_fired", "img_fired", "sum", "img_score_sum", "max", "hist_sb"):
+        assert torch.equal(getattr(ref.stats(), name), getattr(fast.stats(), name)), name

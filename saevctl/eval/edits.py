@@ -31,6 +31,7 @@ from saevctl.eval import common
 from saevctl.eval.config import EditsConfig
 from saevctl.eval.edittargets import Target, resolve_targets, set_values
 from saevctl.eval.metrics import resample_weights
+from saevctl.eval.passes import Passes
 
 __all__ = ["EditsConfig", "EditsResult", "Target", "change_counts", "make_rows_plan", "rates", "run_edits"]
 
@@ -110,11 +111,12 @@ def change_counts(pred_mp: Tensor, ref_mp: Tensor, head_class_m: Tensor) -> np.n
 
 @torch.no_grad()
 def edit_batch(prober: Prober, x_btd: Tensor, values_bp: np.ndarray, targets: list[Target],
-               gen: torch.Generator | None, truth_b: Tensor | None = None
+               gen: torch.Generator | None, truth_b: Tensor | None = None, ref_b: Tensor | None = None
                ) -> tuple[list[tuple[int, int]], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Every (target, image) pair of the batch whose image holds the target's class: change counts and true-label
     counts (`truth_counts`) per condition. A classify head is measured on each image's prediction, against
-    `truth_b` (each image's true head class, -1 unknown); a segment head on each patch, against the masks."""
+    `truth_b` (each image's true head class, -1 unknown); a segment head on each patch, against the masks.
+    `ref_b`: the unedited prediction per image, or per patch, when already computed (`reference`)."""
     pairs = [(ti, i) for ti, t in enumerate(targets) for i in range(len(x_btd)) if (values_bp[i] == t.class_id).any()]
     if not pairs:
         return [], {}, {}
@@ -131,12 +133,12 @@ def edit_batch(prober: Prober, x_btd: Tensor, values_bp: np.ndarray, targets: li
         variants += [apply_edit(sae, xs, lay, ctrl), random_direction_edit(sae, xs, lay, plan, gen)]
     m, conds = len(pairs), CONDITIONS[: len(variants)]
     if prober.head.task == "classify":
-        ref = prober.outputs(x_btd, len(x_btd)).argmax(-1)[rows][:, None]
+        ref = (ref_b if ref_b is not None else prober.outputs(x_btd, len(x_btd)).argmax(-1))[rows][:, None]
         preds = prober.outputs(torch.cat(variants), len(x_btd)).argmax(-1)[:, None]
         truth = (truth_b.to(dev)[rows] if truth_b is not None else torch.full((m,), -1, device=dev))[:, None]
         counts = {c: image_counts(preds[k * m : (k + 1) * m], ref) for k, c in enumerate(conds)}
     else:
-        ref = patch_predictions(prober, x_btd, len(x_btd))[rows]
+        ref = (ref_b if ref_b is not None else patch_predictions(prober, x_btd, len(x_btd)))[rows]
         preds = patch_predictions(prober, torch.cat(variants), len(x_btd))
         head_class = torch.tensor([targets[ti].head_class for ti, _ in pairs], device=dev)
         truth = torch.where(mask, head_class[:, None], -1)  # the edited patches are the class's, by the masks
@@ -285,14 +287,22 @@ def judged_rows(tally: _Tally, targets: list[Target], cfg: EditsConfig, label: s
 
 
 def run_edits(cfg: EditsConfig, progress: Progress | None = None, prober: Prober | None = None,
-              on_total: Callable[[int], None] | None = None) -> EditsResult:
+              on_total: Callable[[int], None] | None = None, passes: Passes | None = None) -> EditsResult:
     """Suppress each labelled class's feature on its patches in every masked image; write a JSON summary.
 
     Progress counts images; `on_total` learns how many once they are listed. The summary's write lock is held
-    throughout."""
+    throughout. `passes` shares the SAE-independent passes with the other evaluations of one run (`eval all`)."""
     t0 = time.perf_counter()
     with common.summary_target(cfg.sae, cfg.index, cfg.out, "edits") as (sae_path, summary):
-        return _edits(cfg, sae_path, summary, t0, progress, prober, on_total)
+        return _edits(cfg, sae_path, summary, t0, progress, prober, on_total,
+                      passes if passes is not None else Passes(0))
+
+
+def reference(prober: Prober, passes: Passes, records: list[ImageRecord], x_btd: Tensor) -> Tensor:
+    """The head's unedited prediction per image (classify) or per patch (segment): splice's original outputs."""
+    if prober.head.task == "classify":
+        return passes.outputs(prober, records, x_btd, len(x_btd), None).argmax(-1)
+    return passes.outputs(prober, records, x_btd, len(x_btd), common.grid_hw(prober)).argmax(1).flatten(1)
 
 
 def _check_head(cfg: EditsConfig, prober: Prober) -> None:
@@ -308,7 +318,7 @@ def _check_head(cfg: EditsConfig, prober: Prober) -> None:
 
 
 def _edits(cfg: EditsConfig, sae_path: Path, summary: Path, t0: float, progress: Progress | None,
-           prober: Prober | None, on_total: Callable[[int], None] | None) -> EditsResult:
+           prober: Prober | None, on_total: Callable[[int], None] | None, passes: Passes) -> EditsResult:
     assert cfg.images is not None and cfg.masks is not None  # EditsConfig.check requires them
     records = list(resolve_images(cfg.images, cfg.max_images).records)
     if on_total:
@@ -333,9 +343,11 @@ def _edits(cfg: EditsConfig, sae_path: Path, summary: Path, t0: float, progress:
         keep = [i for i, _ in masked]
         n_unmasked += len(values) - len(keep)
         if keep:
-            x = prober.prefix(common.to_input(prober, batch.u8[keep]))
-            truth_b = torch.tensor([truth[batch.records[i].id] for i in keep]) if truth is not None else None
-            pairs, counts, truths = edit_batch(prober, x, np.stack([v for _, v in masked]), targets, gen, truth_b)
+            recs = [batch.records[i] for i in keep]
+            x = passes.prefix(prober, recs, batch.u8[keep])
+            truth_b = torch.tensor([truth[r.id] for r in recs]) if truth is not None else None
+            pairs, counts, truths = edit_batch(prober, x, np.stack([v for _, v in masked]), targets, gen, truth_b,
+                                               reference(prober, passes, recs, x))
             tally.add(pairs, counts, n_images, truths)
             n_images += len(keep)
         if progress:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from saevctl.errors import InputError
-from saevctl.eval.moran import morans_i
+from saevctl.eval.moran import morans_i_grid
 from saevctl.memory import check_memory, device_memory, physical_memory
 from saevctl.sae.compat import check_compatible
 from saevctl.sae.model import SAE
@@ -77,20 +77,20 @@ def encode_store(sae: SAE, store: Store, *, max_images: int | None = None, batch
                      np.zeros(s, np.int64), (h, w), layer)
     moran_sum = torch.zeros(s, dtype=torch.float64, device=device)
     moran_n = torch.zeros(s, dtype=torch.int64, device=device)
+    encode = sae.encoder()
+    buf = torch.empty(step * h * w, s, device=device)  # reused: a fresh one per batch costs its page faults
     for lo in range(0, n, step):
         hi = min(lo + step, n)
         x_bpd = arr.torch(slice(lo, hi)).to(device).float()
-        codes_bps = sae.encode(x_bpd.reshape(-1, d)).float().reshape(hi - lo, h * w, s)
+        codes_bps = encode(x_bpd.reshape(-1, d), out=buf[: (hi - lo) * h * w]).reshape(hi - lo, h * w, s)
         fired_bs = codes_bps.amax(dim=1)
         out.codes_ns[lo:hi] = fired_bs.cpu().numpy()
         out.raw_nd[lo:hi] = x_bpd.amax(dim=1).cpu().numpy()
-        for b in range(hi - lo):  # only the features that fire on the image (a third here): 4x faster than all
-            idx = (fired_bs[b] > 0).nonzero().squeeze(1)
-            maps_fhw = codes_bps[b].index_select(1, idx).T.contiguous().reshape(-1, h, w)
-            i_f, defined_f = morans_i(maps_fhw)
-            moran_sum.index_add_(0, idx, torch.where(defined_f, i_f, torch.zeros_like(i_f)).double())
-            moran_n.index_add_(0, idx, defined_f.long())
-        del codes_bps
+        # every feature on every image of the batch from the codes' nonzeros; scored where it fires
+        i_bs, defined_bs = morans_i_grid(codes_bps, h, w)
+        scored_bs = defined_bs & (fired_bs > 0)
+        moran_sum += torch.where(scored_bs, i_bs, torch.zeros_like(i_bs)).sum(0)
+        moran_n += scored_bs.sum(0)
         if progress:
             progress(hi - lo)
     out.moran_sum_s[:], out.moran_n_s[:] = moran_sum.cpu().numpy(), moran_n.cpu().numpy()

@@ -38,3 +38,41 @@ def morans_i(maps_bhw: Float[Tensor, "b h w"]) -> tuple[Float[Tensor, " b"], Boo
     defined = den > FLAT_EPS * maps_bhw.square().sum(dim=(1, 2))
     i_b = (n / w_sum) * 2 * cross / torch.where(defined, den, torch.ones_like(den))
     return torch.where(defined, i_b, torch.zeros_like(i_b)), defined
+
+
+def rook_degrees(h: int, w: int) -> Float[Tensor, " p"]:
+    """Each cell's number of rook neighbours, row-major (2 in a corner, 3 on an edge, 4 inside)."""
+    r, c = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+    return ((r > 0).double() + (r < h - 1).double() + (c > 0).double() + (c < w - 1).double())
+
+
+@torch.no_grad()
+def morans_i_grid(codes_bps: Float[Tensor, "b p s"], h: int,
+                  w: int) -> tuple[Float[Tensor, "b s"], Bool[Tensor, "b s"]]:
+    """`morans_i` of every feature's map on every image at once, for codes (b, h*w, s) on a row-major grid.
+
+    One pass over the nonzero entries (SAE codes are sparse: the cost follows their count, not b * p * s): each
+    map's moments in float64, then I from them. With z = x - m, sum z^2 = S2 - S1 m and the edge sum
+    sum_ij z_i z_j = P - m D + E m^2 (P: sum of x_i x_j over the E edges, D: sum of degree_i x_i), so the maps are
+    never centred; float64 keeps that cancellation below the float32 rounding of the centred form."""
+    b, p, s = codes_bps.shape
+    assert p == h * w and rook_weight_sum(h, w) > 0, "codes must cover an h x w grid with neighbours"
+    flat = codes_bps.reshape(-1)
+    at = flat.nonzero().squeeze(1)  # flat index ((image * p) + cell) * s + feature
+    v = flat[at].double()
+    cell = (at // s) % p
+    last = flat.numel() - 1
+    # each undirected edge once, from its left or upper cell: the value one cell right (s on) and one row down
+    # (w * s on), weighted 0 past the grid's edge (a zero neighbour adds nothing either)
+    right = flat[(at + s).clamp_(max=last)].double() * ((cell % w) < w - 1)
+    below = flat[(at + w * s).clamp_(max=last)].double() * (cell < p - w)
+    moments = torch.stack([v, v * v, v * rook_degrees(h, w).to(v.device)[cell], v * (right + below)], dim=1)
+    pair = (at // (p * s)) * s + at % s  # image * s + feature
+    s1, s2, d, p_sum = torch.zeros(b * s, 4, dtype=torch.float64, device=v.device).index_add_(0, pair, moments).T
+    w_sum = rook_weight_sum(h, w)
+    m = s1 / p
+    den = s2 - s1 * m
+    cross = p_sum - m * d + (w_sum // 2) * m * m
+    defined = den > FLAT_EPS * s2
+    i_bs = (p / w_sum) * 2 * cross / torch.where(defined, den, torch.ones_like(den))
+    return torch.where(defined, i_bs, torch.zeros_like(i_bs)).reshape(b, s), defined.reshape(b, s)

@@ -96,10 +96,14 @@ class _Sums:
         self.fired = torch.zeros(s, dtype=torch.float64)
         self.units = torch.zeros(n_units, 3 + d, dtype=torch.float64)
         self.n = 0
+        self.encode = sae.encoder()  # sae.encode's fused fast path, into one reused codes buffer
+        self.codes_buf = torch.empty(0)
 
     @torch.no_grad()
     def add(self, sae: SAE, x_nd: torch.Tensor, unit_n: torch.Tensor) -> None:
-        codes = sae.encode(x_nd)
+        if len(self.codes_buf) < len(x_nd):
+            self.codes_buf = torch.empty(len(x_nd), sae.cfg.n_latents, device=x_nd.device, dtype=sae.W_enc.dtype)
+        codes = self.encode(x_nd, out=self.codes_buf[: len(x_nd)])
         err = (sae.decode(codes) - x_nd.to(codes.dtype)).double()
         scale = float(sae.act_scale)
         err_n = err.pow(2).sum(1).cpu()

@@ -24,6 +24,7 @@ from saevctl.errors import InputError
 from saevctl.eval import common, metrics
 from saevctl.eval.config import SpliceConfig
 from saevctl.eval.metrics import Scored
+from saevctl.eval.passes import Passes, digest
 from saevctl.sae.compat import check_compatible
 from saevctl.sae.model import SAE
 
@@ -203,27 +204,32 @@ def _means(prober: Prober, records: list[Any], kinds: tuple[str, ...], slices: l
 
 @torch.no_grad()
 def _batch_probs(prober: Prober, batch: common.Batch, slices: list[slice], means: list[Tensor],
-                 out_hw: tuple[int, int]) -> dict[str, Tensor]:
-    x = prober.prefix(common.to_input(prober, batch.u8))
-    n = len(x)
-    variants = torch.cat([x, splice(prober.sae, x, slices), ablate(x, slices, means)])
-    probs = prober.outputs(variants, chunk=prober.variant_chunk(n), out_hw=out_hw).float()
-    return {v: probs[i * n : (i + 1) * n] for i, v in enumerate(metrics.VARIANTS)}
+                 out_hw: tuple[int, int], passes: Passes) -> dict[str, Tensor]:
+    """The head's outputs on each variant; the original and ablated ones (and the stream) from `passes` when an
+    earlier SAE of the run computed them (on a CPU the same one-variant-at-a-time chunks as together)."""
+    x = passes.prefix(prober, batch.records, batch.u8)
+    chunk = prober.variant_chunk(len(x))
+    return {"original": passes.outputs(prober, batch.records, x, chunk, out_hw),
+            "spliced": prober.outputs(splice(prober.sae, x, slices), chunk=chunk, out_hw=out_hw).float(),
+            "ablated": passes.outputs(prober, batch.records, x, chunk, out_hw, "ablated",
+                                      lambda x_btd: ablate(x_btd, slices, means), (digest(means),))}
 
 
 def run_splice(cfg: SpliceConfig, progress: Progress | None = None, prober: Prober | None = None,
-               on_total: Callable[[int], None] | None = None) -> SpliceResult:
+               on_total: Callable[[int], None] | None = None, passes: Passes | None = None) -> SpliceResult:
     """Score the head with the original, spliced and mean-ablated stream on every image; write a JSON summary.
 
     Progress counts images per pass (two passes when the ablation mean comes from the images); `on_total` learns
-    that count once the images are listed. The summary's write lock is held throughout."""
+    that count once the images are listed. The summary's write lock is held throughout. `passes` shares the
+    SAE-independent passes with the other evaluations of one run (`eval all`)."""
     t0 = time.perf_counter()
     with common.summary_target(cfg.sae, cfg.index, cfg.out, "splice") as (sae_path, summary):
-        return _splice(cfg, sae_path, summary, t0, progress, prober, on_total)
+        return _splice(cfg, sae_path, summary, t0, progress, prober, on_total,
+                       passes if passes is not None else Passes(0))
 
 
 def _splice(cfg: SpliceConfig, sae_path: Path, summary: Path, t0: float, progress: Progress | None,
-            prober: Prober | None, on_total: Callable[[int], None] | None) -> SpliceResult:
+            prober: Prober | None, on_total: Callable[[int], None] | None, passes: Passes) -> SpliceResult:
     assert cfg.images is not None  # SpliceConfig.check requires it
     records = list(resolve_images(cfg.images, cfg.max_images).records)
     if on_total:
@@ -246,7 +252,7 @@ def _splice(cfg: SpliceConfig, sae_path: Path, summary: Path, t0: float, progres
     for batch in common.iter_images(records, prober.bb.preprocess, cfg.batch_size, cfg.n_workers):
         n_failed += batch.n_failed
         if len(batch.u8):
-            col.add(batch, _batch_probs(prober, batch, slices, means, col.out_hw()))
+            col.add(batch, _batch_probs(prober, batch, slices, means, col.out_hw(), passes))
             n_images += len(batch.u8)
         if progress:
             progress(len(batch.u8) + batch.n_failed)

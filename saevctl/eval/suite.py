@@ -21,6 +21,7 @@ from saevctl.errors import InputError
 from saevctl.eval import card, common, fresh, vision
 from saevctl.eval.config import AllConfig, EditOpts, EditsConfig, ImageEval, ReconConfig, SpliceConfig, SuiteOpts
 from saevctl.eval.edits import run_edits
+from saevctl.eval.passes import Passes
 from saevctl.eval.recon import run_recon
 from saevctl.eval.splice import run_splice
 
@@ -173,6 +174,8 @@ class Run:
     device: str
     progress: Progress | None
     stage: Stage
+    passes: Passes = field(default_factory=Passes)
+    """The SAE-independent ViT passes, shared by the evaluations of the SAE and of its baselines."""
 
 
 def open_run(cfg: SuiteOpts, sae_path: Path, progress: Progress | None,
@@ -202,7 +205,8 @@ def evaluate(cfg: SuiteOpts, sae_path: Path, sae: SAE, prober: Prober | None, in
     if prober is not None:
         sp = run_splice(SpliceConfig(**(_shared(cfg, ImageEval) | resolved), store=run.store,
                                      out=layout.eval_summary_fpath(out, "splice")),
-                        run.progress, prober=prober, on_total=lambda n: run.stage(what + "splice", n))
+                        run.progress, prober=prober, on_total=lambda n: run.stage(what + "splice", n),
+                        passes=run.passes)
         sc.results["splice"] = sp
         sc.sections["splice"] = {"head": sp.head, "task": sp.task, "layer": sp.layer, "kinds": list(sp.kinds),
                                  "n_images": sp.n_images, "mean_source": sp.mean_source, "metrics": sp.rows}
@@ -217,7 +221,8 @@ def evaluate(cfg: SuiteOpts, sae_path: Path, sae: SAE, prober: Prober | None, in
     if not why:
         ed = run_edits(EditsConfig(**(_shared(cfg, ImageEval, EditOpts) | resolved),
                                    out=layout.eval_summary_fpath(out, "edits")),
-                       run.progress, prober=prober, on_total=lambda n: run.stage(what + "edits", n))
+                       run.progress, prober=prober, on_total=lambda n: run.stage(what + "edits", n),
+                       passes=run.passes)
         sc.results["edits"] = ed
         sc.sections["edits"] = {"value": cfg.value, "n_images": ed.n_images, "classes": ed.rows}
     else:

@@ -5,22 +5,33 @@ fused bias (addmm), the nonlinearity applied in place. `sae.encode` is the refer
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, overload
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from saevctl.mine.scan import TopKCodes
 from saevctl.sae import SAE
 
 # Switch: False makes mining call sae.encode itself (the plain reference version).
 USE_FUSED = True
 
 
-def make_encoder(sae: SAE) -> Callable[..., Tensor]:
+@overload
+def make_encoder(sae: SAE, sparse_topk: Literal[False] = False) -> Callable[..., Tensor]: ...
+
+
+@overload
+def make_encoder(sae: SAE, sparse_topk: bool) -> Callable[..., Tensor | TopKCodes]: ...
+
+
+def make_encoder(sae: SAE, sparse_topk: bool = False) -> Callable[..., Tensor | TopKCodes]:
     """A function raw activations (b, d) -> codes (b, s) equal to `sae.encode` up to float rounding.
 
     `encode(x, out=buf)` writes into a reused buffer: allocating a fresh (b, s) tensor per chunk costs a
-    page fault per 4 KiB, as much as a pass over the codes.
+    page fault per 4 KiB, as much as a pass over the codes. With `sparse_topk` a TopK SAE's codes come back as
+    `TopKCodes` (b = rows, p = 1), unscattered: what the scanner needs, without a zero + scatter over (b, s).
     """
     if not USE_FUSED:
         return lambda x_bd, out=None: sae.encode(x_bd)
@@ -31,7 +42,7 @@ def make_encoder(sae: SAE) -> Callable[..., Tensor]:
         bias_s = sae.b_enc - (sae.act_mean * sae.act_scale + sae.b_dec) @ sae.W_enc
     activation, k, threshold = sae.cfg.activation, sae.cfg.k, float(sae.threshold)
 
-    def encode(x_bd: Float[Tensor, "b d"], out: Tensor | None = None) -> Float[Tensor, "b s"]:
+    def encode(x_bd: Float[Tensor, "b d"], out: Tensor | None = None) -> Float[Tensor, "b s"] | TopKCodes:
         x_bd = x_bd.to(w_ds.dtype)
         pre_bs = torch.addmm(bias_s, x_bd, w_ds) if out is None else torch.addmm(bias_s, x_bd, w_ds, out=out)
         # Every nonlinearity in place, as SAE.activate computes it.
@@ -40,6 +51,8 @@ def make_encoder(sae: SAE) -> Callable[..., Tensor]:
         if activation == "batchtopk":
             return torch.threshold_(pre_bs, threshold, 0.0)
         vals_bk, idx_bk = pre_bs.topk(k, dim=-1)
+        if sparse_topk:
+            return TopKCodes(vals_bk.relu_(), idx_bk, (len(pre_bs), 1, pre_bs.shape[1]))
         return pre_bs.zero_().scatter_(-1, idx_bk, vals_bk.relu_())
 
     return encode

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,10 @@ Progress = Callable[[int], None]
 MINABLE = ("patches", "cls")
 # Codes materialised per chunk (floats); bounds the working set whatever the store size.
 CHUNK_CODES = 1 << 24
+# Switch: False makes a TopK SAE's codes dense before the scan (the reference; a test checks equal indexes).
+SPARSE_TOPK = True
+# Switch: False lets the scan use torch's threads (benchmarks/mine.py --ab-scan-threads compares both).
+ONE_THREAD_SCAN = True
 
 
 @dataclass(frozen=True)
@@ -89,10 +93,11 @@ def _prefetched(it: Iterator[Any]) -> Iterator[Any]:
 
 @contextlib.contextmanager
 def _one_thread(device: str) -> Iterator[None]:
-    """The scanner's many small ops run faster on one CPU thread: with two, each op waits at an OpenMP
-    barrier, which costs more than the op itself when the cores are shared (measured: docs/performance.md)."""
+    """The scanner's and the index tables' many small ops run faster on one CPU thread: with two, each op waits
+    at an OpenMP barrier, which costs more than the op itself when the cores are shared (measured:
+    docs/performance.md)."""
     n = torch.get_num_threads()
-    if device != "cpu" or n == 1:
+    if device != "cpu" or n == 1 or not ONE_THREAD_SCAN:
         yield
         return
     torch.set_num_threads(1)
@@ -127,7 +132,7 @@ def scan_store(
     scanners = {k: FeatureScanner(s, top_k, p if k == "patches" else 1, cfg.by, cfg.top_n,
                                   keep_patches=k == "patches", device=device, max_per_source=cap) for k in kinds}
     ids_n = torch.from_numpy(store.row_image_ids())
-    encode = make_encoder(sae)
+    encode = make_encoder(sae, sparse_topk=SPARSE_TOPK)
     bufs = {k: torch.empty(per * (p if k == "patches" else 1) * s, device=device) for k in kinds}
     with torch.inference_mode():
         for row0, rows in _prefetched(_chunks(arrays, per)):
@@ -137,7 +142,9 @@ def scan_store(
                 x_bpd = x.to(device).reshape(len(ids_b), -1, sae.cfg.d)
                 b, t, d = x_bpd.shape
                 out = bufs[kind][: b * t * s].view(b * t, s)
-                codes_bps = encode(x_bpd.reshape(b * t, d), out=out).reshape(b, t, s)
+                codes = encode(x_bpd.reshape(b * t, d), out=out)
+                codes_bps = (codes.reshape(b, t, s) if isinstance(codes, torch.Tensor)
+                             else replace(codes, shape=(b, t, s)))
                 with _one_thread(device):
                     scanners[kind].update(codes_bps, ids_b, src_b)
             if progress:
@@ -178,10 +185,17 @@ def exemplar_blocks(sc: FeatureScanner, block: int = 2048) -> Iterator[dict[str,
                 "image_id": ids_ks[ex_r, ex_f].numpy().astype(np.int32),
                 "value": vals_ks[ex_r, ex_f].numpy().astype(np.float32)}
         if patches_skp is not None:
-            acts_ep = patches_skp[ex_f, slot_ks[ex_r, ex_f]]  # (e, p) float16, little-endian as stored
-            cols["n_fired"] = (acts_ep > 0).sum(1).numpy().astype(np.int16)
-            cols["acts"] = np.array([r.tobytes() for r in acts_ep.numpy()], dtype=object)
+            acts_ep = patches_skp[ex_f, slot_ks[ex_r, ex_f]].numpy()  # (e, p) float16, little-endian as stored
+            cols["n_fired"] = positive_f16(acts_ep).view(np.uint8).sum(1, dtype=np.uint16).astype(np.int16)
+            # One bytes object per row straight from a fixed-size view (a Python loop of tobytes is 1.5x slower).
+            cols["acts"] = acts_ep.view(f"V{acts_ep.shape[1] * 2}").ravel().astype(object)
         yield cols
+
+
+def positive_f16(x: np.ndarray) -> np.ndarray:
+    """`x > 0` for float16, on the bit patterns (torch's float16 compare on CPU is about 10x slower): the
+    positive values, +inf included, are exactly the patterns 0x0001 to 0x7C00."""
+    return (x.view(np.uint16) - np.uint16(1)) < np.uint16(0x7C00)
 
 
 def store_id_of(store: Store) -> str:
@@ -264,10 +278,11 @@ def _run_locked(cfg: Config, t0: float, progress: Progress | None, on_total: Cal
         writer.delete_sae(idx, sae_id)
         writer.put_store(idx, store_id_of(store), _store_row(store), store.images)
         writer.put_sae_row(idx, _sae_row(cfg, sae, sae_id, store, layer, kinds, secs))
-        for kind, sc in scanners.items():
-            writer.put_token_results(idx, sae_id, kind, token_tables(sc))
-            for cols in exemplar_blocks(sc):
-                writer.put_exemplars(idx, sae_id, kind, cols)
+        with _one_thread(device):  # the tables are built from many small ops too (5x faster on one thread)
+            for kind, sc in scanners.items():
+                writer.put_token_results(idx, sae_id, kind, token_tables(sc))
+                for cols in exemplar_blocks(sc):
+                    writer.put_exemplars(idx, sae_id, kind, cols)
         idx.con.execute("COMMIT")
         sha = sae.header["weights_sha256"]
         vectors.save_decoder(index_fpath, sae_id, sae.W_dec.detach().float().cpu().numpy(), sha)

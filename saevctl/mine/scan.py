@@ -18,6 +18,50 @@ from saevctl.mine.schema import HIST_LO, HIST_STEP, N_HIST
 
 # Features merged per block, so the transient copies of the exemplar state stay small.
 MERGE_BLOCK = 2048
+# Switch: False makes the top-k copy entering rows' per-patch codes from the dense chunk (the reference).
+SPARSE_PATCHES = True
+# Codes per block of the CPU firing pass (1 MiB of float32: fits in L2).
+FIRING_BLOCK = 1 << 18
+
+
+@dataclass(frozen=True)
+class Fired:
+    """The firing (> 0) codes of a chunk of n_rows rows x p patches x s features, as flat lists: what the scanner
+    computes anyway, and all the top-k needs to copy an entering row's per-patch codes."""
+
+    key_n: Int[Tensor, " n"]
+    """row * s + feature."""
+    patch_n: Int[Tensor, " n"]
+    vals_n: Float[Tensor, " n"]
+    n_rows: int
+    s: int
+
+
+
+@dataclass(frozen=True)
+class TopKCodes:
+    """Codes of a chunk kept sparse, as a TopK encoder computes them before scattering: per token its k largest
+    (values after the ReLU, feature indices), every other code 0. The scanner takes these instead of the dense
+    (b, p, s) codes, skipping the zero + scatter and the dense firing pass."""
+
+    vals_tk: Float[Tensor, "t k"]
+    idx_tk: Int[Tensor, "t k"]
+    shape: tuple[int, int, int]
+    """(b, p, s) of the dense codes."""
+
+    def firing(self) -> tuple[Tensor, Tensor]:
+        """Flat indices into the dense (b, p, s) codes and values of the codes > 0, in the dense pass's order."""
+        idx_tk, order_tk = self.idx_tk.sort(dim=1)
+        vals_tk = self.vals_tk.gather(1, order_tk)
+        flat_tk = idx_tk + torch.arange(len(idx_tk), device=idx_tk.device)[:, None] * self.shape[2]
+        keep_tk = vals_tk > 0
+        return flat_tk[keep_tk], vals_tk[keep_tk]
+
+    def dense(self) -> Float[Tensor, "b p s"]:
+        """The dense codes (the reference path's input)."""
+        b, p, s = self.shape
+        codes = torch.zeros((b * p, s), dtype=self.vals_tk.dtype, device=self.vals_tk.device)
+        return codes.scatter_(1, self.idx_tk, self.vals_tk).view(b, p, s)
 
 
 class StreamingTopK:
@@ -49,10 +93,12 @@ class StreamingTopK:
         self,
         scores_bs: Float[Tensor, "b s"],
         ids_b: Int[Tensor, " b"],
-        patches_bps: Float[Tensor, "b p s"] | None = None,
+        patches_bps: Float[Tensor, "b p s"] | Fired | None = None,
         src_b: Int[Tensor, " b"] | None = None,
     ) -> None:
-        """Fold in b rows; `src_b` (a source photo's number per row) is needed when built with max_per_source."""
+        """Fold in b rows; `src_b` (a source photo's number per row) is needed when built with max_per_source.
+        `patches_bps`: the rows' per-patch codes, dense or as their firing entries (`Fired`, what the scanner
+        passes: the same codes without strided reads of the dense chunk)."""
         # Capped or not, a row that beats no slot cannot enter: the k slots already hold k better rows that are
         # allowed together.
         hit_s = (scores_bs > self.vals_ks.amin(0)).any(0)
@@ -60,12 +106,20 @@ class StreamingTopK:
         if self.cap is not None:
             assert src_b is not None, "a capped top-k needs each row's source"
             self.n_sources = max(self.n_sources, int(src_b.max()) + 1 if len(src_b) else 0)
-        for lo in range(0, len(feats), MERGE_BLOCK):
-            self._merge(feats[lo : lo + MERGE_BLOCK], scores_bs, ids_b, patches_bps, src_b)
+        entered = [self._merge(feats[lo : lo + MERGE_BLOCK], scores_bs, ids_b, src_b)
+                   for lo in range(0, len(feats), MERGE_BLOCK)]
+        if self.patches_skp is not None and entered:
+            assert patches_bps is not None
+            fi, slot, row = (torch.cat(c) for c in zip(*entered, strict=True))
+            if isinstance(patches_bps, Fired):
+                self._put_fired(fi, slot, row, patches_bps)
+            else:
+                self._put_dense(fi, slot, row, patches_bps)
 
     def _merge(
-        self, f: Tensor, scores_bs: Tensor, ids_b: Tensor, patches_bps: Tensor | None, src_b: Tensor | None
-    ) -> None:
+        self, f: Tensor, scores_bs: Tensor, ids_b: Tensor, src_b: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Merge the rows into the slots of features `f`; returns the (feature, slot, row) of each entering row."""
         k = self.k
         new_bf = scores_bs[:, f].float()
         cand = torch.cat([self.vals_ks[:, f], new_bf], 0)  # (k+b, F)
@@ -87,15 +141,31 @@ class StreamingTopK:
         self.ids_ks[slot, fi] = ids_b[row]
         if allowed is not None:
             self._settle_capped(f, fi, slot, row, allowed, chosen, src_b)
-        if self.patches_skp is not None:
-            assert patches_bps is not None
-            b, _, s = patches_bps.shape
-            if len(fi) * 8 > b * s:
-                # Many entrants (the first chunks): one transposing copy beats len(fi) * p strided reads.
-                src_bsp = patches_bps.transpose(1, 2).to(self.patches_skp.dtype, memory_format=torch.contiguous_format)
-                self.patches_skp[fi, slot] = src_bsp[row, fi]
-            else:
-                self.patches_skp[fi, slot] = patches_bps[row, :, fi].to(self.patches_skp.dtype)
+        return fi, slot, row
+
+    def _put_dense(self, fi: Tensor, slot: Tensor, row: Tensor, patches_bps: Tensor) -> None:
+        """The entering rows' per-patch codes read from the dense chunk (the reference)."""
+        assert self.patches_skp is not None
+        b, _, s = patches_bps.shape
+        if len(fi) * 8 > b * s:
+            # Many entrants (the first chunks): one transposing copy beats len(fi) * p strided reads.
+            src_bsp = patches_bps.transpose(1, 2).to(self.patches_skp.dtype, memory_format=torch.contiguous_format)
+            self.patches_skp[fi, slot] = src_bsp[row, fi]
+        else:
+            self.patches_skp[fi, slot] = patches_bps[row, :, fi].to(self.patches_skp.dtype)
+
+    def _put_fired(self, fi: Tensor, slot: Tensor, row: Tensor, fired: Fired) -> None:
+        """The entering rows' per-patch codes from the chunk's firing entries: zero their slots, then scatter the
+        entries whose (row, feature) entered. O(firing codes) in-cache work instead of p strided reads (a cache
+        miss each in a chunk of tens of MB) per entering row."""
+        assert self.patches_skp is not None
+        entrant = torch.full((fired.n_rows * fired.s,), -1, dtype=torch.int64, device=fi.device)
+        entrant[row * fired.s + fi] = torch.arange(len(fi), device=fi.device)
+        e_n = entrant[fired.key_n]
+        keep = (e_n >= 0).nonzero().squeeze(1)
+        e_n = e_n[keep]
+        self.patches_skp[fi, slot] = 0
+        self.patches_skp[fi[e_n], slot[e_n], fired.patch_n[keep]] = fired.vals_n[keep].to(self.patches_skp.dtype)
 
     def _settle_capped(self, f: Tensor, fi: Tensor, slot: Tensor, row: Tensor, allowed: Tensor, chosen: Tensor,
                        src_b: Tensor | None) -> None:
@@ -206,23 +276,26 @@ class FeatureScanner:
         self.hist_sb = torch.zeros(n_features * N_HIST, dtype=torch.int64, device=device)
         self.n_tokens = self.n_images = 0
         self._mask: np.ndarray | None = None
+        self._one = torch.ones(1, dtype=torch.int64, device=device)
         self.image_top: list[tuple[Tensor, Tensor, Tensor]] = []  # (ids_b, feats_bn, vals_bn)
 
     def update(
-        self, codes_bps: Float[Tensor, "b p s"], ids_b: Int[Tensor, " b"], src_b: Int[Tensor, " b"] | None = None
+        self, codes_bps: Float[Tensor, "b p s"] | TopKCodes, ids_b: Int[Tensor, " b"],
+        src_b: Int[Tensor, " b"] | None = None,
     ) -> None:
-        """Fold in one chunk: b images, p tokens each (p = 1 for CLS), s features; codes are >= 0. `src_b`: each
-        image's source photo (a number), for max_per_source."""
+        """Fold in one chunk: b images, p tokens each (p = 1 for CLS), s features; codes are >= 0, dense or as a
+        TopK encoder's (TopKCodes). `src_b`: each image's source photo (a number), for max_per_source."""
         b, p, s = codes_bps.shape
         assert s == self.s
-        # One dense pass finds the firing codes; every statistic is then computed on those few entries.
-        flat = codes_bps.reshape(-1)
-        idx = self._firing(flat)
-        vals = torch.take(flat, idx).float()
+        # One dense pass (none for TopKCodes) finds the firing codes; every statistic is then computed on those few
+        # entries.
+        idx, vals = codes_bps.firing() if isinstance(codes_bps, TopKCodes) else self._firing(codes_bps.reshape(-1))
+        vals = vals.float()
         tok = idx // s
         feat = idx - tok * s
-        key = (tok // p) * s + feat  # (image in chunk, feature)
-        dev = codes_bps.device
+        img = tok // p
+        key = img * s + feat  # (image in chunk, feature)
+        dev = vals.device
         amax_bs = torch.zeros(b * s, device=dev).scatter_reduce_(0, key, vals, "amax").view(b, s)
         if self.by == "max":
             scores_bs = amax_bs
@@ -233,23 +306,39 @@ class FeatureScanner:
         self.sum += torch.bincount(feat, weights=vals.double(), minlength=s)
         self.img_score_sum += scores_bs.sum(0, dtype=torch.float64)
         bins = ((vals.log10() - HIST_LO) / HIST_STEP).floor_().add_(1).clamp_(0, N_HIST - 1).long()
-        self.hist_sb += torch.bincount(feat * N_HIST + bins, minlength=s * N_HIST)
+        # Counted in place: a bincount of s * N_HIST would zero and add tens of MB per chunk at wide SAEs.
+        self.hist_sb.scatter_add_(0, feat * N_HIST + bins, self._one.expand(len(bins)))
         self.n_tokens += b * p
         self.n_images += b
-        self.topk.update(scores_bs, ids_b, codes_bps if self.topk.patches_skp is not None else None, src_b)
+        patches: Tensor | Fired | None = None
+        if self.topk.patches_skp is not None:
+            if SPARSE_PATCHES:
+                patches = Fired(key, tok - img * p, vals, b, s)
+            else:
+                patches = codes_bps.dense() if isinstance(codes_bps, TopKCodes) else codes_bps
+        self.topk.update(scores_bs, ids_b, patches, src_b)
         vals_bn, feats_bn = scores_bs.topk(self.top_n, dim=1)
         self.image_top.append((ids_b.clone(), feats_bn.to(torch.int32), vals_bn.float()))
 
-    def _firing(self, flat: Tensor) -> Tensor:
-        """Flat indices of the codes > 0. On CPU numpy's nonzero over a reused mask is several times faster
-        than torch's (and allocates no fresh mask per chunk)."""
+    def _firing(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """Flat indices and values of the codes > 0. On CPU with numpy, over a reused mask, a block of FIRING_BLOCK
+        codes at a time: the block is still in cache when its values are gathered (one gather over the whole
+        chunk misses the cache at every firing code), and numpy's nonzero is several times faster than torch's."""
         if flat.device.type != "cpu":
-            return (flat > 0).nonzero().squeeze(1)
+            idx = (flat > 0).nonzero().squeeze(1)
+            return idx, flat[idx]
         if self._mask is None or self._mask.size < flat.numel():
             self._mask = np.empty(flat.numel(), dtype=bool)
-        mask = self._mask[: flat.numel()]
-        np.greater(flat.numpy(), 0, out=mask)
-        return torch.from_numpy(np.flatnonzero(mask))
+        codes, idx_parts, val_parts = flat.numpy(), [], []
+        for lo in range(0, max(len(codes), 1), FIRING_BLOCK):  # one (empty) block for an empty chunk
+            block = codes[lo : lo + FIRING_BLOCK]
+            mask = self._mask[lo : lo + len(block)]
+            np.greater(block, 0, out=mask)
+            i = np.flatnonzero(mask)
+            val_parts.append(block[i])
+            i += lo
+            idx_parts.append(i)
+        return torch.from_numpy(np.concatenate(idx_parts)), torch.from_numpy(np.concatenate(val_parts))
 
     def stats(self) -> FeatureStats:
         hist_sb = self.hist_sb.view(self.s, N_HIST)

@@ -22,7 +22,7 @@ import saevctl
 from saevctl import atomic, dist, layout, lock
 from saevctl.config import resolve_device
 from saevctl.errors import OutputError, SaevctlError, TrainingError
-from saevctl.train import distributed, optim, plots, state
+from saevctl.train import distributed, heap, optim, plots, state
 from saevctl.train.config import Config, RunSpec, expand, group_specs
 from saevctl.train.distributed import Place
 from saevctl.train.group import SAEGroup
@@ -239,7 +239,8 @@ def _train_run(cfg: Config, opener: Opener, device: str, place: Place, progress:
     if place.main:
         cfg.out.mkdir(parents=True, exist_ok=True)
     try:
-        waited_s = _train(cfg, data, groups, (mean_d, scale), start, n_steps, device, place, progress)
+        with heap.kept(not device.startswith("cuda")):  # the CPU step's big buffers stay mapped between steps
+            waited_s = _train(cfg, data, groups, (mean_d, scale), start, n_steps, device, place, progress)
     except torch.OutOfMemoryError as e:
         raise _oom(e, cfg) from e
     except RuntimeError as e:

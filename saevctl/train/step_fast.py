@@ -52,7 +52,9 @@ def _dense_decode(
     if len(hp.prefixes) > 1:
         loss_m, x_hat, g_f, g_W, g_b = _matryoshka_decode(f_mbs, params, x_bd, hp, bf16)
         return loss_m, x_hat, g_f.add_(g_f_bias.to(g_f.dtype)), g_W, g_b
-    W_dec = params["W_dec"]
+    # cast once: autocast would cast W_dec again for each of its two GEMMs (our weights do not require grad, so
+    # its cast cache does not keep them); the same rounding either way
+    W_dec = params["W_dec"].to(torch.bfloat16) if bf16 else params["W_dec"]
     b, d = x_bd.shape
     with _autocast(x_bd, bf16):
         x_hat = _bmm(f_mbs, W_dec, params["b_dec"][:, None, :]).float()

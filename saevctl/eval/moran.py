@@ -58,17 +58,17 @@ def morans_i_grid(codes_bps: Float[Tensor, "b p s"], h: int,
     b, p, s = codes_bps.shape
     assert p == h * w and rook_weight_sum(h, w) > 0, "codes must cover an h x w grid with neighbours"
     flat = codes_bps.reshape(-1)
-    at = flat.nonzero().squeeze(1)  # flat index ((image * p) + cell) * s + feature
+    image, cell, feature = codes_bps.nonzero().unbind(1)  # no integer division (slow on int64)
+    at = (image * p + cell) * s + feature  # flat index
     v = flat[at].double()
-    cell = (at // s) % p
     last = flat.numel() - 1
     # each undirected edge once, from its left or upper cell: the value one cell right (s on) and one row down
     # (w * s on), weighted 0 past the grid's edge (a zero neighbour adds nothing either)
     right = flat[(at + s).clamp_(max=last)].double() * ((cell % w) < w - 1)
     below = flat[(at + w * s).clamp_(max=last)].double() * (cell < p - w)
     moments = torch.stack([v, v * v, v * rook_degrees(h, w).to(v.device)[cell], v * (right + below)], dim=1)
-    pair = (at // (p * s)) * s + at % s  # image * s + feature
-    s1, s2, d, p_sum = torch.zeros(b * s, 4, dtype=torch.float64, device=v.device).index_add_(0, pair, moments).T
+    sums = torch.zeros(b * s, 4, dtype=torch.float64, device=v.device).index_add_(0, image * s + feature, moments)
+    s1, s2, d, p_sum = sums.T
     w_sum = rook_weight_sum(h, w)
     m = s1 / p
     den = s2 - s1 * m

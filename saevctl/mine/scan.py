@@ -37,7 +37,6 @@ class Fired:
     s: int
 
 
-
 @dataclass(frozen=True)
 class TopKCodes:
     """Codes of a chunk kept sparse, as a TopK encoder computes them before scattering: per token its k largest

@@ -22,6 +22,7 @@ import saevctl
 from saevctl import atomic, dist, layout, lock
 from saevctl.config import resolve_device
 from saevctl.errors import OutputError, SaevctlError, TrainingError
+from saevctl.hardware import cpu_has_fast_bf16
 from saevctl.train import distributed, heap, optim, plots, state
 from saevctl.train.config import Config, RunSpec, expand, group_specs
 from saevctl.train.distributed import Place
@@ -253,6 +254,18 @@ def _train_run(cfg: Config, opener: Opener, device: str, place: Place, progress:
     return dataclasses.replace(result, data_wait_s=waited_s)
 
 
+def _use_bf16(cfg: Config, device: str) -> bool:
+    """bfloat16 matmuls as asked, except on a CPU without AMX or AVX512-BF16: there torch emulates them, slower
+    than float32 (#17), so the run trains in float32 and says so."""
+    if cfg.dtype != "bfloat16":
+        return False
+    if device != "cpu" or cpu_has_fast_bf16():
+        return True
+    log.warning("--dtype bfloat16: this CPU has no AMX or AVX512-BF16, where bfloat16 matmuls are slower than "
+                "float32; training in float32")
+    return False
+
+
 def _train(cfg: Config, data: Data, groups: list[SAEGroup], norm: tuple[torch.Tensor, torch.Tensor],
            start: int, n_steps: int, device: str, place: Place, progress: Progress | None) -> float:
     """The steps from `start` to `n_steps`; returns the seconds spent waiting for batches."""
@@ -266,7 +279,7 @@ def _train(cfg: Config, data: Data, groups: list[SAEGroup], norm: tuple[torch.Te
     # short runs (demos, tests) would otherwise spend most of their steps warming up
     lr_warmup, sp_warmup = min(cfg.lr_warmup, n_steps // 5), min(cfg.sparsity_warmup, n_steps // 5)
     dead_after = cfg.dead_after_tokens(n_steps)
-    bf16 = cfg.dtype == "bfloat16"
+    bf16 = _use_bf16(cfg, device)
     batchtopk = any(g.hp.activation == "batchtopk" for g in groups)
     try:
         for t in range(start, n_steps):

@@ -1,0 +1,35 @@
+"""--dtype bfloat16 on a CPU: used where the CPU has fast bfloat16 (AMX / AVX512-BF16), float32 with a warning
+where it would be emulated (slower than float32, #17)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from saevctl.hardware import cpu_has_fast_bf16
+from saevctl.train import loop
+from saevctl.train.config import Config
+
+
+def _cfg(tmp_path: Path, dtype: Literal["float32", "bfloat16"]) -> Config:
+    return Config(store=tmp_path / "store", out=tmp_path / "out", dtype=dtype, device="cpu")
+
+
+def test_bf16_follows_the_cpu(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="saevctl.train.loop"):
+        used = loop._use_bf16(_cfg(tmp_path, "bfloat16"), "cpu")
+    assert used == cpu_has_fast_bf16()
+    assert ("training in float32" in caplog.text) == (not used)
+
+
+def test_bf16_falls_back_without_fast_bf16(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loop, "cpu_has_fast_bf16", lambda: False)  # a CPU without AMX / AVX512-BF16
+    with caplog.at_level(logging.WARNING, logger="saevctl.train.loop"):
+        assert not loop._use_bf16(_cfg(tmp_path, "bfloat16"), "cpu")
+    assert "no AMX or AVX512-BF16" in caplog.text
+    assert loop._use_bf16(_cfg(tmp_path, "bfloat16"), "cuda")
+    assert not loop._use_bf16(_cfg(tmp_path, "float32"), "cpu")

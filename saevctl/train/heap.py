@@ -1,16 +1,17 @@
 """Keep the training step's big buffers in the heap between steps (glibc only; elsewhere a no-op).
 
-Each step allocates and frees tensors of 2 x latents x d float32 (the weight gradients, the bfloat16 weight cast) and
+Each step allocates and frees tensors of latents x d (the two weight gradients in float32, the bfloat16 weight cast) and
 (batch, latents) (the pre-activations): 75 MB each at 24,576 latents. glibc serves blocks above 32 MB (its largest
 mmap threshold) with a fresh mmap and unmaps them on free, so every step page-faults each of them in again: on the
 CPU that was a fifth of a bfloat16 TopK step at batch 1,024 (torch profiler: 750 -> 602 ms of self time, the
 zero-fills of the two gradients 97 -> 48 ms). Inside `kept()` large blocks come from the heap and stay there, so
 later steps reuse those pages; on leaving, glibc's defaults come back and the heap is trimmed.
 
-Partly: torch's 64-byte-aligned allocation asks 96 bytes more than a freed block of the same size holds, so a
-freed block serves the next step only once a neighbour is free too (tests/test_train_heap.py: half the faults of
-two alternating buffers). The price is resident memory: at 24,576 latents a bf16 TopK step holds ~360 MB more
-(1.37 against 1.0 GB over 40 steps, stable). Threads on a secondary glibc arena still mmap big blocks.
+Not from the first step: torch's 64-byte-aligned allocation asks 96 bytes more than a freed block of the same
+size holds, so freed blocks serve again once neighbours have coalesced (tests/test_train_heap.py: after 4 or 5
+rounds of a two-buffer pattern, no faults). The price is resident memory: at 24,576 latents a bf16 TopK step
+holds ~360 MB more (1.37 against 1.0 GB over 40 steps, stable). Threads on a secondary glibc arena still mmap
+big blocks.
 """
 
 from __future__ import annotations

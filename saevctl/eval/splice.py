@@ -196,9 +196,12 @@ class _Collector:
 
 
 def _means(prober: Prober, records: list[Any], kinds: tuple[str, ...], slices: list[slice], cfg: SpliceConfig,
-           progress: Progress | None) -> tuple[list[Tensor], str]:
-    if cfg.store is not None:
-        return store_means(cfg.store, prober.sae, prober.layer, kinds), f"the store at {cfg.store}"
+           progress: Progress | None, passes: Passes) -> tuple[list[Tensor], str]:
+    if cfg.store is not None:  # a pass over the whole store: once per run (the model's store, whichever SAE)
+        store = cfg.store
+        means = passes.get(("store_means", id(prober.bb), str(Path(store).resolve()), prober.layer, kinds),
+                           lambda: torch.stack(store_means(store, prober.sae, prober.layer, kinds)))
+        return list(means.unbind(0)), f"the store at {cfg.store}"
     return image_means(prober, records, slices, cfg, progress), f"a first pass over the {len(records)} evaluated images"
 
 
@@ -246,7 +249,7 @@ def _splice(cfg: SpliceConfig, sae_path: Path, summary: Path, t0: float, progres
             masks = common.MaskLabels(mask_set, prober)
         else:
             notes.append(f"--masks is ignored: head {prober.head.name} is a {prober.head.task} head")
-    means, mean_source = _means(prober, records, kinds, slices, cfg, progress)
+    means, mean_source = _means(prober, records, kinds, slices, cfg, progress, passes)
     col = _Collector(prober, masks)
     n_failed = n_images = 0
     for batch in common.iter_images(records, prober.bb.preprocess, cfg.batch_size, cfg.n_workers):

@@ -113,10 +113,7 @@ def _select(pre_bs: Tensor, activation: str, k: int, comm: Comm | None) -> tuple
     """Sparse codes as (rows, cols, vals, offsets), rows ascending; vals after the ReLU."""
     b, s = pre_bs.shape
     if activation == "topk":
-        vals, cols = pre_bs.topk(k, dim=-1, sorted=False)
-        rows = torch.arange(b, device=pre_bs.device).repeat_interleave(k)
-        offsets = torch.arange(0, b * k, k, device=pre_bs.device)
-        return rows, cols.flatten(), torch.relu(vals.flatten().float()), offsets
+        return _topk_codes(*pre_bs.topk(k, dim=-1, sorted=False))
     vals, flat = batch_topk(pre_bs.flatten(), b * k, comm)
     flat, order = flat.sort()
     rows, cols = flat // s, flat % s
@@ -125,77 +122,189 @@ def _select(pre_bs: Tensor, activation: str, k: int, comm: Comm | None) -> tuple
     return rows, cols, torch.relu(vals[order].float()), offsets
 
 
-def _sparse_encoder_grads(g_vals: Tensor, rows: Tensor, cols: Tensor, x_c_bd: Tensor, s: int) -> tuple[Tensor, Tensor]:
-    """dL/dW_enc as (s, d) rows and dL/db_enc (s,) from gradients at the selected (row, col) entries only:
-    a CSR (latents x batch) matrix times the (batch x d) inputs."""
-    g_b_enc = torch.zeros(s, device=g_vals.device, dtype=torch.float32).index_add_(0, cols, g_vals)
+# a (latents x batch) CSR layout of the selected entries: (crow, batch rows in latent order, the argsort)
+ByLatent = tuple[Tensor, Tensor, Tensor]
+
+
+def _by_latent(rows: Tensor, cols: Tensor, s: int) -> ByLatent:
     order = torch.argsort(cols, stable=True)  # rows stay ascending within a latent
     counts = torch.bincount(cols, minlength=s)
     crow = torch.zeros(s + 1, dtype=torch.int64, device=cols.device)
     torch.cumsum(counts, 0, out=crow[1:])
+    return crow, rows[order], order
+
+
+def _csr(crow: Tensor, idx: Tensor, vals: Tensor, shape: tuple[int, int]) -> Tensor:
     with warnings.catch_warnings():  # torch calls CSR "beta" on every construction
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        g_pre_T = torch.sparse_csr_tensor(crow, rows[order], g_vals[order], (s, len(x_c_bd)), check_invariants=False)
+        return torch.sparse_csr_tensor(crow, idx, vals, shape, check_invariants=False)
+
+
+def _topk_codes(vals_bk: Tensor, cols_bk: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`_select`'s codes from a (batch, k) top-k selection."""
+    b, k = vals_bk.shape
+    rows = torch.arange(b, device=vals_bk.device).repeat_interleave(k)
+    offsets = torch.arange(0, b * k, k, device=vals_bk.device)
+    return rows, cols_bk.flatten(), torch.relu(vals_bk.flatten().float()), offsets
+
+
+BLOCK_ROWS = 512
+"""Rows per block of the CPU TopK encoder: GEMM + top-k in (512, latents) blocks of a reused buffer, so top-k
+reads the pre-activations while they are in cache (measured: 512 beats the whole batch and 128 rows)."""
+
+# a (batch, k) top-k as (values before the ReLU, latent indices)
+Sel = tuple[Tensor, Tensor]
+
+
+def _blocked_topk(
+    x_c_bd: Tensor, W_enc_sd: Tensor, b_enc_s: Tensor, k: int, dead_s: Tensor | None, k_aux: int, bf16: bool
+) -> tuple[Sel, Sel | None]:
+    """TopK's selection (and AuxK's among the dead latents, where `dead_s`) without the (batch, latents)
+    pre-activations: the same GEMM as autocast's (operands cast to bfloat16 first), row block by row block."""
+    dt = torch.bfloat16 if bf16 else torch.float32
+    x, W_T, bias = x_c_bd.to(dt), W_enc_sd.to(dt).t(), b_enc_s.to(dt)
+    b, s = len(x), W_T.shape[1]
+    buf = torch.empty(min(BLOCK_ROWS, b), s, dtype=dt)
+    vals, cols = torch.empty(b, k, dtype=dt), torch.empty(b, k, dtype=torch.int64)
+    aux = None if dead_s is None else (torch.empty(b, k_aux, dtype=dt), torch.empty(b, k_aux, dtype=torch.int64))
+    for r0 in range(0, b, BLOCK_ROWS):
+        r1 = min(b, r0 + BLOCK_ROWS)
+        blk = torch.addmm(bias, x[r0:r1], W_T, out=buf[: r1 - r0])
+        torch.topk(blk, k, dim=-1, sorted=False, out=(vals[r0:r1], cols[r0:r1]))
+        if aux is not None and dead_s is not None:
+            blk.masked_fill_(~dead_s, float("-inf"))
+            torch.topk(blk, k_aux, dim=-1, sorted=False, out=(aux[0][r0:r1], aux[1][r0:r1]))
+    return (vals, cols), aux
+
+
+def _aux_select(pre_bs: Tensor, dead_s: Tensor, k_aux: int) -> Sel:
+    masked = torch.where(dead_s, pre_bs, torch.full_like(pre_bs, float("-inf")))
+    vals, cols = masked.topk(k_aux, dim=-1, sorted=False)
+    return vals, cols
+
+
+def _sparse_encoder_grads(
+    g_vals: Tensor, rows: Tensor, cols: Tensor, x_c_bd: Tensor, s: int, lay: ByLatent | None = None
+) -> tuple[Tensor, Tensor]:
+    """dL/dW_enc as (s, d) rows and dL/db_enc (s,) from gradients at the selected (row, col) entries only:
+    a CSR (latents x batch) matrix times the (batch x d) inputs."""
+    g_b_enc = torch.zeros(s, device=g_vals.device, dtype=torch.float32).index_add_(0, cols, g_vals)
+    crow, rows_by_col, order = _by_latent(rows, cols, s) if lay is None else lay
+    g_pre_T = _csr(crow, rows_by_col, g_vals[order], (s, len(x_c_bd)))
     return torch.sparse.mm(g_pre_T, x_c_bd.float()), g_b_enc
 
 
-def _sparse_one(
-    i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor, x_c_bd: Tensor, dead_s: Tensor | None, hp: Hyper,
-    comm: Comm | None,
-) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """SAE i of a TopK/BatchTopK group: (grads, loss, x_hat, l1, fired, aux, min_act)."""
-    s = pre_bs.shape[1]
-    rows, cols, vals, offsets = _select(pre_bs, hp.activation, hp.k, comm)
-    W_dec = params["W_dec"][i].detach().requires_grad_()
-    b_dec = params["b_dec"][i].detach().requires_grad_()
+def _sparse_decode(
+    cols: Tensor, vals: Tensor, offsets: Tensor, W_dec: Tensor, b_dec: Tensor, x_bd: Tensor, lay: ByLatent
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One-prefix sparse decoder: (recon, x_hat, g_vals, g_W_dec, g_b_dec). Autograd's embedding_bag backward
+    does one strided dot per selected entry for g_vals; here that is one sampled GEMM (SDDMM) over the CSR
+    pattern. g_W_dec stays with autograd (measured faster than a CSR SpMM into the (latents, d) gradient)."""
+    b, d = x_bd.shape
+    W = W_dec.detach().requires_grad_()
+    with torch.enable_grad():
+        x_eb = F.embedding_bag(cols, W, offsets, mode="sum", per_sample_weights=vals)
+    x_hat = x_eb.detach() + b_dec
+    err = x_hat - x_bd
+    recon = err.pow(2).mean()
+    g_xhat = err.mul_(2.0 / (b * d))
+    (g_W_dec,) = torch.autograd.grad(x_eb, W, g_xhat)
+    crow, rows_by_col, order = lay
+    # sampled in the (latents x batch) layout: W_dec is read row-major as stored (its transpose would be copied)
+    pattern = _csr(crow, rows_by_col, vals.new_zeros(len(cols)), (W_dec.shape[0], b))
+    g_vals = torch.empty_like(vals)
+    g_vals[order] = torch.sparse.sampled_addmm(pattern, W_dec, g_xhat.t(), beta=0.0).values()
+    return recon, x_hat, g_vals, g_W_dec, g_xhat.sum(0)
+
+
+def _autograd_sparse(
+    cols: Tensor, vals: Tensor, offsets: Tensor, W_dec: Tensor, b_dec: Tensor, x_bd: Tensor, hp: Hyper
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Sparse decoder differentiated by autograd (nested prefixes; CUDA, whose CSR sampled GEMM wants sorted
+    columns that TopK does not give): (recon, x_hat, g_vals, g_W_dec, g_b_dec)."""
+    W = W_dec.detach().requires_grad_()
+    bd = b_dec.detach().requires_grad_()
     v = vals.detach().requires_grad_()
     with torch.enable_grad():
-        recon, x_hat, lo = torch.zeros((), device=x_bd.device), b_dec.expand_as(x_bd), 0
+        recon, x_hat, lo = torch.zeros((), device=x_bd.device), bd.expand_as(x_bd), 0
         for n in hp.prefixes:
             w = v if len(hp.prefixes) == 1 else v * ((cols >= lo) & (cols < n))
-            x_hat = x_hat + F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=w)
+            x_hat = x_hat + F.embedding_bag(cols, W, offsets, mode="sum", per_sample_weights=w)
             recon = recon + (x_hat - x_bd).pow(2).mean()
             lo = n
         recon = recon / len(hp.prefixes)
-        g_v, g_W_dec, g_b_dec = torch.autograd.grad(recon, (v, W_dec, b_dec))
-    g_v = g_v * (vals > 0)
-    g_W_enc, g_b_enc = _sparse_encoder_grads(g_v, rows, cols, x_c_bd, s)
-    aux = x_bd.new_zeros(())
+        g_v, g_W, g_b = torch.autograd.grad(recon, (v, W, bd))
+    return recon.detach(), x_hat.detach(), g_v, g_W, g_b
+
+
+def _sparse_one(
+    i: int, enc: Tensor | tuple[Sel, Sel | None], params: dict[str, Tensor], x_bd: Tensor, x_c_bd: Tensor,
+    dead_s: Tensor | None, hp: Hyper, comm: Comm | None,
+) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """SAE i of a TopK/BatchTopK group: (grads, loss, x_hat, l1, fired, aux, min_act). `enc`: the (batch,
+    latents) pre-activations, or `_blocked_topk`'s selections."""
+    s = params["W_dec"].shape[1]
     n_dead = 0 if dead_s is None or hp.aux_coef <= 0 else int(dead_s.sum())
-    if n_dead:
-        assert dead_s is not None
+    if isinstance(enc, Tensor):
+        rows, cols, vals, offsets = _select(enc, hp.activation, hp.k, comm)
+        aux_sel = _aux_select(enc, dead_s, min(hp.k_aux, n_dead)) if n_dead and dead_s is not None else None
+    else:
+        (rows, cols, vals, offsets), aux_sel = _topk_codes(*enc[0]), enc[1]
+    lay = _by_latent(rows, cols, s)
+    W_dec = params["W_dec"][i]
+    if len(hp.prefixes) == 1 and not x_bd.is_cuda:
+        recon, x_hat, g_v, g_W_dec, g_b_dec = _sparse_decode(cols, vals, offsets, W_dec, params["b_dec"][i], x_bd, lay)
+    else:
+        recon, x_hat, g_v, g_W_dec, g_b_dec = _autograd_sparse(cols, vals, offsets, W_dec, params["b_dec"][i], x_bd, hp)
+    g_v = g_v * (vals > 0)
+    g_W_enc, g_b_enc = _sparse_encoder_grads(g_v, rows, cols, x_c_bd, s, lay)
+    aux = x_bd.new_zeros(())
+    if n_dead and aux_sel is not None:
         resid = x_bd - x_hat.detach()
-        aux, g_W_dec_aux, g_W_enc_aux, g_b_enc_aux = _auxk(pre_bs, dead_s, n_dead, resid, W_dec, x_c_bd, hp, comm)
+        aux, g_W_dec_aux, g_W_enc_aux, g_b_enc_aux = _auxk(aux_sel, s, resid, W_dec, x_c_bd, hp, comm)
         g_W_dec, g_W_enc, g_b_enc = g_W_dec + g_W_dec_aux, g_W_enc + g_W_enc_aux, g_b_enc + g_b_enc_aux
     g_b_dec = g_b_dec - g_b_enc @ params["W_enc"][i]  # W_enc rows: (s, d)
     fired = torch.bincount(cols[vals > 0], minlength=s).float()
     min_act = vals[vals > 0].min() if hp.activation == "batchtopk" and bool((vals > 0).any()) else x_bd.new_zeros(())
     grads = {"W_enc": g_W_enc, "b_enc": g_b_enc, "W_dec": g_W_dec, "b_dec": g_b_dec}
-    return grads, recon.detach() + aux, x_hat.detach(), vals.sum() / len(x_bd), fired, aux, min_act
+    return grads, recon + aux, x_hat, vals.sum() / len(x_bd), fired, aux, min_act
 
 
 def _auxk(
-    pre_bs: Tensor, dead_s: Tensor, n_dead: int, resid_bd: Tensor, W_dec: Tensor, x_c_bd: Tensor, hp: Hyper,
-    comm: Comm | None,
+    sel: Sel, s: int, resid_bd: Tensor, W_dec: Tensor, x_c_bd: Tensor, hp: Hyper, comm: Comm | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """AuxK loss on the dead latents: (loss, grad_W_dec, grad_W_enc, grad_b_enc)."""
-    masked = torch.where(dead_s, pre_bs, torch.full_like(pre_bs, float("-inf")))
-    k = min(hp.k_aux, n_dead)
-    vals, cols = masked.topk(k, dim=-1, sorted=False)
-    b = len(pre_bs)
-    rows = torch.arange(b, device=pre_bs.device).repeat_interleave(k)
+    """AuxK loss on the dead latents (`sel`: their top-k per row): (loss, grad_W_dec, grad_W_enc, grad_b_enc)."""
+    vals, cols = sel
+    b, k = vals.shape
+    rows = torch.arange(b, device=vals.device).repeat_interleave(k)
     cols, vals = cols.flatten(), torch.relu(vals.flatten().float())
     v = vals.detach().requires_grad_()
     W = W_dec.detach().requires_grad_()
     with torch.enable_grad():
         e_hat = F.embedding_bag(
-            cols, W, torch.arange(0, b * k, k, device=pre_bs.device), mode="sum", per_sample_weights=v
+            cols, W, torch.arange(0, b * k, k, device=vals.device), mode="sum", per_sample_weights=v
         )
         denom = centered_sq_sum(resid_bd, comm).clamp_min(1e-12)  # global under data parallelism (step_ref)
         aux = hp.aux_coef * (comm.world if comm else 1) * (e_hat - resid_bd).pow(2).sum() / denom
         g_v, g_W = torch.autograd.grad(aux, (v, W))
-    g_W_enc, g_b_enc = _sparse_encoder_grads(g_v * (vals > 0), rows, cols, x_c_bd, pre_bs.shape[1])
+    g_W_enc, g_b_enc = _sparse_encoder_grads(g_v * (vals > 0), rows, cols, x_c_bd, s)
     return aux.detach(), g_W, g_W_enc, g_b_enc
+
+
+def _encode_sparse(
+    params: dict[str, Tensor], x_c: Tensor, dead_ms: Tensor | None, hp: Hyper, bf16: bool
+) -> list[Tensor] | list[tuple[Sel, Sel | None]]:
+    """Per SAE: the pre-activations, or on CPU for TopK (BatchTopK's threshold needs them all) the blocked
+    selections."""
+    if hp.activation != "topk" or x_c.is_cuda:
+        with _autocast(x_c, bf16):
+            return list(_bmm(x_c, params["W_enc"].transpose(1, 2), params["b_enc"][:, None, :]))
+    out = []
+    for i in range(len(x_c)):
+        dead = None if dead_ms is None or hp.aux_coef <= 0 or not bool(dead_ms[i].any()) else dead_ms[i]
+        k_aux = 0 if dead is None else min(hp.k_aux, int(dead.sum()))
+        out.append(_blocked_topk(x_c[i], params["W_enc"][i], params["b_enc"][i], hp.k, dead, k_aux, bf16))
+    return out
 
 
 def _stack_view(ts: list[Tensor]) -> Tensor:
@@ -214,11 +323,10 @@ def step(
         grads, loss_m, x_hat, l1_m, fired, n_counted = _relu_step(params, x_bd, x_c, coef_m, hp, bf16)
         aux_m = min_act = torch.zeros_like(loss_m)
     else:
-        with _autocast(x_bd, bf16):
-            pre = _bmm(x_c, params["W_enc"].transpose(1, 2), params["b_enc"][:, None, :])
+        encs = _encode_sparse(params, x_c, dead_ms, hp, bf16)
         per = [
-            _sparse_one(i, pre[i], params, x_bd, x_c[i], None if dead_ms is None else dead_ms[i], hp, comm)
-            for i in range(len(pre))
+            _sparse_one(i, encs[i], params, x_bd, x_c[i], None if dead_ms is None else dead_ms[i], hp, comm)
+            for i in range(len(encs))
         ]
         stack = _stack_view if len(per) == 1 else torch.stack
         grads = {n: stack([p[0][n] for p in per]) for n in params}

@@ -113,7 +113,10 @@ def _select(pre_bs: Tensor, activation: str, k: int, comm: Comm | None) -> tuple
     """Sparse codes as (rows, cols, vals, offsets), rows ascending; vals after the ReLU."""
     b, s = pre_bs.shape
     if activation == "topk":
-        return _topk_codes(*pre_bs.topk(k, dim=-1, sorted=False))
+        vals, cols = pre_bs.topk(k, dim=-1, sorted=False)
+        rows = torch.arange(b, device=pre_bs.device).repeat_interleave(k)
+        offsets = torch.arange(0, b * k, k, device=pre_bs.device)
+        return rows, cols.flatten(), torch.relu(vals.flatten().float()), offsets
     vals, flat = batch_topk(pre_bs.flatten(), b * k, comm)
     flat, order = flat.sort()
     rows, cols = flat // s, flat % s
@@ -138,49 +141,6 @@ def _csr(crow: Tensor, idx: Tensor, vals: Tensor, shape: tuple[int, int]) -> Ten
     with warnings.catch_warnings():  # torch calls CSR "beta" on every construction
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(crow, idx, vals, shape, check_invariants=False)
-
-
-def _topk_codes(vals_bk: Tensor, cols_bk: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`_select`'s codes from a (batch, k) top-k selection."""
-    b, k = vals_bk.shape
-    rows = torch.arange(b, device=vals_bk.device).repeat_interleave(k)
-    offsets = torch.arange(0, b * k, k, device=vals_bk.device)
-    return rows, cols_bk.flatten(), torch.relu(vals_bk.flatten().float()), offsets
-
-
-BLOCK_ROWS = 512
-"""Rows per block of the CPU TopK encoder: GEMM + top-k in (512, latents) blocks of a reused buffer, so top-k
-reads the pre-activations while they are in cache (measured: 512 beats the whole batch and 128 rows)."""
-
-# a (batch, k) top-k as (values before the ReLU, latent indices)
-Sel = tuple[Tensor, Tensor]
-
-
-def _blocked_topk(
-    x_c_bd: Tensor, W_enc_sd: Tensor, b_enc_s: Tensor, k: int, dead_s: Tensor | None, k_aux: int, bf16: bool
-) -> tuple[Sel, Sel | None]:
-    """TopK's selection (and AuxK's among the dead latents, where `dead_s`) without the (batch, latents)
-    pre-activations: the same GEMM as autocast's (operands cast to bfloat16 first), row block by row block."""
-    dt = torch.bfloat16 if bf16 else torch.float32
-    x, W_T, bias = x_c_bd.to(dt), W_enc_sd.to(dt).t(), b_enc_s.to(dt)
-    b, s = len(x), W_T.shape[1]
-    buf = torch.empty(min(BLOCK_ROWS, b), s, dtype=dt)
-    vals, cols = torch.empty(b, k, dtype=dt), torch.empty(b, k, dtype=torch.int64)
-    aux = None if dead_s is None else (torch.empty(b, k_aux, dtype=dt), torch.empty(b, k_aux, dtype=torch.int64))
-    for r0 in range(0, b, BLOCK_ROWS):
-        r1 = min(b, r0 + BLOCK_ROWS)
-        blk = torch.addmm(bias, x[r0:r1], W_T, out=buf[: r1 - r0])
-        torch.topk(blk, k, dim=-1, sorted=False, out=(vals[r0:r1], cols[r0:r1]))
-        if aux is not None and dead_s is not None:
-            blk.masked_fill_(~dead_s, float("-inf"))
-            torch.topk(blk, k_aux, dim=-1, sorted=False, out=(aux[0][r0:r1], aux[1][r0:r1]))
-    return (vals, cols), aux
-
-
-def _aux_select(pre_bs: Tensor, dead_s: Tensor, k_aux: int) -> Sel:
-    masked = torch.where(dead_s, pre_bs, torch.full_like(pre_bs, float("-inf")))
-    vals, cols = masked.topk(k_aux, dim=-1, sorted=False)
-    return vals, cols
 
 
 def _sparse_encoder_grads(
@@ -238,18 +198,12 @@ def _autograd_sparse(
 
 
 def _sparse_one(
-    i: int, enc: Tensor | tuple[Sel, Sel | None], params: dict[str, Tensor], x_bd: Tensor, x_c_bd: Tensor,
-    dead_s: Tensor | None, hp: Hyper, comm: Comm | None,
+    i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor, x_c_bd: Tensor, dead_s: Tensor | None, hp: Hyper,
+    comm: Comm | None,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """SAE i of a TopK/BatchTopK group: (grads, loss, x_hat, l1, fired, aux, min_act). `enc`: the (batch,
-    latents) pre-activations, or `_blocked_topk`'s selections."""
-    s = params["W_dec"].shape[1]
-    n_dead = 0 if dead_s is None or hp.aux_coef <= 0 else int(dead_s.sum())
-    if isinstance(enc, Tensor):
-        rows, cols, vals, offsets = _select(enc, hp.activation, hp.k, comm)
-        aux_sel = _aux_select(enc, dead_s, min(hp.k_aux, n_dead)) if n_dead and dead_s is not None else None
-    else:
-        (rows, cols, vals, offsets), aux_sel = _topk_codes(*enc[0]), enc[1]
+    """SAE i of a TopK/BatchTopK group: (grads, loss, x_hat, l1, fired, aux, min_act)."""
+    s = pre_bs.shape[1]
+    rows, cols, vals, offsets = _select(pre_bs, hp.activation, hp.k, comm)
     lay = _by_latent(rows, cols, s)
     W_dec = params["W_dec"][i]
     if len(hp.prefixes) == 1 and not x_bd.is_cuda:
@@ -259,9 +213,11 @@ def _sparse_one(
     g_v = g_v * (vals > 0)
     g_W_enc, g_b_enc = _sparse_encoder_grads(g_v, rows, cols, x_c_bd, s, lay)
     aux = x_bd.new_zeros(())
-    if n_dead and aux_sel is not None:
+    n_dead = 0 if dead_s is None or hp.aux_coef <= 0 else int(dead_s.sum())
+    if n_dead:
+        assert dead_s is not None
         resid = x_bd - x_hat.detach()
-        aux, g_W_dec_aux, g_W_enc_aux, g_b_enc_aux = _auxk(aux_sel, s, resid, W_dec, x_c_bd, hp, comm)
+        aux, g_W_dec_aux, g_W_enc_aux, g_b_enc_aux = _auxk(pre_bs, dead_s, n_dead, resid, W_dec, x_c_bd, hp, comm)
         g_W_dec, g_W_enc, g_b_enc = g_W_dec + g_W_dec_aux, g_W_enc + g_W_enc_aux, g_b_enc + g_b_enc_aux
     g_b_dec = g_b_dec - g_b_enc @ params["W_enc"][i]  # W_enc rows: (s, d)
     fired = torch.bincount(cols[vals > 0], minlength=s).float()
@@ -271,40 +227,27 @@ def _sparse_one(
 
 
 def _auxk(
-    sel: Sel, s: int, resid_bd: Tensor, W_dec: Tensor, x_c_bd: Tensor, hp: Hyper, comm: Comm | None
+    pre_bs: Tensor, dead_s: Tensor, n_dead: int, resid_bd: Tensor, W_dec: Tensor, x_c_bd: Tensor, hp: Hyper,
+    comm: Comm | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """AuxK loss on the dead latents (`sel`: their top-k per row): (loss, grad_W_dec, grad_W_enc, grad_b_enc)."""
-    vals, cols = sel
-    b, k = vals.shape
-    rows = torch.arange(b, device=vals.device).repeat_interleave(k)
+    """AuxK loss on the dead latents: (loss, grad_W_dec, grad_W_enc, grad_b_enc)."""
+    masked = torch.where(dead_s, pre_bs, torch.full_like(pre_bs, float("-inf")))
+    k = min(hp.k_aux, n_dead)
+    vals, cols = masked.topk(k, dim=-1, sorted=False)
+    b = len(pre_bs)
+    rows = torch.arange(b, device=pre_bs.device).repeat_interleave(k)
     cols, vals = cols.flatten(), torch.relu(vals.flatten().float())
     v = vals.detach().requires_grad_()
     W = W_dec.detach().requires_grad_()
     with torch.enable_grad():
         e_hat = F.embedding_bag(
-            cols, W, torch.arange(0, b * k, k, device=vals.device), mode="sum", per_sample_weights=v
+            cols, W, torch.arange(0, b * k, k, device=pre_bs.device), mode="sum", per_sample_weights=v
         )
         denom = centered_sq_sum(resid_bd, comm).clamp_min(1e-12)  # global under data parallelism (step_ref)
         aux = hp.aux_coef * (comm.world if comm else 1) * (e_hat - resid_bd).pow(2).sum() / denom
         g_v, g_W = torch.autograd.grad(aux, (v, W))
-    g_W_enc, g_b_enc = _sparse_encoder_grads(g_v * (vals > 0), rows, cols, x_c_bd, s)
+    g_W_enc, g_b_enc = _sparse_encoder_grads(g_v * (vals > 0), rows, cols, x_c_bd, pre_bs.shape[1])
     return aux.detach(), g_W, g_W_enc, g_b_enc
-
-
-def _encode_sparse(
-    params: dict[str, Tensor], x_c: Tensor, dead_ms: Tensor | None, hp: Hyper, bf16: bool
-) -> list[Tensor] | list[tuple[Sel, Sel | None]]:
-    """Per SAE: the pre-activations, or on CPU for TopK (BatchTopK's threshold needs them all) the blocked
-    selections."""
-    if hp.activation != "topk" or x_c.is_cuda:
-        with _autocast(x_c, bf16):
-            return list(_bmm(x_c, params["W_enc"].transpose(1, 2), params["b_enc"][:, None, :]))
-    out = []
-    for i in range(len(x_c)):
-        dead = None if dead_ms is None or hp.aux_coef <= 0 or not bool(dead_ms[i].any()) else dead_ms[i]
-        k_aux = 0 if dead is None else min(hp.k_aux, int(dead.sum()))
-        out.append(_blocked_topk(x_c[i], params["W_enc"][i], params["b_enc"][i], hp.k, dead, k_aux, bf16))
-    return out
 
 
 def _stack_view(ts: list[Tensor]) -> Tensor:
@@ -323,10 +266,11 @@ def step(
         grads, loss_m, x_hat, l1_m, fired, n_counted = _relu_step(params, x_bd, x_c, coef_m, hp, bf16)
         aux_m = min_act = torch.zeros_like(loss_m)
     else:
-        encs = _encode_sparse(params, x_c, dead_ms, hp, bf16)
+        with _autocast(x_bd, bf16):
+            pre = _bmm(x_c, params["W_enc"].transpose(1, 2), params["b_enc"][:, None, :])
         per = [
-            _sparse_one(i, encs[i], params, x_bd, x_c[i], None if dead_ms is None else dead_ms[i], hp, comm)
-            for i in range(len(encs))
+            _sparse_one(i, pre[i], params, x_bd, x_c[i], None if dead_ms is None else dead_ms[i], hp, comm)
+            for i in range(len(pre))
         ]
         stack = _stack_view if len(per) == 1 else torch.stack
         grads = {n: stack([p[0][n] for p in per]) for n in params}

@@ -28,4 +28,3 @@ def test_hand_sparse_decoder_matches_autograd(activation: str) -> None:
     for name, g, w in zip(("recon", "x_hat", "g_vals", "g_W_dec", "g_b_dec"), got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, msg=name)
     assert float(want[2].abs().max()) > 0  # the value gradients are not trivially zero
-

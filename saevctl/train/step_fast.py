@@ -180,8 +180,8 @@ def _sparse_decode(
 def _autograd_sparse(
     cols: Tensor, vals: Tensor, offsets: Tensor, W_dec: Tensor, b_dec: Tensor, x_bd: Tensor, hp: Hyper
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Sparse decoder differentiated by autograd (nested prefixes; CUDA, whose CSR sampled GEMM wants sorted
-    columns that TopK does not give): (recon, x_hat, g_vals, g_W_dec, g_b_dec)."""
+    """Sparse decoder differentiated by autograd (nested prefixes; CUDA, where the CSR sampled GEMM on TopK's
+    unsorted columns is untested): (recon, x_hat, g_vals, g_W_dec, g_b_dec)."""
     W = W_dec.detach().requires_grad_()
     bd = b_dec.detach().requires_grad_()
     v = vals.detach().requires_grad_()

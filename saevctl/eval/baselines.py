@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 FORMAT = "saevctl-baseline"
 VERSION = 1
+KEPT_CODES_BYTES = 1 << 30
+"""A baseline's codes are kept from mining for labelling up to this size; beyond it labelling encodes again."""
 """Bumped when a baseline's construction changes, so cached ones are rebuilt."""
 
 
@@ -199,14 +201,22 @@ def _labelled_index(b: Built, run: suite.Run) -> Path:
     from saevctl.mine import run as mine
     from saevctl.mine.config import LabelConfig
     from saevctl.mine.label import run as label
+    from saevctl.mine.scan import TopKCodes
+    from saevctl.store import open_store
 
     fpath = layout.sae_baseline_index_fpath(b.dpath)
     if fpath.is_file() and suite.coverage(fpath, b.dpath, 0.5)[0] is not None:
         return fpath
+    # Labelling reuses the codes mining computed (a second pass over the store otherwise), when they fit in memory:
+    # per patch, k values and indices of 4 + 8 bytes.
+    store = open_store(run.store) if run.store is not None else None
+    fits = store is not None and store.n_images * store.layout.n_patches * int(b.meta["k"]) * 12 <= KEPT_CODES_BYTES
+    codes: list[tuple[int, TopKCodes]] | None = [] if fits else None
     mine(MineConfig(sae=b.dpath, store=run.store, index=fpath, name=f"{b.kind}-baseline", set_defaults=False,
-                    device=run.device), run.progress, on_total=lambda n: run.stage(f"{b.kind} baseline: mine", n))
+                    device=run.device), run.progress, on_total=lambda n: run.stage(f"{b.kind} baseline: mine", n),
+         keep=codes)
     label(LabelConfig(sae=str(b.dpath), index=fpath, store=run.store, level="patch", device=run.device),
-          run.progress, on_total=lambda n: run.stage(f"{b.kind} baseline: label", n))
+          run.progress, on_total=lambda n: run.stage(f"{b.kind} baseline: label", n), codes=codes or None)
     return fpath
 
 

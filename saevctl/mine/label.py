@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +28,7 @@ from saevctl.mine.index import Index
 from saevctl.mine.labelsource import NEGATIVES, LevelLabels, _presence_pairs, level_labels
 from saevctl.mine.labelstats import ClassHistograms, scores
 from saevctl.mine.queries import sae_in_index
+from saevctl.mine.scan import TopKCodes
 from saevctl.store import Store, open_store
 
 __all__ = ["Config", "LevelResult", "Result", "_presence_pairs", "run"]  # _presence_pairs: tests import it here
@@ -177,32 +178,52 @@ def _block_codes(sae: SAE, encode: Callable[..., torch.Tensor], folded: tuple[to
     if sae.cfg.activation == "topk":
         w_ds, bias_s = folded
         vals_nk, idx_nk = torch.addmm(bias_s, x_nd.to(w_ds.dtype), w_ds, out=out).topk(sae.cfg.k, dim=-1)
-        keep = (vals_nk > 0) & (idx_nk >= f0) & (idx_nk < f1)
-        nz_i, j = keep.nonzero(as_tuple=True)
-        return nz_i, idx_nk[nz_i, j] - f0, vals_nk[nz_i, j]
+        return _topk_nonzero(vals_nk, idx_nk, f0, f1)
     codes_nf = encode(x_nd, out=out)[:, f0:f1]
     nz_i, nz_f = codes_nf.nonzero(as_tuple=True)
     return nz_i, nz_f, codes_nf[nz_i, nz_f]
 
 
-def _one_pass(sae: SAE, store: Store, layer: int, labels: list[LevelLabels], max_s: np.ndarray, f0: int, f1: int,
-              cfg: Config, device: str, progress: Progress | None) -> dict[str, ClassHistograms]:
-    """Stream the store once, folding features f0..f1's codes into one ClassHistograms per level."""
+def _topk_nonzero(vals_nk: torch.Tensor, idx_nk: torch.Tensor, f0: int, f1: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A TopK encoder's (values, indices) as the non-zero codes of features f0..f1: (item, feature - f0, value)."""
+    keep = (vals_nk > 0) & (idx_nk >= f0) & (idx_nk < f1)
+    nz_i, j = keep.nonzero(as_tuple=True)
+    return nz_i, idx_nk[nz_i, j] - f0, vals_nk[nz_i, j]
+
+
+def _chunk_codes(sae: SAE, store: Store, layer: int, f0: int, f1: int, per: int, device: str,
+                 codes: Sequence[tuple[int, TopKCodes]] | None
+                 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per chunk of images: (first row, images, item, feature - f0, value) of the non-zero codes of features f0..f1.
+    From `codes` when mining kept them in this process (the same encoder, chunk for chunk), else encoded here."""
+    if codes is not None:
+        for row0, c in codes:
+            yield row0, c.shape[0], *_topk_nonzero(c.vals_tk.to(device), c.idx_tk.to(device), f0, f1)
+        return
     from saevctl.mine.encode import make_encoder
     from saevctl.mine.pipeline import _chunks, _prefetched
 
+    p, s = store.layout.n_patches, sae.cfg.n_latents
+    encode, folded = make_encoder(sae), _folded(sae)
+    buf = torch.empty(per * p * s, device=device, dtype=folded[0].dtype)
+    for row0, rows in _prefetched(_chunks({"patches": store.layer(layer).kind("patches")}, per)):
+        x_bpd = rows["patches"].to(device)
+        b = x_bpd.shape[0]
+        yield row0, b, *_block_codes(sae, encode, folded, x_bpd.reshape(b * p, -1), f0, f1, buf)
+
+
+def _one_pass(sae: SAE, store: Store, layer: int, labels: list[LevelLabels], max_s: np.ndarray, f0: int, f1: int,
+              cfg: Config, device: str, progress: Progress | None,
+              codes: Sequence[tuple[int, TopKCodes]] | None = None) -> dict[str, ClassHistograms]:
+    """Stream the store once, folding features f0..f1's codes into one ClassHistograms per level."""
     p, s, f = store.layout.n_patches, sae.cfg.n_latents, f1 - f0
     per = cfg.batch_size or max(1, min(1024, CHUNK_CODES // (s * p)))
     big = store.n_images * p >= 1 << 31
     max_f = torch.from_numpy(max_s[f0:f1]).to(device)
     hists = {lab.level: ClassHistograms(max_f, len(lab.classes), cfg.n_bins, big, lab.multi_label) for lab in labels}
-    encode, folded = make_encoder(sae), _folded(sae)
-    buf = torch.empty(per * p * s, device=device, dtype=folded[0].dtype)
     with torch.inference_mode():
-        for row0, rows in _prefetched(_chunks({"patches": store.layer(layer).kind("patches")}, per)):
-            x_bpd = rows["patches"].to(device)
-            b = x_bpd.shape[0]
-            nz_i, nz_f, vals = _block_codes(sae, encode, folded, x_bpd.reshape(b * p, -1), f0, f1, buf)
+        for row0, b, nz_i, nz_f, vals in _chunk_codes(sae, store, layer, f0, f1, per, device, codes):
             for lab in labels:
                 items, cls = (torch.from_numpy(a).to(device) for a in lab.pairs(row0, row0 + b))
                 if lab.level == "patch":
@@ -221,16 +242,17 @@ def _edges(cfg: Config) -> list[int]:
 
 
 def compute(sae: SAE, store: Store, layer: int, labels: list[LevelLabels], max_s: np.ndarray, cfg: Config, device: str,
-            progress: Progress | None = None
+            progress: Progress | None = None, codes: Sequence[tuple[int, TopKCodes]] | None = None
             ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, _Best], dict[str, Any]]:
-    """(feature_labels columns per level, best feature per class per level, counts per level + passes)."""
+    """(feature_labels columns per level, best feature per class per level, counts per level + passes); `codes`:
+    the store's TopK codes as mining kept them (`mine.run(..., keep=)`), read instead of encoding the store."""
     blocks = _feature_blocks(sae.cfg.n_latents, labels, cfg)
     feats: dict[str, list[dict[str, np.ndarray]]] = {lab.level: [] for lab in labels}
     best = {lab.level: _Best(len(lab.classes)) for lab in labels}
     counts: dict[str, Any] = {"n_passes": len(blocks)}
     edges = _edges(cfg)
     for f0, f1 in blocks:
-        hists = _one_pass(sae, store, layer, labels, max_s, f0, f1, cfg, device, progress)
+        hists = _one_pass(sae, store, layer, labels, max_s, f0, f1, cfg, device, progress, codes)
         for lab in labels:
             h = hists[lab.level]
             if lab.skip_class is not None:
@@ -308,18 +330,21 @@ def _level_result(level: str, n_items: int, class_cols: dict[str, np.ndarray]) -
     return LevelResult(level, n_items, int(keep.sum()), coverage, math.nan, rows)
 
 
-def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int], None] | None = None) -> Result:
+def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int], None] | None = None,
+        codes: Sequence[tuple[int, TopKCodes]] | None = None) -> Result:
     """Label every feature of `cfg.sae` (already mined into `cfg.index`; both default as for every features
     command) from the store's labels; write the index.
 
     `on_total(n)` is told the number of images to stream (images x passes) before the first chunk. The index's
-    write lock is held throughout: a mine of the same index meanwhile would rename its copy over these labels."""
+    write lock is held throughout: a mine of the same index meanwhile would rename its copy over these labels.
+    `codes`: see `compute` (they must come from mining this SAE over this store, in this process)."""
     index_fpath = workspace.index_or_default(cfg.index)
     with lock.exclusive(index_fpath, "the index", "--index", make_parent=False):
-        return _run(cfg, index_fpath, progress, on_total)
+        return _run(cfg, index_fpath, progress, on_total, codes)
 
 
-def _run(cfg: Config, index_fpath: Path, progress: Progress | None, on_total: Callable[[int], None] | None) -> Result:
+def _run(cfg: Config, index_fpath: Path, progress: Progress | None, on_total: Callable[[int], None] | None,
+         codes: Sequence[tuple[int, TopKCodes]] | None) -> Result:
     t0 = time.perf_counter()
     inputs, kept = fresh.label_state(cfg, index_fpath)
     if kept is not None:
@@ -331,7 +356,7 @@ def _run(cfg: Config, index_fpath: Path, progress: Progress | None, on_total: Ca
     blocks = _feature_blocks(sae.cfg.n_latents, labels, cfg)
     if on_total:
         on_total(store.n_images * len(blocks))
-    feats, best, counts = compute(sae, store, layer, labels, max_s, cfg, device, progress)
+    feats, best, counts = compute(sae, store, layer, labels, max_s, cfg, device, progress, codes)
     tables, results = {}, {}
     for lab in labels:
         n_items, n_pos_c = counts[lab.level]

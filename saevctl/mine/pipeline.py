@@ -27,7 +27,7 @@ from saevctl.memory import device_memory
 from saevctl.mine import fresh, vectors, writer
 from saevctl.mine.config import Config, check_exemplar_memory
 from saevctl.mine.encode import make_encoder
-from saevctl.mine.scan import FeatureScanner
+from saevctl.mine.scan import FeatureScanner, TopKCodes
 from saevctl.mine.schema import hist_edges
 from saevctl.sae import SAE
 from saevctl.sae.compat import check_compatible
@@ -117,9 +117,11 @@ def source_numbers(store: Store) -> torch.Tensor | None:
 
 def scan_store(
     sae: SAE, store: Store, layer: int, kinds: tuple[str, ...], cfg: Config, device: str,
-    progress: Progress | None = None,
+    progress: Progress | None = None, keep: list[tuple[int, TopKCodes]] | None = None,
 ) -> dict[str, FeatureScanner]:
-    """One pass over the store: encode each chunk and fold it into one scanner per token kind."""
+    """One pass over the store: encode each chunk and fold it into one scanner per token kind. With `keep` (a
+    list), a TopK SAE's sparse patch codes are also appended to it as (first row, codes), for `features label` to
+    reuse in the same process instead of encoding the store again."""
     view = store.layer(layer)
     arrays = {k: view.kind(k) for k in kinds}
     s, p = sae.cfg.n_latents, store.layout.n_patches
@@ -147,6 +149,8 @@ def scan_store(
                              else replace(codes, shape=(b, t, s)))
                 with _one_thread(device):
                     scanners[kind].update(codes_bps, ids_b, src_b)
+                if keep is not None and kind == "patches" and isinstance(codes_bps, TopKCodes):
+                    keep.append((row0, codes_bps))
             if progress:
                 progress(len(ids_b))
     return scanners
@@ -238,10 +242,12 @@ def sae_id_for(cfg: Config, sae: SAE) -> str:
     return f"{safe}-{sae.header['weights_sha256'][:8]}"
 
 
-def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int], None] | None = None) -> Result:
+def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int], None] | None = None,
+        keep: list[tuple[int, TopKCodes]] | None = None) -> Result:
     """Mine `cfg.sae` over `cfg.store` into `cfg.index` (atomically), build its faiss index, record defaults.
 
-    Missing paths are the workspace's defaults; `on_total(n)` is told the number of images before the scan."""
+    Missing paths are the workspace's defaults; `on_total(n)` is told the number of images before the scan. `keep`:
+    see `scan_store` (left empty when the index already holds this SAE mined from the same inputs)."""
     t0 = time.perf_counter()
     cfg = cfg.resolved()
     index_fpath = cfg.paths()[2]
@@ -251,10 +257,11 @@ def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int],
     held = (lock.exclusive(index_fpath, "the index", "--index", make_parent=False) if index_fpath.parent.is_dir()
             else contextlib.nullcontext())
     with held:
-        return _run_locked(cfg, t0, progress, on_total)
+        return _run_locked(cfg, t0, progress, on_total, keep)
 
 
-def _run_locked(cfg: Config, t0: float, progress: Progress | None, on_total: Callable[[int], None] | None) -> Result:
+def _run_locked(cfg: Config, t0: float, progress: Progress | None, on_total: Callable[[int], None] | None,
+                keep: list[tuple[int, TopKCodes]] | None) -> Result:
     sae_dpath, store_dpath, index_fpath = cfg.paths()
     kept = fresh.kept_mine(cfg, fresh.mine_inputs(cfg)) if index_fpath.is_file() else None
     if kept is not None:
@@ -272,7 +279,7 @@ def _run_locked(cfg: Config, t0: float, progress: Progress | None, on_total: Cal
     if on_total:
         on_total(store.n_images)
     with writer.staged_index(index_fpath) as idx:  # created first: a locked or corrupt index fails before the scan
-        scanners = scan_store(sae, store, layer, kinds, cfg, device, progress)
+        scanners = scan_store(sae, store, layer, kinds, cfg, device, progress, keep)
         secs = time.perf_counter() - t0
         idx.con.execute("BEGIN TRANSACTION")
         writer.delete_sae(idx, sae_id)

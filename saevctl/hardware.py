@@ -23,3 +23,9 @@ def cpu_has_fast_bf16() -> bool:
     """True where bfloat16 matmuls run in hardware (AMX tiles or AVX-512 BF16): about 3x float32 on such CPUs,
     while elsewhere bfloat16 is emulated and slower than float32."""
     return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+def bf16_is_fast(device: str) -> bool:
+    """Whether bfloat16 autocast speeds up matmuls on `device`: on a GPU, or on a CPU with fast bfloat16. Where it
+    does not, a bfloat16 request (train --dtype, extract --compute) runs in float32 with a warning."""
+    return not device.startswith("cpu") or cpu_has_fast_bf16()

@@ -9,6 +9,7 @@ from typing import Literal
 
 import pytest
 
+from saevctl import hardware
 from saevctl.hardware import cpu_has_fast_bf16
 from saevctl.train import loop
 from saevctl.train.config import Config
@@ -27,9 +28,25 @@ def test_bf16_follows_the_cpu(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
 
 def test_bf16_falls_back_without_fast_bf16(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loop, "cpu_has_fast_bf16", lambda: False)  # a CPU without AMX / AVX512-BF16
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)  # a CPU without AMX / AVX512-BF16
     with caplog.at_level(logging.WARNING, logger="saevctl.train.loop"):
         assert not loop._use_bf16(_cfg(tmp_path, "bfloat16"), "cpu")
     assert "no AMX or AVX512-BF16" in caplog.text
     assert loop._use_bf16(_cfg(tmp_path, "bfloat16"), "cuda")
     assert not loop._use_bf16(_cfg(tmp_path, "float32"), "cpu")
+
+
+def test_extract_bf16_falls_back_like_training(caplog: pytest.LogCaptureFixture,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """One rule for both bfloat16 requests (hardware.bf16_is_fast): extract --compute bfloat16 on a CPU without fast
+    bfloat16 computes in float32 with a warning, and is kept where it is fast."""
+    from saevctl.extract import precision
+
+    assert precision.resolve_compute("bfloat16", "cpu", "float16") == ("bfloat16" if cpu_has_fast_bf16()
+                                                                         else "float32")
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="saevctl.extract.precision"):
+        assert precision.resolve_compute("bfloat16", "cpu", "float16") == "float32"
+    assert "computing in float32" in caplog.text
+    assert precision.resolve_compute("bfloat16", "cuda", "float16") == "bfloat16"
+    assert precision.resolve_compute("auto", "cpu", "float16") == "float32"

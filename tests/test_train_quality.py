@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from saevctl.hardware import cpu_has_fast_bf16
 from saevctl.sae import SAE
 from saevctl.train import Config, run
 from saevctl.train import synthetic as syn
@@ -68,3 +69,19 @@ def test_auxk_revives_dead_latents_in_a_short_run(tmp_path: Path) -> None:
     with_aux, without = dead(1 / 32), dead(0.0)
     assert without > 0.05, "the set-up must produce dead latents for the test to mean anything"
     assert with_aux < 0.5 * without, f"AuxK left {with_aux:.1%} dead vs {without:.1%} without it"
+
+
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="bfloat16 trains in float32 on a CPU without AMX / AVX512-BF16")
+@pytest.mark.parametrize(("act", "kw"), [("relu", {"lr": (3e-2,), "sparsity": (0.1,)}), ("topk", {"lr": (1e-2,),
+                                                                                               "k": (4,)})])
+def test_bf16_reconstructs_within_one_percent_of_fp32(dictionary_store: tuple[syn.Dictionary, Path], tmp_path: Path,
+                                                     act: str, kw: dict) -> None:
+    """#17: bfloat16 autocast training on the planted dictionary ends within 1% (relative) of float32's FVU, and
+    recovers the dictionary as well."""
+    dic, store = dictionary_store
+    fvu = {}
+    for dtype in ("float32", "bfloat16"):
+        sae = _train(store, tmp_path / dtype, activation=(act,), dtype=dtype, **kw)
+        fvu[dtype] = sae.cfg.train["final"]["fvu"]
+        assert syn.recovered_fraction(dic.atoms_ad, sae.W_dec.detach().numpy()) >= 0.9, dtype
+    assert abs(fvu["bfloat16"] - fvu["float32"]) <= 0.01 * fvu["float32"], fvu

@@ -29,7 +29,8 @@ BEGIN, END = "<!-- demo transcript: begin (tools/demo.py --readme) -->", "<!-- d
 # {feature}, {present} and {absent} come from `features pick --plain --limit 1`, run before the steps that use them.
 STEPS = (
     "extract --model demo --images demo --masks demo --layers 6 --compute bfloat16 --out store",
-    "train --store store --layer 6 --activation topk --k 32 --width 18x --batch-size 2048 --lr 1e-3 --out sae",
+    "train --store store --layer 6 --activation topk --k 32 --width 18x --batch-size 2048 --lr 1e-3 --dtype bfloat16 "
+    "--out sae",
     "mine --sae sae --store store --index index.duckdb --max-per-source 3",
     "features label --level patch",
     "features pick --limit 3",

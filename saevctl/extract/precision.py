@@ -5,15 +5,17 @@ of a run is also run in float32 and the relative error of every stored layer is 
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from saevctl import atomic
-from saevctl.hardware import cpu_has_fast_bf16
+from saevctl.hardware import bf16_is_fast, cpu_has_fast_bf16
 from saevctl.vit import Backbone
 
+log = logging.getLogger(__name__)
 COMPUTE_FILE = "compute.json"
 # Images of the first batch run twice (float32 and bfloat16) to measure the error: a few, so that the extra
 # float32 forward costs little even on a CPU, where it is about 3x a bfloat16 one.
@@ -22,7 +24,12 @@ MEASURE_IMAGES = 4
 
 def resolve_compute(compute: str, device: str, dtype: str) -> str:
     """auto: bfloat16 autocast on a GPU for a 16-bit store (the store rounds more than bfloat16 does), float32
-    on a CPU (pass --compute bfloat16 there for AMX speed)."""
+    on a CPU (pass --compute bfloat16 there for AMX speed). bfloat16 where it would be emulated (a CPU without fast
+    bfloat16) is float32, with a warning, as for train --dtype."""
+    if compute == "bfloat16" and not bf16_is_fast(device):
+        log.warning("--compute bfloat16: this CPU has no AMX or AVX512-BF16, where bfloat16 matmuls are slower than "
+                    "float32; computing in float32")
+        return "float32"
     if compute != "auto":
         return compute
     return "bfloat16" if device.startswith("cuda") and dtype != "float32" else "float32"

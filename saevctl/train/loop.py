@@ -22,7 +22,7 @@ import saevctl
 from saevctl import atomic, dist, layout, lock
 from saevctl.config import resolve_device
 from saevctl.errors import OutputError, SaevctlError, TrainingError
-from saevctl.hardware import cpu_has_fast_bf16
+from saevctl.hardware import bf16_is_fast
 from saevctl.train import distributed, heap, optim, plots, state
 from saevctl.train.config import Config, RunSpec, expand, group_specs
 from saevctl.train.distributed import Place
@@ -259,7 +259,7 @@ def _use_bf16(cfg: Config, device: str) -> bool:
     than float32 (#17), so the run trains in float32 and says so."""
     if cfg.dtype != "bfloat16":
         return False
-    if device != "cpu" or cpu_has_fast_bf16():
+    if bf16_is_fast(device):
         return True
     log.warning("--dtype bfloat16: this CPU has no AMX or AVX512-BF16, where bfloat16 matmuls are slower than "
                 "float32; training in float32")

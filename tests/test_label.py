@@ -354,7 +354,7 @@ def test_negatives_all_ranks_each_class_against_every_patch(env: dict, tmp_path:
 def test_codes_kept_by_mining_label_like_a_fresh_encode(env: dict, tmp_path: Path) -> None:
     """`mine.run(keep=)` then `label.run(codes=)` (what eval's baselines do in one process) writes the same label
     tables as labelling that encodes the store itself, in one pass or several."""
-    topk, topk_dpath, sae_id = env["topk"]
+    _, topk_dpath, sae_id = env["topk"]
     kept: list = []
     index = tmp_path / "kept.duckdb"
     run(Config(sae=topk_dpath, store=env["store"], index=index, device="cpu", set_defaults=False), keep=kept)
@@ -369,3 +369,39 @@ def test_codes_kept_by_mining_label_like_a_fresh_encode(env: dict, tmp_path: Pat
             for level in ("patch", "image"):
                 assert ia.feature_labels(sae_id, level) == ib.feature_labels(sae_id, level)
                 assert ia.class_features(sae_id, level) == ib.class_features(sae_id, level)
+
+
+def test_label_reads_the_codes_mine_kept_and_ignores_stale_ones(env: dict, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """mine keeps a TopK SAE's codes beside the index; features label then encodes nothing, with the same tables as
+    an encode; a file made from other weights is ignored (encoded again); a ReLU SAE keeps none."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from saevctl.mine import codes as codecache
+    from saevctl.mine import label as label_mod
+
+    _, topk_dpath, sae_id = env["topk"]
+    index = tmp_path / "mined.duckdb"
+    run(Config(sae=topk_dpath, store=env["store"], index=index, device="cpu", set_defaults=False))
+    run(Config(sae=env["sae_dpath"], store=env["store"], index=index, device="cpu", set_defaults=False))
+    f = codecache.fpath(index, sae_id)
+    assert f.is_file() and not codecache.fpath(index, env["sae_id"]).exists()
+    encodes = []
+    real = label_mod._block_codes
+    monkeypatch.setattr(label_mod, "_block_codes", lambda *a: encodes.append(1) or real(*a))
+    label(LabelConfig(sae=topk_dpath, index=index, device="cpu", level="patch"))
+    assert not encodes  # read from the file
+    fresh_index = _copy_index(env, tmp_path)  # no codes file: encodes
+    label(LabelConfig(sae=topk_dpath, index=fresh_index, device="cpu", level="patch"))
+    assert encodes
+    with Index.open(index) as ia, Index.open(fresh_index) as ib:
+        assert ia.feature_labels(sae_id, "patch") == ib.feature_labels(sae_id, "patch")
+    # the same file claiming other weights: ignored, encoded again
+    with safe_open(str(f), framework="pt") as st_:
+        meta = st_.metadata()
+    meta["key"] = meta["key"].replace('"weights_sha256": "', '"weights_sha256": "0')
+    save_file(load_file(str(f)), str(f), metadata=meta)
+    encodes.clear()
+    label(LabelConfig(sae=topk_dpath, index=index, device="cpu", level="patch", force=True))
+    assert encodes

@@ -352,6 +352,11 @@ def _run(cfg: Config, index_fpath: Path, progress: Progress | None, on_total: Ca
     device = resolve_device(cfg.device)
     sae_id, info, max_s = _resolve(cfg, index_fpath)
     sae, store, layer = _load(cfg, info, device)
+    if codes is None and sae.cfg.activation == "topk":  # what mine kept of this SAE over this store, if anything
+        from saevctl.mine import codes as codecache
+        from saevctl.mine.pipeline import codes_key
+
+        codes = codecache.load_codes(index_fpath, sae_id, codes_key(sae, store, layer))
     labels = level_labels(store, cfg.level, cfg.masks, cfg.negatives)
     blocks = _feature_blocks(sae.cfg.n_latents, labels, cfg)
     if on_total:

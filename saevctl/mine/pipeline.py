@@ -24,6 +24,7 @@ from saevctl.config import resolve_device
 from saevctl.data.images import source_of
 from saevctl.errors import CheckpointError
 from saevctl.memory import device_memory
+from saevctl.mine import codes as codecache
 from saevctl.mine import fresh, vectors, writer
 from saevctl.mine.config import Config, check_exemplar_memory
 from saevctl.mine.encode import make_encoder
@@ -202,6 +203,12 @@ def positive_f16(x: np.ndarray) -> np.ndarray:
     return (x.view(np.uint16) - np.uint16(1)) < np.uint16(0x7C00)
 
 
+def codes_key(sae: SAE, store: Store, layer: int) -> dict[str, Any]:
+    """What kept codes (saevctl/mine/codes.py) were made from: the SAE's weights, the store and the layer."""
+    return {"weights_sha256": sae.header["weights_sha256"], "store_id": store_id_of(store), "layer": layer,
+            "n_images": store.n_images}
+
+
 def store_id_of(store: Store) -> str:
     images = store.manifest["config"]["images"]
     key = json.dumps([str(store.dpath.resolve()), images, store.model.get("weights_sha256")])
@@ -278,6 +285,9 @@ def _run_locked(cfg: Config, t0: float, progress: Progress | None, on_total: Cal
     sae_id = sae_id_for(cfg, sae)
     if on_total:
         on_total(store.n_images)
+    if keep is None and sae.cfg.activation == "topk" and "patches" in kinds and codecache.fits(
+            store.n_images * store.layout.n_patches, sae.cfg.k, sae.cfg.n_latents):
+        keep = []  # kept for features label (saevctl/mine/codes.py)
     with writer.staged_index(index_fpath) as idx:  # created first: a locked or corrupt index fails before the scan
         scanners = scan_store(sae, store, layer, kinds, cfg, device, progress, keep)
         secs = time.perf_counter() - t0
@@ -294,6 +304,10 @@ def _run_locked(cfg: Config, t0: float, progress: Progress | None, on_total: Cal
         sha = sae.header["weights_sha256"]
         vectors.save_decoder(index_fpath, sae_id, sae.W_dec.detach().float().cpu().numpy(), sha)
         vectors.build(index_fpath, sae_id, sha)
+        if keep:
+            codecache.save_codes(index_fpath, sae_id, codes_key(sae, store, layer), keep)
+        else:
+            codecache.remove(index_fpath, sae_id)
     if cfg.set_defaults:
         workspace.set_defaults(store=store_dpath.resolve(), sae=sae_dpath.resolve(), index=index_fpath.resolve())
     alive = int((scanners[kinds[0]].stats().n_fired > 0).sum())

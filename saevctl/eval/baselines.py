@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 FORMAT = "saevctl-baseline"
 VERSION = 1
-KEPT_CODES_BYTES = 1 << 30
-"""A baseline's codes are kept from mining for labelling up to this size; beyond it labelling encodes again."""
 """Bumped when a baseline's construction changes, so cached ones are rebuilt."""
 
 
@@ -198,6 +196,7 @@ def _labelled_index(b: Built, run: suite.Run) -> Path:
     """The baseline mined and labelled (patch level) into its own index, by mine's and features label's own code,
     reused while the baseline is."""
     from saevctl.mine import Config as MineConfig
+    from saevctl.mine import codes as codecache
     from saevctl.mine import run as mine
     from saevctl.mine.config import LabelConfig
     from saevctl.mine.label import run as label
@@ -207,10 +206,9 @@ def _labelled_index(b: Built, run: suite.Run) -> Path:
     fpath = layout.sae_baseline_index_fpath(b.dpath)
     if fpath.is_file() and suite.coverage(fpath, b.dpath, 0.5)[0] is not None:
         return fpath
-    # Labelling reuses the codes mining computed (a second pass over the store otherwise), when they fit in memory:
-    # per patch, k values and indices of 4 + 8 bytes.
+    # Labelling reuses the codes mining computed (a second pass over the store otherwise), handed over in memory.
     store = open_store(run.store) if run.store is not None else None
-    fits = store is not None and store.n_images * store.layout.n_patches * int(b.meta["k"]) * 12 <= KEPT_CODES_BYTES
+    fits = store is not None and codecache.fits(store.n_images * store.layout.n_patches, int(b.meta["k"]))
     codes: list[tuple[int, TopKCodes]] | None = [] if fits else None
     mine(MineConfig(sae=b.dpath, store=run.store, index=fpath, name=f"{b.kind}-baseline", set_defaults=False,
                     device=run.device), run.progress, on_total=lambda n: run.stage(f"{b.kind} baseline: mine", n),

@@ -4,8 +4,8 @@ patch of the store with the same encoder, chunk for chunk, and the GEMM and top-
 One safetensors file per SAE beside the index (`<index>.codes/<sae_id>.safetensors`): per patch its k values (float32,
 exactly as mining's encoder computed them) and feature indices, and the chunks' first rows. Its header names the
 SAE's weights, the store and the layer; a file that names anything else is ignored, so a stale file costs a re-encode,
-never a wrong label. Kept only up to `MAX_BYTES` (beyond that labelling encodes again), and written atomically under
-the index's lock, which mine and label both hold.
+never a wrong label. Kept only up to `MAX_BYTES` of memory (beyond that labelling encodes again), and written
+atomically under the index's lock, which mine and label both hold.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from saevctl.mine.scan import TopKCodes
 
 log = logging.getLogger(__name__)
 MAX_BYTES = 1 << 30
-"""Codes are kept up to this size (the demo's 2,048 images x 256 patches x k 32: 101 MB)."""
+"""Codes are kept up to this much memory during the scan (12 bytes a code; the demo's 2,048 images x 256 patches x
+k 32: 201 MB, 101 MB on disk)."""
 Chunks = Sequence[tuple[int, TopKCodes]]
 
 
@@ -38,8 +39,9 @@ def entry_bytes(n_latents: int) -> int:
     return 4 + (2 if n_latents <= 1 << 15 else 4)
 
 
-def fits(n_rows: int, k: int, n_latents: int) -> bool:
-    return n_rows * k * entry_bytes(n_latents) <= MAX_BYTES
+def fits(n_rows: int, k: int) -> bool:
+    """Whether mining may keep the codes: held in memory during the scan as float32 values and int64 indices."""
+    return n_rows * k * 12 <= MAX_BYTES
 
 
 def save_codes(index_fpath: Path, sae_id: str, key: dict[str, Any], chunks: Chunks) -> None:

@@ -199,7 +199,7 @@ def _chunk_codes(sae: SAE, store: Store, layer: int, f0: int, f1: int, per: int,
     From `codes` when mining kept them in this process (the same encoder, chunk for chunk), else encoded here."""
     if codes is not None:
         for row0, c in codes:
-            yield row0, c.shape[0], *_topk_nonzero(c.vals_tk.to(device), c.idx_tk.to(device), f0, f1)
+            yield row0, c.shape[0], *_topk_nonzero(c.vals_tk.to(device), c.idx_tk.to(device).long(), f0, f1)
         return
     from saevctl.mine.encode import make_encoder
     from saevctl.mine.pipeline import _chunks, _prefetched

@@ -286,7 +286,7 @@ def _run_locked(cfg: Config, t0: float, progress: Progress | None, on_total: Cal
     if on_total:
         on_total(store.n_images)
     if keep is None and sae.cfg.activation == "topk" and "patches" in kinds and codecache.fits(
-            store.n_images * store.layout.n_patches, sae.cfg.k, sae.cfg.n_latents):
+            store.n_images * store.layout.n_patches, sae.cfg.k):
         keep = []  # kept for features label (saevctl/mine/codes.py)
     with writer.staged_index(index_fpath) as idx:  # created first: a locked or corrupt index fails before the scan
         scanners = scan_store(sae, store, layer, kinds, cfg, device, progress, keep)

@@ -405,3 +405,19 @@ def test_label_reads_the_codes_mine_kept_and_ignores_stale_ones(env: dict, tmp_p
     encodes.clear()
     label(LabelConfig(sae=topk_dpath, index=index, device="cpu", level="patch", force=True))
     assert encodes
+
+
+def test_mine_goes_on_when_the_codes_cannot_be_kept(env: dict, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """The kept codes are a cache: when they cannot be written (here a file where their folder goes), mine still
+    writes its index, says why in a warning, and label encodes instead."""
+    from saevctl.mine import codes as codecache
+
+    _, topk_dpath, sae_id = env["topk"]
+    index = tmp_path / "mined.duckdb"
+    blocker = codecache.fpath(index, sae_id).parent
+    blocker.write_text("not a folder")
+    with caplog.at_level("WARNING", logger="saevctl.mine.codes"):
+        res = run(Config(sae=topk_dpath, store=env["store"], index=index, device="cpu", set_defaults=False))
+    assert res.sae_id == sae_id and "not keeping the codes" in caplog.text
+    assert label(LabelConfig(sae=topk_dpath, index=index, device="cpu", level="patch")).levels["patch"].n_items > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,15 +115,21 @@ class _Stop(Exception):
     pass
 
 
-def test_interrupted_fit_resumes_to_identical_weights(rows: np.ndarray, tmp_path: Path) -> None:
+def _stop_at(step: int) -> Callable[[int, object], None]:
+    """A progress callback that interrupts a fit once `step` steps have run (a crash mid-run)."""
     steps = 0
 
-    def stop_at_25(n: int, records: object) -> None:
+    def stop(n: int, records: object) -> None:
         nonlocal steps
         steps += n
-        if steps == 25:
+        if steps == step:
             raise _Stop
 
+    return stop
+
+
+def test_interrupted_fit_resumes_to_identical_weights(rows: np.ndarray, tmp_path: Path) -> None:
+    stop_at_25 = _stop_at(25)
     cut, clean = tmp_path / "cut", tmp_path / "clean"
     with pytest.raises(_Stop):
         fit(rows, _cfg(cut, ckpt_every=10), progress=stop_at_25)
@@ -173,14 +180,7 @@ def test_nested_names_order_and_errors() -> None:
 
 
 def test_run_saved_before_the_matryoshka_axis_resumes(rows: np.ndarray, tmp_path: Path) -> None:
-    steps = 0
-
-    def stop_at_25(n: int, records: object) -> None:
-        nonlocal steps
-        steps += n
-        if steps == 25:
-            raise _Stop
-
+    stop_at_25 = _stop_at(25)
     cut = tmp_path / "cut"
     cfg = _cfg(cut, activation=("topk",), ckpt_every=10, matryoshka=("off", "on"), prefixes=(0.25,))
     with pytest.raises(_Stop):

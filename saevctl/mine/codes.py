@@ -10,6 +10,7 @@ atomically under the index's lock, which mine and label both hold.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from saevctl import atomic
+from saevctl.errors import OutputError
 from saevctl.mine.scan import TopKCodes
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,17 @@ def fits(n_rows: int, k: int) -> bool:
 
 
 def save_codes(index_fpath: Path, sae_id: str, key: dict[str, Any], chunks: Chunks) -> None:
-    """Write the chunks' codes (call with the index's lock held)."""
+    """Write the chunks' codes (call with the index's lock held). A cache: when it cannot be written (a full disk),
+    any older file is removed, the run goes on and label encodes instead."""
+    try:
+        _write(index_fpath, sae_id, key, chunks)
+    except (OutputError, OSError) as e:  # full disk, read-only folder, a file where the folder should be
+        log.warning("not keeping the codes for features label: %s", e.message if isinstance(e, OutputError) else e)
+        with contextlib.suppress(OSError):
+            remove(index_fpath, sae_id)
+
+
+def _write(index_fpath: Path, sae_id: str, key: dict[str, Any], chunks: Chunks) -> None:
     s = chunks[0][1].shape[2]
     idx_dtype = torch.int16 if entry_bytes(s) == 6 else torch.int32
     tensors = {

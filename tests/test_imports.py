@@ -66,9 +66,6 @@ PUBLIC = {
     "saevctl.mine.schema.STAT_COLUMNS": "the index format's per-feature statistic columns (docs/disk-layout.md)",
     "saevctl.mine.schema.hist_edges": "the index format's histogram bins (docs/disk-layout.md)",
     "saevctl.mine.vectors": "the reader of the index's decoder-direction and faiss sidecar files",
-    "saevctl.mine.codes": "the kept-codes sidecar beside an index (docs/disk-layout.md): eval's baselines size the "
-                          "codes mine hands to label in one process by its rule",
-    "saevctl.mine.scan.TopKCodes": "the sparse TopK codes mine hands to label (mine.run(keep=), label.run(codes=))",
     "saevctl.mine.figures.TILE_PX": "report draws exemplar tiles with mine's renderer, so browser and CLI grids match",
     "saevctl.mine.figures.open_model_view": "report draws exemplar tiles with mine's renderer (the model's view)",
     "saevctl.mine.figures.heat_tile": "report draws exemplar tiles with mine's renderer (the heat overlay)",

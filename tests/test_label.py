@@ -352,17 +352,22 @@ def test_negatives_all_ranks_each_class_against_every_patch(env: dict, tmp_path:
 
 
 def test_codes_kept_by_mining_label_like_a_fresh_encode(env: dict, tmp_path: Path) -> None:
-    """`mine.run(keep=)` then `label.run(codes=)` (what eval's baselines do in one process) writes the same label
-    tables as labelling that encodes the store itself, in one pass or several."""
+    """The codes mine keeps beside the index give the same label tables as labelling that encodes the store
+    itself, in one pass or several."""
+    from saevctl.mine import codes as codecache
+    from saevctl.mine.pipeline import codes_key
+    from saevctl.sae import SAE
+
     _, topk_dpath, sae_id = env["topk"]
-    kept: list = []
     index = tmp_path / "kept.duckdb"
-    run(Config(sae=topk_dpath, store=env["store"], index=index, device="cpu", set_defaults=False), keep=kept)
-    n_images = open_store(env["store"]).n_images
+    run(Config(sae=topk_dpath, store=env["store"], index=index, device="cpu", set_defaults=False))
+    store = open_store(env["store"])
+    kept = codecache.load_codes(index, sae_id, codes_key(SAE.load(topk_dpath), store, 1))
+    n_images = store.n_images
     assert kept and sum(c.shape[0] for _, c in kept) == n_images  # every image once, chunk by chunk
     fresh_index = _copy_index(env, tmp_path)
     for kw in ({}, {"max_memory_mb": 0.02, "batch_size": 3}):
-        a = label(LabelConfig(sae=topk_dpath, index=index, device="cpu", **kw), codes=kept)
+        a = label(LabelConfig(sae=topk_dpath, index=index, device="cpu", **kw))
         b = label(LabelConfig(sae=topk_dpath, index=fresh_index, device="cpu", **kw))
         assert a.n_passes == b.n_passes
         with Index.open(index) as ia, Index.open(fresh_index) as ib:

@@ -194,27 +194,20 @@ def ensure(cfg: BaselineOpts, seed: int, sae_path: Path, sae: SAE, run: suite.Ru
 
 def _labelled_index(b: Built, run: suite.Run) -> Path:
     """The baseline mined and labelled (patch level) into its own index, by mine's and features label's own code,
-    reused while the baseline is."""
+    reused while the baseline is. One pass over the store: label reads the codes mine keeps beside the index
+    (saevctl/mine/codes.py)."""
     from saevctl.mine import Config as MineConfig
-    from saevctl.mine import codes as codecache
     from saevctl.mine import run as mine
     from saevctl.mine.config import LabelConfig
     from saevctl.mine.label import run as label
-    from saevctl.mine.scan import TopKCodes
-    from saevctl.store import open_store
 
     fpath = layout.sae_baseline_index_fpath(b.dpath)
     if fpath.is_file() and suite.coverage(fpath, b.dpath, 0.5)[0] is not None:
         return fpath
-    # Labelling reuses the codes mining computed (a second pass over the store otherwise), handed over in memory.
-    store = open_store(run.store) if run.store is not None else None
-    fits = store is not None and codecache.fits(store.n_images * store.layout.n_patches, int(b.meta["k"]))
-    codes: list[tuple[int, TopKCodes]] | None = [] if fits else None
     mine(MineConfig(sae=b.dpath, store=run.store, index=fpath, name=f"{b.kind}-baseline", set_defaults=False,
-                    device=run.device), run.progress, on_total=lambda n: run.stage(f"{b.kind} baseline: mine", n),
-         keep=codes)
+                    device=run.device), run.progress, on_total=lambda n: run.stage(f"{b.kind} baseline: mine", n))
     label(LabelConfig(sae=str(b.dpath), index=fpath, store=run.store, level="patch", device=run.device),
-          run.progress, on_total=lambda n: run.stage(f"{b.kind} baseline: label", n), codes=codes or None)
+          run.progress, on_total=lambda n: run.stage(f"{b.kind} baseline: label", n))
     return fpath
 
 

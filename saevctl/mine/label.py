@@ -159,27 +159,16 @@ def _feature_rows(f0: int, lab: LevelLabels, auroc_fc: np.ndarray, f1_fc: np.nda
             "f1": np.where(ok, f1_fc[rows, best], 0.0), "threshold": np.where(ok, thr_fc[rows, best], np.nan)}
 
 
-def _folded(sae: SAE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalisation and decoder bias folded into the encoder, as mining's fused encoder does (saevctl/mine/encode.py):
-    pre-activations = x @ w_ds + bias_s for raw x."""
-    with torch.no_grad():
-        bias_s = sae.b_enc - (sae.act_mean * sae.act_scale + sae.b_dec) @ sae.W_enc
-        return (sae.W_enc * sae.act_scale).contiguous(), bias_s
-
-
-def _block_codes(sae: SAE, encode: Callable[..., torch.Tensor], folded: tuple[torch.Tensor, torch.Tensor],
-                 x_nd: torch.Tensor, f0: int, f1: int, buf: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Non-zero codes of features f0..f1 as (item, feature - f0, value). TopK SAEs give them straight from
-    their top-k (no dense codes, no scan); the other activations are encoded densely by mining's encoder. Both
-    write the (n, s) pre-activations into `buf`, reused across chunks: a fresh tensor per chunk costs a page fault
-    per 4 KiB, about as much as the GEMM's own pass over it."""
-    out = buf[: len(x_nd) * sae.cfg.n_latents].view(len(x_nd), sae.cfg.n_latents)
-    if sae.cfg.activation == "topk":
-        w_ds, bias_s = folded
-        vals_nk, idx_nk = torch.addmm(bias_s, x_nd.to(w_ds.dtype), w_ds, out=out).topk(sae.cfg.k, dim=-1)
-        return _topk_nonzero(vals_nk, idx_nk, f0, f1)
-    codes_nf = encode(x_nd, out=out)[:, f0:f1]
+def _block_codes(sae: SAE, encode: Callable[..., torch.Tensor | TopKCodes], x_nd: torch.Tensor, f0: int, f1: int,
+                 buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Non-zero codes of features f0..f1 as (item, feature - f0, value), by mining's encoder (the same codes mine
+    scans). A TopK SAE's come straight from its top-k (no dense codes, no scan). The (n, s) pre-activations go
+    into `buf`, reused across chunks: a fresh tensor per chunk costs a page fault per 4 KiB, about as much as the
+    GEMM's own pass over it."""
+    codes = encode(x_nd, out=buf[: len(x_nd) * sae.cfg.n_latents].view(len(x_nd), sae.cfg.n_latents))
+    if isinstance(codes, TopKCodes):
+        return _topk_nonzero(codes.vals_tk, codes.idx_tk, f0, f1)
+    codes_nf = codes[:, f0:f1]
     nz_i, nz_f = codes_nf.nonzero(as_tuple=True)
     return nz_i, nz_f, codes_nf[nz_i, nz_f]
 
@@ -205,12 +194,12 @@ def _chunk_codes(sae: SAE, store: Store, layer: int, f0: int, f1: int, per: int,
     from saevctl.mine.pipeline import _chunks, _prefetched
 
     p, s = store.layout.n_patches, sae.cfg.n_latents
-    encode, folded = make_encoder(sae), _folded(sae)
-    buf = torch.empty(per * p * s, device=device, dtype=folded[0].dtype)
+    encode = make_encoder(sae, sparse_topk=True)
+    buf = torch.empty(per * p * s, device=device, dtype=sae.W_enc.dtype)
     for row0, rows in _prefetched(_chunks({"patches": store.layer(layer).kind("patches")}, per)):
         x_bpd = rows["patches"].to(device)
         b = x_bpd.shape[0]
-        yield row0, b, *_block_codes(sae, encode, folded, x_bpd.reshape(b * p, -1), f0, f1, buf)
+        yield row0, b, *_block_codes(sae, encode, x_bpd.reshape(b * p, -1), f0, f1, buf)
 
 
 def _one_pass(sae: SAE, store: Store, layer: int, labels: list[LevelLabels], max_s: np.ndarray, f0: int, f1: int,
@@ -245,7 +234,7 @@ def compute(sae: SAE, store: Store, layer: int, labels: list[LevelLabels], max_s
             progress: Progress | None = None, codes: Sequence[tuple[int, TopKCodes]] | None = None
             ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, _Best], dict[str, Any]]:
     """(feature_labels columns per level, best feature per class per level, counts per level + passes); `codes`:
-    the store's TopK codes as mining kept them (`mine.run(..., keep=)`), read instead of encoding the store."""
+    the store's TopK codes as mine kept them (saevctl/mine/codes.py), read instead of encoding the store."""
     blocks = _feature_blocks(sae.cfg.n_latents, labels, cfg)
     feats: dict[str, list[dict[str, np.ndarray]]] = {lab.level: [] for lab in labels}
     best = {lab.level: _Best(len(lab.classes)) for lab in labels}
@@ -330,21 +319,19 @@ def _level_result(level: str, n_items: int, class_cols: dict[str, np.ndarray]) -
     return LevelResult(level, n_items, int(keep.sum()), coverage, math.nan, rows)
 
 
-def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int], None] | None = None,
-        codes: Sequence[tuple[int, TopKCodes]] | None = None) -> Result:
+def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int], None] | None = None) -> Result:
     """Label every feature of `cfg.sae` (already mined into `cfg.index`; both default as for every features
     command) from the store's labels; write the index.
 
     `on_total(n)` is told the number of images to stream (images x passes) before the first chunk. The index's
     write lock is held throughout: a mine of the same index meanwhile would rename its copy over these labels.
-    `codes`: see `compute` (they must come from mining this SAE over this store, in this process)."""
+    A TopK SAE's codes are read from what mine kept beside the index (saevctl/mine/codes.py) when they match."""
     index_fpath = workspace.index_or_default(cfg.index)
     with lock.exclusive(index_fpath, "the index", "--index", make_parent=False):
-        return _run(cfg, index_fpath, progress, on_total, codes)
+        return _run(cfg, index_fpath, progress, on_total)
 
 
-def _run(cfg: Config, index_fpath: Path, progress: Progress | None, on_total: Callable[[int], None] | None,
-         codes: Sequence[tuple[int, TopKCodes]] | None) -> Result:
+def _run(cfg: Config, index_fpath: Path, progress: Progress | None, on_total: Callable[[int], None] | None) -> Result:
     t0 = time.perf_counter()
     inputs, kept = fresh.label_state(cfg, index_fpath)
     if kept is not None:
@@ -352,7 +339,8 @@ def _run(cfg: Config, index_fpath: Path, progress: Progress | None, on_total: Ca
     device = resolve_device(cfg.device)
     sae_id, info, max_s = _resolve(cfg, index_fpath)
     sae, store, layer = _load(cfg, info, device)
-    if codes is None and sae.cfg.activation == "topk":  # what mine kept of this SAE over this store, if anything
+    codes = None
+    if sae.cfg.activation == "topk":  # what mine kept of this SAE over this store, if anything
         from saevctl.mine import codes as codecache
         from saevctl.mine.pipeline import codes_key
 

@@ -121,8 +121,8 @@ def scan_store(
     progress: Progress | None = None, keep: list[tuple[int, TopKCodes]] | None = None,
 ) -> dict[str, FeatureScanner]:
     """One pass over the store: encode each chunk and fold it into one scanner per token kind. With `keep` (a
-    list), a TopK SAE's sparse patch codes are also appended to it as (first row, codes), for `features label` to
-    reuse in the same process instead of encoding the store again."""
+    list), a TopK SAE's sparse patch codes are also appended to it as (first row, codes), to be kept for `features
+    label` (saevctl/mine/codes.py)."""
     view = store.layer(layer)
     arrays = {k: view.kind(k) for k in kinds}
     s, p = sae.cfg.n_latents, store.layout.n_patches
@@ -249,12 +249,11 @@ def sae_id_for(cfg: Config, sae: SAE) -> str:
     return f"{safe}-{sae.header['weights_sha256'][:8]}"
 
 
-def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int], None] | None = None,
-        keep: list[tuple[int, TopKCodes]] | None = None) -> Result:
+def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int], None] | None = None) -> Result:
     """Mine `cfg.sae` over `cfg.store` into `cfg.index` (atomically), build its faiss index, record defaults.
 
-    Missing paths are the workspace's defaults; `on_total(n)` is told the number of images before the scan. `keep`:
-    see `scan_store` (left empty when the index already holds this SAE mined from the same inputs)."""
+    Missing paths are the workspace's defaults; `on_total(n)` is told the number of images before the scan. A TopK
+    SAE's codes are kept beside the index for features label (saevctl/mine/codes.py)."""
     t0 = time.perf_counter()
     cfg = cfg.resolved()
     index_fpath = cfg.paths()[2]
@@ -264,11 +263,10 @@ def run(cfg: Config, progress: Progress | None = None, on_total: Callable[[int],
     held = (lock.exclusive(index_fpath, "the index", "--index", make_parent=False) if index_fpath.parent.is_dir()
             else contextlib.nullcontext())
     with held:
-        return _run_locked(cfg, t0, progress, on_total, keep)
+        return _run_locked(cfg, t0, progress, on_total)
 
 
-def _run_locked(cfg: Config, t0: float, progress: Progress | None, on_total: Callable[[int], None] | None,
-                keep: list[tuple[int, TopKCodes]] | None) -> Result:
+def _run_locked(cfg: Config, t0: float, progress: Progress | None, on_total: Callable[[int], None] | None) -> Result:
     sae_dpath, store_dpath, index_fpath = cfg.paths()
     kept = fresh.kept_mine(cfg, fresh.mine_inputs(cfg)) if index_fpath.is_file() else None
     if kept is not None:
@@ -285,7 +283,8 @@ def _run_locked(cfg: Config, t0: float, progress: Progress | None, on_total: Cal
     sae_id = sae_id_for(cfg, sae)
     if on_total:
         on_total(store.n_images)
-    if keep is None and sae.cfg.activation == "topk" and "patches" in kinds and codecache.fits(
+    keep: list[tuple[int, TopKCodes]] | None = None
+    if sae.cfg.activation == "topk" and "patches" in kinds and codecache.fits(
             store.n_images * store.layout.n_patches, sae.cfg.k):
         keep = []  # kept for features label (saevctl/mine/codes.py)
     with writer.staged_index(index_fpath) as idx:  # created first: a locked or corrupt index fails before the scan

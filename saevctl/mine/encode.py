@@ -13,6 +13,7 @@ from torch import Tensor
 
 from saevctl.mine.scan import TopKCodes
 from saevctl.sae import SAE
+from saevctl.sae.topk import row_topk
 
 # Switch: False makes mining call sae.encode itself (the plain reference version).
 USE_FUSED = True
@@ -50,7 +51,7 @@ def make_encoder(sae: SAE, sparse_topk: bool = False) -> Callable[..., Tensor | 
             return pre_bs.relu_()
         if activation == "batchtopk":
             return torch.threshold_(pre_bs, threshold, 0.0)
-        vals_bk, idx_bk = pre_bs.topk(k, dim=-1)
+        vals_bk, idx_bk = row_topk(pre_bs, k)
         if sparse_topk:
             return TopKCodes(vals_bk.relu_(), idx_bk, (len(pre_bs), 1, pre_bs.shape[1]))
         return pre_bs.zero_().scatter_(-1, idx_bk, vals_bk.relu_())

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from saevctl import atomic, layout
 from saevctl.errors import CheckpointError
 from saevctl.workspace import resolve_ckpt
+from saevctl.sae.topk import row_topk
 
 ACTIVATIONS = ("relu", "topk", "batchtopk")
 # A latent is dense when it fires on more than this share of tokens: one definition for training and eval.
@@ -127,7 +128,7 @@ class SAE(nn.Module):
             return torch.relu(pre_bs)
         if a == "batchtopk":
             return torch.where(pre_bs > self.threshold, pre_bs, torch.zeros_like(pre_bs))
-        vals, idx = pre_bs.topk(self.cfg.k, dim=-1)
+        vals, idx = row_topk(pre_bs, self.cfg.k)
         return torch.zeros_like(pre_bs).scatter_(-1, idx, torch.relu(vals))
 
     def encode(self, x_bd: Float[Tensor, "b d"]) -> Float[Tensor, "b s"]:
@@ -154,7 +155,7 @@ class SAE(nn.Module):
                 return pre_bs.relu_()
             if activation == "batchtopk":
                 return torch.threshold_(pre_bs, float(self.threshold), 0.0)
-            vals_bk, idx_bk = pre_bs.topk(k, dim=-1)
+            vals_bk, idx_bk = row_topk(pre_bs, k)
             return pre_bs.zero_().scatter_(-1, idx_bk, vals_bk.relu_())
 
         return encode

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saevctl.sae.topk import row_topk
 from saevctl.train.step_ref import Hyper, StepOut, batch_topk, centered_sq_sum
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ def _select(pre_bs: Tensor, activation: str, k: int, comm: Comm | None) -> tuple
     """Sparse codes as (rows, cols, vals, offsets), rows ascending; vals after the ReLU."""
     b, s = pre_bs.shape
     if activation == "topk":
-        vals, cols = pre_bs.topk(k, dim=-1, sorted=False)
+        vals, cols = row_topk(pre_bs, k)
         rows = torch.arange(b, device=pre_bs.device).repeat_interleave(k)
         offsets = torch.arange(0, b * k, k, device=pre_bs.device)
         return rows, cols.flatten(), torch.relu(vals.flatten().float()), offsets
@@ -233,7 +234,7 @@ def _auxk(
     """AuxK loss on the dead latents: (loss, grad_W_dec, grad_W_enc, grad_b_enc)."""
     masked = torch.where(dead_s, pre_bs, torch.full_like(pre_bs, float("-inf")))
     k = min(hp.k_aux, n_dead)
-    vals, cols = masked.topk(k, dim=-1, sorted=False)
+    vals, cols = row_topk(masked, k)
     b = len(pre_bs)
     rows = torch.arange(b, device=pre_bs.device).repeat_interleave(k)
     cols, vals = cols.flatten(), torch.relu(vals.flatten().float())

@@ -1,7 +1,7 @@
 """Mining throughput next to the bare encoder GEMM of the same activations at SAE widths 6,144 and 24,576, peak
 memory at 24,576 features, and the latency of `features top` / `features similar` on an index of 100k images.
 
-Usage: python benchmarks/mine.py [--quick] [--images N] [--widths 6144,24576] [--repeats R] [--ab-scan-threads]
+Usage: python benchmarks/mine.py [--quick] [--images N] [--widths 6144,24576] [--repeats R] [--ab-scan-threads] [--topk K]
        [--json OUT]
 Ceiling: `x @ W_enc` (torch.mm into a reused output, float32 as the SAE) over exactly the chunk shapes mining
 encodes (images per chunk x 256 patches, d = 384), nothing else: no store read, no bias, no nonlinearity, no
@@ -64,10 +64,12 @@ def synthetic_store(dpath: Path, n: int, p: int, d: int, seed: int = 0) -> Path:
     return dpath
 
 
-def sparse_sae(store_dpath: Path, n_latents: int, out: Path, density: float = 0.015) -> Path:
+def sparse_sae(store_dpath: Path, n_latents: int, out: Path, density: float = 0.015, k: int = 0) -> Path:
+    """A random SAE, ReLU (k = 0) or TopK with k active latents per token (`density` still sets its biases)."""
     store = open_store(store_dpath)
     torch.manual_seed(0)
-    sae = SAE(SAEConfig(d=store.d, n_latents=n_latents, model=store.model, layer=6, tokens=("patches",)))
+    sae = SAE(SAEConfig(d=store.d, n_latents=n_latents, model=store.model, layer=6, tokens=("patches",),
+                        activation="topk" if k else "relu", k=k))
     sample = store.layer(6).patches.torch(slice(0, min(32, store.n_images))).float().reshape(-1, store.d)
     sae.set_normalization(sample)
     with torch.no_grad():
@@ -165,7 +167,7 @@ def gemm_fn(rows: list[int], s: int, steady: list[float], device: str = "cpu") -
 
 
 def throughput(root: Path, n: int, widths: list[int], repeats: int, rep: Report, device: str = "cpu",
-               ab_threads: bool = False) -> None:
+               ab_threads: bool = False, k: int = 0) -> None:
     """Mining at each width, interleaved with the encoder GEMM of the same chunks: end to end with its fixed
     seconds broken out, and the steady scan (chunks 2..N) against the GEMM of those chunks. `ab_threads` adds
     mining with the scan on every torch thread, interleaved too (an A/B of our own code, same ceiling)."""
@@ -175,14 +177,15 @@ def throughput(root: Path, n: int, widths: list[int], repeats: int, rep: Report,
     steady: dict[int, list[float]] = {s: [] for s in widths}
     rows: dict[int, list[int]] = {}
     for s in widths:
-        ckpt = sparse_sae(store, s, root / f"sae{s}")
+        ckpt = sparse_sae(store, s, root / f"sae{s}", k=k)
         rows[s] = chunk_rows(store, s)
         fns[f"gemm_{s}"] = gemm_fn(rows[s], s, steady[s], device)
         for tag in ("", "_all_threads")[: 2 if ab_threads else 1]:
             spans[f"mine{tag}_{s}"] = []
             fns[f"mine{tag}_{s}"] = mine_fn(ckpt, store, root, s, spans[f"mine{tag}_{s}"], device, tag == "")
     times = interleave(fns, repeats, warmup=1, sync=sync(device))
-    section(f"mine on {device}: {n:,} images x {P} patches, d = {D}, float32 SAE, {repeats} repeats")
+    kind = f"TopK k={k}" if k else "ReLU"
+    section(f"mine on {device}: {n:,} images x {P} patches, d = {D}, float32 {kind} SAE, {repeats} repeats")
     for key in spans:
         s = int(key.rsplit("_", 1)[1])
         if key != f"mine_{s}":
@@ -365,6 +368,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (mining and its GEMM ceiling on that device)")
     ap.add_argument("--ab-scan-threads", action="store_true",
                     help="also mine with the scan on every torch thread, interleaved (to choose ONE_THREAD_SCAN)")
+    ap.add_argument("--topk", type=int, default=0, metavar="K",
+                    help="mine TopK SAEs with K active latents per token instead of ReLU ones (default: ReLU)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     n = args.images or (64 if args.quick else 2048)
@@ -372,10 +377,12 @@ def main() -> None:
     widths = [int(x) for x in args.widths.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
-    rep = Report("mine", args.quick, images=n, patches=P, d=D, widths=widths, repeats=repeats, device=args.device)
+    rep = Report("mine", args.quick, images=n, patches=P, d=D, widths=widths, repeats=repeats, device=args.device,
+                 activation=f"topk{args.topk}" if args.topk else "relu")
     with tempfile.TemporaryDirectory(prefix="saevctl-bench-mine-") as tmp:
         root = Path(tmp)
-        throughput(root, n, widths, repeats, rep=rep, device=args.device, ab_threads=args.ab_scan_threads)
+        throughput(root, n, widths, repeats, rep=rep, device=args.device, ab_threads=args.ab_scan_threads,
+                   k=args.topk)
         if not args.quick and args.device == "cpu":
             mem = peak_memory(root, 256)
             rep.note("peak_memory_24576", mem)

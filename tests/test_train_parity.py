@@ -28,9 +28,10 @@ def _pair(act: str, k: int, mat: tuple[int, ...], dead_every: int) -> list[SAEGr
     return groups
 
 
+@pytest.mark.parametrize("dead_every", [3, 1])  # a third of the latents dead, or all (AuxK's two selections)
 @pytest.mark.parametrize("act,k,mat", CASES)
-def test_fast_step_matches_reference(act: str, k: int, mat: tuple[int, ...]) -> None:
-    ref, fast = _pair(act, k, mat, dead_every=3)
+def test_fast_step_matches_reference(act: str, k: int, mat: tuple[int, ...], dead_every: int) -> None:
+    ref, fast = _pair(act, k, mat, dead_every=dead_every)
     gen = torch.Generator().manual_seed(0)
     saw_aux = False
     for t in range(4):

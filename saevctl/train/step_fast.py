@@ -262,9 +262,13 @@ def _auxk(
     comm: Comm | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """AuxK loss on the dead latents: (loss, grad_W_dec, grad_W_enc, grad_b_enc)."""
-    masked = torch.where(dead_s, pre_bs, torch.full_like(pre_bs, float("-inf")))
     k = min(hp.k_aux, n_dead)
-    vals, cols = row_topk(masked, k)
+    if 2 * n_dead <= len(dead_s):  # few dead latents: select among their columns only
+        dead_idx = dead_s.nonzero().squeeze(1)
+        vals, j = row_topk(pre_bs.index_select(1, dead_idx), k)
+        cols = dead_idx[j]
+    else:
+        vals, cols = row_topk(torch.where(dead_s, pre_bs, torch.full_like(pre_bs, float("-inf"))), k)
     b = len(pre_bs)
     rows = torch.arange(b, device=pre_bs.device).repeat_interleave(k)
     cols, vals = cols.flatten(), torch.relu(vals.flatten().float())

@@ -61,9 +61,14 @@ def _augmented(a: Tensor, extra: tuple[Tensor | float, ...], dtype: torch.dtype,
 
 
 def _encode(x_c_mbd: Tensor, params: dict[str, Tensor], latent_rows: bool, bf16: bool) -> tuple[Tensor, Tensor]:
-    """Pre-activations (m, b, s) in the compute dtype as [x_c | 1] @ [W_enc ; b_enc], and [x_c | 1] (m, b, P).
+    """Pre-activations (m, b, s) in the compute dtype as [x_c | 1] @ [W_enc ; b_enc], and the left operand
+    ([x_c | 1], (m, b, P); x_c itself where the bias is not folded).
 
     `latent_rows`: W_enc is stored (m, s, d) (TopK/BatchTopK) rather than (m, d, s) (ReLU)."""
+    if latent_rows and not bf16:
+        # float32 TopK: addmm's bias write measured cheaper than copying W_enc into the folded operand (the ReLU
+        # step folds in float32 too: its [x_c | 1] also gives dL/db_enc in the gradient GEMM)
+        return _bmm(x_c_mbd, params["W_enc"].transpose(1, 2), params["b_enc"][:, None, :]), x_c_mbd
     cd = torch.bfloat16 if bf16 else torch.float32
     x_aug = _augmented(x_c_mbd, (1.0,), cd, dim=2)
     if latent_rows:

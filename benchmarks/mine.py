@@ -1,8 +1,8 @@
 """Mining throughput next to the bare encoder GEMM of the same activations at SAE widths 6,144 and 24,576, peak
 memory at 24,576 features, and the latency of `features top` / `features similar` on an index of 100k images.
 
-Usage: python benchmarks/mine.py [--quick] [--images N] [--widths 6144,24576] [--repeats R] [--ab-scan-threads] [--topk K]
-       [--json OUT]
+Usage: python benchmarks/mine.py [--quick] [--images N] [--widths 6144,24576] [--repeats R] [--ab-scan-threads]
+       [--topk K] [--json OUT]
 Ceiling: `x @ W_enc` (torch.mm into a reused output, float32 as the SAE) over exactly the chunk shapes mining
 encodes (images per chunk x 256 patches, d = 384), nothing else: no store read, no bias, no nonlinearity, no
 scan. Mining is `run(Config)` end to end; two ratios against that ceiling, both from the same interleaved runs:

@@ -50,3 +50,18 @@ def test_extract_bf16_falls_back_like_training(caplog: pytest.LogCaptureFixture,
     assert "computing in float32" in caplog.text
     assert precision.resolve_compute("bfloat16", "cuda", "float16") == "bfloat16"
     assert precision.resolve_compute("auto", "cpu", "float16") == "float32"
+
+
+@pytest.mark.parametrize(("n", "dtype"), [(1024, "bfloat16"), (300, "bfloat16"), (512, "float32")])
+def test_firing_counts_are_exact(n: int, dtype: str) -> None:
+    """Counts far above 256 (where bfloat16 stops holding integers) come out exact, in blocks or by a plain sum."""
+    import torch
+
+    from saevctl.train.step_fast import _fired_counts
+
+    gen = torch.Generator().manual_seed(n)
+    f = torch.relu(torch.randn(2, n, 64, generator=gen) + torch.linspace(-3, 3, 64)).to(getattr(torch, dtype))
+    expected = (f > 0).sum(1).float()
+    assert expected.max() > 256 or n < 512
+    counts = _fired_counts(f.clone())
+    assert counts.dtype == torch.float32 and torch.equal(counts, expected)

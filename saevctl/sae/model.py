@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from saevctl import atomic, layout
 from saevctl.errors import CheckpointError
-from saevctl.workspace import resolve_ckpt
 from saevctl.sae.topk import row_topk
+from saevctl.workspace import resolve_ckpt
 
 ACTIVATIONS = ("relu", "topk", "batchtopk")
 # A latent is dense when it fires on more than this share of tokens: one definition for training and eval.

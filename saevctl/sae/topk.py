@@ -41,9 +41,9 @@ def _worth_narrowing(x_bs: Tensor, k: int) -> bool:
 
 
 def _narrowed(x_bs: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    b, s = x_bs.shape
+    s = x_bs.shape[1]
     groups = s // GROUP
-    maxima_bg = x_bs.unflatten(1, (GROUP, groups)).amax(dim=1)  # group g = columns g, g + G, g + 2G, ...
+    maxima_bg = x_bs.reshape(len(x_bs), GROUP, groups).amax(dim=1)  # group g = columns g, g + G, g + 2G, ...
     _, top_groups_bk = row_topk(maxima_bg, k)
     cand_idx = (top_groups_bk[:, :, None] + torch.arange(0, s, groups, device=x_bs.device)).flatten(1)
     vals, pos = x_bs.gather(1, cand_idx).topk(k, dim=1, sorted=False)

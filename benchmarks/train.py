@@ -4,8 +4,8 @@
 Usage: python benchmarks/train.py [--quick] [--widths 6144,24576] [--batch 4096] [--json OUT]
 Ceilings (no saevctl code; float32 weights, bf16 through torch.autocast as the step runs it):
 - ReLU: the 5 GEMMs of a dense SAE step, (b, d) @ (d, s) @ (s, d) forward and backward through autograd.
-- TopK: the encoder GEMM `x @ W_enc` plus the sparse decoder's minimum work (b*k*d multiply-adds to decode and
-  b*k*d for its gradient) counted at that GEMM's measured rate.
+- TopK and BatchTopK (k per token on average): the encoder GEMM `x @ W_enc` plus the sparse decoder's minimum
+  work (b*k*d multiply-adds to decode and b*k*d for its gradient) counted at that GEMM's measured rate.
 - Loader: casting the same number of float16 rows from the store's memory maps, in order, into a reused float32
   batch.
 Paths: one whole `fast` step of one SAE (encode, decode, losses, gradients, decoder constraint, Adam); no AuxK;
@@ -58,13 +58,14 @@ def sae_step(act: str, b: int, d: int, s: int, k: int, bf16: bool, device: str,
 
 
 def steps(args: argparse.Namespace, b: int, s: int, prec: str, rep: Report) -> dict[str, Series]:
-    """Time the ReLU and TopK steps of one width and precision with their ceilings, interleaved."""
+    """Time the ReLU, TopK and BatchTopK steps of one width and precision with their ceilings, interleaved."""
     d, dev, bf16 = args.d, args.device, prec == "bf16"
     fns: dict[str, Callable[[], None]] = {
         "relu_ceiling": step_gemms(b, d, s, bf16, dev),
         "relu": sae_step("relu", b, d, s, 0, bf16, dev),
         "topk_gemm": encoder_step_gemm(b, d, s, bf16, dev),
         "topk": sae_step("topk", b, d, s, args.k, bf16, dev),
+        "batchtopk": sae_step("batchtopk", b, d, s, args.k, bf16, dev),
     }
     if not args.quick:
         fns["relu_shipped"] = sae_step("relu", b, d, s, 0, bf16, dev, count_all=False)
@@ -86,6 +87,9 @@ def steps(args: argparse.Namespace, b: int, s: int, prec: str, rep: Report) -> d
     rep.rate(f"topk_ceiling_{key}", "ceiling: x @ W_enc + sparse decode minimum", ceil, b, "act/s", ",.0f",
              min_work_factor=factor)
     rep.series_ratio(f"topk_ratio_{key}", "ratio TopK / its ceiling", times["topk"], ceil, b, b)
+    # BatchTopK selects b * k entries of the whole batch: the same minimum work, the same ceiling
+    rep.rate(f"batchtopk_{key}", f"BatchTopK k={args.k} step (activations/s)", times["batchtopk"], b, "act/s", ",.0f")
+    rep.series_ratio(f"batchtopk_ratio_{key}", "ratio BatchTopK / its ceiling", times["batchtopk"], ceil, b, b)
     return times
 
 

@@ -1,8 +1,10 @@
 """The fast training step: same-shape SAEs stacked into batched matmuls, hand-written encoder gradients, and a
 sparse (index-based) decoder for TopK/BatchTopK. Matches `step_ref` (tests/test_train_parity.py).
 
-Why it is fast: the pre-encoder bias costs a GEMV instead of a GEMM (its gradient is -sum(g_pre) W_enc), the
-ReLU mask and L1 gradient are one elementwise pass, and TopK never forms a dense (batch, latents) gradient.
+Why it is fast: the pre-encoder bias costs a GEMV instead of a GEMM (its gradient is -sum(g_pre) W_enc); the
+encoder bias, its gradient, the L1 and the L1 gradient ride inside the GEMMs as folded columns (`_augmented`), so
+no (batch, latents) bias is written and no GEMV pass is made; the ReLU mask is one in-place pass; TopK never forms
+a dense (batch, latents) gradient, and its top-k is `row_topk` (see saevctl/sae/topk.py).
 """
 
 from __future__ import annotations

@@ -52,3 +52,13 @@ def test_a_strided_row_block_and_sorted_output() -> None:
 def test_rejects_other_ranks() -> None:
     with pytest.raises(ValueError, match="2-D"):
         row_topk(torch.randn(2, 3, 8192), 4)
+
+
+def test_flat_topk_is_torch_topk_of_the_flattened_tensor() -> None:
+    from saevctl.sae.topk import flat_topk
+
+    x = torch.randn(64, 6144, generator=torch.Generator().manual_seed(3)).bfloat16()
+    vals, idx = flat_topk(x, 64 * 32)
+    ref_vals, _ = x.flatten().topk(64 * 32)
+    assert torch.equal(vals.sort(descending=True).values, ref_vals)
+    assert torch.equal(x.flatten()[idx], vals) and len(idx.unique()) == len(idx)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from saevctl import dist
 from saevctl.errors import InputError
+from saevctl.sae.topk import flat_topk
 from saevctl.train.step_ref import StepOut
 
 _MEAN_FIELDS = ("loss_m", "mse_m", "fvu_m", "l1_m", "aux_m")
@@ -60,7 +61,7 @@ class Comm:
         lists: every rank has the same local batch and width). The global top n lie within the local top n."""
         parts = [torch.empty_like(top_n) for _ in range(self.world)]
         self._guard(tdist.all_gather, parts, top_n.contiguous())
-        return torch.cat(parts).topk(n, sorted=False).values.min()
+        return flat_topk(torch.cat(parts), n)[0].min()
 
     def gather_json(self, obj: Any) -> list[Any]:
         """Every rank's JSON-able `obj`, in rank order, on every rank (JSON bytes in a tensor; no pickle)."""

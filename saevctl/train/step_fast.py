@@ -57,7 +57,10 @@ def _augmented(a: Tensor, extra: tuple[Tensor | float, ...], dtype: torch.dtype,
     out = a.new_empty(shape, dtype=dtype)
     out.narrow(dim, 0, d).copy_(a)
     for j, e in enumerate(extra):
-        out.select(dim, d + j).copy_(e) if isinstance(e, Tensor) else out.select(dim, d + j).fill_(e)
+        if isinstance(e, Tensor):
+            out.select(dim, d + j).copy_(e)
+        else:
+            out.select(dim, d + j).fill_(e)
     out.narrow(dim, d + len(extra), shape[dim] - d - len(extra)).zero_()
     return out
 

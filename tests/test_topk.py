@@ -1,11 +1,15 @@
-"""`row_topk` (the narrowed per-row top-k) against torch.topk: the same values, valid distinct indices."""
+"""`row_topk` and `flat_topk` (the compiled CPU kernels of saevctl.sae.topk_cpu, torch.topk elsewhere) against
+torch.topk: the same values, valid distinct indices, on the inputs that take each of the kernels' paths."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from saevctl.sae.topk import row_topk
+from saevctl.sae import topk_cpu
+from saevctl.sae.topk import flat_topk, row_topk
 
 
 def _check(x: torch.Tensor, k: int) -> None:
@@ -54,11 +58,72 @@ def test_rejects_other_ranks() -> None:
         row_topk(torch.randn(2, 3, 8192), 4)
 
 
-def test_flat_topk_is_torch_topk_of_the_flattened_tensor() -> None:
-    from saevctl.sae.topk import flat_topk
+def _check_flat(x: torch.Tensor, k: int) -> None:
+    vals, idx = flat_topk(x, k)
+    ref_vals, _ = x.flatten().topk(k)
+    assert vals.dtype == x.dtype and idx.dtype == torch.int64 and vals.shape == idx.shape == (k,)
+    torch.testing.assert_close(vals.sort(descending=True).values, ref_vals, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(x.flatten()[idx], vals, rtol=0, atol=0, equal_nan=True)
+    assert len(idx.unique()) == k
 
-    x = torch.randn(64, 6144, generator=torch.Generator().manual_seed(3)).bfloat16()
-    vals, idx = flat_topk(x, 64 * 32)
-    ref_vals, _ = x.flatten().topk(64 * 32)
-    assert torch.equal(vals.sort(descending=True).values, ref_vals)
-    assert torch.equal(x.flatten()[idx], vals) and len(idx.unique()) == len(idx)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flat_topk_is_torch_topk_of_the_flattened_tensor(dtype: torch.dtype) -> None:
+    x = torch.randn(64, 6144, generator=torch.Generator().manual_seed(3)).to(dtype)
+    assert topk_cpu.flat_supported(x, 64 * 32)
+    _check_flat(x, 64 * 32)
+    tail = torch.randn(70_001, generator=torch.Generator().manual_seed(4))  # a tail past the last whole block
+    _check_flat(tail.to(dtype), 500)
+
+
+def test_flat_topk_when_the_sampled_blocks_mislead_the_estimate() -> None:
+    block = topk_cpu.FLAT_BLOCK * topk_cpu.GROUP
+    n_blocks = 32  # the estimate samples every second block
+    # sampled blocks large: the estimated threshold is too high and too few elements pass it
+    # (one large element per group there, so the elements above the threshold are the groups above it)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n_blocks, block, generator=g) * 0.01
+    x[0::2, : topk_cpu.FLAT_BLOCK] += 10 + torch.rand(n_blocks // 2, topk_cpu.FLAT_BLOCK, generator=g)
+    k = block // 2
+    t = topk_cpu._estimate(x.numpy().ravel(), n_blocks, k)
+    assert int((x >= t).sum()) < k  # (this input does take that path)
+    _check_flat(x, k)
+    # unsampled blocks large: the threshold is too low and the threads' room for candidates overflows
+    y = torch.randn(n_blocks, block, generator=g)
+    y[1::2] += 10
+    assert int((y >= topk_cpu._estimate(y.numpy().ravel(), n_blocks, 3 * block)).sum()) > 2 * 3 * block
+    _check_flat(y, 3 * block)
+    z = torch.randn(n_blocks * block, generator=g)  # the k largest all in the tail past the last whole block
+    z = torch.cat([z, torch.full((100,), 50.0) + torch.arange(100)])
+    _check_flat(z, 100)
+
+
+def test_flat_topk_nan_and_ties_as_torch() -> None:
+    x = torch.randn(4, 65536)
+    x[2, 7] = float("nan")
+    _check_flat(x, 1000)
+    _check_flat(torch.randint(0, 3, (4, 65536)).float(), 1000)  # the k-th place tied many times over
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    b=st.integers(1, 9),
+    s=st.integers(64, 5000),
+    k_frac=st.floats(0.0, 1.0),
+    kind=st.sampled_from(["normal", "few", "ascending", "descending", "heavy", "equal"]),
+    bf16=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_row_topk_property(b: int, s: int, k_frac: float, kind: str, bf16: bool, seed: int) -> None:
+    """Any width, any k (the kernel takes k <= s/64, torch.topk the rest), any value pattern."""
+    g = torch.Generator().manual_seed(seed)
+    k = max(1, int(k_frac * s / 32))
+    x = {
+        "normal": lambda: torch.randn(b, s, generator=g),
+        "few": lambda: torch.randint(-2, 3, (b, s), generator=g).float(),
+        "ascending": lambda: torch.arange(s, dtype=torch.float32).expand(b, s).contiguous(),
+        "descending": lambda: -torch.arange(s, dtype=torch.float32).expand(b, s).contiguous(),
+        "heavy": lambda: torch.randn(b, s, generator=g).pow(5),
+        "equal": lambda: torch.full((b, s), 1.5),
+    }[kind]()
+    _check(x.bfloat16() if bf16 else x, k)

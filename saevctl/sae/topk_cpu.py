@@ -1,0 +1,404 @@
+"""Compiled (numba) CPU kernels for `saevctl.sae.topk`: a per-row top-k and a batch-wide top-k that read each row
+once, in cache, instead of torch.topk's partial sort of a copy of every row.
+
+The selection, per row (the batch-wide one is the same over all rows at once):
+- the row is split into G strided groups (column j in group j mod n_groups) and each group's maximum taken, a
+  vectorised pass;
+- a threshold t is bisected on those maxima until at least k (and few more) groups have a maximum >= t: k such
+  groups hold k distinct elements >= t, so every one of the row's k largest values is >= t;
+- the elements >= t of those groups (and of the columns past the last whole group) are the candidates, and a
+  quickselect over them returns the k largest.
+A row holding NaN is left to torch.topk (flagged back to the caller), so values match torch.topk's exactly.
+numba has no bfloat16: bfloat16 tensors are read as their uint16 bits and widened element by element (exact).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+from torch import Tensor
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+def kernel(parallel: bool = False, fastmath: bool | set[str] = False) -> Callable[[F], F]:
+    """numba.njit, cached on disk, of the function itself (unwrapped: the test suite's type-checking import hook
+    wraps every saevctl function, and numba compiles Python, not a wrapper)."""
+
+    def compile(fn: F) -> F:
+        return cast(F, njit(cache=True, parallel=parallel, fastmath=fastmath)(inspect.unwrap(fn)))
+
+    return compile
+
+
+GROUP = 16  # elements per strided group: one AVX-512 float32 vector per group's slice, measured fastest
+SLACK = 3  # the bisection stops once the groups above the threshold are at most SLACK * k
+
+
+def n_threads() -> int:
+    """The threads a kernel runs on: torch's setting (`saevctl` sets it once), capped by numba's pool."""
+    n = max(1, min(torch.get_num_threads(), int(numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    return n
+
+
+@intrinsic
+def _f32_from_bits(typingctx: Any, u: Any) -> Any:
+    """The float32 whose bits are the uint32 u (a bitcast: free once compiled)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+def ld(a: np.ndarray, j: int) -> np.float32:
+    """Element j of a float32 array, or of bfloat16 bits held as uint16, as float32 (compiled code only)."""
+    raise NotImplementedError
+
+
+@overload(ld)
+def _ld(a, j):  # type: ignore[no-untyped-def]  # numba matches the implementation's signature to this one
+    if a.dtype == types.uint16:
+        return lambda a, j: _f32_from_bits(np.uint32(a[j]) << np.uint32(16))  # type: ignore[call-arg]  # top half
+    return lambda a, j: a[j]
+
+
+@kernel(fastmath={"reassoc", "nsz"})
+def _row_sum(r: np.ndarray) -> np.float32:  # NaN propagates through a sum: a NaN check in one vectorised pass
+    acc = np.float32(0.0)
+    for j in range(r.shape[0]):
+        acc += ld(r, j)
+    return acc
+
+
+@kernel(fastmath=True)
+def _group_max(r: np.ndarray, n_groups: int, out: np.ndarray) -> None:
+    # GROUP is a compile-time constant: the inner loop unrolls and the outer one vectorises (2x the runtime form)
+    for g in range(n_groups):
+        m = ld(r, g)
+        for t in range(1, GROUP):
+            v = ld(r, g + t * n_groups)
+            m = v if v > m else m
+        out[g] = m
+
+
+@kernel(fastmath=True)
+def _count_ge(a: np.ndarray, n: int, t: np.float32) -> int:
+    c = 0
+    for j in range(n):
+        c += a[j] >= t
+    return c
+
+
+@kernel(fastmath=True)
+def _min_max(a: np.ndarray, n: int) -> tuple[np.float32, np.float32]:
+    lo = a[0]
+    hi = a[0]
+    for j in range(1, n):
+        lo = min(lo, a[j])
+        hi = max(hi, a[j])
+    return lo, hi
+
+
+@kernel()
+def _threshold(a: np.ndarray, n: int, k: int, slack: int) -> np.float32:
+    """A value t with at least k of a[:n] >= t, raised by bisection while more than slack * k are."""
+    lo, hi = _min_max(a, n)
+    for _ in range(64):
+        mid = lo + (hi - lo) * np.float32(0.5)
+        if not (lo < mid < hi):  # -inf bounds, or the bounds are adjacent floats
+            break
+        c = _count_ge(a, n, mid)
+        if c >= k:
+            lo = mid
+            if c <= slack * k:
+                break
+        else:
+            hi = mid
+    return lo
+
+
+@kernel()
+def _top_front(v: np.ndarray, ix: np.ndarray, n: int, k: int) -> None:
+    """Rearrange v[:n] (ix alongside) so that v[:k] hold the k largest: a quickselect, median-of-three pivot."""
+    lo, hi = 0, n - 1
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        a, b, c = v[lo], v[mid], v[hi]
+        if a < b:
+            a, b = b, a
+        if b < c:
+            b = c
+            if a < b:
+                b = a
+        i, j = lo, hi
+        while i <= j:
+            while v[i] > b:
+                i += 1
+            while v[j] < b:
+                j -= 1
+            if i <= j:
+                v[i], v[j] = v[j], v[i]
+                ix[i], ix[j] = ix[j], ix[i]
+                i += 1
+                j -= 1
+        if k - 1 <= j:
+            hi = j
+        elif k - 1 >= i:
+            lo = i
+        else:
+            break
+
+
+@kernel()
+def _select_row(r: np.ndarray, k: int, ov: np.ndarray, oi: np.ndarray, cm: np.ndarray,
+                cv: np.ndarray, ci: np.ndarray) -> bool:
+    """The k largest of row r into ov/oi; False (nothing written) where the row holds NaN."""
+    s = r.shape[0]
+    if _row_sum(r) != _row_sum(r):  # NaN, or +inf and -inf together: torch.topk decides
+        return False
+    n_groups = s // GROUP
+    _group_max(r, n_groups, cm)
+    t = _threshold(cm, n_groups, k, SLACK)
+    n = 0
+    for g in range(n_groups):
+        if cm[g] >= t:
+            for j in range(g, n_groups * GROUP, n_groups):
+                if ld(r, j) >= t:
+                    cv[n] = ld(r, j)
+                    ci[n] = j
+                    n += 1
+    for j in range(n_groups * GROUP, s):
+        if ld(r, j) >= t:
+            cv[n] = ld(r, j)
+            ci[n] = j
+            n += 1
+    if n > 2 * k:  # bisect once more, on the candidates, before the exact (branchy) quickselect
+        t = _threshold(cv, n, k, 1)
+        m = 0
+        for q in range(n):
+            if cv[q] >= t:
+                cv[m] = cv[q]
+                ci[m] = ci[q]
+                m += 1
+        n = m
+    _top_front(cv, ci, n, k)
+    ov[:] = cv[:k]
+    oi[:] = ci[:k]
+    return True
+
+
+@kernel(parallel=True)
+def _rows(x: np.ndarray, k: int, nt: int, ov: np.ndarray, oi: np.ndarray, ok: np.ndarray) -> None:
+    b, s = x.shape
+    per = (b + nt - 1) // nt
+    for th in prange(nt):
+        cm = np.empty(s // GROUP, np.float32)
+        cv = np.empty(s, np.float32)
+        ci = np.empty(s, np.int64)
+        for i in range(th * per, min(b, (th + 1) * per)):
+            ok[i] = _select_row(x[i], k, ov[i], oi[i], cm, cv, ci)
+
+
+def as_array(x: Tensor) -> np.ndarray:
+    """A CPU tensor's memory as numpy, bfloat16 as its uint16 bits (read back with `ld`)."""
+    return x.view(torch.uint16).numpy() if x.dtype == torch.bfloat16 else x.numpy()
+
+
+def supported(x_bs: Tensor, k: int) -> bool:
+    """Whether `rows` takes this input: a CPU float32/bfloat16 2-D tensor with unit column stride and at least 4k
+    groups per row (0 < k <= s / 64; larger k goes to torch.topk)."""
+    return (x_bs.device.type == "cpu" and x_bs.dtype in (torch.float32, torch.bfloat16) and x_bs.dim() == 2
+            and x_bs.stride(1) == 1 and x_bs.shape[0] > 0 and 0 < 4 * k * GROUP <= x_bs.shape[1])
+
+
+def rows(x_bs: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, indices) of each row's k largest, unsorted, as `x.topk(k, dim=1, sorted=False)` (see `supported`)."""
+    b, s = x_bs.shape
+    x = x_bs if x_bs.stride(0) == s else x_bs.contiguous()
+    ov = np.empty((b, k), np.float32)
+    oi = np.empty((b, k), np.int64)
+    ok = np.empty(b, np.bool_)
+    _rows(as_array(x), k, n_threads(), ov, oi, ok)
+    vals, idx = torch.from_numpy(ov).to(x.dtype), torch.from_numpy(oi)
+    if not ok.all():
+        bad = torch.from_numpy(~ok).nonzero().squeeze(1)
+        vals[bad], idx[bad] = x[bad].topk(k, dim=1, sorted=False)
+    return vals, idx
+
+
+# --- the batch-wide top-k (BatchTopK) -----------------------------------------------------------------------
+
+FLAT_BLOCK = 4096  # groups per block of the flattened input: a block's maxima stay in L1 while its slices stream
+BINS = 4096  # histogram bins for the first threshold over all blocks' maxima
+
+
+@kernel(parallel=True)
+def _flat_count(cm: np.ndarray, t: np.float32, nt: int) -> int:
+    n = cm.shape[0]
+    per = (n + nt - 1) // nt
+    counts = np.zeros(nt, np.int64)
+    for th in prange(nt):
+        lo = th * per
+        counts[th] = _count_ge(cm[lo : min(n, lo + per)], min(n, lo + per) - lo, t)
+    return int(counts.sum())
+
+
+@kernel()
+def _flat_threshold(cm: np.ndarray, k: int, nt: int) -> np.float32:
+    """A t with at least k maxima >= t and, where bisection can get there, at most 2k: a histogram's bin edge
+    first, then bisection with exact counts."""
+    lo, hi = _min_max(cm, cm.shape[0])
+    if hi - lo < np.inf and lo < hi:  # finite and not all one value: start from the histogram's bin
+        scale = BINS / (hi - lo)
+        hist = np.zeros(BINS + 1, np.int64)
+        for j in range(cm.shape[0]):
+            hist[min(BINS, int((cm[j] - lo) * scale))] += 1
+        acc, b = 0, BINS
+        while b > 0:
+            acc += hist[b]
+            if acc >= k:
+                break
+            b -= 1
+        top = hi if b >= BINS - 1 else lo + (b + 2) / scale  # a bin's edges, widened by one for rounding
+        bottom = lo + (b - 1) / scale if b > 1 else lo
+        if _flat_count(cm, bottom, nt) >= k:
+            lo, hi = bottom, min(hi, top)
+    for _ in range(64):
+        mid = lo + (hi - lo) * np.float32(0.5)
+        if not (lo < mid < hi):
+            break
+        c = _flat_count(cm, mid, nt)
+        if c >= k:
+            lo = mid
+            if c <= 2 * k:
+                break
+        else:
+            hi = mid
+    return lo
+
+
+@kernel(parallel=True)
+def _flat_pass(x: np.ndarray, n_blocks: int, t: np.float32, nt: int, cm: np.ndarray, nan: np.ndarray,
+               cv: np.ndarray, ci: np.ndarray, seg: np.ndarray, counts: np.ndarray) -> None:
+    """One pass over the blocks, thread th taking a contiguous run of them: each block's group maxima into cm
+    and its NaN check into nan (both while the block is in cache), and the elements >= t of its groups whose
+    maximum is >= t into cv/ci from seg[th] (at most seg[th + 1] - seg[th] kept; counts[th] counts all)."""
+    blk = FLAT_BLOCK * GROUP
+    per = (n_blocks + nt - 1) // nt
+    for th in prange(nt):
+        n = 0
+        cap = seg[th + 1] - seg[th]
+        for bi in range(th * per, min(n_blocks, (th + 1) * per)):
+            part = x[bi * blk:(bi + 1) * blk]
+            nan[bi] = _row_sum(part) != _row_sum(part)
+            m = cm[bi * FLAT_BLOCK:(bi + 1) * FLAT_BLOCK]
+            _group_max(part, FLAT_BLOCK, m)
+            for g in range(FLAT_BLOCK):
+                if m[g] >= t:
+                    for j in range(g, blk, FLAT_BLOCK):
+                        v = ld(part, j)
+                        if v >= t:
+                            if n < cap:
+                                cv[seg[th] + n] = v
+                                ci[seg[th] + n] = bi * blk + j
+                            n += 1
+        counts[th] = n
+
+
+@kernel()
+def _estimate(x: np.ndarray, n_blocks: int, k: int) -> np.float32:
+    """A threshold from every S-th block's group maxima, aimed at about 1.25k maxima above it over all blocks
+    (checked by the caller: too few candidates above it and the threshold is recomputed exactly)."""
+    blk = FLAT_BLOCK * GROUP
+    step = max(1, n_blocks // 16)
+    n_s = (n_blocks + step - 1) // step
+    scm = np.empty(n_s * FLAT_BLOCK, np.float32)
+    for q in range(n_s):
+        bi = q * step
+        _group_max(x[bi * blk:(bi + 1) * blk], FLAT_BLOCK, scm[q * FLAT_BLOCK:(q + 1) * FLAT_BLOCK])
+    target = min(scm.shape[0], int(1.25 * k * n_s / n_blocks) + 16)
+    return _threshold(scm, scm.shape[0], target, 2)
+
+
+@kernel()
+def _n_at_least(a: np.ndarray, t: np.float32) -> int:
+    n = 0
+    for j in range(a.shape[0]):
+        if ld(a, j) >= t:
+            n += 1
+    return n
+
+
+@kernel()
+def _flat(x: np.ndarray, k: int, nt: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The k largest of x (values, indices), and False (nothing selected) where x holds NaN."""
+    blk = FLAT_BLOCK * GROUP
+    n_blocks = x.shape[0] // blk
+    tail = x[n_blocks * blk:]
+    if _row_sum(tail) != _row_sum(tail):
+        return np.empty(0, np.float32), np.empty(0, np.int64), False
+    cm = np.empty(n_blocks * FLAT_BLOCK, np.float32)
+    nan = np.empty(n_blocks, np.bool_)
+    counts = np.zeros(nt, np.int64)
+    seg = np.arange(nt + 1) * ((3 * k) // nt + blk)  # room per thread: an even share of 1.5x the estimate's aim
+    t = _estimate(x, n_blocks, k)
+    cv = np.empty(seg[-1], np.float32)
+    ci = np.empty(seg[-1], np.int64)
+    _flat_pass(x, n_blocks, t, nt, cm, nan, cv, ci, seg, counts)
+    if nan.any():
+        return np.empty(0, np.float32), np.empty(0, np.int64), False
+    n_tail = _n_at_least(tail, t)
+    if counts.sum() + n_tail < k or (counts > seg[1:] - seg[:-1]).any():
+        # the estimate was too high (or a thread's share overflowed): an exact threshold from all the maxima,
+        # and room per thread for every element of its groups above it
+        t = _flat_threshold(cm, k, nt)
+        per = (n_blocks + nt - 1) // nt
+        for th in range(nt):
+            lo, hi = th * per * FLAT_BLOCK, min(n_blocks, (th + 1) * per) * FLAT_BLOCK
+            seg[th + 1] = seg[th] + (_count_ge(cm[lo:hi], max(0, hi - lo), t) if hi > lo else 0) * GROUP
+        cv = np.empty(seg[-1], np.float32)
+        ci = np.empty(seg[-1], np.int64)
+        _flat_pass(x, n_blocks, t, nt, cm, nan, cv, ci, seg, counts)
+        n_tail = _n_at_least(tail, t)
+    n = 0
+    for th in range(nt):  # the threads' runs, packed
+        for q in range(seg[th], seg[th] + counts[th]):
+            cv[n] = cv[q]
+            ci[n] = ci[q]
+            n += 1
+    vals = np.empty(n + n_tail, np.float32)
+    idx = np.empty(n + n_tail, np.int64)
+    vals[:n] = cv[:n]
+    idx[:n] = ci[:n]
+    for j in range(tail.shape[0]):
+        if ld(tail, j) >= t:
+            vals[n] = ld(tail, j)
+            idx[n] = n_blocks * blk + j
+            n += 1
+    _top_front(vals, idx, n, k)
+    return vals[:k].copy(), idx[:k].copy(), True
+
+
+def flat_supported(x: Tensor, k: int) -> bool:
+    """Whether `flat` takes this input: a contiguous CPU float32/bfloat16 tensor of at least one block, and at
+    least 4k groups."""
+    n = x.numel()
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and x.is_contiguous()
+            and n >= FLAT_BLOCK * GROUP and 0 < 4 * k * GROUP <= n)
+
+
+def flat(x: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """(values, flat indices) of the k largest entries of `x`, unsorted; None where x holds NaN (torch decides)."""
+    vals, idx, ok = _flat(as_array(x.reshape(-1)), k, n_threads())
+    return (torch.from_numpy(vals).to(x.dtype), torch.from_numpy(idx)) if ok else None

@@ -9,67 +9,20 @@ The selection, per row (the batch-wide one is the same over all rows at once):
 - the elements >= t of those groups (and of the columns past the last whole group) are the candidates, and a
   quickselect over them returns the k largest.
 A row holding NaN is left to torch.topk (flagged back to the caller), so values match torch.topk's exactly.
-numba has no bfloat16: bfloat16 tensors are read as their uint16 bits and widened element by element (exact).
+bfloat16 is read as its bits and widened element by element (exact; see saevctl.compiled).
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-from typing import Any, TypeVar, cast
-
-import numba
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba import prange
 from torch import Tensor
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-def kernel(parallel: bool = False, fastmath: bool | set[str] = False) -> Callable[[F], F]:
-    """numba.njit, cached on disk, of the function itself (unwrapped: the test suite's type-checking import hook
-    wraps every saevctl function, and numba compiles Python, not a wrapper)."""
-
-    def compile(fn: F) -> F:
-        return cast(F, njit(cache=True, parallel=parallel, fastmath=fastmath)(inspect.unwrap(fn)))
-
-    return compile
-
+from saevctl.compiled import as_array, kernel, ld, n_threads
 
 GROUP = 16  # elements per strided group: one AVX-512 float32 vector per group's slice, measured fastest
 SLACK = 3  # the bisection stops once the groups above the threshold are at most SLACK * k
-
-
-def n_threads() -> int:
-    """The threads a kernel runs on: torch's setting (`saevctl` sets it once), capped by numba's pool."""
-    n = max(1, min(torch.get_num_threads(), int(numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
-    if numba.get_num_threads() != n:
-        numba.set_num_threads(n)
-    return n
-
-
-@intrinsic
-def _f32_from_bits(typingctx: Any, u: Any) -> Any:
-    """The float32 whose bits are the uint32 u (a bitcast: free once compiled)."""
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.uint32), codegen
-
-
-def ld(a: np.ndarray, j: int) -> np.float32:
-    """Element j of a float32 array, or of bfloat16 bits held as uint16, as float32 (compiled code only)."""
-    raise NotImplementedError
-
-
-@overload(ld)
-def _ld(a, j):  # type: ignore[no-untyped-def]  # numba matches the implementation's signature to this one
-    if a.dtype == types.uint16:
-        return lambda a, j: _f32_from_bits(np.uint32(a[j]) << np.uint32(16))  # type: ignore[call-arg]  # top half
-    return lambda a, j: a[j]
 
 
 @kernel(fastmath={"reassoc", "nsz"})
@@ -207,11 +160,6 @@ def _rows(x: np.ndarray, k: int, nt: int, ov: np.ndarray, oi: np.ndarray, ok: np
         ci = np.empty(s, np.int64)
         for i in range(th * per, min(b, (th + 1) * per)):
             ok[i] = _select_row(x[i], k, ov[i], oi[i], cm, cv, ci)
-
-
-def as_array(x: Tensor) -> np.ndarray:
-    """A CPU tensor's memory as numpy, bfloat16 as its uint16 bits (read back with `ld`)."""
-    return x.view(torch.uint16).numpy() if x.dtype == torch.bfloat16 else x.numpy()
 
 
 def supported(x_bs: Tensor, k: int) -> bool:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saevctl.sae.topk import row_topk
+from saevctl.train import sparse_cpu
 from saevctl.train.step_ref import Hyper, StepOut, batch_topk, centered_sq_sum
 
 if TYPE_CHECKING:
@@ -208,27 +209,6 @@ def _sparse_encoder_grads(
     return torch.sparse.mm(g_pre_T, x_c_bd.float()), g_b_enc
 
 
-def _sparse_decode(
-    cols: Tensor, vals: Tensor, offsets: Tensor, W_dec: Tensor, b_dec: Tensor, x_bd: Tensor, lay: ByLatent
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One-prefix sparse decoder: (recon, x_hat, g_vals, g_W_dec, g_b_dec), gradients by hand over the
-    selection's (latents x batch) CSR layout: g_vals by one sampled GEMM (SDDMM; autograd's embedding_bag
-    backward does one strided dot per entry) and g_W_dec by one CSR SpMM (at batch 4,096 faster than
-    embedding_bag's backward, which zero-fills the (latents, d) gradient and sorts the indices again)."""
-    b, d = x_bd.shape
-    x_hat = F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=vals).add_(b_dec)
-    err = x_hat - x_bd
-    recon = err.pow(2).mean()
-    g_xhat = err.mul_(2.0 / (b * d))
-    crow, rows_by_col, order = lay
-    g_W_dec = torch.sparse.mm(_csr(crow, rows_by_col, vals[order], (W_dec.shape[0], b)), g_xhat)
-    # sampled in the (latents x batch) layout: W_dec is read row-major as stored (its transpose would be copied)
-    pattern = _csr(crow, rows_by_col, vals.new_zeros(len(cols)), (W_dec.shape[0], b))
-    g_vals = torch.empty_like(vals)
-    g_vals[order] = torch.sparse.sampled_addmm(pattern, W_dec, g_xhat.t(), beta=0.0).values()
-    return recon, x_hat, g_vals, g_W_dec, g_xhat.sum(0)
-
-
 def _autograd_sparse(
     cols: Tensor, vals: Tensor, offsets: Tensor, W_dec: Tensor, b_dec: Tensor, x_bd: Tensor, hp: Hyper
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -250,39 +230,93 @@ def _autograd_sparse(
 
 
 def _sparse_one(
-    i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor, x_c_bd: Tensor, dead_s: Tensor | None, hp: Hyper,
+    i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor, x_enc: Tensor, dead_s: Tensor | None, hp: Hyper,
     comm: Comm | None,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """SAE i of a TopK/BatchTopK group: (grads, loss, x_hat, l1, fired, aux, min_act)."""
-    s = pre_bs.shape[1]
+    """SAE i of a TopK/BatchTopK group: (grads, loss, l1, fired, aux, min_act, squared error summed).
+    x_enc: the encoder's input, x - b_dec in its first d columns (bfloat16 and folded under bf16 autocast)."""
     rows, cols, vals, offsets = _select(pre_bs, hp.activation, hp.k, comm)
-    lay = _by_latent(rows, cols, s)
-    W_dec = params["W_dec"][i]
     if len(hp.prefixes) == 1 and not x_bd.is_cuda:
-        recon, x_hat, g_v, g_W_dec, g_b_dec = _sparse_decode(cols, vals, offsets, W_dec, params["b_dec"][i], x_bd, lay)
+        grads, recon, recon_sq, fired, aux = _sparse_cpu(i, pre_bs, params, x_bd, x_enc, dead_s, hp, comm,
+                                                         (rows, cols, vals, offsets))
     else:
-        recon, x_hat, g_v, g_W_dec, g_b_dec = _autograd_sparse(cols, vals, offsets, W_dec, params["b_dec"][i], x_bd, hp)
-    g_v = g_v * (vals > 0)
-    g_W_enc, g_b_enc = _sparse_encoder_grads(g_v, rows, cols, x_c_bd, s, lay)
+        grads, recon, recon_sq, fired, aux = _sparse_torch(i, pre_bs, params, x_bd, x_enc, dead_s, hp, comm,
+                                                           (rows, cols, vals, offsets))
+    min_act = vals[vals > 0].min() if hp.activation == "batchtopk" and bool((vals > 0).any()) else x_bd.new_zeros(())
+    return grads, recon + aux, vals.sum() / len(x_bd), fired, aux, min_act, recon_sq
+
+
+Selected = tuple[Tensor, Tensor, Tensor, Tensor]  # (rows, cols, vals, offsets) as `_select` returns them
+# (grads, the reconstruction loss, the whole reconstruction's squared error summed, fired, aux)
+SparseOut = tuple[dict[str, Tensor], Tensor, Tensor, Tensor, Tensor]
+
+
+def _n_dead(dead_s: Tensor | None, hp: Hyper) -> int:
+    return 0 if dead_s is None or hp.aux_coef <= 0 else int(dead_s.sum())
+
+
+def _sparse_cpu(
+    i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor, x_enc: Tensor, dead_s: Tensor | None,
+    hp: Hyper, comm: Comm | None, sel: Selected,
+) -> SparseOut:
+    """One prefix on a CPU: the compiled row and latent passes of `sparse_cpu`, AuxK's entries added into the
+    same gradients. bfloat16 gathers where the encoder ran in bfloat16."""
+    rows, cols, vals, offsets = sel
+    b, d = x_bd.shape
+    s = pre_bs.shape[1]
+    low = x_enc.dtype == torch.bfloat16
+    W_dec = params["W_dec"][i].to(torch.bfloat16) if low else params["W_dec"][i]
+    g_dtype = torch.bfloat16 if low else torch.float32
+    off = torch.cat([offsets, offsets.new_tensor([len(cols)])])
+    n_dead = _n_dead(dead_s, hp)
+    sq, x_hat, g, g_vals, g_sum = sparse_cpu.decode(cols, vals, off, W_dec, params["b_dec"][i], x_bd,
+                                                    2.0 / (b * d), n_dead > 0, g_dtype)
+    g_W_dec, g_W_enc, g_b_enc, fired = sparse_cpu.weight_grads(rows, cols, vals, g_vals, g, x_enc, s)
     aux = x_bd.new_zeros(())
-    n_dead = 0 if dead_s is None or hp.aux_coef <= 0 else int(dead_s.sum())
+    if n_dead:
+        assert dead_s is not None
+        a_rows, a_cols, a_vals = _aux_select(pre_bs, dead_s, n_dead, hp)
+        resid = x_bd - x_hat
+        scale = hp.aux_coef * (comm.world if comm else 1) / centered_sq_sum(resid, comm).clamp_min(1e-12)
+        a_off = torch.arange(0, len(a_cols) + 1, len(a_cols) // b)
+        a_sq, _, a_g, a_gv, _ = sparse_cpu.decode(a_cols, a_vals, a_off, W_dec, torch.zeros(d), resid,
+                                                  2.0 * float(scale), False, g_dtype)
+        aux = scale * a_sq
+        sparse_cpu.weight_grads(a_rows, a_cols, a_vals, a_gv, a_g, x_enc, s,
+                                out=(g_W_dec, g_W_enc, g_b_enc, torch.zeros(s, dtype=torch.int64)))
+    g_b_dec = g_sum - g_b_enc @ params["W_enc"][i]  # W_enc rows: (s, d)
+    grads = {"W_enc": g_W_enc, "b_enc": g_b_enc, "W_dec": g_W_dec, "b_dec": g_b_dec}
+    return grads, sq / x_bd.numel(), sq, fired.float(), aux
+
+
+def _sparse_torch(
+    i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor, x_enc: Tensor, dead_s: Tensor | None,
+    hp: Hyper, comm: Comm | None, sel: Selected,
+) -> SparseOut:
+    """On CUDA, or with nested prefixes: the decoder differentiated by autograd, the encoder's gradients by a
+    CSR product."""
+    rows, cols, vals, offsets = sel
+    s, d = pre_bs.shape[1], x_bd.shape[1]
+    x_c_bd = x_enc[:, :d].float()
+    W_dec = params["W_dec"][i]
+    recon, x_hat, g_v, g_W_dec, g_b_dec = _autograd_sparse(cols, vals, offsets, W_dec, params["b_dec"][i], x_bd, hp)
+    g_v = g_v * (vals > 0)
+    g_W_enc, g_b_enc = _sparse_encoder_grads(g_v, rows, cols, x_c_bd, s)
+    aux = x_bd.new_zeros(())
+    n_dead = _n_dead(dead_s, hp)
     if n_dead:
         assert dead_s is not None
         resid = x_bd - x_hat.detach()
         aux, g_W_dec_aux, g_W_enc_aux, g_b_enc_aux = _auxk(pre_bs, dead_s, n_dead, resid, W_dec, x_c_bd, hp, comm)
         g_W_dec, g_W_enc, g_b_enc = g_W_dec + g_W_dec_aux, g_W_enc + g_W_enc_aux, g_b_enc + g_b_enc_aux
-    g_b_dec = g_b_dec - g_b_enc @ params["W_enc"][i]  # W_enc rows: (s, d)
+    g_b_dec = g_b_dec - g_b_enc @ params["W_enc"][i]
     fired = torch.bincount(cols[vals > 0], minlength=s).float()
-    min_act = vals[vals > 0].min() if hp.activation == "batchtopk" and bool((vals > 0).any()) else x_bd.new_zeros(())
     grads = {"W_enc": g_W_enc, "b_enc": g_b_enc, "W_dec": g_W_dec, "b_dec": g_b_dec}
-    return grads, recon + aux, x_hat, vals.sum() / len(x_bd), fired, aux, min_act
+    return grads, recon, (x_hat - x_bd).pow(2).sum(), fired, aux
 
 
-def _auxk(
-    pre_bs: Tensor, dead_s: Tensor, n_dead: int, resid_bd: Tensor, W_dec: Tensor, x_c_bd: Tensor, hp: Hyper,
-    comm: Comm | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """AuxK loss on the dead latents: (loss, grad_W_dec, grad_W_enc, grad_b_enc)."""
+def _aux_select(pre_bs: Tensor, dead_s: Tensor, n_dead: int, hp: Hyper) -> tuple[Tensor, Tensor, Tensor]:
+    """AuxK's entries (rows, cols, vals after the ReLU): each row's k_aux largest among the dead latents."""
     k = min(hp.k_aux, n_dead)
     if 2 * n_dead <= len(dead_s):  # few dead latents: select among their columns only
         dead_idx = dead_s.nonzero().squeeze(1)
@@ -290,9 +324,17 @@ def _auxk(
         cols = dead_idx[j]
     else:
         vals, cols = row_topk(torch.where(dead_s, pre_bs, torch.full_like(pre_bs, float("-inf"))), k)
-    b = len(pre_bs)
-    rows = torch.arange(b, device=pre_bs.device).repeat_interleave(k)
-    cols, vals = cols.flatten(), torch.relu(vals.flatten().float())
+    rows = torch.arange(len(pre_bs), device=pre_bs.device).repeat_interleave(k)
+    return rows, cols.flatten(), torch.relu(vals.flatten().float())
+
+
+def _auxk(
+    pre_bs: Tensor, dead_s: Tensor, n_dead: int, resid_bd: Tensor, W_dec: Tensor, x_c_bd: Tensor, hp: Hyper,
+    comm: Comm | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """AuxK loss on the dead latents: (loss, grad_W_dec, grad_W_enc, grad_b_enc)."""
+    rows, cols, vals = _aux_select(pre_bs, dead_s, n_dead, hp)
+    b, k = len(pre_bs), len(cols) // len(pre_bs)
     v = vals.detach().requires_grad_()
     W = W_dec.detach().requires_grad_()
     with torch.enable_grad():
@@ -321,15 +363,15 @@ def step(
     if hp.activation == "relu":
         grads, loss_m, x_hat, l1_m, fired, n_counted = _relu_step(params, x_bd, x_c, coef_m, hp, bf16)
         aux_m = min_act = torch.zeros_like(loss_m)
+        sq_m = (x_hat - x_bd).pow(2).sum((1, 2))
     else:
-        pre, _ = _encode(x_c, params, latent_rows=True, bf16=bf16)
+        pre, x_enc = _encode(x_c, params, latent_rows=True, bf16=bf16)
         per = [
-            _sparse_one(i, pre[i], params, x_bd, x_c[i], None if dead_ms is None else dead_ms[i], hp, comm)
+            _sparse_one(i, pre[i], params, x_bd, x_enc[i], None if dead_ms is None else dead_ms[i], hp, comm)
             for i in range(len(pre))
         ]
         stack = _stack_view if len(per) == 1 else torch.stack
         grads = {n: stack([p[0][n] for p in per]) for n in params}
         rest = [p[1:] for p in per]
-        loss_m, x_hat, l1_m, fired, aux_m, min_act = (stack([r[j] for r in rest]) for j in range(6))
-    err = (x_hat - x_bd).pow(2)
-    return StepOut(grads, loss_m, err.mean((1, 2)), err.sum((1, 2)) / var, l1_m, aux_m, fired, min_act, n_counted)
+        loss_m, l1_m, fired, aux_m, min_act, sq_m = (stack([r[j] for r in rest]) for j in range(6))
+    return StepOut(grads, loss_m, sq_m / x_bd.numel(), sq_m / var, l1_m, aux_m, fired, min_act, n_counted)

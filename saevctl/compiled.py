@@ -1,0 +1,111 @@
+"""The plumbing shared by saevctl's compiled (numba) CPU kernels: the `kernel` decorator, the thread count, and
+bfloat16 support (numba has none: a bfloat16 tensor goes in as its uint16 bits, read and written through `ld`/`st`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+from torch import Tensor
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def kernel(parallel: bool = False, fastmath: bool | set[str] = False) -> Callable[[F], F]:
+    """numba.njit, cached on disk, of the function itself (unwrapped: the test suite's type-checking import hook
+    wraps every saevctl function, and numba compiles Python, not a wrapper)."""
+
+    def compile(fn: F) -> F:
+        return cast(F, njit(cache=True, parallel=parallel, fastmath=fastmath)(inspect.unwrap(fn)))
+
+    return compile
+
+
+def n_threads() -> int:
+    """The threads a kernel runs on: torch's setting (`saevctl` sets it once), capped by numba's pool."""
+    n = max(1, min(torch.get_num_threads(), int(numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    return n
+
+
+def as_array(x: Tensor) -> np.ndarray:
+    """A CPU tensor's memory as numpy (no copy), bfloat16 as its uint16 bits (read back with `ld`)."""
+    return x.view(torch.uint16).numpy() if x.dtype == torch.bfloat16 else x.numpy()
+
+
+@intrinsic
+def _f32_from_bits(typingctx: Any, u: Any) -> Any:
+    """The float32 whose bits are the uint32 u (a bitcast, free once compiled)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _bits_from_f32(typingctx: Any, v: Any) -> Any:
+    """The uint32 bits of the float32 v."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+def ld(a: np.ndarray, j: int) -> np.float32:
+    """a[j] as float32, a holding float32 or bfloat16 bits as uint16 (compiled code only)."""
+    raise NotImplementedError
+
+
+def ld2(a: np.ndarray, i: int, j: int) -> np.float32:
+    """a[i, j] as float32, as `ld`."""
+    raise NotImplementedError
+
+
+def st2(a: np.ndarray, i: int, j: int, v: np.float32) -> None:
+    """a[i, j] = v, rounded to the nearest bfloat16 (ties to even) where a holds bfloat16 bits."""
+    raise NotImplementedError
+
+
+# numba matches each implementation's signature to its overload's, so these carry no annotations; no nested def
+# either (the tests' type-checking import hook would wrap it, and numba cannot compile the wrapper)
+@overload(ld)
+def _ld(a, j):  # type: ignore[no-untyped-def]
+    if a.dtype == types.uint16:
+        return lambda a, j: _f32_from_bits(np.uint32(a[j]) << np.uint32(16))  # type: ignore[call-arg]
+    return lambda a, j: a[j]
+
+
+@overload(ld2)
+def _ld2(a, i, j):  # type: ignore[no-untyped-def]
+    if a.dtype == types.uint16:
+        return lambda a, i, j: _f32_from_bits(np.uint32(a[i, j]) << np.uint32(16))  # type: ignore[call-arg]
+    return lambda a, i, j: a[i, j]
+
+
+@overload(st2)
+def _st2(a, i, j, v):  # type: ignore[no-untyped-def]
+    if a.dtype == types.uint16:
+        return lambda a, i, j, v: _store_bf16(a, i, j, v)
+    return lambda a, i, j, v: _store_f32(a, i, j, v)
+
+
+@kernel()
+def _store_bf16(a: np.ndarray, i: int, j: int, v: float) -> None:
+    u = _bits_from_f32(np.float32(v))  # type: ignore[call-arg, var-annotated]
+    a[i, j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@kernel()
+def _store_f32(a: np.ndarray, i: int, j: int, v: float) -> None:
+    a[i, j] = v

@@ -30,10 +30,18 @@ def kernel(parallel: bool = False, fastmath: bool | set[str] = False) -> Callabl
 
 
 def n_threads() -> int:
-    """The threads a kernel runs on: torch's setting (`saevctl` sets it once), capped by numba's pool."""
-    n = max(1, min(torch.get_num_threads(), int(numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
-    if numba.get_num_threads() != n:
+    """The threads a kernel runs on: torch's setting, capped by numba's pool.
+
+    numba's OpenMP pool shares the process's OpenMP runtime with torch, and starting it sets that runtime's thread
+    count to numba's own default (every core): torch's setting is put back, so that a kernel never changes how
+    many threads torch's own operations run on (nor, with them, their results' summation order)."""
+    n_torch = torch.get_num_threads()
+    numba_now = numba.get_num_threads()  # starts numba's pool on first use
+    n = max(1, min(n_torch, int(numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
+    if numba_now != n:
         numba.set_num_threads(n)
+    if torch.get_num_threads() != n_torch:
+        torch.set_num_threads(n_torch)
     return n
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from saevctl.compiled import as_array, kernel, ld2, n_threads, st2
 
 # no "nnan"/"ninf": a NaN in the batch must reach the loss (the trainer stops on it)
-FAST = {"reassoc", "contract", "nsz", "arcp"}
+FAST = {"reassoc", "nsz", "arcp"}
 
 
 @kernel(parallel=True, fastmath=FAST)

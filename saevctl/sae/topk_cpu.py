@@ -22,7 +22,7 @@ from torch import Tensor
 from saevctl.compiled import as_array, kernel, ld, n_threads
 
 GROUP = 16  # elements per strided group: one AVX-512 float32 vector per group's slice, measured fastest
-SLACK = 3  # the bisection stops once the groups above the threshold are at most SLACK * k
+SLACK = 1.5  # the bisection stops once the groups above the threshold are at most SLACK * k
 
 
 @kernel(fastmath={"reassoc", "nsz"})
@@ -63,7 +63,7 @@ def _min_max(a: np.ndarray, n: int) -> tuple[np.float32, np.float32]:
 
 
 @kernel()
-def _threshold(a: np.ndarray, n: int, k: int, slack: int) -> np.float32:
+def _threshold(a: np.ndarray, n: int, k: int, slack: float) -> np.float32:
     """A value t with at least k of a[:n] >= t, raised by bisection while more than slack * k are."""
     lo, hi = _min_max(a, n)
     for _ in range(64):
@@ -135,7 +135,7 @@ def _select_row(r: np.ndarray, k: int, ov: np.ndarray, oi: np.ndarray, cm: np.nd
             cv[n] = ld(r, j)
             ci[n] = j
             n += 1
-    if n > 2 * k:  # bisect once more, on the candidates, before the exact (branchy) quickselect
+    if n > 4 * k:  # bisect once more, on the candidates, before the exact (branchy) quickselect
         t = _threshold(cv, n, k, 1)
         m = 0
         for q in range(n):

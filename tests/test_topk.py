@@ -3,6 +3,10 @@ torch.topk: the same values, valid distinct indices, on the inputs that take eac
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -127,3 +131,13 @@ def test_row_topk_property(b: int, s: int, k_frac: float, kind: str, bf16: bool,
         "equal": lambda: torch.full((b, s), 1.5),
     }[kind]()
     _check(x.bfloat16() if bf16 else x, k)
+
+
+def test_a_kernel_leaves_torchs_thread_count_alone() -> None:
+    """numba's OpenMP pool shares the runtime with torch and sets its thread count when it starts: a fresh process
+    told to use one thread must still use one after its first kernel (else results depend on the call order)."""
+    code = ("import torch; from saevctl.sae.topk import row_topk; n = torch.get_num_threads(); "
+            "row_topk(torch.randn(8, 4096), 8); print(n, torch.get_num_threads())")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "1"], out.stdout + out.stderr

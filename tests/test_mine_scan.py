@@ -228,19 +228,20 @@ def test_fused_encoder_equals_sae_encode(activation: str, k: int) -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(code_streams(), st.sampled_from([None, 2]), st.sampled_from([1, 5, 1 << 18]))
+@given(code_streams(), st.sampled_from([None, 2]), st.sampled_from([1, 5, 1 << 18]), st.booleans())
 def test_fast_paths_equal_their_references(stream: tuple[torch.Tensor, list[int], int], cap: int | None,
-                                           block: int) -> None:
+                                           block: int, compiled: bool) -> None:
     """Entering rows' per-patch codes from the firing list (SPARSE_PATCHES) equal those read from the dense chunk,
-    and the blocked firing pass finds the same codes whatever its block size: every scanner output is equal."""
+    and the blocked firing pass finds the same codes whatever its block size, with the compiled kernel
+    (saevctl.mine.scan_cpu) or torch placing them: every scanner output is equal."""
     import saevctl.mine.scan as scan
 
     codes, cuts, k = stream
     n, p, s = codes.shape
     src_n = torch.arange(n) % 3
 
-    def feed(sparse: bool, firing_block: int) -> FeatureScanner:
-        scan.SPARSE_PATCHES, scan.FIRING_BLOCK = sparse, firing_block
+    def feed(sparse: bool, firing_block: int, compiled: bool) -> FeatureScanner:
+        scan.SPARSE_PATCHES, scan.FIRING_BLOCK, scan.COMPILED = sparse, firing_block, compiled
         try:
             sc = FeatureScanner(s, k, p, "max", top_n=3, keep_patches=True, max_per_source=cap)
             lo = 0
@@ -249,9 +250,9 @@ def test_fast_paths_equal_their_references(stream: tuple[torch.Tensor, list[int]
                 lo += c
             return sc
         finally:
-            scan.SPARSE_PATCHES, scan.FIRING_BLOCK = True, 1 << 18
+            scan.SPARSE_PATCHES, scan.FIRING_BLOCK, scan.COMPILED = True, 1 << 18, True
 
-    ref, fast = feed(False, 1 << 18), feed(True, block)
+    ref, fast = feed(False, 1 << 18, False), feed(True, block, compiled)
     _assert_same_scanner(ref, fast)
 
 

@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from saevctl.mine import scan_cpu
 from saevctl.mine.schema import HIST_LO, HIST_STEP, N_HIST
 
 # Features merged per block, so the transient copies of the exemplar state stay small.
@@ -22,6 +23,9 @@ MERGE_BLOCK = 2048
 SPARSE_PATCHES = True
 # Codes per block of the CPU firing pass (1 MiB of float32: fits in L2).
 FIRING_BLOCK = 1 << 18
+# Switch: False places the entering rows' per-patch codes with torch ops (the reference of saevctl.mine.scan_cpu's
+# compiled kernel; a test checks they agree exactly).
+COMPILED = True
 
 
 @dataclass(frozen=True)
@@ -158,12 +162,17 @@ class StreamingTopK:
         entries whose (row, feature) entered. O(firing codes) in-cache work instead of p strided reads (a cache
         miss each in a chunk of tens of MB) per entering row."""
         assert self.patches_skp is not None
+        self.patches_skp[fi, slot] = 0
+        if fi.device.type == "cpu" and COMPILED:
+            _, k, p = self.patches_skp.shape
+            dest, src = scan_cpu.entering(fired.key_n, fired.patch_n, row, fi, slot, fired.n_rows, fired.s, k, p)
+            self.patches_skp.view(-1)[dest] = fired.vals_n[src].to(self.patches_skp.dtype)
+            return
         entrant = torch.full((fired.n_rows * fired.s,), -1, dtype=torch.int64, device=fi.device)
         entrant[row * fired.s + fi] = torch.arange(len(fi), device=fi.device)
         e_n = entrant[fired.key_n]
         keep = (e_n >= 0).nonzero().squeeze(1)
         e_n = e_n[keep]
-        self.patches_skp[fi, slot] = 0
         self.patches_skp[fi[e_n], slot[e_n], fired.patch_n[keep]] = fired.vals_n[keep].to(self.patches_skp.dtype)
 
     def _settle_capped(self, f: Tensor, fi: Tensor, slot: Tensor, row: Tensor, allowed: Tensor, chosen: Tensor,

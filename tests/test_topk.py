@@ -107,6 +107,7 @@ def test_flat_topk_nan_and_ties_as_torch() -> None:
     x[2, 7] = float("nan")
     _check_flat(x, 1000)
     _check_flat(torch.randint(0, 3, (4, 65536)).float(), 1000)  # the k-th place tied many times over
+    _check_flat(torch.zeros(16, 65536), 4096)  # one value everywhere: left to torch.topk, not copied whole
 
 
 @settings(max_examples=60, deadline=None)

@@ -188,6 +188,7 @@ def rows(x_bs: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 FLAT_BLOCK = 4096  # groups per block of the flattened input: a block's maxima stay in L1 while its slices stream
 BINS = 4096  # histogram bins for the first threshold over all blocks' maxima
+TIED = 8  # more than TIED * k groups at or above the exact threshold: ties (bisection got no closer), torch decides
 
 
 @kernel(parallel=True)
@@ -289,7 +290,7 @@ def _n_at_least(a: np.ndarray, t: np.float32) -> int:
 
 @kernel()
 def _flat(x: np.ndarray, k: int, nt: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """The k largest of x (values, indices), and False (nothing selected) where x holds NaN."""
+    """The k largest of x (values, indices), and False (nothing selected) where x holds NaN or too many ties."""
     blk = FLAT_BLOCK * GROUP
     n_blocks = x.shape[0] // blk
     tail = x[n_blocks * blk:]
@@ -314,6 +315,8 @@ def _flat(x: np.ndarray, k: int, nt: int) -> tuple[np.ndarray, np.ndarray, bool]
         for th in range(nt):
             lo, hi = th * per * FLAT_BLOCK, min(n_blocks, (th + 1) * per) * FLAT_BLOCK
             seg[th + 1] = seg[th] + (_count_ge(cm[lo:hi], max(0, hi - lo), t) if hi > lo else 0) * GROUP
+        if seg[-1] > TIED * GROUP * k:  # ties the threshold cannot split (a constant batch): torch.topk, no copy
+            return np.empty(0, np.float32), np.empty(0, np.int64), False
         cv = np.empty(seg[-1], np.float32)
         ci = np.empty(seg[-1], np.int64)
         _flat_pass(x, n_blocks, t, nt, cm, nan, cv, ci, seg, counts)
@@ -347,6 +350,7 @@ def flat_supported(x: Tensor, k: int) -> bool:
 
 
 def flat(x: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
-    """(values, flat indices) of the k largest entries of `x`, unsorted; None where x holds NaN (torch decides)."""
+    """(values, flat indices) of the k largest entries of `x`, unsorted; None where x holds NaN or ties too many to
+    narrow (torch.topk decides)."""
     vals, idx, ok = _flat(as_array(x.reshape(-1)), k, n_threads())
     return (torch.from_numpy(vals).to(x.dtype), torch.from_numpy(idx)) if ok else None

@@ -230,17 +230,18 @@ def _autograd_sparse(
 
 
 def _sparse_one(
-    i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor, x_enc: Tensor, dead_s: Tensor | None, hp: Hyper,
-    comm: Comm | None,
+    i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor, x_c: Tensor, x_enc: Tensor,
+    dead_s: Tensor | None, hp: Hyper, comm: Comm | None,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """SAE i of a TopK/BatchTopK group: (grads, loss, l1, fired, aux, min_act, squared error summed).
-    x_enc: the encoder's input, x - b_dec in its first d columns (bfloat16 and folded under bf16 autocast)."""
+    x_c: x - b_dec (float32); x_enc: the encoder's input, x_c in its first d columns (bfloat16 and folded under
+    bf16 autocast: the compiled CPU passes gather it, in the encoder's precision)."""
     rows, cols, vals, offsets = _select(pre_bs, hp.activation, hp.k, comm)
     if len(hp.prefixes) == 1 and not x_bd.is_cuda:
         grads, recon, recon_sq, fired, aux = _sparse_cpu(i, pre_bs, params, x_bd, x_enc, dead_s, hp, comm,
                                                          (rows, cols, vals, offsets))
     else:
-        grads, recon, recon_sq, fired, aux = _sparse_torch(i, pre_bs, params, x_bd, x_enc, dead_s, hp, comm,
+        grads, recon, recon_sq, fired, aux = _sparse_torch(i, pre_bs, params, x_bd, x_c, dead_s, hp, comm,
                                                            (rows, cols, vals, offsets))
     min_act = vals[vals > 0].min() if hp.activation == "batchtopk" and bool((vals > 0).any()) else x_bd.new_zeros(())
     return grads, recon + aux, vals.sum() / len(x_bd), fired, aux, min_act, recon_sq
@@ -290,14 +291,13 @@ def _sparse_cpu(
 
 
 def _sparse_torch(
-    i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor, x_enc: Tensor, dead_s: Tensor | None,
+    i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor, x_c_bd: Tensor, dead_s: Tensor | None,
     hp: Hyper, comm: Comm | None, sel: Selected,
 ) -> SparseOut:
     """On CUDA, or with nested prefixes: the decoder differentiated by autograd, the encoder's gradients by a
     CSR product."""
     rows, cols, vals, offsets = sel
-    s, d = pre_bs.shape[1], x_bd.shape[1]
-    x_c_bd = x_enc[:, :d].float()
+    s = pre_bs.shape[1]
     W_dec = params["W_dec"][i]
     recon, x_hat, g_v, g_W_dec, g_b_dec = _autograd_sparse(cols, vals, offsets, W_dec, params["b_dec"][i], x_bd, hp)
     g_v = g_v * (vals > 0)
@@ -367,7 +367,7 @@ def step(
     else:
         pre, x_enc = _encode(x_c, params, latent_rows=True, bf16=bf16)
         per = [
-            _sparse_one(i, pre[i], params, x_bd, x_enc[i], None if dead_ms is None else dead_ms[i], hp, comm)
+            _sparse_one(i, pre[i], params, x_bd, x_c[i], x_enc[i], None if dead_ms is None else dead_ms[i], hp, comm)
             for i in range(len(pre))
         ]
         stack = _stack_view if len(per) == 1 else torch.stack

@@ -84,18 +84,26 @@ class _Group(typer.core.TyperGroup):
             if ctx.params.get("debug") or os.environ.get("SAEVCTL_DEBUG") == "1":
                 raise
             typer.echo(f"error: {e.one_line()}", err=True)
-            ctx.exit(2)
+            _error_exit(ctx)
         except MemoryError:
             if ctx.params.get("debug"):
                 raise
             typer.echo("error: out of memory. Use a smaller --batch-size or fewer images per step.", err=True)
-            ctx.exit(2)
+            _error_exit(ctx)
         except OSError as e:  # disk full, read-only, permissions, I/O errors: one line naming the path and the fix
             if ctx.params.get("debug") or os.environ.get("SAEVCTL_DEBUG") == "1":
                 raise
             typer.echo(f"error: {from_os_error(e).one_line()}", err=True)
-            ctx.exit(2)
+            _error_exit(ctx)
         return None
+
+
+def _error_exit(ctx: Context) -> None:
+    """Exit 2 after a one-line error; a rank of a multi-process run exits at once (saevctl.dist)."""
+    from saevctl.dist import exit_now_if_grouped
+
+    exit_now_if_grouped(2)
+    ctx.exit(2)
 
 
 def _usage_exit(e: UsageError, ctx: Context) -> None:

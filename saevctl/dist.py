@@ -226,6 +226,18 @@ def raise_if_any_failed(error: BaseException | None) -> None:
             raise DistError(f"rank {rank} failed: {msg.rstrip('.')}", "fix that rank's problem and re-run to resume")
 
 
+def exit_now_if_grouped(code: int) -> None:
+    """On an error, a rank still in a process group ends its process at once with `code`, output flushed: it
+    cannot leave the group cleanly (a peer may be dead), and the interpreter's teardown of the backend's threads
+    was seen to abort the process with SIGABRT ("terminate called without an active exception") after the
+    error line, turning exit 2 into -6. No-op without a group."""
+    if _is_initialized():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def shutdown() -> None:
     """Leave the process group together (no-op without one): a rank that tears its connections down while a
     peer is still finishing its last collective can make that peer's transport threads abort the process.

@@ -5,6 +5,7 @@ bfloat16 support (numba has none: a bfloat16 tensor goes in as its uint16 bits, 
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -17,6 +18,7 @@ from numba.extending import intrinsic, overload
 from torch import Tensor
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger(__name__)
 
 
 def kernel(parallel: bool = False, fastmath: bool | set[str] = False) -> Callable[[F], F]:
@@ -24,9 +26,26 @@ def kernel(parallel: bool = False, fastmath: bool | set[str] = False) -> Callabl
     wraps every saevctl function, and numba compiles Python, not a wrapper)."""
 
     def compile(fn: F) -> F:
-        return cast(F, njit(cache=True, parallel=parallel, fastmath=fastmath)(inspect.unwrap(fn)))
+        dispatcher = njit(cache=True, parallel=parallel, fastmath=fastmath)(inspect.unwrap(fn))
+        cache = getattr(dispatcher, "_cache", None)
+        if cache is not None and hasattr(cache, "save_overload"):
+            cache.save_overload = _cache_or_warn(cache.save_overload, fn.__qualname__)
+        return cast(F, dispatcher)
 
     return compile
+
+
+def _cache_or_warn(save: Callable[..., None], name: str) -> Callable[..., None]:
+    """numba's on-disk cache write, where a failure (a full disk, a read-only or vanished folder) costs only the
+    cache: the compiled kernel is in memory and the run goes on (numba itself would raise out of the first call)."""
+
+    def guarded(*args: Any, **kwargs: Any) -> None:
+        try:
+            save(*args, **kwargs)
+        except OSError as e:
+            log.warning("could not cache the compiled kernel %s (%s); it is compiled again next run", name, e)
+
+    return guarded
 
 
 def n_threads() -> int:

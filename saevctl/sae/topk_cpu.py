@@ -26,11 +26,19 @@ SLACK = 1.5  # the bisection stops once the groups above the threshold are at mo
 
 
 @kernel(fastmath={"reassoc", "nsz"})
-def _row_sum(r: np.ndarray) -> np.float32:  # NaN propagates through a sum: a NaN check in one vectorised pass
+def _row_sum(r: np.ndarray) -> np.float32:
     acc = np.float32(0.0)
     for j in range(r.shape[0]):
         acc += ld(r, j)
     return acc
+
+
+@kernel()
+def _has_nan(r: np.ndarray) -> bool:
+    """NaN (or +inf and -inf together) in r: a NaN propagates through a sum, one vectorised pass (which also
+    brings r into cache for the group maxima)."""
+    t = _row_sum(r)
+    return bool(t != t)
 
 
 @kernel(fastmath=True)
@@ -117,7 +125,7 @@ def _select_row(r: np.ndarray, k: int, ov: np.ndarray, oi: np.ndarray, cm: np.nd
                 cv: np.ndarray, ci: np.ndarray) -> bool:
     """The k largest of row r into ov/oi; False (nothing written) where the row holds NaN."""
     s = r.shape[0]
-    if _row_sum(r) != _row_sum(r):  # NaN, or +inf and -inf together: torch.topk decides
+    if _has_nan(r):  # torch.topk decides
         return False
     n_groups = s // GROUP
     _group_max(r, n_groups, cm)
@@ -249,7 +257,7 @@ def _flat_pass(x: np.ndarray, n_blocks: int, t: np.float32, nt: int, cm: np.ndar
         cap = seg[th + 1] - seg[th]
         for bi in range(th * per, min(n_blocks, (th + 1) * per)):
             part = x[bi * blk:(bi + 1) * blk]
-            nan[bi] = _row_sum(part) != _row_sum(part)
+            nan[bi] = _has_nan(part)
             m = cm[bi * FLAT_BLOCK:(bi + 1) * FLAT_BLOCK]
             _group_max(part, FLAT_BLOCK, m)
             for g in range(FLAT_BLOCK):
@@ -294,7 +302,7 @@ def _flat(x: np.ndarray, k: int, nt: int) -> tuple[np.ndarray, np.ndarray, bool]
     blk = FLAT_BLOCK * GROUP
     n_blocks = x.shape[0] // blk
     tail = x[n_blocks * blk:]
-    if _row_sum(tail) != _row_sum(tail):
+    if _has_nan(tail):
         return np.empty(0, np.float32), np.empty(0, np.int64), False
     cm = np.empty(n_blocks * FLAT_BLOCK, np.float32)
     nan = np.empty(n_blocks, np.bool_)

@@ -44,12 +44,11 @@ def _decode_rows(
             acc[:] = bias
             lo, hi = off[r], off[r + 1]
             for e in range(lo, hi - 1, 2):  # entries in pairs: two rows of W in flight (measured 1.3-1.6x)
-                v0, v1 = max(vals[e], zero), max(vals[e + 1], zero)
-                c0, c1 = cols[e], cols[e + 1]
+                v0, v1, c0, c1 = vals[e], vals[e + 1], cols[e], cols[e + 1]
                 for j in range(d):
                     acc[j] += v0 * ld2(W, c0, j) + v1 * ld2(W, c1, j)
             if (hi - lo) % 2:
-                v, c = max(vals[hi - 1], zero), cols[hi - 1]
+                v, c = vals[hi - 1], cols[hi - 1]
                 for j in range(d):
                     acc[j] += v * ld2(W, c, j)
             sq = zero
@@ -112,7 +111,7 @@ def _latent_grads(
         lo, hi = crow[c], crow[c + 1]
         for p in range(lo, hi - 1, 2):  # entries in pairs: four gathered rows in flight (measured 1.3-1.6x)
             e0, e1 = order[p], order[p + 1]
-            v0, v1 = max(vals[e0], zero), max(vals[e1], zero)
+            v0, v1 = vals[e0], vals[e1]
             w0 = g_vals[e0] if vals[e0] > 0 else zero
             w1 = g_vals[e1] if vals[e1] > 0 else zero
             r0, r1 = rows[e0], rows[e1]

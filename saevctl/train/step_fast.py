@@ -180,32 +180,16 @@ def _select(pre_bs: Tensor, activation: str, k: int, comm: Comm | None) -> tuple
     return rows, cols, torch.relu(vals[order].float()), offsets
 
 
-# a (latents x batch) CSR layout of the selected entries: (crow, batch rows in latent order, the argsort)
-ByLatent = tuple[Tensor, Tensor, Tensor]
-
-
-def _by_latent(rows: Tensor, cols: Tensor, s: int) -> ByLatent:
+def _sparse_encoder_grads(g_vals: Tensor, rows: Tensor, cols: Tensor, x_c_bd: Tensor, s: int) -> tuple[Tensor, Tensor]:
+    """dL/dW_enc as (s, d) rows and dL/db_enc (s,) from gradients at the selected (row, col) entries only:
+    a CSR (latents x batch) matrix times the (batch x d) inputs (the torch path; `sparse_cpu` on a CPU)."""
+    g_b_enc = torch.zeros(s, device=g_vals.device, dtype=torch.float32).index_add_(0, cols, g_vals)
     order = torch.argsort(cols, stable=True)  # rows stay ascending within a latent
-    counts = torch.bincount(cols, minlength=s)
     crow = torch.zeros(s + 1, dtype=torch.int64, device=cols.device)
-    torch.cumsum(counts, 0, out=crow[1:])
-    return crow, rows[order], order
-
-
-def _csr(crow: Tensor, idx: Tensor, vals: Tensor, shape: tuple[int, int]) -> Tensor:
+    torch.cumsum(torch.bincount(cols, minlength=s), 0, out=crow[1:])
     with warnings.catch_warnings():  # torch calls CSR "beta" on every construction
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, idx, vals, shape, check_invariants=False)
-
-
-def _sparse_encoder_grads(
-    g_vals: Tensor, rows: Tensor, cols: Tensor, x_c_bd: Tensor, s: int, lay: ByLatent | None = None
-) -> tuple[Tensor, Tensor]:
-    """dL/dW_enc as (s, d) rows and dL/db_enc (s,) from gradients at the selected (row, col) entries only:
-    a CSR (latents x batch) matrix times the (batch x d) inputs."""
-    g_b_enc = torch.zeros(s, device=g_vals.device, dtype=torch.float32).index_add_(0, cols, g_vals)
-    crow, rows_by_col, order = _by_latent(rows, cols, s) if lay is None else lay
-    g_pre_T = _csr(crow, rows_by_col, g_vals[order], (s, len(x_c_bd)))
+        g_pre_T = torch.sparse_csr_tensor(crow, rows[order], g_vals[order], (s, len(x_c_bd)), check_invariants=False)
     return torch.sparse.mm(g_pre_T, x_c_bd.float()), g_b_enc
 
 

@@ -79,8 +79,9 @@ def test_bf16_path_is_close_to_fp32(act: str, k: int) -> None:
     assert cos > 0.97
 
 
-def test_fused_adam_matches_plain_adam() -> None:
-    from saevctl.train import optim
+@pytest.mark.parametrize("impl", ["torch", "compiled"])
+def test_fused_adam_matches_plain_adam(impl: str) -> None:
+    from saevctl.train import optim, optim_cpu
 
     gen = torch.Generator().manual_seed(3)
     params = {"a": torch.randn(2, 5, 4, generator=gen), "b": torch.randn(2, 4, generator=gen)}
@@ -89,9 +90,39 @@ def test_fused_adam_matches_plain_adam() -> None:
     for t in range(5):
         grads = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
         optim.adam_update(params, grads, m1, [1e-2, 3e-3], t)
-        optim.adam_update_fused(twin, grads, m2, [1e-2, 3e-3], t)
+        if impl == "torch":
+            optim.adam_update_fused(twin, grads, m2, [1e-2, 3e-3], t)
+        else:
+            optim_cpu.adam_step(twin, grads, m2, [1e-2, 3e-3], t)
     for k in params:
         torch.testing.assert_close(twin[k], params[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m2[f"v.{k}"], m1[f"v.{k}"], rtol=1e-5, atol=1e-9)
+
+
+def test_compiled_adam_keeps_the_decoder_constraint_as_torch_does() -> None:
+    """The compiled pass folds the parallel-gradient removal and the renormalisation into Adam: the same update as
+    the three torch steps, for decoders stacked with their own learning rates, and the caller's gradient kept."""
+    from saevctl.train import optim, optim_cpu
+
+    gen = torch.Generator().manual_seed(4)
+    W = torch.randn(3, 40, 24, generator=gen)
+    optim.normalize_rows(W)
+    params = {"W_dec": W.clone(), "b_dec": torch.randn(3, 24, generator=gen)}
+    twin = {k: v.clone() for k, v in params.items()}
+    m1, m2 = optim.init_moments(params), optim.init_moments(twin)
+    lrs = [1e-2, 3e-3, 1e-1]
+    for t in range(6):
+        grads = {k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in params.items()}
+        kept = {k: v.clone() for k, v in grads.items()}
+        optim_cpu.adam_step(twin, grads, m2, lrs, t, frozenset({"W_dec"}))
+        assert all(torch.equal(grads[k], kept[k]) for k in grads)
+        optim.remove_parallel_grads(params["W_dec"], grads["W_dec"])
+        optim.adam_update(params, grads, m1, lrs, t)
+        optim.normalize_rows(params["W_dec"])
+    for k in params:
+        torch.testing.assert_close(twin[k], params[k], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(twin["W_dec"].norm(dim=-1), torch.ones(3, 40))
+    assert not torch.allclose(twin["W_dec"], W)  # the weights moved (lr 1e-1 on the third)
 
 
 @pytest.mark.gpu

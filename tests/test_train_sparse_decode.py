@@ -85,3 +85,24 @@ def test_accumulating_adds_onto_the_given_gradients() -> None:
     twice = sparse_cpu.weight_grads(c["rows"], c["cols"], c["vals"], g_vals, g, c["x_c"], s, out=base)
     for a, t in zip(once, twice, strict=True):
         torch.testing.assert_close(t, 2 * a)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_encoder_input_is_x_minus_b_dec_and_the_centred_sum_of_squares(bf16: bool) -> None:
+    """One pass gives every SAE's encoder input (bfloat16: folded [x - b_dec | 1 | 0 ...]) and the batch's centred
+    sum of squares, exact in float64 even where the activations' mean dwarfs their spread (a ViT's outlier
+    dimensions)."""
+    gen = torch.Generator().manual_seed(5)
+    b, d, m = 300, 37, 3
+    x = torch.randn(b, d, generator=gen) * 0.01 + torch.linspace(-400, 400, d)
+    b_dec = torch.randn(m, d, generator=gen) * 5
+    x_enc, var = sparse_cpu.encoder_input(x, b_dec, bf16, 16)
+    want = (x.double() - x.double().mean(0)).pow(2).sum()
+    torch.testing.assert_close(var.double(), want, rtol=1e-5, atol=0)
+    centred = x[None] - b_dec[:, None, :]
+    if not bf16:
+        assert x_enc.dtype == torch.float32 and torch.equal(x_enc, centred)
+        return
+    assert x_enc.dtype == torch.bfloat16 and x_enc.shape == (m, b, 48)
+    assert torch.equal(x_enc[..., :d], centred.bfloat16())
+    assert bool((x_enc[..., d] == 1).all()) and bool((x_enc[..., d + 1:] == 0).all())

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from saevctl.sae.model import SAE, SAEConfig
-from saevctl.train import optim, step_fast, step_ref
+from saevctl.train import optim, optim_cpu, step_fast, step_ref
 from saevctl.train.config import RunSpec
 from saevctl.train.step_ref import Hyper, StepOut
 
@@ -90,12 +90,17 @@ class SAEGroup:
         params = self.params
         if self.freeze_decoder:  # left out of the update: its Adam moments stay zero, its rows their random init
             params = {k: v for k, v in self.params.items() if k != "W_dec"}
+        lrs = [sp.lr * lr_scale for sp in self.specs]
+        if fused and self.params["W_dec"].device.type == "cpu":  # one compiled pass, the constraint inside it
+            optim_cpu.adam_step(params, out.grads, self.moments, lrs, step,
+                                frozenset() if self.freeze_decoder else frozenset({"W_dec"}))
         else:
-            optim.remove_parallel_grads(self.params["W_dec"], out.grads["W_dec"])
-        update = optim.adam_update_fused if fused else optim.adam_update
-        update(params, out.grads, self.moments, [sp.lr * lr_scale for sp in self.specs], step)
-        if not self.freeze_decoder:
-            optim.normalize_rows(self.params["W_dec"])
+            if not self.freeze_decoder:
+                optim.remove_parallel_grads(self.params["W_dec"], out.grads["W_dec"])
+            update = optim.adam_update_fused if fused else optim.adam_update
+            update(params, out.grads, self.moments, lrs, step)
+            if not self.freeze_decoder:
+                optim.normalize_rows(self.params["W_dec"])
         fired = out.fired_ms > 0
         since = self.trackers["since_fired"]
         since.add_(out.n_counted).masked_fill_(fired, 0)

@@ -133,6 +133,46 @@ def _latent_grads(
         fired[c] += n
 
 
+@kernel(parallel=True, fastmath=FAST)
+def _center_rows(x: np.ndarray, b_dec: np.ndarray, nt: int, out: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> None:
+    b, d = x.shape
+    m = b_dec.shape[0]
+    p = out.shape[1]
+    per = (b + nt - 1) // nt
+    for th in prange(nt):
+        s1[th, :] = 0
+        s2[th, :] = 0
+        for r in range(th * per, min(b, (th + 1) * per)):
+            for j in range(d):
+                c = np.float64(x[r, j] - b_dec[0, j])  # shifted by b_dec (near the mean): no cancellation
+                s1[th, j] += c
+                s2[th, j] += c * c
+            for i in range(m):
+                o = i * b + r
+                for j in range(d):
+                    st2(out, o, j, x[r, j] - b_dec[i, j])
+                if p > d:
+                    st2(out, o, d, np.float32(1.0))
+                    for j in range(d + 1, p):
+                        st2(out, o, j, np.float32(0.0))
+
+
+def encoder_input(x_bd: Tensor, b_dec_md: Tensor, bf16: bool, pad: int) -> tuple[Tensor, Tensor]:
+    """The encoder's input of every SAE and the batch's centred sum of squares (the FVU's denominator), in one
+    pass over x: (x_enc (m, b, P), sum ||x - mean(x)||^2). float32: x_enc = x - b_dec (P = d); bfloat16: [x - b_dec
+    | 1 | 0 ...], P rounded up to a multiple of `pad` (the encoder bias folded into the GEMM)."""
+    b, d = x_bd.shape
+    m = len(b_dec_md)
+    p = -(-(d + 1) // pad) * pad if bf16 else d
+    out = torch.empty(m, b, p, dtype=torch.bfloat16 if bf16 else torch.float32)
+    nt = n_threads()
+    s1, s2 = torch.empty(nt, d, dtype=torch.float64), torch.empty(nt, d, dtype=torch.float64)
+    _center_rows(x_bd.numpy(), b_dec_md.numpy(), nt, as_array(out.view(m * b, p)), s1.numpy(), s2.numpy())
+    t1, t2 = s1.sum(0), s2.sum(0)
+    var = (t2 - t1 * t1 / b).sum().clamp_min(0.0).float()
+    return out, var
+
+
 def decode(
     cols: Tensor, vals: Tensor, off: Tensor, W_sd: Tensor, bias_d: Tensor, target_bd: Tensor, scale: float,
     keep_x_hat: bool, g_dtype: torch.dtype,

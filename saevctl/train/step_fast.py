@@ -66,9 +66,12 @@ def _augmented(a: Tensor, extra: tuple[Tensor | float, ...], dtype: torch.dtype,
     return out
 
 
-def _encode(x_c_mbd: Tensor, params: dict[str, Tensor], latent_rows: bool, bf16: bool) -> tuple[Tensor, Tensor]:
+def _encode(
+    x_c_mbd: Tensor, params: dict[str, Tensor], latent_rows: bool, bf16: bool, x_in: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Pre-activations (m, b, s) in the compute dtype as [x_c | 1] @ [W_enc ; b_enc], and the left operand
-    ([x_c | 1], (m, b, P); x_c itself where the bias is not folded).
+    ([x_c | 1], (m, b, P); x_c itself where the bias is not folded). `x_in`: that operand, already made
+    (`sparse_cpu.encoder_input`).
 
     `latent_rows`: W_enc is stored (m, s, d) (TopK/BatchTopK) rather than (m, d, s) (ReLU)."""
     if latent_rows and not bf16:
@@ -76,7 +79,7 @@ def _encode(x_c_mbd: Tensor, params: dict[str, Tensor], latent_rows: bool, bf16:
         # step folds in float32 too: its [x_c | 1] also gives dL/db_enc in the gradient GEMM)
         return _bmm(x_c_mbd, params["W_enc"].transpose(1, 2), params["b_enc"][:, None, :]), x_c_mbd
     cd = torch.bfloat16 if bf16 else torch.float32
-    x_aug = _augmented(x_c_mbd, (1.0,), cd, dim=2)
+    x_aug = _augmented(x_c_mbd, (1.0,), cd, dim=2) if x_in is None else x_in
     if latent_rows:
         W_aug = _augmented(params["W_enc"], (params["b_enc"],), cd, dim=2).transpose(1, 2)
     else:
@@ -221,7 +224,7 @@ def _sparse_one(
     x_c: x - b_dec (float32); x_enc: the encoder's input, x_c in its first d columns (bfloat16 and folded under
     bf16 autocast: the compiled CPU passes gather it, in the encoder's precision)."""
     rows, cols, vals, offsets = _select(pre_bs, hp.activation, hp.k, comm)
-    if len(hp.prefixes) == 1 and not x_bd.is_cuda:
+    if _compiled(x_bd, hp):
         grads, recon, recon_sq, fired, aux = _sparse_cpu(i, pre_bs, params, x_bd, x_enc, dead_s, hp, comm,
                                                          (rows, cols, vals, offsets))
     else:
@@ -229,6 +232,12 @@ def _sparse_one(
                                                            (rows, cols, vals, offsets))
     min_act = vals[vals > 0].min() if hp.activation == "batchtopk" and bool((vals > 0).any()) else x_bd.new_zeros(())
     return grads, recon + aux, vals.sum() / len(x_bd), fired, aux, min_act, recon_sq
+
+
+def _compiled(x_bd: Tensor, hp: Hyper) -> bool:
+    """Whether a step runs the compiled CPU passes (`sparse_cpu`): a TopK/BatchTopK SAE without nested prefixes, on a
+    CPU."""
+    return hp.activation != "relu" and len(hp.prefixes) == 1 and not x_bd.is_cuda
 
 
 Selected = tuple[Tensor, Tensor, Tensor, Tensor]  # (rows, cols, vals, offsets) as `_select` returns them
@@ -341,15 +350,19 @@ def step(
     params: dict[str, Tensor], x_bd: Tensor, coef_m: Tensor, dead_ms: Tensor | None, hp: Hyper, bf16: bool = False,
     comm: Comm | None = None,
 ) -> StepOut:
-    x_c = x_bd[None] - params["b_dec"][:, None, :]
-    var = (x_bd - x_bd.mean(0)).pow(2).sum().clamp_min(1e-12)
     n_counted = len(x_bd)
+    if _compiled(x_bd, hp):  # x - b_dec in the encoder's dtype and layout, and the FVU's denominator, in one pass
+        x_c, var = sparse_cpu.encoder_input(x_bd, params["b_dec"], bf16, PAD)
+    else:
+        x_c = x_bd[None] - params["b_dec"][:, None, :]
+        var = (x_bd - x_bd.mean(0)).pow(2).sum()
+    var = var.clamp_min(1e-12)
     if hp.activation == "relu":
         grads, loss_m, x_hat, l1_m, fired, n_counted = _relu_step(params, x_bd, x_c, coef_m, hp, bf16)
         aux_m = min_act = torch.zeros_like(loss_m)
         sq_m = (x_hat - x_bd).pow(2).sum((1, 2))
     else:
-        pre, x_enc = _encode(x_c, params, latent_rows=True, bf16=bf16)
+        pre, x_enc = _encode(x_c, params, latent_rows=True, bf16=bf16, x_in=x_c if _compiled(x_bd, hp) else None)
         per = [
             _sparse_one(i, pre[i], params, x_bd, x_c[i], x_enc[i], None if dead_ms is None else dead_ms[i], hp, comm)
             for i in range(len(pre))

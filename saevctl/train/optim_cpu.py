@@ -69,8 +69,8 @@ def adam_step(
         g = grads[name].to(p.dtype)
         m, v = moments[f"m.{name}"], moments[f"v.{name}"]
         for i, lr in enumerate(lrs):
-            arrs = [_rows(x[i]) for x in (p, g, m, v)]
-            _adam_rows(*arrs, lr / c1, b1, b2, 1 / math.sqrt(c2), EPS, name in unit)
+            _adam_rows(_rows(p[i]), _rows(g[i]), _rows(m[i]), _rows(v[i]), lr / c1, b1, b2, 1 / math.sqrt(c2), EPS,
+                       name in unit)
 
 
 def _rows(x: Tensor) -> np.ndarray:

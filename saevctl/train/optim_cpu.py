@@ -49,7 +49,8 @@ def _adam_rows(
             p[r, j] = pj
             sq += pj * pj
         if unit:
-            inv = one / max(math.sqrt(sq), np.float32(1e-12))
+            nrm = math.sqrt(sq)
+            inv = one / (nrm if nrm > 1e-12 else np.float32(1e-12))
             for j in range(d):
                 p[r, j] *= inv
 

@@ -48,15 +48,15 @@ def _cache_or_warn(save: Callable[..., None], name: str) -> Callable[..., None]:
     return guarded
 
 
-def n_threads() -> int:
-    """The threads a kernel runs on: torch's setting, capped by numba's pool.
+def n_threads(want: int | None = None) -> int:
+    """The threads a kernel runs on: `want`, or else torch's setting, capped by numba's pool.
 
     numba's OpenMP pool shares the process's OpenMP runtime with torch, and starting it sets that runtime's thread
     count to numba's own default (every core): torch's setting is put back, so that a kernel never changes how
     many threads torch's own operations run on (nor, with them, their results' summation order)."""
     n_torch = torch.get_num_threads()
     numba_now = numba.get_num_threads()  # starts numba's pool on first use
-    n = max(1, min(n_torch, int(numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
+    n = max(1, min(want or n_torch, int(numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
     if numba_now != n:
         numba.set_num_threads(n)
     if torch.get_num_threads() != n_torch:
@@ -80,7 +80,7 @@ def _f32_from_bits(typingctx: Any, u: Any) -> Any:
 
 
 @intrinsic
-def _bits_from_f32(typingctx: Any, v: Any) -> Any:
+def f32_bits(typingctx: Any, v: Any) -> Any:
     """The uint32 bits of the float32 v."""
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
@@ -129,10 +129,41 @@ def _st2(a, i, j, v):  # type: ignore[no-untyped-def]
 
 @kernel()
 def _store_bf16(a: np.ndarray, i: int, j: int, v: float) -> None:
-    u = _bits_from_f32(np.float32(v))  # type: ignore[call-arg, var-annotated]
+    u = f32_bits(np.float32(v))  # type: ignore[call-arg, var-annotated]
     a[i, j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
 
 @kernel()
 def _store_f32(a: np.ndarray, i: int, j: int, v: float) -> None:
     a[i, j] = v
+
+
+@kernel()
+def f16_bits(v: float) -> np.uint16:
+    """The bits of float32 v rounded to the nearest float16 (ties to even; overflow to inf, NaN kept), as
+    `torch.Tensor.half()` rounds (numba has no float16 on a CPU)."""
+    u = f32_bits(np.float32(v))  # type: ignore[call-arg, var-annotated]
+    sign = (u >> np.uint32(16)) & np.uint32(0x8000)
+    e = np.int64((u >> np.uint32(23)) & np.uint32(0xFF))
+    mant = u & np.uint32(0x7FFFFF)
+    if e == 0xFF:  # inf, NaN (quiet)
+        return np.uint16(sign | np.uint32(0x7C00) | (np.uint32(0x200) if mant else np.uint32(0)))
+    ex = e - 112  # the float16 biased exponent
+    if ex >= 31:
+        return np.uint16(sign | np.uint32(0x7C00))
+    if ex <= 0:  # a float16 subnormal, or zero
+        if ex < -10:
+            return np.uint16(sign)
+        m = mant | np.uint32(0x800000)
+        shift = np.uint32(14 - ex)
+        h = m >> shift
+        rem = m & ((np.uint32(1) << shift) - np.uint32(1))
+        half = np.uint32(1) << (shift - np.uint32(1))
+        if rem > half or (rem == half and (h & np.uint32(1))):
+            h += np.uint32(1)
+        return np.uint16(sign | h)
+    h = (np.uint32(ex) << np.uint32(10)) | (mant >> np.uint32(13))
+    rem = mant & np.uint32(0x1FFF)
+    if rem > np.uint32(0x1000) or (rem == np.uint32(0x1000) and (h & np.uint32(1))):
+        h += np.uint32(1)  # a carry into the exponent is right, up to inf
+    return np.uint16(sign | h)

@@ -1,7 +1,9 @@
 """Streaming statistics over SAE codes: per-feature top-k exemplars merged chunk by chunk, firing counts,
 log-binned histograms and per-image top features. Memory is bounded by features x k, never by images.
 
-Pure torch, no I/O: `pipeline.py` feeds it chunks of codes; tests compare it with `torch.topk` on everything.
+No I/O: `pipeline.py` feeds it chunks of codes; tests compare it with `torch.topk` on everything. On a CPU a
+chunk is folded in by one compiled pass (saevctl.mine.scan_cpu.scan); the torch code here is its reference and
+runs on CUDA and for a per-source cap.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from saevctl.mine import scan_cpu
-from saevctl.mine.schema import HIST_LO, HIST_STEP, N_HIST
+from saevctl.mine.schema import N_HIST, hist_edges
 
 # Features merged per block, so the transient copies of the exemplar state stay small.
 MERGE_BLOCK = 2048
@@ -23,9 +25,12 @@ MERGE_BLOCK = 2048
 SPARSE_PATCHES = True
 # Codes per block of the CPU firing pass (1 MiB of float32: fits in L2).
 FIRING_BLOCK = 1 << 18
-# Switch: False places the entering rows' per-patch codes with torch ops (the reference of saevctl.mine.scan_cpu's
-# compiled kernel; a test checks they agree exactly).
+# Switch: False makes a CPU scan fold chunks in with torch ops (the reference of saevctl.mine.scan_cpu's compiled
+# scan; tests check they agree) and place entering rows' per-patch codes with torch ops.
 COMPILED = True
+# The histogram's inner bin edges as float32: a value's bin is how many of them are <= it, on every path.
+HIST_INNER = np.array([hi for _lo, hi in hist_edges()[:-1]], dtype=np.float32)
+HIST_TABLE = scan_cpu.bin_table(HIST_INNER)
 
 
 @dataclass(frozen=True)
@@ -285,6 +290,9 @@ class FeatureScanner:
         self.n_tokens = self.n_images = 0
         self._mask: np.ndarray | None = None
         self._one = torch.ones(1, dtype=torch.int64, device=device)
+        # the compiled scan's threads: torch's count where the scanner is made (the pipeline then runs the torch
+        # path's many small ops on one thread, see pipeline._one_thread)
+        self.threads = torch.get_num_threads()
         self.image_top: list[tuple[Tensor, Tensor, Tensor]] = []  # (ids_b, feats_bn, vals_bn)
 
     def update(
@@ -295,6 +303,32 @@ class FeatureScanner:
         TopK encoder's (TopKCodes). `src_b`: each image's source photo (a number), for max_per_source."""
         b, p, s = codes_bps.shape
         assert s == self.s
+        if self._compiled(codes_bps, ids_b):
+            t = self.topk
+            tk = isinstance(codes_bps, TopKCodes)
+            codes = (codes_bps.vals_tk, codes_bps.idx_tk) if tk else codes_bps.reshape(-1, s)  # type: ignore[union-attr]
+            scores_bs = scan_cpu.scan(codes, b, p, self.by == "mean", ids_b, HIST_INNER, HIST_TABLE, t.vals_ks,
+                                      t.ids_ks, t.patches_skp, self.img_fired, self.sum, self.img_score_sum, self.max,
+                                      self.hist_sb, self.threads)
+            self.n_tokens += b * p
+            self.n_images += b
+        else:
+            scores_bs = self._update_torch(codes_bps, ids_b, src_b)
+        vals_bn, feats_bn = scores_bs.topk(self.top_n, dim=1)
+        self.image_top.append((ids_b.clone(), feats_bn.to(torch.int32), vals_bn.float()))
+
+    def _compiled(self, codes_bps: Tensor | TopKCodes, ids_b: Tensor) -> bool:
+        """Whether a chunk goes to the compiled scan (saevctl.mine.scan_cpu): on a CPU, uncapped, float32 codes."""
+        t = self.topk
+        codes = codes_bps.vals_tk if isinstance(codes_bps, TopKCodes) else codes_bps
+        return (COMPILED and codes.device.type == "cpu" and codes.dtype == torch.float32 and t.cap is None
+                and ids_b.dtype == torch.int64 and (t.patches_skp is None or t.patches_skp.dtype == torch.float16))
+
+    def _update_torch(
+        self, codes_bps: Tensor | TopKCodes, ids_b: Tensor, src_b: Tensor | None
+    ) -> Tensor:
+        """`update` in torch ops (CUDA, capped top-k, the reference): returns the images' scores (b, s)."""
+        b, p, s = codes_bps.shape
         # One dense pass (none for TopKCodes) finds the firing codes; every statistic is then computed on those few
         # entries.
         idx, vals = codes_bps.firing() if isinstance(codes_bps, TopKCodes) else self._firing(codes_bps.reshape(-1))
@@ -313,7 +347,7 @@ class FeatureScanner:
         self.img_fired += (amax_bs > 0).sum(0)
         self.sum += torch.bincount(feat, weights=vals.double(), minlength=s)
         self.img_score_sum += scores_bs.sum(0, dtype=torch.float64)
-        bins = ((vals.log10() - HIST_LO) / HIST_STEP).floor_().add_(1).clamp_(0, N_HIST - 1).long()
+        bins = torch.searchsorted(torch.from_numpy(HIST_INNER).to(dev), vals, right=True)
         # Counted in place: a bincount of s * N_HIST would zero and add tens of MB per chunk at wide SAEs.
         self.hist_sb.scatter_add_(0, feat * N_HIST + bins, self._one.expand(len(bins)))
         self.n_tokens += b * p
@@ -325,8 +359,7 @@ class FeatureScanner:
             else:
                 patches = codes_bps.dense() if isinstance(codes_bps, TopKCodes) else codes_bps
         self.topk.update(scores_bs, ids_b, patches, src_b)
-        vals_bn, feats_bn = scores_bs.topk(self.top_n, dim=1)
-        self.image_top.append((ids_b.clone(), feats_bn.to(torch.int32), vals_bn.float()))
+        return scores_bs
 
     def _firing(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """Flat indices and values of the codes > 0. On CPU with numpy, over a reused mask, a block of FIRING_BLOCK

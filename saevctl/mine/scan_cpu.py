@@ -1,15 +1,24 @@
-"""A compiled (numba) CPU kernel of the mining scan (saevctl.mine.scan): where the per-patch codes of the rows
-entering the streaming top-k go, found in one pass over the chunk's firing codes; exactly what the torch code
-beside it in scan.py finds, in the same order.
+"""Compiled (numba) CPU kernels of the mining scan (saevctl.mine.scan).
+
+- `scan`: a whole chunk folded into a scanner's state, the features split among the threads. Each thread reads
+  the chunk's codes once (dense codes a 64-code block at a time, a vector test skipping blocks with none
+  positive; a TopK encoder's k codes per token directly) and, image by image, updates its features' statistics
+  and their top-k slots: an image whose score beats a feature's smallest slot takes that slot, and its per-patch
+  codes are written from the codes it just read. The same statistics and exemplars as the torch code in scan.py
+  (the reference: CUDA and the per-source cap run it); the float64 sums differ only in summation order, and
+  among equal scores another row may be kept (tests/test_mine_scan.py).
+- `entering`: where the per-patch codes of the rows entering the torch path's top-k go, found in one pass over
+  the chunk's firing codes; exactly what the torch code beside it finds, in the same order.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from numba import prange
 from torch import Tensor
 
-from saevctl.compiled import kernel
+from saevctl.compiled import f16_bits, f32_bits, kernel, n_threads
 
 
 @kernel()
@@ -36,3 +45,219 @@ def entering(key_n: Tensor, patch_n: Tensor, row: Tensor, fi: Tensor, slot: Tens
     src = np.empty(len(key_n), np.int64)
     m = _entering(key_n.numpy(), patch_n.numpy(), entrant, fi.numpy(), slot.numpy(), k, n_patches, dest, src)
     return torch.from_numpy(dest[:m]), torch.from_numpy(src[:m])
+
+
+@kernel()
+def _bin(v: float, edges: np.ndarray, table: np.ndarray) -> int:
+    """The histogram bin of v > 0: how many of the ascending float32 inner edges are <= v. `table` holds it for
+    the smallest float32 of each value of the top 16 bits; such a range is narrower than a bin, so at most one
+    edge lies inside it."""
+    u = f32_bits(np.float32(v))  # type: ignore[call-arg, var-annotated]
+    bn = np.int64(table[u >> np.uint32(16)])
+    if bn < edges.shape[0] and v >= edges[bn]:
+        bn += 1
+    return bn
+
+
+def bin_table(edges: np.ndarray) -> np.ndarray:
+    """`_bin`'s table: for each top-16-bit prefix of a float32, the bin of the smallest value with it."""
+    low = (np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)).view(np.float32)
+    with np.errstate(invalid="ignore"):
+        return np.searchsorted(edges, low, side="right").astype(np.uint8)
+
+
+BLOCK = 64  # dense codes tested per vector pass for any positive one (measured fastest of 16 to 128 at ~1.5% firing)
+
+
+@kernel(fastmath=True)
+def _n_positive(x: np.ndarray) -> np.int32:
+    """How many of x are > 0: one vectorised pass. (Every compiled loop here runs an index from 0 over a slice:
+    with a start numba cannot prove non-negative it checks each index for wraparound and does not vectorise.)"""
+    c = np.int32(0)
+    zero = np.float32(0.0)
+    for e in range(x.shape[0]):
+        if x[e] > zero:
+            c += np.int32(1)
+    return c
+
+
+@kernel(parallel=True)
+def _scan(
+    dense: np.ndarray, tk_vals: np.ndarray, tk_idx: np.ndarray, b: int, p: int, by_mean: bool, ids_b: np.ndarray,
+    edges: np.ndarray, table: np.ndarray, nt: int, vals_ks: np.ndarray, ids_ks: np.ndarray, patches: np.ndarray,
+    img_fired: np.ndarray, vsum: np.ndarray, img_score_sum: np.ndarray, vmax: np.ndarray, hist: np.ndarray,
+    scores_bs: np.ndarray,
+) -> None:
+    """One chunk of b images x p tokens folded into a scanner's state, thread th owning a range of features.
+    Codes come dense ((b p, s) float32) or as a TopK encoder's ((b p, kc) values and features); the other pair is
+    empty."""
+    s = vals_ks.shape[1]
+    per = ((s + nt - 1) // nt + 15) // 16 * 16  # ranges of whole cache lines of float32
+    for th in prange(nt):
+        lo = min(s, th * per)
+        _scan_range(dense, tk_vals, tk_idx, b, p, by_mean, ids_b, edges, table, lo, min(s, lo + per), vals_ks, ids_ks,
+                    patches, img_fired, vsum, img_score_sum, vmax, hist, scores_bs)
+
+
+@kernel()
+def _scan_range(
+    dense: np.ndarray, tk_vals: np.ndarray, tk_idx: np.ndarray, b: int, p: int, by_mean: bool, ids_b: np.ndarray,
+    edges: np.ndarray, table: np.ndarray, lo: int, hi: int, vals_ks: np.ndarray, ids_ks: np.ndarray,
+    patches: np.ndarray, img_fired: np.ndarray, vsum: np.ndarray, img_score_sum: np.ndarray, vmax: np.ndarray,
+    hist: np.ndarray, scores_bs: np.ndarray,
+) -> None:
+    """`_scan`'s work on features lo..hi-1 (vsum ... scores_bs written there only)."""
+    k = vals_ks.shape[0]
+    use_dense = dense.shape[0] > 0
+    keep = patches.shape[0] > 0
+    kc = tk_idx.shape[1]
+    zero = np.float32(0.0)
+    w = hi - lo
+    sc = np.zeros(w, np.float32)  # this image's score per feature (0: not fired)
+    ent = np.full(w, -1, np.int64)  # the slot this image entered, per feature
+    touched = np.empty(w, np.int64)
+    csum = np.zeros(w, np.float64)  # this chunk's sums, added to the running ones at the end (as torch does)
+    cscore = np.zeros(w, np.float64)
+    minv = np.empty(w, np.float32)  # each feature's smallest slot value and its (first) slot
+    mins = np.empty(w, np.int64)
+    minv[:] = vals_ks[0, lo:hi]
+    mins[:] = 0
+    for r in range(1, k):  # row by row: a feature's k slots are a strided column
+        row = vals_ks[r, lo:hi]
+        for j in range(w):
+            if row[j] < minv[j]:
+                minv[j], mins[j] = row[j], r
+    n_open = 0  # features with an empty (-inf) slot
+    for j in range(w):
+        n_open += minv[j] == -np.inf
+    # this image's firing codes (feature - lo, token, value), for the per-patch codes of the rows that enter
+    cap = p * (w if use_dense else min(w, kc)) if keep else 0
+    fj, ft, fv = np.empty(cap, np.int32), np.empty(cap, np.int32), np.empty(cap, np.float32)
+    for i in range(b):
+        n_t = n_e = 0
+        for t0 in range(p):
+            t = i * p + t0
+            if use_dense:
+                row = dense[t, lo:hi]
+                for q in range(0, w, BLOCK):  # blocks with no positive code skipped by one vector pass
+                    blk = row[q : q + BLOCK]
+                    if _n_positive(blk):
+                        for e in range(blk.shape[0]):
+                            v = blk[e]
+                            if v > zero:
+                                n_t = _fire(q + e, v, lo, by_mean, edges, table, n_t, csum, vmax, hist, sc,
+                                            touched)
+                                if keep:
+                                    fj[n_e], ft[n_e], fv[n_e] = q + e, t0, v
+                                    n_e += 1
+            else:
+                vr, ir = tk_vals[t], tk_idx[t]
+                for e in range(kc):
+                    f = ir[e]
+                    v = vr[e]
+                    if lo <= f < hi and v > zero:
+                        n_t = _fire(f - lo, v, lo, by_mean, edges, table, n_t, csum, vmax, hist, sc, touched)
+                        if keep:
+                            fj[n_e], ft[n_e], fv[n_e] = f - lo, t0, v
+                            n_e += 1
+        entered = False
+        for u in range(n_t):
+            j = touched[u]
+            score = sc[j] / np.float32(p) if by_mean else sc[j]
+            img_fired[lo + j] += 1
+            cscore[j] += score
+            scores_bs[i, lo + j] = score
+            if score > minv[j]:
+                n_open -= minv[j] == -np.inf
+                _enter(j, lo, score, ids_b[i], vals_ks, ids_ks, minv, mins, ent, patches, keep, p)
+                n_open += minv[j] == -np.inf
+                entered = True
+        if n_open > 0:  # a feature that has not filled its k slots takes this image at score 0 (torch.topk's)
+            for j in range(w):
+                if sc[j] == 0 and minv[j] == -np.inf:
+                    n_open -= 1
+                    _enter(j, lo, 0.0, ids_b[i], vals_ks, ids_ks, minv, mins, ent, patches, False, p)
+                    n_open += minv[j] == -np.inf
+        if entered:  # the entering rows' per-patch codes
+            for q in range(n_e):
+                j = fj[q]
+                if ent[j] >= 0:
+                    patches[((lo + j) * k + ent[j]) * p + ft[q]] = f16_bits(fv[q])
+        for u in range(n_t):
+            j = touched[u]
+            sc[j] = 0
+            ent[j] = -1
+    for j in range(w):
+        vsum[lo + j] += csum[j]
+        img_score_sum[lo + j] += cscore[j]
+
+
+@kernel()
+def _find_min(vals_ks: np.ndarray, f: int, j: int, minv: np.ndarray, mins: np.ndarray) -> None:
+    """Feature f's smallest slot value and its first slot, into minv[j], mins[j]."""
+    col = vals_ks[:, f]
+    m, q = col[0], 0
+    for r in range(col.shape[0]):
+        if col[r] < m:
+            m, q = col[r], r
+    minv[j], mins[j] = m, q
+
+
+@kernel()
+def _fire(j: int, v: float, lo: int, by_mean: bool, edges: np.ndarray, table: np.ndarray, n_t: int, csum: np.ndarray,
+          vmax: np.ndarray, hist: np.ndarray, sc: np.ndarray, touched: np.ndarray) -> int:
+    """A firing code v of feature lo + j: the statistics, and the image's score (the feature listed as touched
+    on its first code); returns the touched count."""
+    f = lo + j
+    csum[j] += v
+    if v > vmax[f]:
+        vmax[f] = v
+    hist[f * (edges.shape[0] + 1) + _bin(v, edges, table)] += 1
+    if sc[j] == 0:
+        touched[n_t] = j
+        n_t += 1
+    if by_mean:
+        sc[j] += v
+    elif v > sc[j]:
+        sc[j] = v
+    return n_t
+
+
+@kernel()
+def _enter(j: int, lo: int, score: float, image_id: int, vals_ks: np.ndarray, ids_ks: np.ndarray, minv: np.ndarray,
+           mins: np.ndarray, ent: np.ndarray, patches: np.ndarray, keep: bool, p: int) -> None:
+    """The image takes feature lo + j's smallest slot (its per-patch codes zeroed, to be written by the caller);
+    the feature's smallest slot is found again."""
+    k = vals_ks.shape[0]
+    f, q = lo + j, mins[j]
+    vals_ks[q, f] = score
+    ids_ks[q, f] = image_id
+    if keep:
+        ent[j] = q
+        base = (f * k + q) * p
+        patches[base : base + p] = 0
+    _find_min(vals_ks, f, j, minv, mins)
+
+
+def scan(
+    codes: Tensor | tuple[Tensor, Tensor], b: int, p: int, by_mean: bool, ids_b: Tensor, edges: np.ndarray,
+    table: np.ndarray,
+    vals_ks: Tensor, ids_ks: Tensor, patches_skp: Tensor | None, img_fired: Tensor, vsum: Tensor,
+    img_score_sum: Tensor, vmax: Tensor, hist: Tensor, threads: int,
+) -> Tensor:
+    """Fold one chunk into a scanner's state in place (the arguments from `vals_ks` on are updated), the features
+    split among `threads` threads; returns the images' scores (b, s). `codes`: dense (b p, s) float32, or a TopK
+    encoder's (values, features), (b p, kc) each."""
+    s = vals_ks.shape[1]
+    if isinstance(codes, Tensor):
+        dense, tk_vals, tk_idx = codes.float().numpy(), np.empty((0, 0), np.float32), np.empty((0, 0), np.int64)
+    else:
+        dense = np.empty((0, 0), np.float32)
+        tk_vals, tk_idx = codes[0].float().numpy(), codes[1].numpy()
+    scores = torch.zeros(b, s)
+    patches = (patches_skp.view(torch.int16).numpy().view(np.uint16).reshape(-1) if patches_skp is not None
+               else np.empty(0, np.uint16))
+    _scan(dense, tk_vals, tk_idx, b, p, by_mean, ids_b.numpy(), edges, table, n_threads(threads), vals_ks.numpy(),
+          ids_ks.numpy(), patches, img_fired.numpy(), vsum.numpy(), img_score_sum.numpy(), vmax.numpy(), hist.numpy(),
+          scores.numpy())
+    return scores

@@ -229,9 +229,9 @@ def test_fused_encoder_equals_sae_encode(activation: str, k: int) -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(code_streams(), st.sampled_from([None, 2]), st.sampled_from([1, 5, 1 << 18]), st.booleans(),
-       st.sampled_from(["max", "mean"]))
+       st.sampled_from(["max", "mean"]), st.booleans())
 def test_fast_paths_equal_their_references(stream: tuple[torch.Tensor, list[int], int], cap: int | None,
-                                           block: int, compiled: bool, by: str) -> None:
+                                           block: int, compiled: bool, by: str, keep: bool) -> None:
     """Entering rows' per-patch codes from the firing list (SPARSE_PATCHES) equal those read from the dense chunk,
     and the blocked firing pass finds the same codes whatever its block size, with the compiled kernel
     (saevctl.mine.scan_cpu) or torch placing them: every scanner output is equal."""
@@ -244,7 +244,7 @@ def test_fast_paths_equal_their_references(stream: tuple[torch.Tensor, list[int]
     def feed(sparse: bool, firing_block: int, compiled: bool) -> FeatureScanner:
         scan.SPARSE_PATCHES, scan.FIRING_BLOCK, scan.COMPILED = sparse, firing_block, compiled
         try:
-            sc = FeatureScanner(s, k, p, by, top_n=3, keep_patches=True, max_per_source=cap)
+            sc = FeatureScanner(s, k, p, by, top_n=3, keep_patches=keep, max_per_source=cap)
             lo = 0
             for c in cuts:
                 sc.update(codes[lo : lo + c], torch.arange(lo, lo + c), src_n[lo : lo + c])
@@ -307,17 +307,20 @@ def _assert_same_scanner(ref: FeatureScanner, fast: FeatureScanner, exact: bool 
     Not `exact`: slot by slot only up to the order of slots and, among equal values, which row was kept (the
     compiled scan against torch.topk's merge), and the float64 sums up to their summation order."""
     if exact:
-        pairs = [(ref.topk.vals_ks, fast.topk.vals_ks), (ref.topk.ids_ks, fast.topk.ids_ks),
-                 (ref.topk.patches_skp, fast.topk.patches_skp)]
+        pairs = [(ref.topk.vals_ks, fast.topk.vals_ks), (ref.topk.ids_ks, fast.topk.ids_ks)]
+        if ref.topk.patches_skp is not None or fast.topk.patches_skp is not None:
+            pairs.append((ref.topk.patches_skp, fast.topk.patches_skp))
     else:
         (rv, ri, rs), (fv, fi, fs) = ref.topk.ranked(), fast.topk.ranked()
         pairs = [(rv, fv)]
         for f in range(rv.shape[1]):
-            assert ref.topk.patches_skp is not None and fast.topk.patches_skp is not None
             ranks = [r for r in range(len(rv)) if rv[r, f] > 0 and int((rv[:, f] == rv[r, f]).sum()) == 1]
             for r in ranks:  # a positive value no other slot shares: the same image, with the same codes
                 assert ri[r, f] == fi[r, f], (f, r)
-                assert torch.equal(ref.topk.patches_skp[f, rs[r, f]], fast.topk.patches_skp[f, fs[r, f]])
+                rp, fp = ref.topk.patches_skp, fast.topk.patches_skp
+                assert (rp is None) == (fp is None)
+                if rp is not None and fp is not None:
+                    assert torch.equal(rp[f, rs[r, f]], fp[f, fs[r, f]])
     pairs += list(zip(ref.image_features(), fast.image_features(), strict=True))
     for a, b in pairs:
         assert torch.equal(a, b)

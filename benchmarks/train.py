@@ -5,7 +5,8 @@ Usage: python benchmarks/train.py [--quick] [--widths 6144,24576] [--batch 4096]
 Ceilings (no saevctl code; float32 weights, bf16 through torch.autocast as the step runs it):
 - ReLU: the 5 GEMMs of a dense SAE step, (b, d) @ (d, s) @ (s, d) forward and backward through autograd.
 - TopK and BatchTopK (k per token on average): the encoder GEMM `x @ W_enc` plus the sparse decoder's minimum
-  work (b*k*d multiply-adds to decode and b*k*d for its gradient) counted at that GEMM's measured rate.
+  work (b*k*d multiply-adds to decode and b*k*d for each of its gradients, dL/dW_dec and dL/dcodes) counted at
+  that GEMM's measured rate.
 - Loader: casting the same number of float16 rows from the store's memory maps, in order, into a reused float32
   batch.
 Paths: one whole `fast` step of one SAE (encode, decode, losses, gradients, decoder constraint, Adam); no AuxK;

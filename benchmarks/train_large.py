@@ -6,7 +6,8 @@ Writes a real synthetic activation store (float16, d=768, 256 patches per image,
 --store-gib GiB, evicts it from the page cache, and trains one SAE in a fresh process over all of it (one epoch:
 every row read from disk once). Ceiling (no saevctl code), the slower of two bare operations:
 - compute: the step's bare GEMM work at the same shapes and dtype (TopK: `x @ W_enc` plus the sparse decoder's
-  minimum b*k*d multiply-adds for decode and for its gradient, counted at the GEMM's rate; ReLU: the 5 GEMMs),
+  minimum b*k*d multiply-adds for decode and for each of its two gradients, counted at the GEMM's rate; ReLU:
+  the 5 GEMMs),
   looped in a second fresh process **at the same time** (each process with half the cores), so load from other
   jobs hits both alike;
 - disk: reading the same store cold, in order, with plain 64 MiB reads (measured just before, then evicted again).

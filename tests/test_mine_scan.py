@@ -330,3 +330,32 @@ def _assert_same_scanner(ref: FeatureScanner, fast: FeatureScanner, exact: bool 
             assert torch.equal(x, y), name
         else:
             torch.testing.assert_close(x, y, rtol=1e-12, atol=0, msg=name)
+
+
+@settings(max_examples=30, deadline=None)
+@given(code_streams(), st.booleans(), st.booleans())
+def test_negative_codes_count_as_zero(stream: tuple[torch.Tensor, list[int], int], compiled: bool,
+                                      capped: bool) -> None:
+    """The scanner reads only codes > 0, so a ReLU SAE's chunk can be scanned as its pre-activations (mining skips
+    the ReLU pass): negative values where the codes are 0 give the very same scanner, on both paths."""
+    import saevctl.mine.scan as scan
+
+    codes, cuts, k = stream
+    n, p, s = codes.shape
+    g = torch.Generator().manual_seed(n * 7 + s)
+    pre = torch.where(codes > 0, codes, -torch.rand(codes.shape, generator=g) * 3)
+    src_n = torch.arange(n) % 2
+
+    def feed(x: torch.Tensor) -> FeatureScanner:
+        scan.COMPILED = compiled
+        try:
+            sc = FeatureScanner(s, k, p, "max", top_n=3, keep_patches=True, max_per_source=1 if capped else None)
+            lo = 0
+            for c in cuts:
+                sc.update(x[lo : lo + c], torch.arange(lo, lo + c), src_n[lo : lo + c])
+                lo += c
+            return sc
+        finally:
+            scan.COMPILED = True
+
+    _assert_same_scanner(feed(codes), feed(pre))

@@ -20,19 +20,27 @@ USE_FUSED = True
 
 
 @overload
-def make_encoder(sae: SAE, sparse_topk: Literal[False] = False) -> Callable[..., Tensor]: ...
+def make_encoder(
+    sae: SAE, sparse_topk: Literal[False] = False, positive_only: bool = False
+) -> Callable[..., Tensor]: ...
 
 
 @overload
-def make_encoder(sae: SAE, sparse_topk: bool) -> Callable[..., Tensor | TopKCodes]: ...
+def make_encoder(
+    sae: SAE, sparse_topk: bool, positive_only: bool = False
+) -> Callable[..., Tensor | TopKCodes]: ...
 
 
-def make_encoder(sae: SAE, sparse_topk: bool = False) -> Callable[..., Tensor | TopKCodes]:
+def make_encoder(
+    sae: SAE, sparse_topk: bool = False, positive_only: bool = False
+) -> Callable[..., Tensor | TopKCodes]:
     """A function raw activations (b, d) -> codes (b, s) equal to `sae.encode` up to float rounding.
 
     `encode(x, out=buf)` writes into a reused buffer: allocating a fresh (b, s) tensor per chunk costs a
     page fault per 4 KiB, as much as a pass over the codes. With `sparse_topk` a TopK SAE's codes come back as
     `TopKCodes` (b = rows, p = 1), unscattered: what the scanner needs, without a zero + scatter over (b, s).
+    `positive_only`: the caller reads only the codes > 0 (the scanner's firing codes), so a ReLU SAE's codes come
+    back as its pre-activations, the in-place ReLU pass (a read and a write of the whole chunk) skipped.
     """
     if not USE_FUSED:
         return lambda x_bd, out=None: sae.encode(x_bd)
@@ -48,7 +56,7 @@ def make_encoder(sae: SAE, sparse_topk: bool = False) -> Callable[..., Tensor | 
         pre_bs = torch.addmm(bias_s, x_bd, w_ds) if out is None else torch.addmm(bias_s, x_bd, w_ds, out=out)
         # Every nonlinearity in place, as SAE.activate computes it.
         if activation == "relu":
-            return pre_bs.relu_()
+            return pre_bs if positive_only else pre_bs.relu_()
         if activation == "batchtopk":
             return torch.threshold_(pre_bs, threshold, 0.0)
         vals_bk, idx_bk = row_topk(pre_bs, k)

@@ -25,7 +25,7 @@ from saevctl.data.images import source_of
 from saevctl.errors import CheckpointError
 from saevctl.memory import device_memory
 from saevctl.mine import codes as codecache
-from saevctl.mine import fresh, vectors, writer
+from saevctl.mine import fresh, scan, vectors, writer
 from saevctl.mine.config import Config, check_exemplar_memory
 from saevctl.mine.encode import make_encoder
 from saevctl.mine.scan import FeatureScanner, TopKCodes
@@ -135,7 +135,9 @@ def scan_store(
     scanners = {k: FeatureScanner(s, top_k, p if k == "patches" else 1, cfg.by, cfg.top_n,
                                   keep_patches=k == "patches", device=device, max_per_source=cap) for k in kinds}
     ids_n = torch.from_numpy(store.row_image_ids())
-    encode = make_encoder(sae, sparse_topk=SPARSE_TOPK)
+    # the scanner reads only the codes > 0, except its reference form that copies entering rows' codes from the
+    # dense chunk (scan.SPARSE_PATCHES off)
+    encode = make_encoder(sae, sparse_topk=SPARSE_TOPK, positive_only=scan.SPARSE_PATCHES)
     bufs = {k: torch.empty(per * (p if k == "patches" else 1) * s, device=device) for k in kinds}
     with torch.inference_mode():
         for row0, rows in _prefetched(_chunks(arrays, per)):

@@ -299,8 +299,10 @@ class FeatureScanner:
         self, codes_bps: Float[Tensor, "b p s"] | TopKCodes, ids_b: Int[Tensor, " b"],
         src_b: Int[Tensor, " b"] | None = None,
     ) -> None:
-        """Fold in one chunk: b images, p tokens each (p = 1 for CLS), s features; codes are >= 0, dense or as a
-        TopK encoder's (TopKCodes). `src_b`: each image's source photo (a number), for max_per_source."""
+        """Fold in one chunk: b images, p tokens each (p = 1 for CLS), s features; codes dense or as a TopK
+        encoder's (TopKCodes), a code firing where it is > 0 (every other value, a negative one too, counts as 0;
+        only the reference path with SPARSE_PATCHES off needs codes >= 0). `src_b`: each image's source photo (a
+        number), for max_per_source."""
         b, p, s = codes_bps.shape
         assert s == self.s
         if self._compiled(codes_bps, ids_b):

@@ -359,3 +359,31 @@ def test_negative_codes_count_as_zero(stream: tuple[torch.Tensor, list[int], int
             scan.COMPILED = True
 
     _assert_same_scanner(feed(codes), feed(pre))
+
+
+@pytest.mark.parametrize("chunk", [3, 20])
+def test_compiled_histogram_counts_never_overflow(chunk: int) -> None:
+    """The compiled scan counts the histogram in 16 bits and adds the counts into the int64 table every 65535 // p
+    images: with 8,192 tokens an image all in one bin (8,192 a count per image, 65,535 after 8), 20 images in
+    chunks of 3 or 20 give the exact counts, as the torch path does."""
+    import saevctl.mine.scan as scan
+
+    b, p, s = 20, 8192, 3
+    g = torch.Generator().manual_seed(0)
+    codes = torch.ones(b, p, s)
+    codes[:, :, 1] = torch.rand(b, p, generator=g)  # and one feature spread over bins
+    scanners = []
+    for compiled in (False, True):
+        scan.COMPILED = compiled
+        try:
+            sc = FeatureScanner(s, 4, p, "max", top_n=2, keep_patches=False)
+            for lo in range(0, b, chunk):
+                sc.update(codes[lo : lo + chunk], torch.arange(lo, min(b, lo + chunk)))
+            scanners.append(sc)
+        finally:
+            scan.COMPILED = True
+    ref, fast = scanners
+    hist = fast.stats().hist_sb
+    assert int(hist[0].sum()) == b * p and int(hist[0].max()) == b * p  # every code of feature 0 in one bin
+    assert torch.equal(hist, ref.stats().hist_sb)
+    assert torch.equal(fast.stats().hist_sb, hist)  # reading the table twice adds nothing twice

@@ -287,6 +287,7 @@ class FeatureScanner:
         self.img_score_sum = torch.zeros(n_features, dtype=torch.float64, device=device)
         self.max = torch.zeros(n_features, device=device)
         self.hist_sb = torch.zeros(n_features * N_HIST, dtype=torch.int64, device=device)
+        self._counts: scan_cpu.HistCounts | None = None  # the compiled scan's pending histogram counts
         self.n_tokens = self.n_images = 0
         self._mask: np.ndarray | None = None
         self._one = torch.ones(1, dtype=torch.int64, device=device)
@@ -311,13 +312,18 @@ class FeatureScanner:
             codes = (codes_bps.vals_tk, codes_bps.idx_tk) if tk else codes_bps.reshape(-1, s)  # type: ignore[union-attr]
             scores_bs = scan_cpu.scan(codes, b, p, self.by == "mean", ids_b, HIST_INNER, HIST_TABLE, t.vals_ks,
                                       t.ids_ks, t.patches_skp, self.img_fired, self.sum, self.img_score_sum, self.max,
-                                      self.hist_sb, self.threads)
+                                      self.hist_sb, self._hist_counts(p), self.threads)
             self.n_tokens += b * p
             self.n_images += b
         else:
             scores_bs = self._update_torch(codes_bps, ids_b, src_b)
         vals_bn, feats_bn = scores_bs.topk(self.top_n, dim=1)
         self.image_top.append((ids_b.clone(), feats_bn.to(torch.int32), vals_bn.float()))
+
+    def _hist_counts(self, p: int) -> scan_cpu.HistCounts:
+        if self._counts is None:
+            self._counts = scan_cpu.HistCounts(len(self.hist_sb), p)
+        return self._counts
 
     def _compiled(self, codes_bps: Tensor | TopKCodes, ids_b: Tensor) -> bool:
         """Whether a chunk goes to the compiled scan (saevctl.mine.scan_cpu): on a CPU, uncapped, float32 codes."""
@@ -384,6 +390,8 @@ class FeatureScanner:
         return torch.from_numpy(np.concatenate(idx_parts)), torch.from_numpy(np.concatenate(val_parts))
 
     def stats(self) -> FeatureStats:
+        if self._counts is not None:
+            self._counts.flush_into(self.hist_sb)
         hist_sb = self.hist_sb.view(self.s, N_HIST)
         return FeatureStats(
             self.n_tokens, self.n_images, hist_sb.sum(1), self.img_fired, self.sum,

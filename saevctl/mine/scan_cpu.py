@@ -86,7 +86,7 @@ def _scan(
     dense: np.ndarray, tk_vals: np.ndarray, tk_idx: np.ndarray, b: int, p: int, by_mean: bool, ids_b: np.ndarray,
     edges: np.ndarray, table: np.ndarray, nt: int, vals_ks: np.ndarray, ids_ks: np.ndarray, patches: np.ndarray,
     img_fired: np.ndarray, vsum: np.ndarray, img_score_sum: np.ndarray, vmax: np.ndarray, hist: np.ndarray,
-    scores_bs: np.ndarray,
+    lh: np.ndarray, since: int, flush: int, scores_bs: np.ndarray,
 ) -> None:
     """One chunk of b images x p tokens folded into a scanner's state, thread th owning a range of features.
     Codes come dense ((b p, s) float32) or as a TopK encoder's ((b p, kc) values and features); the other pair is
@@ -96,7 +96,7 @@ def _scan(
     for th in prange(nt):
         lo = min(s, th * per)
         _scan_range(dense, tk_vals, tk_idx, b, p, by_mean, ids_b, edges, table, lo, min(s, lo + per), vals_ks, ids_ks,
-                    patches, img_fired, vsum, img_score_sum, vmax, hist, scores_bs)
+                    patches, img_fired, vsum, img_score_sum, vmax, hist, lh, since, flush, scores_bs)
 
 
 @kernel()
@@ -104,9 +104,11 @@ def _scan_range(
     dense: np.ndarray, tk_vals: np.ndarray, tk_idx: np.ndarray, b: int, p: int, by_mean: bool, ids_b: np.ndarray,
     edges: np.ndarray, table: np.ndarray, lo: int, hi: int, vals_ks: np.ndarray, ids_ks: np.ndarray,
     patches: np.ndarray, img_fired: np.ndarray, vsum: np.ndarray, img_score_sum: np.ndarray, vmax: np.ndarray,
-    hist: np.ndarray, scores_bs: np.ndarray,
+    hist: np.ndarray, lh: np.ndarray, since: int, flush: int, scores_bs: np.ndarray,
 ) -> None:
-    """`_scan`'s work on features lo..hi-1 (vsum ... scores_bs written there only)."""
+    """`_scan`'s work on features lo..hi-1 (vsum ... scores_bs written there only). Histogram counts go to lh, 16
+    bits (a quarter of hist's size: it stays in L2, where hist misses at every code), and are added into hist
+    after every `flush`-th image since the last time (`since` images ago)."""
     k = vals_ks.shape[0]
     use_dense = dense.shape[0] > 0
     keep = patches.shape[0] > 0
@@ -130,6 +132,7 @@ def _scan_range(
     n_open = 0  # features with an empty (-inf) slot
     for j in range(w):
         n_open += minv[j] == -np.inf
+    n_hist = edges.shape[0] + 1
     # this image's firing codes (feature - lo, token, value), for the per-patch codes of the rows that enter
     cap = p * (w if use_dense else min(w, kc)) if keep else 0
     fj, ft, fv = np.empty(cap, np.int32), np.empty(cap, np.int32), np.empty(cap, np.float32)
@@ -145,7 +148,7 @@ def _scan_range(
                         for e in range(blk.shape[0]):
                             v = blk[e]
                             if v > zero:
-                                n_t = _fire(q + e, v, lo, by_mean, edges, table, n_t, csum, vmax, hist, sc,
+                                n_t = _fire(q + e, v, lo, by_mean, edges, table, n_t, csum, vmax, lh, sc,
                                             touched)
                                 if keep:
                                     fj[n_e], ft[n_e], fv[n_e] = q + e, t0, v
@@ -156,7 +159,7 @@ def _scan_range(
                     f = ir[e]
                     v = vr[e]
                     if lo <= f < hi and v > zero:
-                        n_t = _fire(f - lo, v, lo, by_mean, edges, table, n_t, csum, vmax, hist, sc, touched)
+                        n_t = _fire(f - lo, v, lo, by_mean, edges, table, n_t, csum, vmax, lh, sc, touched)
                         if keep:
                             fj[n_e], ft[n_e], fv[n_e] = f - lo, t0, v
                             n_e += 1
@@ -187,9 +190,19 @@ def _scan_range(
             j = touched[u]
             sc[j] = 0
             ent[j] = -1
+        if (since + i + 1) % flush == 0:
+            _add_counts(hist[lo * n_hist : hi * n_hist], lh[lo * n_hist : hi * n_hist])
     for j in range(w):
         vsum[lo + j] += csum[j]
         img_score_sum[lo + j] += cscore[j]
+
+
+@kernel()
+def _add_counts(out: np.ndarray, counts: np.ndarray) -> None:
+    """out += counts, and counts zeroed."""
+    for q in range(out.shape[0]):
+        out[q] += counts[q]
+        counts[q] = 0
 
 
 @kernel()
@@ -205,14 +218,14 @@ def _find_min(vals_ks: np.ndarray, f: int, j: int, minv: np.ndarray, mins: np.nd
 
 @kernel()
 def _fire(j: int, v: float, lo: int, by_mean: bool, edges: np.ndarray, table: np.ndarray, n_t: int, csum: np.ndarray,
-          vmax: np.ndarray, hist: np.ndarray, sc: np.ndarray, touched: np.ndarray) -> int:
-    """A firing code v of feature lo + j: the statistics, and the image's score (the feature listed as touched
-    on its first code); returns the touched count."""
+          vmax: np.ndarray, lh: np.ndarray, sc: np.ndarray, touched: np.ndarray) -> int:
+    """A firing code v of feature lo + j: the statistics (lh: the 16-bit histogram counts), and the image's score
+    (the feature listed as touched on its first code); returns the touched count."""
     f = lo + j
     csum[j] += v
     if v > vmax[f]:
         vmax[f] = v
-    hist[f * (edges.shape[0] + 1) + _bin(v, edges, table)] += 1
+    lh[f * (edges.shape[0] + 1) + _bin(v, edges, table)] += 1
     if sc[j] == 0:
         touched[n_t] = j
         n_t += 1
@@ -241,13 +254,13 @@ def _enter(j: int, lo: int, score: float, image_id: int, vals_ks: np.ndarray, id
 
 def scan(
     codes: Tensor | tuple[Tensor, Tensor], b: int, p: int, by_mean: bool, ids_b: Tensor, edges: np.ndarray,
-    table: np.ndarray,
-    vals_ks: Tensor, ids_ks: Tensor, patches_skp: Tensor | None, img_fired: Tensor, vsum: Tensor,
-    img_score_sum: Tensor, vmax: Tensor, hist: Tensor, threads: int,
+    table: np.ndarray, vals_ks: Tensor, ids_ks: Tensor, patches_skp: Tensor | None, img_fired: Tensor, vsum: Tensor,
+    img_score_sum: Tensor, vmax: Tensor, hist: Tensor, counts: HistCounts, threads: int,
 ) -> Tensor:
-    """Fold one chunk into a scanner's state in place (the arguments from `vals_ks` on are updated), the features
-    split among `threads` threads; returns the images' scores (b, s). `codes`: dense (b p, s) float32, or a TopK
-    encoder's (values, features), (b p, kc) each."""
+    """Fold one chunk into a scanner's state in place (the arguments from `vals_ks` on are updated; `hist` holds
+    the histogram once `counts.flush_into(hist)` has run), the features split among `threads` threads; returns
+    the images' scores (b, s). `codes`: dense (b p, s) float32, or a TopK encoder's (values, features), (b p, kc)
+    each."""
     s = vals_ks.shape[1]
     if isinstance(codes, Tensor):
         dense, tk_vals, tk_idx = codes.float().numpy(), np.empty((0, 0), np.float32), np.empty((0, 0), np.int64)
@@ -257,7 +270,26 @@ def scan(
     scores = torch.zeros(b, s)
     patches = (patches_skp.view(torch.int16).numpy().view(np.uint16).reshape(-1) if patches_skp is not None
                else np.empty(0, np.uint16))
+    assert p == counts.p, (p, counts.p)
     _scan(dense, tk_vals, tk_idx, b, p, by_mean, ids_b.numpy(), edges, table, n_threads(threads), vals_ks.numpy(),
           ids_ks.numpy(), patches, img_fired.numpy(), vsum.numpy(), img_score_sum.numpy(), vmax.numpy(), hist.numpy(),
-          scores.numpy())
+          counts.lh, counts.since, counts.every, scores.numpy())
+    counts.since = (counts.since + b) % counts.every
     return scores
+
+
+class HistCounts:
+    """The compiled scan's 16-bit histogram counts (n_features x bins) not yet added into the scanner's int64
+    table: one image adds at most p (its tokens) to a count, so they are added every 65535 // p images, and
+    whenever the table is read (`flush_into`)."""
+
+    def __init__(self, n: int, p: int) -> None:
+        self.lh = np.zeros(n, np.uint16)
+        self.p = p
+        self.every = max(1, 65535 // p)
+        self.since = 0  # images counted since the counts were last added
+
+    def flush_into(self, hist: Tensor) -> None:
+        hist += torch.from_numpy(self.lh.astype(np.int64))
+        self.lh[:] = 0
+        self.since = 0

@@ -3,7 +3,9 @@ per-feature statistics equal the brute-force ones."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -34,15 +36,31 @@ def code_streams(draw: st.DrawFn) -> tuple[torch.Tensor, list[int], int]:
     return codes, cuts, k
 
 
-def _feed(codes: torch.Tensor, cuts: list[int], k: int, by: str = "max") -> FeatureScanner:
+def _feed(codes: torch.Tensor, cuts: list[int], k: int, by: str = "max", keep: bool = True, cap: int | None = None,
+          src_n: torch.Tensor | None = None) -> FeatureScanner:
     n, p, s = codes.shape
-    sc = FeatureScanner(s, k, p, by, top_n=3, keep_patches=True)
+    sc = FeatureScanner(s, k, p, by, top_n=3, keep_patches=keep, max_per_source=cap)
     ids = torch.arange(100, 100 + n)  # ids differ from row numbers on purpose
     lo = 0
     for c in cuts:
-        sc.update(codes[lo : lo + c], ids[lo : lo + c])
+        sc.update(codes[lo : lo + c], ids[lo : lo + c], None if src_n is None else src_n[lo : lo + c])
         lo += c
     return sc
+
+
+@contextlib.contextmanager
+def _switched(**values: object) -> Iterator[None]:
+    """saevctl.mine.scan's switches set for the block, restored after it."""
+    import saevctl.mine.scan as scan
+
+    old = {name: getattr(scan, name) for name in values}
+    for name, v in values.items():
+        setattr(scan, name, v)
+    try:
+        yield
+    finally:
+        for name, v in old.items():
+            setattr(scan, name, v)
 
 
 @settings(max_examples=60, deadline=None)
@@ -235,25 +253,12 @@ def test_fast_paths_equal_their_references(stream: tuple[torch.Tensor, list[int]
     """Entering rows' per-patch codes from the firing list (SPARSE_PATCHES) equal those read from the dense chunk,
     and the blocked firing pass finds the same codes whatever its block size, with the compiled kernel
     (saevctl.mine.scan_cpu) or torch placing them: every scanner output is equal."""
-    import saevctl.mine.scan as scan
-
     codes, cuts, k = stream
-    n, p, s = codes.shape
-    src_n = torch.arange(n) % 3
-
-    def feed(sparse: bool, firing_block: int, compiled: bool) -> FeatureScanner:
-        scan.SPARSE_PATCHES, scan.FIRING_BLOCK, scan.COMPILED = sparse, firing_block, compiled
-        try:
-            sc = FeatureScanner(s, k, p, by, top_n=3, keep_patches=keep, max_per_source=cap)
-            lo = 0
-            for c in cuts:
-                sc.update(codes[lo : lo + c], torch.arange(lo, lo + c), src_n[lo : lo + c])
-                lo += c
-            return sc
-        finally:
-            scan.SPARSE_PATCHES, scan.FIRING_BLOCK, scan.COMPILED = True, 1 << 18, True
-
-    ref, fast = feed(False, 1 << 18, False), feed(True, block, compiled)
+    src_n = torch.arange(len(codes)) % 3
+    with _switched(SPARSE_PATCHES=False, FIRING_BLOCK=1 << 18, COMPILED=False):
+        ref = _feed(codes, cuts, k, by, keep, cap, src_n)
+    with _switched(SPARSE_PATCHES=True, FIRING_BLOCK=block, COMPILED=compiled):
+        fast = _feed(codes, cuts, k, by, keep, cap, src_n)
     _assert_same_scanner(ref, fast, exact=not compiled or fast.topk.cap is not None)  # a capped scan: torch
 
 
@@ -338,27 +343,13 @@ def test_negative_codes_count_as_zero(stream: tuple[torch.Tensor, list[int], int
                                       capped: bool) -> None:
     """The scanner reads only codes > 0, so a ReLU SAE's chunk can be scanned as its pre-activations (mining skips
     the ReLU pass): negative values where the codes are 0 give the very same scanner, on both paths."""
-    import saevctl.mine.scan as scan
-
     codes, cuts, k = stream
-    n, p, s = codes.shape
+    n, _p, s = codes.shape
     g = torch.Generator().manual_seed(n * 7 + s)
     pre = torch.where(codes > 0, codes, -torch.rand(codes.shape, generator=g) * 3)
-    src_n = torch.arange(n) % 2
-
-    def feed(x: torch.Tensor) -> FeatureScanner:
-        scan.COMPILED = compiled
-        try:
-            sc = FeatureScanner(s, k, p, "max", top_n=3, keep_patches=True, max_per_source=1 if capped else None)
-            lo = 0
-            for c in cuts:
-                sc.update(x[lo : lo + c], torch.arange(lo, lo + c), src_n[lo : lo + c])
-                lo += c
-            return sc
-        finally:
-            scan.COMPILED = True
-
-    _assert_same_scanner(feed(codes), feed(pre))
+    src_n, cap = torch.arange(n) % 2, 1 if capped else None
+    with _switched(COMPILED=compiled):
+        _assert_same_scanner(_feed(codes, cuts, k, cap=cap, src_n=src_n), _feed(pre, cuts, k, cap=cap, src_n=src_n))
 
 
 @pytest.mark.parametrize("chunk", [3, 20])
@@ -366,23 +357,14 @@ def test_compiled_histogram_counts_never_overflow(chunk: int) -> None:
     """The compiled scan counts the histogram in 16 bits and adds the counts into the int64 table every 65535 // p
     images: with 8,192 tokens an image all in one bin (8,192 a count per image, 65,535 after 8), 20 images in
     chunks of 3 or 20 give the exact counts, as the torch path does."""
-    import saevctl.mine.scan as scan
-
     b, p, s = 20, 8192, 3
     g = torch.Generator().manual_seed(0)
     codes = torch.ones(b, p, s)
     codes[:, :, 1] = torch.rand(b, p, generator=g)  # and one feature spread over bins
-    scanners = []
-    for compiled in (False, True):
-        scan.COMPILED = compiled
-        try:
-            sc = FeatureScanner(s, 4, p, "max", top_n=2, keep_patches=False)
-            for lo in range(0, b, chunk):
-                sc.update(codes[lo : lo + chunk], torch.arange(lo, min(b, lo + chunk)))
-            scanners.append(sc)
-        finally:
-            scan.COMPILED = True
-    ref, fast = scanners
+    cuts = [min(chunk, b - lo) for lo in range(0, b, chunk)]
+    with _switched(COMPILED=False):
+        ref = _feed(codes, cuts, 4, keep=False)
+    fast = _feed(codes, cuts, 4, keep=False)
     hist = fast.stats().hist_sb
     assert int(hist[0].sum()) == b * p and int(hist[0].max()) == b * p  # every code of feature 0 in one bin
     assert torch.equal(hist, ref.stats().hist_sb)

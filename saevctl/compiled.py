@@ -21,12 +21,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger(__name__)
 
 
-def kernel(parallel: bool = False, fastmath: bool | set[str] = False) -> Callable[[F], F]:
+def kernel(parallel: bool = False, fastmath: bool | set[str] = False, inline: bool = False) -> Callable[[F], F]:
     """numba.njit, cached on disk, of the function itself (unwrapped: the test suite's type-checking import hook
-    wraps every saevctl function, and numba compiles Python, not a wrapper)."""
+    wraps every saevctl function, and numba compiles Python, not a wrapper). `inline`: inlined into its callers
+    by numba itself (a small per-element helper taking many arrays, whose call would cost more than its body)."""
 
     def compile(fn: F) -> F:
-        dispatcher = njit(cache=True, parallel=parallel, fastmath=fastmath)(inspect.unwrap(fn))
+        dispatcher = njit(cache=True, parallel=parallel, fastmath=fastmath,
+                          inline="always" if inline else "never")(inspect.unwrap(fn))
         cache = getattr(dispatcher, "_cache", None)
         if cache is not None and hasattr(cache, "save_overload"):
             cache.save_overload = _cache_or_warn(cache.save_overload, fn.__qualname__)

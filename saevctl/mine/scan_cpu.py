@@ -47,7 +47,7 @@ def entering(key_n: Tensor, patch_n: Tensor, row: Tensor, fi: Tensor, slot: Tens
     return torch.from_numpy(dest[:m]), torch.from_numpy(src[:m])
 
 
-@kernel()
+@kernel(inline=True)
 def _bin(v: float, edges: np.ndarray, table: np.ndarray) -> int:
     """The histogram bin of v > 0: how many of the ascending float32 inner edges are <= v. `table` holds it for
     the smallest float32 of each value of the top 16 bits; such a range is narrower than a bin, so at most one
@@ -216,7 +216,7 @@ def _find_min(vals_ks: np.ndarray, f: int, j: int, minv: np.ndarray, mins: np.nd
     minv[j], mins[j] = m, q
 
 
-@kernel()
+@kernel(inline=True)
 def _fire(j: int, v: float, lo: int, by_mean: bool, edges: np.ndarray, table: np.ndarray, n_t: int, csum: np.ndarray,
           vmax: np.ndarray, lh: np.ndarray, sc: np.ndarray, touched: np.ndarray) -> int:
     """A firing code v of feature lo + j: the statistics (lh: the 16-bit histogram counts), and the image's score

@@ -18,6 +18,10 @@ from numba.extending import intrinsic, overload
 from torch import Tensor
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+NAN_SAFE = {"reassoc", "nsz", "arcp"}
+"""fastmath flags for kernels whose sums may be reordered but must keep NaN and inf ("nnan"/"ninf" left out: a NaN in
+the batch or the gradient must reach the loss, and the trainer stops on it)."""
 log = logging.getLogger(__name__)
 
 

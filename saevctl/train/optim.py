@@ -56,8 +56,7 @@ def adam_update(
     Moments are plain tensors named m.<param> / v.<param> so they save to safetensors with the weights.
     """
     b1, b2 = BETAS
-    t = step + 1
-    c1, c2 = 1 - b1**t, 1 - b2**t
+    c1, c2 = bias_corrections(step)
     for name, p in params.items():
         g = grads[name].to(p.dtype)
         m, v = moments[f"m.{name}"], moments[f"v.{name}"]
@@ -66,6 +65,13 @@ def adam_update(
         denom = v.div(c2).sqrt_().add_(EPS)
         for i, lr in enumerate(lrs):
             p[i].addcdiv_(m[i], denom[i], value=-lr / c1)
+
+
+def bias_corrections(step: int) -> tuple[float, float]:
+    """Adam's (1 - beta1^t, 1 - beta2^t) at `step` counted from 0 (t = step + 1)."""
+    b1, b2 = BETAS
+    t = step + 1
+    return 1 - b1**t, 1 - b2**t
 
 
 def init_moments(params: dict[str, Tensor]) -> dict[str, Tensor]:

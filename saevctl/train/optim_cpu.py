@@ -17,13 +17,11 @@ import torch
 from numba import prange
 from torch import Tensor
 
-from saevctl.compiled import kernel, n_threads
-from saevctl.train.optim import BETAS, EPS
+from saevctl.compiled import NAN_SAFE, kernel, n_threads
+from saevctl.train.optim import BETAS, EPS, bias_corrections
 
-# no "nnan"/"ninf": a NaN gradient must stay NaN (the trainer stops on a NaN loss before it is applied)
-FAST = {"reassoc", "nsz", "arcp"}
 
-@kernel(parallel=True, fastmath=FAST)
+@kernel(parallel=True, fastmath=NAN_SAFE)
 def _adam_rows(
     p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, step_size: float, b1: float, b2: float,
     inv_sqrt_c2: float, eps: float, unit: bool,
@@ -63,8 +61,7 @@ def adam_step(
     (stacked (m, s, d) decoders: `remove_parallel_grads` before the update, `normalize_rows` after) in the same
     pass. `grads` of those tensors are not changed."""
     b1, b2 = BETAS
-    t = step + 1
-    c1, c2 = 1 - b1**t, 1 - b2**t
+    c1, c2 = bias_corrections(step)
     n_threads()
     for name, p in params.items():
         g = grads[name].to(p.dtype)

@@ -20,13 +20,10 @@ import torch
 from numba import prange
 from torch import Tensor
 
-from saevctl.compiled import as_array, kernel, ld2, n_threads, st2
-
-# no "nnan"/"ninf": a NaN in the batch must reach the loss (the trainer stops on it)
-FAST = {"reassoc", "nsz", "arcp"}
+from saevctl.compiled import NAN_SAFE, as_array, kernel, ld2, n_threads, st2
 
 
-@kernel(parallel=True, fastmath=FAST)
+@kernel(parallel=True, fastmath=NAN_SAFE)
 def _decode_rows(
     off: np.ndarray, cols: np.ndarray, vals: np.ndarray, W: np.ndarray, bias: np.ndarray, target: np.ndarray,
     scale: float, nt: int, x_hat: np.ndarray, g_out: np.ndarray, g_vals: np.ndarray, row_sq: np.ndarray,
@@ -91,7 +88,7 @@ def _by_latent(cols: np.ndarray, crow: np.ndarray, order: np.ndarray) -> None:
         pos[cols[e]] += 1
 
 
-@kernel(parallel=True, fastmath=FAST)
+@kernel(parallel=True, fastmath=NAN_SAFE)
 def _latent_grads(
     crow: np.ndarray, order: np.ndarray, rows: np.ndarray, vals: np.ndarray, g_vals: np.ndarray,
     g_rows: np.ndarray, x_rows: np.ndarray, d: int, accumulate: bool, g_W_dec: np.ndarray, g_W_enc: np.ndarray,
@@ -133,7 +130,7 @@ def _latent_grads(
         fired[c] += n
 
 
-@kernel(parallel=True, fastmath=FAST)
+@kernel(parallel=True, fastmath=NAN_SAFE)
 def _center_rows(x: np.ndarray, b_dec: np.ndarray, nt: int, out: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> None:
     b, d = x.shape
     m = b_dec.shape[0]

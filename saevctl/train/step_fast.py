@@ -351,7 +351,8 @@ def step(
     comm: Comm | None = None,
 ) -> StepOut:
     n_counted = len(x_bd)
-    if _compiled(x_bd, hp):  # x - b_dec in the encoder's dtype and layout, and the FVU's denominator, in one pass
+    compiled = _compiled(x_bd, hp)
+    if compiled:  # x - b_dec in the encoder's dtype and layout, and the FVU's denominator, in one pass
         x_c, var = sparse_cpu.encoder_input(x_bd, params["b_dec"], bf16, PAD)
     else:
         x_c = x_bd[None] - params["b_dec"][:, None, :]
@@ -362,7 +363,7 @@ def step(
         aux_m = min_act = torch.zeros_like(loss_m)
         sq_m = (x_hat - x_bd).pow(2).sum((1, 2))
     else:
-        pre, x_enc = _encode(x_c, params, latent_rows=True, bf16=bf16, x_in=x_c if _compiled(x_bd, hp) else None)
+        pre, x_enc = _encode(x_c, params, latent_rows=True, bf16=bf16, x_in=x_c if compiled else None)
         per = [
             _sparse_one(i, pre[i], params, x_bd, x_c[i], x_enc[i], None if dead_ms is None else dead_ms[i], hp, comm)
             for i in range(len(pre))

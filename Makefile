@@ -3,17 +3,24 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 DEMO := demo-out
 
 .PHONY: demo test lint install system-deps bench clean
 
+# The package alone for the demo; the test tools (pytest, linters, onnxruntime for the conversion's check,
+# datasets for hf: sources) on top for `make test`, so a first `make demo` does not install them (~15 s).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(TEST_STAMP)
+
+install: $(TEST_STAMP)
 
 # Headless Chromium for the HTML report tests (Debian package; needs root, as on CI).
 system-deps:
@@ -30,10 +37,10 @@ demo: $(STAMP)
 	$(BIN)/python tools/demo.py --workspace $(DEMO) --saevctl $(SAEVCTL)
 
 # Lint and type checks (configured in pyproject.toml); `make test` runs them before the tests.
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check saevctl tests benchmarks tools && $(BIN)/mypy
 
-test: $(STAMP) system-deps lint
+test: $(TEST_STAMP) system-deps lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -27,5 +27,5 @@ def cpu_has_fast_bf16() -> bool:
 
 def bf16_is_fast(device: str) -> bool:
     """Whether bfloat16 autocast speeds up matmuls on `device`: on a GPU, or on a CPU with fast bfloat16. Where it
-    does not, a bfloat16 request (train --dtype, extract --compute) runs in float32 with a warning."""
+    does not, a bfloat16 request (train --dtype, extract and mine --compute) runs in float32 with a warning."""
     return not device.startswith("cpu") or cpu_has_fast_bf16()

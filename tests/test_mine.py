@@ -298,3 +298,36 @@ def test_topk_sae_mined_sparse_equals_dense(tiny_store: Path, tmp_path: Path, mo
     assert tables[True] == tables[False]
     assert {row[0] for row in tables[True]["exemplars"]} == {"patches", "cls"}  # both token kinds were mined
     assert sum(1 for row in tables[True]["features"] if row[2] > 0) > 20  # many features fire: not a vacuous match
+
+
+def test_bf16_mining_is_measured_recorded_and_followed(tiny_store: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """mine --compute bfloat16 (where the CPU has fast bfloat16; float32 elsewhere) finds the planted feature where
+    float32 does, prints and records its agreement with float32, keeps it across an unchanged rerun, and is what
+    eval's baselines follow (suite.mined_compute); --compute float32 mines again."""
+    from saevctl.eval.suite import mined_compute
+    from saevctl.hardware import cpu_has_fast_bf16
+
+    monkeypatch.chdir(tmp_path)
+    sae = make_sae(tiny_store, tmp_path / "sae", seed=3)
+    feature, row, _ = (7, *plant(sae, tiny_store, feature=7))
+    sae.save(tmp_path / "sae")
+    want = "bfloat16" if cpu_has_fast_bf16() else "float32"
+    args = ["mine", "--sae", str(tmp_path / "sae"), "--store", str(tiny_store), "--index", "ix.duckdb", "--top-k", "4"]
+    for again in (False, True):
+        r = runner.invoke(app, [*args, "--compute", "bfloat16"])
+        assert r.exit_code == 0, r.output
+        assert ("unchanged" in r.output) == again
+        assert ("bfloat16 encoder" in r.output) == (want == "bfloat16")
+    with Index.open("ix.duckdb") as ix:
+        sae_id = ix.sae_ids()[0]
+        got = ix.sae_info(sae_id)["config"]["compute"]
+        assert got["compute"] == want
+        planted = int(open_store(tiny_store).row_image_ids()[row])
+        assert ix.top_exemplars(sae_id, feature, 1)[0]["image_id"] == planted  # as in float32
+    if want == "bfloat16":
+        assert got["rows_measured"] > 0 and 0.9 <= got["firing_kept"] <= 1 and got["rel_error_shared"] < 0.02
+    assert mined_compute(Path("ix.duckdb"), tmp_path / "sae") == want
+    r = runner.invoke(app, [*args, "--compute", "float32"])
+    assert r.exit_code == 0 and "unchanged" not in r.output and "bfloat16 encoder" not in r.output, r.output
+    assert mined_compute(Path("ix.duckdb"), tmp_path / "sae") == "float32"

@@ -245,6 +245,41 @@ def test_fused_encoder_equals_sae_encode(activation: str, k: int) -> None:
     assert (got > 0).sum() > 0
 
 
+@pytest.mark.parametrize("activation,k", [("relu", 0), ("topk", 3), ("batchtopk", 3)])
+def test_bf16_encoder_rounds_only_the_gemm(activation: str, k: int) -> None:
+    """mine --compute bfloat16: the codes are the float32 encoder's up to bfloat16 rounding of the GEMM's operands
+    and output, even on activations whose mean dwarfs their spread (a residual stream's), where rounding x before
+    removing the mean would leave its error in every code. The out= and sparse forms agree with the plain one."""
+    from saevctl.mine import encode as fast
+    from saevctl.mine.scan import TopKCodes
+    from saevctl.sae import SAE, SAEConfig
+
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d=64, n_latents=256, activation=activation, k=k))
+    x = torch.randn(96, 64) * 0.05 + torch.randn(64) * 40  # mean 800x the spread
+    sae.set_normalization(x)
+    with torch.no_grad():
+        sae.b_dec.normal_(std=0.1)
+        sae.threshold.fill_(0.05)
+    want = fast.make_encoder(sae)(x)
+    enc = fast.make_encoder(sae, compute="bfloat16")
+    got = enc(x)
+    assert got.dtype == torch.float32
+    both = (want > 0) & (got > 0)
+    assert both.sum() >= 0.95 * (want > 0).sum() > 0
+    torch.testing.assert_close(got[both], want[both], rtol=0.03, atol=0.02)
+    buf = torch.full((96, 256), float("nan"))
+    torch.testing.assert_close(enc(x, out=buf), got, rtol=0, atol=0)
+    if activation == "topk":
+        sparse = fast.make_encoder(sae, sparse_topk=True, compute="bfloat16")(x, out=buf)
+        assert isinstance(sparse, TopKCodes)
+        dense = torch.zeros(96, 256).scatter_(1, sparse.idx_tk, sparse.vals_tk)
+        torch.testing.assert_close(dense, got, rtol=0, atol=0)
+    fig = fast.agreement(sae, x)
+    assert fig["compute"] == "bfloat16" and 0.95 <= fig["firing_kept"] <= 1
+    assert fig["rel_error_shared"] < 0.02 and fig["rel_error_shared"] <= fig["rel_error_vs_float32"]
+
+
 @settings(max_examples=40, deadline=None)
 @given(code_streams(), st.sampled_from([None, 2]), st.sampled_from([1, 5, 1 << 18]), st.booleans(),
        st.sampled_from(["max", "mean"]), st.booleans())

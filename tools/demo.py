@@ -31,7 +31,7 @@ STEPS = (
     "extract --model demo --images demo --masks demo --layers 6 --compute bfloat16 --out store",
     "train --store store --layer 6 --activation topk --k 32 --width 18x --batch-size 2048 --lr 1e-3 --dtype bfloat16 "
     "--out sae",
-    "mine --sae sae --store store --index index.duckdb --max-per-source 3",
+    "mine --sae sae --store store --index index.duckdb --max-per-source 3 --compute bfloat16",
     "features label --level patch",
     "features pick --limit 3",
     "features top --id {feature}",

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from saevctl.edit.session import Prober
+    from saevctl.mine.config import Compute
 
 log = logging.getLogger(__name__)
 FORMAT = "saevctl-baseline"
@@ -192,29 +193,33 @@ def ensure(cfg: BaselineOpts, seed: int, sae_path: Path, sae: SAE, run: suite.Ru
 # --- scoring -----------------------------------------------------------------------------------------------
 
 
-def _labelled_index(b: Built, run: suite.Run) -> Path:
-    """The baseline mined and labelled (patch level) into its own index, by mine's and features label's own code,
-    reused while the baseline is. One pass over the store: label reads the codes mine keeps beside the index
-    (saevctl/mine/codes.py)."""
+def _labelled_index(b: Built, run: suite.Run, compute: Compute) -> Path:
+    """The baseline mined (in `compute` precision, as the SAE was) and labelled (patch level) into its own index,
+    by mine's and features label's own code, reused while the baseline and the precision are. One pass over the
+    store: label reads the codes mine keeps beside the index (saevctl/mine/codes.py)."""
     from saevctl.mine import Config as MineConfig
     from saevctl.mine import run as mine
     from saevctl.mine.config import LabelConfig
     from saevctl.mine.label import run as label
 
     fpath = layout.sae_baseline_index_fpath(b.dpath)
-    if fpath.is_file() and suite.coverage(fpath, b.dpath, 0.5)[0] is not None:
+    if (fpath.is_file() and suite.coverage(fpath, b.dpath, 0.5)[0] is not None
+            and suite.mined_compute(fpath, b.dpath) == compute):
         return fpath
     mine(MineConfig(sae=b.dpath, store=run.store, index=fpath, name=f"{b.kind}-baseline", set_defaults=False,
-                    device=run.device), run.progress, on_total=lambda n: run.stage(f"{b.kind} baseline: mine", n))
+                    device=run.device, compute=compute),
+         run.progress, on_total=lambda n: run.stage(f"{b.kind} baseline: mine", n))
     label(LabelConfig(sae=str(b.dpath), index=fpath, store=run.store, level="patch", device=run.device),
           run.progress, on_total=lambda n: run.stage(f"{b.kind} baseline: label", n))
     return fpath
 
 
 def score_baselines(cfg: SuiteOpts, opts: BaselineOpts, sae_path: Path, sae: SAE, prober: Prober | None, out: Path,
-                    run: suite.Run, scores: suite.Scores) -> tuple[dict[str, Any] | None, str]:
+                    run: suite.Run, scores: suite.Scores, compute: Compute = "float32"
+                    ) -> tuple[dict[str, Any] | None, str]:
     """Build (or reuse) the baselines, run on each the evaluations that ran on the SAE, and compare; writes
-    baselines.json into `out`. Returns the card's section, or None and why there is none."""
+    baselines.json into `out`. Returns the card's section, or None and why there is none. The baselines are mined
+    in `compute` precision: the SAE's own (`suite.mined_compute`)."""
     from saevctl.edit.session import Prober
 
     if run.store is None:
@@ -227,11 +232,12 @@ def score_baselines(cfg: SuiteOpts, opts: BaselineOpts, sae_path: Path, sae: SAE
     for kind, b in built.items():
         bl = SAE.load(b.dpath, run.device)
         bl_prober = Prober(bl, prober.bb, prober.head) if prober is not None else None
-        index = _labelled_index(b, run) if labels else None
+        index = _labelled_index(b, run, compute) if labels else None
         per[kind] = suite.evaluate(cfg, b.dpath, bl, bl_prober, index, layout.eval_baseline_dpath(out, kind), run,
                                    what=f"{kind} baseline: ")
     first = next(iter(built.values())).meta
     section = {"k": first["k"], "sae_l0": first["sae_l0"], "store": str(run.store), "n_boot": cfg.n_boot,
+               "mined_in": compute,
                "baselines": {k: {"path": str(b.dpath), "reused": b.reused, "build_seconds": b.seconds,
                                  "skipped": per[k].skipped} for k, b in built.items()},
                "metrics": margins.table(scores.results, {k: s.results for k, s in per.items()}, cfg.n_boot, cfg.seed),
@@ -256,6 +262,7 @@ def run_baselines(cfg: BaselinesConfig, progress: suite.Progress | None = None,
             raise InputError(f"eval baselines needs the SAE's store: {run.store_why}", "pass --store DIR")
         preflight(cfg, sae, run.store)
         scores = suite.evaluate(cfg, sae_path, sae, prober, index_fpath, out, run)
-        section, _ = score_baselines(cfg, cfg, sae_path, sae, prober, out, run, scores)
+        section, _ = score_baselines(cfg, cfg, sae_path, sae, prober, out, run, scores,
+                                     suite.mined_compute(index_fpath, sae_path))
     assert section is not None
     return BaselinesResult(out, layout.eval_baselines_fpath(out), section, scores.skipped, time.perf_counter() - t0)

@@ -26,6 +26,7 @@ from saevctl.eval.recon import run_recon
 from saevctl.eval.splice import run_splice
 
 if TYPE_CHECKING:
+    from saevctl.mine.config import Compute
     from saevctl.sae import SAE
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,23 @@ def coverage(index_fpath: Path | None, sae_path: Path, min_auroc: float) -> tupl
                for r in rows]
     return {"coverage": share, "n_classes": len(rows), "n_covered": covered, "min_auroc": min_auroc,
             "level": "patch", "sae_id": sae_id, "classes": classes}, ""
+
+
+def mined_compute(index_fpath: Path | None, sae_path: Path) -> Compute:
+    """The precision the SAE's index was mined in (mine --compute), which its baselines are mined in too, so that
+    the comparison is like for like; float32 without an index."""
+    from saevctl.errors import IndexError_
+    from saevctl.mine.index import Index
+    from saevctl.mine.pipeline import recorded_compute
+
+    if index_fpath is None:
+        return "float32"
+    try:
+        with Index.open(index_fpath, read_only=True) as idx:
+            got = recorded_compute(idx.sae_info(idx.resolve_sae(str(sae_path))))["compute"]
+    except IndexError_:
+        return "float32"
+    return "bfloat16" if got == "bfloat16" else "float32"
 
 
 def sae_card_info(sae: SAE, sae_path: Path) -> dict[str, Any]:
@@ -246,7 +264,8 @@ def _run_all(cfg: AllConfig, sae_path: Path, index_fpath: Path | None, out: Path
     if cfg.baselines:
         from saevctl.eval.baselines import score_baselines
 
-        section, why = score_baselines(cfg, cfg, sae_path, sae, prober, out, run, sc)
+        section, why = score_baselines(cfg, cfg, sae_path, sae, prober, out, run, sc,
+                                       mined_compute(index_fpath, sae_path))
         if section is not None:
             sc.results["baselines"] = sc.sections["baselines"] = section
         else:

@@ -182,10 +182,11 @@ def _topk_nonzero(vals_nk: torch.Tensor, idx_nk: torch.Tensor, f0: int, f1: int
 
 
 def _chunk_codes(sae: SAE, store: Store, layer: int, f0: int, f1: int, per: int, device: str,
-                 codes: Sequence[tuple[int, TopKCodes]] | None
+                 codes: Sequence[tuple[int, TopKCodes]] | None, precision: str = "float32"
                  ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per chunk of images: (first row, images, item, feature - f0, value) of the non-zero codes of features f0..f1.
-    From `codes` when mining kept them in this process (the same encoder, chunk for chunk), else encoded here."""
+    From `codes` when mining kept them in this process (the same encoder, chunk for chunk), else encoded here in
+    `precision`."""
     if codes is not None:
         for row0, c in codes:
             yield row0, c.shape[0], *_topk_nonzero(c.vals_tk.to(device), c.idx_tk.to(device).long(), f0, f1)
@@ -194,7 +195,7 @@ def _chunk_codes(sae: SAE, store: Store, layer: int, f0: int, f1: int, per: int,
     from saevctl.mine.pipeline import _chunks, _prefetched
 
     p, s = store.layout.n_patches, sae.cfg.n_latents
-    encode = make_encoder(sae, sparse_topk=True)
+    encode = make_encoder(sae, sparse_topk=True, compute=precision)
     buf = torch.empty(per * p * s, device=device, dtype=sae.W_enc.dtype)
     for row0, rows in _prefetched(_chunks({"patches": store.layer(layer).kind("patches")}, per)):
         x_bpd = rows["patches"].to(device)
@@ -204,7 +205,8 @@ def _chunk_codes(sae: SAE, store: Store, layer: int, f0: int, f1: int, per: int,
 
 def _one_pass(sae: SAE, store: Store, layer: int, labels: list[LevelLabels], max_s: np.ndarray, f0: int, f1: int,
               cfg: Config, device: str, progress: Progress | None,
-              codes: Sequence[tuple[int, TopKCodes]] | None = None) -> dict[str, ClassHistograms]:
+              codes: Sequence[tuple[int, TopKCodes]] | None = None,
+              precision: str = "float32") -> dict[str, ClassHistograms]:
     """Stream the store once, folding features f0..f1's codes into one ClassHistograms per level."""
     p, s, f = store.layout.n_patches, sae.cfg.n_latents, f1 - f0
     per = cfg.batch_size or max(1, min(1024, CHUNK_CODES // (s * p)))
@@ -212,7 +214,7 @@ def _one_pass(sae: SAE, store: Store, layer: int, labels: list[LevelLabels], max
     max_f = torch.from_numpy(max_s[f0:f1]).to(device)
     hists = {lab.level: ClassHistograms(max_f, len(lab.classes), cfg.n_bins, big, lab.multi_label) for lab in labels}
     with torch.inference_mode():
-        for row0, b, nz_i, nz_f, vals in _chunk_codes(sae, store, layer, f0, f1, per, device, codes):
+        for row0, b, nz_i, nz_f, vals in _chunk_codes(sae, store, layer, f0, f1, per, device, codes, precision):
             for lab in labels:
                 items, cls = (torch.from_numpy(a).to(device) for a in lab.pairs(row0, row0 + b))
                 if lab.level == "patch":
@@ -231,17 +233,18 @@ def _edges(cfg: Config) -> list[int]:
 
 
 def compute(sae: SAE, store: Store, layer: int, labels: list[LevelLabels], max_s: np.ndarray, cfg: Config, device: str,
-            progress: Progress | None = None, codes: Sequence[tuple[int, TopKCodes]] | None = None
-            ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, _Best], dict[str, Any]]:
+            progress: Progress | None = None, codes: Sequence[tuple[int, TopKCodes]] | None = None,
+            precision: str = "float32") -> tuple[dict[str, dict[str, np.ndarray]], dict[str, _Best], dict[str, Any]]:
     """(feature_labels columns per level, best feature per class per level, counts per level + passes); `codes`:
-    the store's TopK codes as mine kept them (saevctl/mine/codes.py), read instead of encoding the store."""
+    the store's TopK codes as mine kept them (saevctl/mine/codes.py), read instead of encoding the store, else
+    encoded in `precision` (as mine encoded them)."""
     blocks = _feature_blocks(sae.cfg.n_latents, labels, cfg)
     feats: dict[str, list[dict[str, np.ndarray]]] = {lab.level: [] for lab in labels}
     best = {lab.level: _Best(len(lab.classes)) for lab in labels}
     counts: dict[str, Any] = {"n_passes": len(blocks)}
     edges = _edges(cfg)
     for f0, f1 in blocks:
-        hists = _one_pass(sae, store, layer, labels, max_s, f0, f1, cfg, device, progress, codes)
+        hists = _one_pass(sae, store, layer, labels, max_s, f0, f1, cfg, device, progress, codes, precision)
         for lab in labels:
             h = hists[lab.level]
             if lab.skip_class is not None:
@@ -349,7 +352,10 @@ def _run(cfg: Config, index_fpath: Path, progress: Progress | None, on_total: Ca
     blocks = _feature_blocks(sae.cfg.n_latents, labels, cfg)
     if on_total:
         on_total(store.n_images * len(blocks))
-    feats, best, counts = compute(sae, store, layer, labels, max_s, cfg, device, progress, codes)
+    from saevctl.mine.pipeline import recorded_compute
+
+    precision = recorded_compute(info)["compute"]  # the codes mine scanned (so the index's maxima bound them)
+    feats, best, counts = compute(sae, store, layer, labels, max_s, cfg, device, progress, codes, precision)
     tables, results = {}, {}
     for lab in labels:
         n_items, n_pos_c = counts[lab.level]

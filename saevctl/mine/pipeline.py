@@ -6,9 +6,11 @@ Chunks of images are read in a background thread while the previous chunk is enc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +29,7 @@ from saevctl.memory import device_memory
 from saevctl.mine import codes as codecache
 from saevctl.mine import fresh, scan, vectors, writer
 from saevctl.mine.config import Config, check_exemplar_memory
-from saevctl.mine.encode import make_encoder
+from saevctl.mine.encode import MEASURE_ROWS, agreement, make_encoder
 from saevctl.mine.scan import FeatureScanner, TopKCodes
 from saevctl.mine.schema import hist_edges
 from saevctl.sae import SAE
@@ -57,6 +59,15 @@ class Result:
     seconds: float
     unchanged: bool = False
     """The index already held this SAE mined from the same inputs: nothing was done (`seconds` is that run's)."""
+    compute: dict[str, Any] = dataclasses.field(default_factory=lambda: {"compute": "float32"})
+    """The encoder's precision, with bfloat16's measured agreement with float32 (`encode.agreement`)."""
+
+
+def recorded_compute(info: dict[str, Any]) -> dict[str, Any]:
+    """How an index's SAE was encoded (`sae_info(...)`'s row): {"compute": "float32"} or bfloat16's figures. An
+    index mined before the option existed was mined in float32."""
+    got = info["config"].get("compute")
+    return dict(got) if isinstance(got, dict) else {"compute": "float32"}
 
 
 def mined_kinds(sae: SAE) -> tuple[str, ...]:
@@ -118,11 +129,11 @@ def source_numbers(store: Store) -> torch.Tensor | None:
 
 def scan_store(
     sae: SAE, store: Store, layer: int, kinds: tuple[str, ...], cfg: Config, device: str,
-    progress: Progress | None = None, keep: list[tuple[int, TopKCodes]] | None = None,
+    progress: Progress | None = None, keep: list[tuple[int, TopKCodes]] | None = None, compute: str = "float32",
 ) -> dict[str, FeatureScanner]:
-    """One pass over the store: encode each chunk and fold it into one scanner per token kind. With `keep` (a
-    list), a TopK SAE's sparse patch codes are also appended to it as (first row, codes), to be kept for `features
-    label` (saevctl/mine/codes.py)."""
+    """One pass over the store: encode each chunk (in `compute` precision) and fold it into one scanner per token
+    kind. With `keep` (a list), a TopK SAE's sparse patch codes are also appended to it as (first row, codes), to
+    be kept for `features label` (saevctl/mine/codes.py)."""
     view = store.layer(layer)
     arrays = {k: view.kind(k) for k in kinds}
     s, p = sae.cfg.n_latents, store.layout.n_patches
@@ -137,7 +148,7 @@ def scan_store(
     ids_n = torch.from_numpy(store.row_image_ids())
     # the scanner reads only the codes > 0, except its reference form that copies entering rows' codes from the
     # dense chunk (scan.SPARSE_PATCHES off)
-    encode = make_encoder(sae, sparse_topk=SPARSE_TOPK, positive_only=scan.SPARSE_PATCHES)
+    encode = make_encoder(sae, sparse_topk=SPARSE_TOPK, positive_only=scan.SPARSE_PATCHES, compute=compute)
     bufs = {k: torch.empty(per * (p if k == "patches" else 1) * s, device=device) for k in kinds}
     with torch.inference_mode():
         for row0, rows in _prefetched(_chunks(arrays, per)):
@@ -225,7 +236,7 @@ def _store_row(store: Store) -> dict[str, Any]:
 
 
 def _sae_row(cfg: Config, sae: SAE, sae_id: str, store: Store, layer: int, kinds: tuple[str, ...],
-             secs: float) -> dict[str, Any]:
+             secs: float, compute: dict[str, Any]) -> dict[str, Any]:
     sae_dpath = cfg.paths()[0]
     return {"sae_id": sae_id, "name": cfg.name or sae_dpath.resolve().name, "ckpt_path": str(sae_dpath.resolve()),
             "weights_sha256": sae.header["weights_sha256"], "store_id": store_id_of(store),
@@ -236,7 +247,7 @@ def _sae_row(cfg: Config, sae: SAE, sae_id: str, store: Store, layer: int, kinds
             "grid_w": store.layout.grid_w, "seconds": secs,
             "config": json.dumps({"sae": sae.cfg.to_dict(), "store": str(store.dpath.resolve()),
                                   rerun.KEY: fresh.mine_inputs(cfg),
-                                  "max_per_source": cfg.max_per_source}, default=str)}
+                                  "max_per_source": cfg.max_per_source, "compute": compute}, default=str)}
 
 
 def _check_memory(cfg: Config, sae: SAE, store: Store, kinds: tuple[str, ...], device: str) -> None:
@@ -275,7 +286,7 @@ def _run_locked(cfg: Config, t0: float, progress: Progress | None, on_total: Cal
         if cfg.set_defaults:
             workspace.set_defaults(store=store_dpath.resolve(), sae=sae_dpath.resolve(), index=index_fpath.resolve())
         return Result(index_fpath, kept["sae_id"], kept["n_images"], kept["n_features"], kept["tokens"],
-                      kept["alive"], kept["seconds"], unchanged=True)
+                      kept["alive"], kept["seconds"], unchanged=True, compute=recorded_compute(kept))
     device = resolve_device(cfg.device)
     sae = SAE.load(sae_dpath, device)
     store = open_store(store_dpath)
@@ -283,6 +294,7 @@ def _run_locked(cfg: Config, t0: float, progress: Progress | None, on_total: Cal
     kinds = mined_kinds(sae)
     _check_memory(cfg, sae, store, kinds, device)
     sae_id = sae_id_for(cfg, sae)
+    compute = _precision(cfg, sae, store, layer, kinds[0], device)
     if on_total:
         on_total(store.n_images)
     keep: list[tuple[int, TopKCodes]] | None = None
@@ -290,12 +302,12 @@ def _run_locked(cfg: Config, t0: float, progress: Progress | None, on_total: Cal
             store.n_images * store.layout.n_patches, sae.cfg.k):
         keep = []  # kept for features label (saevctl/mine/codes.py)
     with writer.staged_index(index_fpath) as idx:  # created first: a locked or corrupt index fails before the scan
-        scanners = scan_store(sae, store, layer, kinds, cfg, device, progress, keep)
+        scanners = scan_store(sae, store, layer, kinds, cfg, device, progress, keep, compute["compute"])
         secs = time.perf_counter() - t0
         idx.con.execute("BEGIN TRANSACTION")
         writer.delete_sae(idx, sae_id)
         writer.put_store(idx, store_id_of(store), _store_row(store), store.images)
-        writer.put_sae_row(idx, _sae_row(cfg, sae, sae_id, store, layer, kinds, secs))
+        writer.put_sae_row(idx, _sae_row(cfg, sae, sae_id, store, layer, kinds, secs, compute))
         with _one_thread(device):  # the tables are built from many small ops too (5x faster on one thread)
             for kind, sc in scanners.items():
                 writer.put_token_results(idx, sae_id, kind, token_tables(sc))
@@ -313,4 +325,18 @@ def _run_locked(cfg: Config, t0: float, progress: Progress | None, on_total: Cal
         workspace.set_defaults(store=store_dpath.resolve(), sae=sae_dpath.resolve(), index=index_fpath.resolve())
     alive = int((scanners[kinds[0]].stats().n_fired > 0).sum())
     log.info("mined %s over %d images in %.1f s", sae_id, store.n_images, time.perf_counter() - t0)
-    return Result(index_fpath, sae_id, store.n_images, sae.cfg.n_latents, kinds, alive, time.perf_counter() - t0)
+    return Result(index_fpath, sae_id, store.n_images, sae.cfg.n_latents, kinds, alive, time.perf_counter() - t0,
+                  compute=compute)
+
+
+def _precision(cfg: Config, sae: SAE, store: Store, layer: int, kind: str, device: str) -> dict[str, Any]:
+    """The encoder's precision for this run (bfloat16 where it is fast, else float32 with a warning, as extract
+    --compute), with bfloat16's agreement with float32 measured on the store's first tokens."""
+    from saevctl.extract.precision import resolve_compute
+
+    if resolve_compute(cfg.compute, device, "float32") != "bfloat16":
+        return {"compute": "float32"}
+    arr = store.layer(layer).kind(kind).parts[0]
+    per = -(-MEASURE_ROWS // max(1, math.prod(arr.shape[1:-1])))  # images holding the first MEASURE_ROWS tokens
+    x = from_numpy(np.array(arr[:per]), store.layer(layer).kind(kind).dtype).to(device)
+    return agreement(sae, x.reshape(-1, sae.cfg.d)[:MEASURE_ROWS])

@@ -122,8 +122,8 @@ def _scan_range(
     cscore = np.zeros(w, np.float64)
     minv = np.empty(w, np.float32)  # each feature's smallest slot value and its (first) slot
     mins = np.empty(w, np.int64)
-    minv[:] = vals_ks[0, lo:hi]
-    mins[:] = 0
+    for j in range(w):  # a loop, not a slice copy: that compiles numba's shape-mismatch error (~2 s cold)
+        minv[j], mins[j] = vals_ks[0, lo + j], 0
     for r in range(1, k):  # row by row: a feature's k slots are a strided column
         row = vals_ks[r, lo:hi]
         for j in range(w):
@@ -179,7 +179,7 @@ def _scan_range(
             for j in range(w):
                 if sc[j] == 0 and minv[j] == -np.inf:
                     n_open -= 1
-                    _enter(j, lo, 0.0, ids_b[i], vals_ks, ids_ks, minv, mins, ent, patches, False, p)
+                    _enter(j, lo, zero, ids_b[i], vals_ks, ids_ks, minv, mins, ent, patches, np.bool_(False), p)
                     n_open += minv[j] == -np.inf
         if entered:  # the entering rows' per-patch codes
             for q in range(n_e):

@@ -130,7 +130,7 @@ def _select_row(r: np.ndarray, k: int, ov: np.ndarray, oi: np.ndarray, cm: np.nd
     n_groups = s // GROUP
     _group_max(r, n_groups, cm)
     t = _threshold(cm, n_groups, k, SLACK)
-    n = 0
+    n = np.int64(0)  # typed int64 from the start: a literal 0 would compile the helpers for Literal[int](0) too
     for g in range(n_groups):
         if cm[g] >= t:
             for j in range(g, n_groups * GROUP, n_groups):
@@ -144,8 +144,8 @@ def _select_row(r: np.ndarray, k: int, ov: np.ndarray, oi: np.ndarray, cm: np.nd
             ci[n] = j
             n += 1
     if n > 4 * k:  # bisect once more, on the candidates, before the exact (branchy) quickselect
-        t = _threshold(cv, n, k, 1)
-        m = 0
+        t = _threshold(cv, n, k, np.float64(1.0))
+        m = np.int64(0)
         for q in range(n):
             if cv[q] >= t:
                 cv[m] = cv[q]
@@ -153,8 +153,9 @@ def _select_row(r: np.ndarray, k: int, ov: np.ndarray, oi: np.ndarray, cm: np.nd
                 m += 1
         n = m
     _top_front(cv, ci, n, k)
-    ov[:] = cv[:k]
-    oi[:] = ci[:k]
+    for q in range(k):  # a loop, not a slice copy: that compiles numba's shape-mismatch error and its string
+        ov[q] = cv[q]   # formatting, ~3 s of a cold start
+        oi[q] = ci[q]
     return True
 
 
@@ -284,7 +285,7 @@ def _estimate(x: np.ndarray, n_blocks: int, k: int) -> np.float32:
         bi = q * step
         _group_max(x[bi * blk:(bi + 1) * blk], FLAT_BLOCK, scm[q * FLAT_BLOCK:(q + 1) * FLAT_BLOCK])
     target = min(scm.shape[0], int(1.25 * k * n_s / n_blocks) + 16)
-    return _threshold(scm, scm.shape[0], target, 2)
+    return _threshold(scm, scm.shape[0], target, np.float64(2.0))
 
 
 @kernel()
@@ -337,8 +338,9 @@ def _flat(x: np.ndarray, k: int, nt: int) -> tuple[np.ndarray, np.ndarray, bool]
             n += 1
     vals = np.empty(n + n_tail, np.float32)
     idx = np.empty(n + n_tail, np.int64)
-    vals[:n] = cv[:n]
-    idx[:n] = ci[:n]
+    for q in range(n):  # loops, not slice copies (see _select_row)
+        vals[q] = cv[q]
+        idx[q] = ci[q]
     for j in range(tail.shape[0]):
         if ld(tail, j) >= t:
             vals[n] = ld(tail, j)

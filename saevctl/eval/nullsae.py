@@ -19,6 +19,7 @@ from torch import Tensor
 
 from saevctl.errors import InputError
 from saevctl.sae.model import SAE, SAEConfig
+from saevctl.sae.topk import row_topk
 from saevctl.store import Store
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,12 @@ def token_sample(store: Store, layer: int, kinds: tuple[str, ...], n: int, seed:
 def mean_l0(sae: SAE, x_nd: Tensor, chunk: int = 4096) -> float:
     """Mean number of active latents per token of the SAE on the sample."""
     device = sae.act_mean.device
-    fired = sum(float((sae.encode(x_nd[i : i + chunk].to(device)) > 0).sum()) for i in range(0, len(x_nd), chunk))
+    enc = sae.encoder()  # `encode` bit for bit, into one reused buffer (a fresh one per chunk costs its page faults)
+    buf = torch.empty(min(chunk, len(x_nd)) * sae.cfg.n_latents, device=device)
+    fired = 0
+    for i in range(0, len(x_nd), chunk):
+        x = x_nd[i : i + chunk].to(device)
+        fired += int((enc(x, out=buf[: len(x) * sae.cfg.n_latents].view(len(x), -1)) > 0).sum())
     return fired / max(len(x_nd), 1)
 
 
@@ -145,8 +151,9 @@ def dictionary(sae: SAE, rows_md: Tensor, k: int, x_nd: Tensor, train: dict[str,
     out.b_enc[m:] = DEAD_BIAS
     xn = _normalised(out, x_nd)
     num = den = 0.0
-    for i in range(0, len(xn), 4096):  # the dense codes of a block at a time
-        recon = out.activate(out.pre_acts(xn[i : i + 4096])) @ out.W_dec
+    for i in range(0, len(xn), 4096):  # a block at a time; each row's k codes decoded sparsely (an embedding bag)
+        vals, idx = row_topk(out.pre_acts(xn[i : i + 4096]), k)
+        recon = torch.nn.functional.embedding_bag(idx, out.W_dec, per_sample_weights=vals.relu_(), mode="sum")
         num += float((xn[i : i + 4096] * recon).sum())
         den += float(recon.pow(2).sum())
     scale = num / max(den, 1e-12)

@@ -237,8 +237,9 @@ def _fire(j: int, v: float, lo: int, by_mean: bool, edges: np.ndarray, table: np
 
 
 @kernel()
-def _enter(j: int, lo: int, score: float, image_id: int, vals_ks: np.ndarray, ids_ks: np.ndarray, minv: np.ndarray,
-           mins: np.ndarray, ent: np.ndarray, patches: np.ndarray, keep: bool, p: int) -> None:
+def _enter(j: int, lo: int, score: float | np.float32, image_id: int, vals_ks: np.ndarray, ids_ks: np.ndarray,
+           minv: np.ndarray, mins: np.ndarray, ent: np.ndarray, patches: np.ndarray, keep: bool | np.bool_,
+           p: int) -> None:
     """The image takes feature lo + j's smallest slot (its per-patch codes zeroed, to be written by the caller);
     the feature's smallest slot is found again."""
     k = vals_ks.shape[0]

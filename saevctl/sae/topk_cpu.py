@@ -53,7 +53,7 @@ def _group_max(r: np.ndarray, n_groups: int, out: np.ndarray) -> None:
 
 
 @kernel(fastmath=True)
-def _count_ge(a: np.ndarray, n: int, t: np.float32) -> int:
+def _count_ge(a: np.ndarray, n: int | np.int64, t: np.float32) -> int:
     c = 0
     for j in range(n):
         c += a[j] >= t
@@ -61,7 +61,7 @@ def _count_ge(a: np.ndarray, n: int, t: np.float32) -> int:
 
 
 @kernel(fastmath=True)
-def _min_max(a: np.ndarray, n: int) -> tuple[np.float32, np.float32]:
+def _min_max(a: np.ndarray, n: int | np.int64) -> tuple[np.float32, np.float32]:
     lo = a[0]
     hi = a[0]
     for j in range(1, n):
@@ -71,7 +71,7 @@ def _min_max(a: np.ndarray, n: int) -> tuple[np.float32, np.float32]:
 
 
 @kernel()
-def _threshold(a: np.ndarray, n: int, k: int, slack: float) -> np.float32:
+def _threshold(a: np.ndarray, n: int | np.int64, k: int, slack: float) -> np.float32:
     """A value t with at least k of a[:n] >= t, raised by bisection while more than slack * k are."""
     lo, hi = _min_max(a, n)
     for _ in range(64):
@@ -89,7 +89,7 @@ def _threshold(a: np.ndarray, n: int, k: int, slack: float) -> np.float32:
 
 
 @kernel()
-def _top_front(v: np.ndarray, ix: np.ndarray, n: int, k: int) -> None:
+def _top_front(v: np.ndarray, ix: np.ndarray, n: int | np.int64, k: int) -> None:
     """Rearrange v[:n] (ix alongside) so that v[:k] hold the k largest: a quickselect, median-of-three pivot."""
     lo, hi = 0, n - 1
     while lo < hi:

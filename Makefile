@@ -10,14 +10,20 @@ DEMO := demo-out
 
 # The package alone for the demo; the test tools (pytest, linters, onnxruntime for the conversion's check,
 # datasets for hf: sources) on top for `make test`, so a first `make demo` does not install them (~15 s).
+# pip compiles the installed files to bytecode on one core (~30 s of a first install, torch's files mostly);
+# compileall does it on every core. Its exit status is ignored: a few files are not meant to compile under this
+# Python (torch's py312_intrinsics.py), which pip skips silently too.
+SITE = "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q --no-compile -e .
+	$(BIN)/python -m compileall -q -j 0 $(SITE) >/dev/null 2>&1 || true
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-compile -e '.[test]'
+	$(BIN)/python -m compileall -q -j 0 $(SITE) >/dev/null 2>&1 || true
 	touch $(TEST_STAMP)
 
 install: $(TEST_STAMP)

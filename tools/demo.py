@@ -104,7 +104,8 @@ def _tidy(text: str, workspace: Path) -> str:
     """Paths as a reader's run prints them: the workspace as demo-out/, the cache as ~/.cache/saevctl."""
     from saevctl import layout
 
-    text = text.replace(str(workspace.parent) + "/", "").replace(str(layout.cache_dpath()), "~/.cache/saevctl")
+    # the cache first: a workspace under the same folder (/tmp) would otherwise cut the cache's path apart
+    text = text.replace(str(layout.cache_dpath()), "~/.cache/saevctl").replace(str(workspace.parent) + "/", "")
     return "\n".join(line.rstrip() for line in text.splitlines())
 
 

@@ -116,7 +116,7 @@ class Spans:
 
 
 def mine_fn(ckpt: Path, store: Path, root: Path, s: int, spans: list[Spans], device: str = "cpu",
-            one_thread_scan: bool = True) -> Timed:
+            one_thread_scan: bool = True, compute: str = "float32") -> Timed:
     """`saevctl mine` end to end into a fresh index each call (making the path and deleting the index afterwards
     are not timed); appends each call's Spans to `spans`. `one_thread_scan=False` lets the scan use every torch
     thread (pipeline.ONE_THREAD_SCAN)."""
@@ -133,8 +133,8 @@ def mine_fn(ckpt: Path, store: Path, root: Path, s: int, spans: list[Spans], dev
 
         t0 = time.perf_counter()
         try:
-            run(Config(sae=ckpt, store=store, index=index, device=device, set_defaults=False), progress=mark,
-                on_total=mark)
+            run(Config(sae=ckpt, store=store, index=index, device=device, set_defaults=False,
+                       compute="bfloat16" if compute == "bfloat16" else "float32"), progress=mark, on_total=mark)
         finally:
             pipeline.ONE_THREAD_SCAN = True
         t1 = time.perf_counter()
@@ -146,10 +146,12 @@ def mine_fn(ckpt: Path, store: Path, root: Path, s: int, spans: list[Spans], dev
     return go
 
 
-def gemm_fn(rows: list[int], s: int, steady: list[float], device: str = "cpu") -> Timed:
-    """The ceiling: the encoder GEMM of every chunk mining encodes; also records the seconds of chunks 2..N
-    alone (the steady scan's ceiling) in `steady`."""
-    first, rest = encoder_gemm(rows[:1], D, s, device=device), encoder_gemm(rows[1:], D, s, device=device)
+def gemm_fn(rows: list[int], s: int, steady: list[float], device: str = "cpu",
+            dtype: torch.dtype = torch.float32) -> Timed:
+    """The ceiling: the encoder GEMM of every chunk mining encodes, in mining's precision; also records the seconds
+    of chunks 2..N alone (the steady scan's ceiling) in `steady`."""
+    first = encoder_gemm(rows[:1], D, s, dtype, device=device)
+    rest = encoder_gemm(rows[1:], D, s, dtype, device=device)
     wait = sync(device)
 
     def go() -> float:
@@ -167,7 +169,7 @@ def gemm_fn(rows: list[int], s: int, steady: list[float], device: str = "cpu") -
 
 
 def throughput(root: Path, n: int, widths: list[int], repeats: int, rep: Report, device: str = "cpu",
-               ab_threads: bool = False, k: int = 0) -> None:
+               ab_threads: bool = False, k: int = 0, compute: str = "float32") -> None:
     """Mining at each width, interleaved with the encoder GEMM of the same chunks: end to end with its fixed
     seconds broken out, and the steady scan (chunks 2..N) against the GEMM of those chunks. `ab_threads` adds
     mining with the scan on every torch thread, interleaved too (an A/B of our own code, same ceiling)."""
@@ -179,13 +181,16 @@ def throughput(root: Path, n: int, widths: list[int], repeats: int, rep: Report,
     for s in widths:
         ckpt = sparse_sae(store, s, root / f"sae{s}", k=k)
         rows[s] = chunk_rows(store, s)
-        fns[f"gemm_{s}"] = gemm_fn(rows[s], s, steady[s], device)
+        fns[f"gemm_{s}"] = gemm_fn(rows[s], s, steady[s], device,
+                                   torch.bfloat16 if compute == "bfloat16" else torch.float32)
         for tag in ("", "_all_threads")[: 2 if ab_threads else 1]:
             spans[f"mine{tag}_{s}"] = []
-            fns[f"mine{tag}_{s}"] = mine_fn(ckpt, store, root, s, spans[f"mine{tag}_{s}"], device, tag == "")
+            fns[f"mine{tag}_{s}"] = mine_fn(ckpt, store, root, s, spans[f"mine{tag}_{s}"], device, tag == "",
+                                            compute)
     times = interleave(fns, repeats, warmup=1, sync=sync(device))
     kind = f"TopK k={k}" if k else "ReLU"
-    section(f"mine on {device}: {n:,} images x {P} patches, d = {D}, float32 {kind} SAE, {repeats} repeats")
+    section(f"mine on {device}: {n:,} images x {P} patches, d = {D}, {kind} SAE, encoder in {compute}, "
+            f"{repeats} repeats")
     for key in spans:
         s = int(key.rsplit("_", 1)[1])
         if key != f"mine_{s}":
@@ -370,6 +375,8 @@ def main() -> None:
                     help="also mine with the scan on every torch thread, interleaved (to choose ONE_THREAD_SCAN)")
     ap.add_argument("--topk", type=int, default=0, metavar="K",
                     help="mine TopK SAEs with K active latents per token instead of ReLU ones (default: ReLU)")
+    ap.add_argument("--compute", choices=("float32", "bfloat16"), default="float32",
+                    help="mine --compute: the encoder's precision, and the ceiling GEMM's dtype")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     n = args.images or (64 if args.quick else 2048)
@@ -378,11 +385,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rep = Report("mine", args.quick, images=n, patches=P, d=D, widths=widths, repeats=repeats, device=args.device,
-                 activation=f"topk{args.topk}" if args.topk else "relu")
+                 activation=f"topk{args.topk}" if args.topk else "relu", compute=args.compute)
     with tempfile.TemporaryDirectory(prefix="saevctl-bench-mine-") as tmp:
         root = Path(tmp)
         throughput(root, n, widths, repeats, rep=rep, device=args.device, ab_threads=args.ab_scan_threads,
-                   k=args.topk)
+                   k=args.topk, compute=args.compute)
         if not args.quick and args.device == "cpu":
             mem = peak_memory(root, 256)
             rep.note("peak_memory_24576", mem)

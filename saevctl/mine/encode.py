@@ -17,7 +17,7 @@ from saevctl.sae.topk import row_topk
 
 # Switch: False makes mining call sae.encode itself (the plain reference version).
 USE_FUSED = True
-# Rows of the first chunk encoded in float32 too under mine --compute bfloat16, to measure what bfloat16 changes:
+# The store's first tokens, encoded in float32 too under mine --compute bfloat16 to measure what bfloat16 changes:
 # enough for a stable figure, few enough that two dense (rows, s) copies stay small at any width.
 MEASURE_ROWS = 1024
 
@@ -57,10 +57,10 @@ def make_encoder(
         bias_s = sae.b_enc - (sae.act_mean * sae.act_scale + sae.b_dec) @ sae.W_enc
     low = compute == "bfloat16"
     if low:
-        # Not folded: a residual stream's large mean, rounded to bfloat16 inside x and cancelled by the bias after
-        # the GEMM, would leave its rounding error in every code (measured: 9% relative error on the demo SAE,
-        # against 0.5% with the input centred in float32 first). So the input is normalised in float32, then
-        # rounded: pre = bf16((x - mean) * scale - b_dec) @ bf16(W) + bf16(b_enc).
+        # Not folded: where a residual stream's mean is large against its spread (ViTs' massive activations), x
+        # rounded to bfloat16 before the mean is removed carries the mean's rounding error into every code, which
+        # the folded bias cannot cancel (tests/test_mine_scan.py plants a mean 800x the spread). So the input is
+        # normalised in float32, then rounded: pre = bf16((x - mean) * scale - b_dec) @ bf16(W) + bf16(b_enc).
         w_ds, bias_s = sae.W_enc.detach().to(torch.bfloat16).contiguous(), sae.b_enc.detach().to(torch.bfloat16)
     mean_d, scale, b_dec = sae.act_mean.detach(), sae.act_scale.detach(), sae.b_dec.detach()
     activation, k, threshold = sae.cfg.activation, sae.cfg.k, float(sae.threshold)

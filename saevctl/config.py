@@ -24,6 +24,8 @@ from saevctl.errors import InputError
 
 C = TypeVar("C")
 Kind = Literal["path", "int", "float", "str", "bool"]
+Compute = Literal["float32", "bfloat16"]
+"""An encoder's precisions (mine --compute); features label and eval's baselines encode as the index records."""
 
 
 @dataclass(frozen=True)

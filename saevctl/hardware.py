@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -29,3 +32,14 @@ def bf16_is_fast(device: str) -> bool:
     """Whether bfloat16 autocast speeds up matmuls on `device`: on a GPU, or on a CPU with fast bfloat16. Where it
     does not, a bfloat16 request (train --dtype, extract and mine --compute) runs in float32 with a warning."""
     return not device.startswith("cpu") or cpu_has_fast_bf16()
+
+
+def bf16_if_fast(flag: str, device: str, doing: str) -> bool:
+    """Whether a bfloat16 request (`flag`: train --dtype, extract or mine --compute) runs in bfloat16 on `device`.
+    Where bfloat16 matmuls would be emulated (a CPU without AMX or AVX512-BF16: slower than float32, #17) the work
+    runs in float32 instead, and a warning says so."""
+    if bf16_is_fast(device):
+        return True
+    log.warning("%s: this CPU has no AMX or AVX512-BF16, where bfloat16 matmuls are slower than float32; %s in "
+                "float32", flag, doing)
+    return False

@@ -78,6 +78,8 @@ PUBLIC = {
     "saevctl.mine.run": "eval mines each null baseline with mine's own code, so its label coverage is the SAE's",
     "saevctl.mine.config.LabelConfig": "eval labels each null baseline with features label's own settings",
     "saevctl.mine.label.run": "eval labels each null baseline with features label's own code",
+    "saevctl.mine.pipeline.recorded_compute": "eval mines each null baseline in the precision the SAE's index "
+                                              "records (mine --compute), read as mine and features label read it",
     "saevctl.mine.figures.shared_vmax": "serve draws exemplar strips on the colour scale mine's grids use",
     "saevctl.mine.figures.LUT": "serve draws an edit's saliency maps on mine's heat scale",
     "saevctl.mine.query": "serve answers its views with the features commands' own queries (the Figure-2 sum, "

@@ -27,8 +27,8 @@ from saevctl.store import Store, open_store
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from saevctl.config import Compute
     from saevctl.edit.session import Prober
-    from saevctl.mine.config import Compute
 
 log = logging.getLogger(__name__)
 FORMAT = "saevctl-baseline"

@@ -26,7 +26,7 @@ from saevctl.eval.recon import run_recon
 from saevctl.eval.splice import run_splice
 
 if TYPE_CHECKING:
-    from saevctl.mine.config import Compute
+    from saevctl.config import Compute
     from saevctl.sae import SAE
 
 log = logging.getLogger(__name__)

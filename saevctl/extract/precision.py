@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from saevctl import atomic
-from saevctl.hardware import bf16_is_fast, cpu_has_fast_bf16
+from saevctl.hardware import bf16_if_fast, cpu_has_fast_bf16
 from saevctl.vit import Backbone
 
 log = logging.getLogger(__name__)
@@ -26,9 +26,7 @@ def resolve_compute(compute: str, device: str, dtype: str) -> str:
     """auto: bfloat16 autocast on a GPU for a 16-bit store (the store rounds more than bfloat16 does), float32
     on a CPU (pass --compute bfloat16 there for AMX speed). bfloat16 where it would be emulated (a CPU without fast
     bfloat16) is float32, with a warning, as for train --dtype."""
-    if compute == "bfloat16" and not bf16_is_fast(device):
-        log.warning("--compute bfloat16: this CPU has no AMX or AVX512-BF16, where bfloat16 matmuls are slower than "
-                    "float32; computing in float32")
+    if compute == "bfloat16" and not bf16_if_fast("--compute bfloat16", device, "computing"):
         return "float32"
     if compute != "auto":
         return compute

@@ -11,12 +11,10 @@ from pathlib import Path
 from typing import Literal
 
 from saevctl import layout, workspace
-from saevctl.config import DeviceOpts, IndexQuery, RerunOpts, check_finite, opt
+from saevctl.config import Compute, DeviceOpts, IndexQuery, RerunOpts, check_finite, opt
 from saevctl.errors import InputError
 from saevctl.memory import check_memory, physical_memory
 
-# The encoder's precisions (mine --compute); features label and eval's baselines encode as mine did.
-Compute = Literal["float32", "bfloat16"]
 # Ranks are stored as SMALLINT (schema.py), which bounds --top-k and --top-n.
 MAX_RANK = (1 << 15) - 1
 

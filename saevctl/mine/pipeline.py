@@ -25,6 +25,7 @@ from saevctl import lock, rerun, workspace
 from saevctl.config import resolve_device
 from saevctl.data.images import source_of
 from saevctl.errors import CheckpointError
+from saevctl.hardware import bf16_if_fast
 from saevctl.memory import device_memory
 from saevctl.mine import codes as codecache
 from saevctl.mine import fresh, scan, vectors, writer
@@ -332,9 +333,7 @@ def _run_locked(cfg: Config, t0: float, progress: Progress | None, on_total: Cal
 def _precision(cfg: Config, sae: SAE, store: Store, layer: int, kind: str, device: str) -> dict[str, Any]:
     """The encoder's precision for this run (bfloat16 where it is fast, else float32 with a warning, as extract
     --compute), with bfloat16's agreement with float32 measured on the store's first tokens."""
-    from saevctl.extract.precision import resolve_compute
-
-    if resolve_compute(cfg.compute, device, "float32") != "bfloat16":
+    if cfg.compute != "bfloat16" or not bf16_if_fast("--compute bfloat16", device, "mining"):
         return {"compute": "float32"}
     arr = store.layer(layer).kind(kind).parts[0]
     per = -(-MEASURE_ROWS // max(1, math.prod(arr.shape[1:-1])))  # images holding the first MEASURE_ROWS tokens

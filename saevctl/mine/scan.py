@@ -306,13 +306,15 @@ class FeatureScanner:
         number), for max_per_source."""
         b, p, s = codes_bps.shape
         assert s == self.s
-        if self._compiled(codes_bps, ids_b):
+        if self._compiled(codes_bps, ids_b, src_b):
             t = self.topk
             tk = isinstance(codes_bps, TopKCodes)
             codes = (codes_bps.vals_tk, codes_bps.idx_tk) if tk else codes_bps.reshape(-1, s)  # type: ignore[union-attr]
+            if t.cap is not None and src_b is not None and len(src_b):
+                t.n_sources = max(t.n_sources, int(src_b.max()) + 1)
             scores_bs = scan_cpu.scan(codes, b, p, self.by == "mean", ids_b, HIST_INNER, HIST_TABLE, t.vals_ks,
                                       t.ids_ks, t.patches_skp, self.img_fired, self.sum, self.img_score_sum, self.max,
-                                      self.hist_sb, self._hist_counts(p), self.threads)
+                                      self.hist_sb, self._hist_counts(p), self.threads, t.src_ks, src_b, t.cap)
             self.n_tokens += b * p
             self.n_images += b
         else:
@@ -325,11 +327,13 @@ class FeatureScanner:
             self._counts = scan_cpu.HistCounts(len(self.hist_sb), p)
         return self._counts
 
-    def _compiled(self, codes_bps: Tensor | TopKCodes, ids_b: Tensor) -> bool:
-        """Whether a chunk goes to the compiled scan (saevctl.mine.scan_cpu): on a CPU, uncapped, float32 codes."""
+    def _compiled(self, codes_bps: Tensor | TopKCodes, ids_b: Tensor, src_b: Tensor | None) -> bool:
+        """Whether a chunk goes to the compiled scan (saevctl.mine.scan_cpu): on a CPU, float32 codes (capped too,
+        with int64 sources)."""
         t = self.topk
         codes = codes_bps.vals_tk if isinstance(codes_bps, TopKCodes) else codes_bps
-        return (COMPILED and codes.device.type == "cpu" and codes.dtype == torch.float32 and t.cap is None
+        capped_ok = t.cap is None or (src_b is not None and src_b.dtype == torch.int64 and src_b.device.type == "cpu")
+        return (COMPILED and codes.device.type == "cpu" and codes.dtype == torch.float32 and capped_ok
                 and ids_b.dtype == torch.int64 and (t.patches_skp is None or t.patches_skp.dtype == torch.float16))
 
     def _update_torch(

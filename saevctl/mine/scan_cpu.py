@@ -3,10 +3,11 @@
 - `scan`: a whole chunk folded into a scanner's state, the features split among the threads. Each thread reads
   the chunk's codes once (dense codes a 64-code block at a time, a vector test skipping blocks with none
   positive; a TopK encoder's k codes per token directly) and, image by image, updates its features' statistics
-  and their top-k slots: an image whose score beats a feature's smallest slot takes that slot, and its per-patch
-  codes are written from the codes it just read. The same statistics and exemplars as the torch code in scan.py
-  (the reference: CUDA and the per-source cap run it); the float64 sums differ only in summation order, and
-  among equal scores another row may be kept (tests/test_mine_scan.py).
+  and their top-k slots: an image whose score beats a feature's smallest slot takes that slot (with
+  --max-per-source, an image whose source already holds its cap of the feature's slots can only take that
+  source's weakest one), and its per-patch codes are written from the codes it just read. The same statistics
+  and exemplars as the torch code in scan.py (the reference: CUDA runs it); the float64 sums differ only in
+  summation order, and among equal scores another row may be kept (tests/test_mine_scan.py).
 - `entering`: where the per-patch codes of the rows entering the torch path's top-k go, found in one pass over
   the chunk's firing codes; exactly what the torch code beside it finds, in the same order.
 """
@@ -86,17 +87,19 @@ def _scan(
     dense: np.ndarray, tk_vals: np.ndarray, tk_idx: np.ndarray, b: int, p: int, by_mean: bool, ids_b: np.ndarray,
     edges: np.ndarray, table: np.ndarray, nt: int, vals_ks: np.ndarray, ids_ks: np.ndarray, patches: np.ndarray,
     img_fired: np.ndarray, vsum: np.ndarray, img_score_sum: np.ndarray, vmax: np.ndarray, hist: np.ndarray,
-    lh: np.ndarray, since: int, flush: int, scores_bs: np.ndarray,
+    lh: np.ndarray, since: int, flush: int, scores_bs: np.ndarray, src_ks: np.ndarray, src_b: np.ndarray, cap: int,
 ) -> None:
     """One chunk of b images x p tokens folded into a scanner's state, thread th owning a range of features.
     Codes come dense ((b p, s) float32) or as a TopK encoder's ((b p, kc) values and features); the other pair is
-    empty."""
+    empty. With `cap` > 0, at most `cap` of a feature's slots hold images of one source (src_b: each image's;
+    src_ks: each slot's, -1 when empty)."""
     s = vals_ks.shape[1]
     per = ((s + nt - 1) // nt + 15) // 16 * 16  # ranges of whole cache lines of float32
     for th in prange(nt):
         lo = min(s, th * per)
         _scan_range(dense, tk_vals, tk_idx, b, p, by_mean, ids_b, edges, table, lo, min(s, lo + per), vals_ks, ids_ks,
-                    patches, img_fired, vsum, img_score_sum, vmax, hist, lh, since, flush, scores_bs)
+                    patches, img_fired, vsum, img_score_sum, vmax, hist, lh, since, flush, scores_bs, src_ks, src_b,
+                    cap)
 
 
 @kernel()
@@ -104,7 +107,8 @@ def _scan_range(
     dense: np.ndarray, tk_vals: np.ndarray, tk_idx: np.ndarray, b: int, p: int, by_mean: bool, ids_b: np.ndarray,
     edges: np.ndarray, table: np.ndarray, lo: int, hi: int, vals_ks: np.ndarray, ids_ks: np.ndarray,
     patches: np.ndarray, img_fired: np.ndarray, vsum: np.ndarray, img_score_sum: np.ndarray, vmax: np.ndarray,
-    hist: np.ndarray, lh: np.ndarray, since: int, flush: int, scores_bs: np.ndarray,
+    hist: np.ndarray, lh: np.ndarray, since: int, flush: int, scores_bs: np.ndarray, src_ks: np.ndarray,
+    src_b: np.ndarray, cap: int,
 ) -> None:
     """`_scan`'s work on features lo..hi-1 (vsum ... scores_bs written there only). Histogram counts go to lh, 16
     bits (a quarter of hist's size: it stays in L2, where hist misses at every code), and are added into hist
@@ -134,8 +138,8 @@ def _scan_range(
         n_open += minv[j] == -np.inf
     n_hist = edges.shape[0] + 1
     # this image's firing codes (feature - lo, token, value), for the per-patch codes of the rows that enter
-    cap = p * (w if use_dense else min(w, kc)) if keep else 0
-    fj, ft, fv = np.empty(cap, np.int32), np.empty(cap, np.int32), np.empty(cap, np.float32)
+    room = p * (w if use_dense else min(w, kc)) if keep else 0
+    fj, ft, fv = np.empty(room, np.int32), np.empty(room, np.int32), np.empty(room, np.float32)
     for i in range(b):
         n_t = n_e = 0
         for t0 in range(p):
@@ -170,16 +174,28 @@ def _scan_range(
             img_fired[lo + j] += 1
             cscore[j] += score
             scores_bs[i, lo + j] = score
-            if score > minv[j]:
-                n_open -= minv[j] == -np.inf
-                _enter(j, lo, score, ids_b[i], vals_ks, ids_ks, minv, mins, ent, patches, keep, p)
-                n_open += minv[j] == -np.inf
-                entered = True
+            if score > minv[j]:  # (a score at most the weakest slot's cannot beat any slot of its source either)
+                q = mins[j]
+                if cap > 0:  # the image's source at its cap: it can only take that source's weakest slot
+                    wq = _source_full(src_ks, vals_ks, lo + j, src_b[i], cap)
+                    q = q if wq < 0 else wq if score > vals_ks[wq, lo + j] else -1
+                if q >= 0:
+                    n_open -= minv[j] == -np.inf
+                    _enter(j, lo, q, score, ids_b[i], vals_ks, ids_ks, minv, mins, ent, patches, keep, p)
+                    if cap > 0:
+                        src_ks[q, lo + j] = src_b[i]
+                    n_open += minv[j] == -np.inf
+                    entered = True
         if n_open > 0:  # a feature that has not filled its k slots takes this image at score 0 (torch.topk's)
             for j in range(w):
                 if sc[j] == 0 and minv[j] == -np.inf:
+                    if cap > 0 and _source_full(src_ks, vals_ks, lo + j, src_b[i], cap) >= 0:
+                        continue  # its source's slots are full, with better images
                     n_open -= 1
-                    _enter(j, lo, zero, ids_b[i], vals_ks, ids_ks, minv, mins, ent, patches, np.bool_(False), p)
+                    q = mins[j]
+                    _enter(j, lo, q, zero, ids_b[i], vals_ks, ids_ks, minv, mins, ent, patches, np.bool_(False), p)
+                    if cap > 0:
+                        src_ks[q, lo + j] = src_b[i]
                     n_open += minv[j] == -np.inf
         if entered:  # the entering rows' per-patch codes
             for q in range(n_e):
@@ -203,6 +219,23 @@ def _add_counts(out: np.ndarray, counts: np.ndarray) -> None:
     for q in range(out.shape[0]):
         out[q] += counts[q]
         counts[q] = 0
+
+
+@kernel()
+def _source_full(src_ks: np.ndarray, vals_ks: np.ndarray, f: int, g: int, cap: int) -> int:
+    """Whether source g holds `cap` of feature f's slots: then its weakest slot (the first of equal ones), else -1.
+    The capped sets form a matroid, so taking an image this way as it comes (into its source's weakest slot when
+    the source is full, else into the feature's weakest) keeps the best capped top-k of every image so far: what
+    the torch merge (scan.within_cap) chooses over a chunk at once, up to which of equal values is kept."""
+    c = 0
+    w = -1
+    wv = np.float32(np.inf)
+    for r in range(src_ks.shape[0]):
+        if src_ks[r, f] == g:
+            c += 1
+            if vals_ks[r, f] < wv:
+                wv, w = vals_ks[r, f], r
+    return w if c >= cap else -1
 
 
 @kernel()
@@ -237,13 +270,13 @@ def _fire(j: int, v: float, lo: int, by_mean: bool, edges: np.ndarray, table: np
 
 
 @kernel()
-def _enter(j: int, lo: int, score: float | np.float32, image_id: int, vals_ks: np.ndarray, ids_ks: np.ndarray,
-           minv: np.ndarray, mins: np.ndarray, ent: np.ndarray, patches: np.ndarray, keep: bool | np.bool_,
-           p: int) -> None:
-    """The image takes feature lo + j's smallest slot (its per-patch codes zeroed, to be written by the caller);
-    the feature's smallest slot is found again."""
+def _enter(j: int, lo: int, q: int, score: float | np.float32, image_id: int, vals_ks: np.ndarray,
+           ids_ks: np.ndarray, minv: np.ndarray, mins: np.ndarray, ent: np.ndarray, patches: np.ndarray,
+           keep: bool | np.bool_, p: int) -> None:
+    """The image takes feature lo + j's slot q (its per-patch codes zeroed, to be written by the caller); the
+    feature's smallest slot is found again."""
     k = vals_ks.shape[0]
-    f, q = lo + j, mins[j]
+    f = lo + j
     vals_ks[q, f] = score
     ids_ks[q, f] = image_id
     if keep:
@@ -257,11 +290,13 @@ def scan(
     codes: Tensor | tuple[Tensor, Tensor], b: int, p: int, by_mean: bool, ids_b: Tensor, edges: np.ndarray,
     table: np.ndarray, vals_ks: Tensor, ids_ks: Tensor, patches_skp: Tensor | None, img_fired: Tensor, vsum: Tensor,
     img_score_sum: Tensor, vmax: Tensor, hist: Tensor, counts: HistCounts, threads: int,
+    src_ks: Tensor | None = None, src_b: Tensor | None = None, cap: int | None = None,
 ) -> Tensor:
     """Fold one chunk into a scanner's state in place (the arguments from `vals_ks` on are updated; `hist` holds
     the histogram once `counts.flush_into(hist)` has run), the features split among `threads` threads; returns
     the images' scores (b, s). `codes`: dense (b p, s) float32, or a TopK encoder's (values, features), (b p, kc)
-    each."""
+    each. With `cap`, at most that many of a feature's exemplars per source (`src_b`: each image's source, int64;
+    `src_ks`: each slot's, updated)."""
     s = vals_ks.shape[1]
     if isinstance(codes, Tensor):
         dense, tk_vals, tk_idx = codes.float().numpy(), np.empty((0, 0), np.float32), np.empty((0, 0), np.int64)
@@ -274,7 +309,9 @@ def scan(
     assert p == counts.p, (p, counts.p)
     _scan(dense, tk_vals, tk_idx, b, p, by_mean, ids_b.numpy(), edges, table, n_threads(threads), vals_ks.numpy(),
           ids_ks.numpy(), patches, img_fired.numpy(), vsum.numpy(), img_score_sum.numpy(), vmax.numpy(), hist.numpy(),
-          counts.lh, counts.since, counts.every, scores.numpy())
+          counts.lh, counts.since, counts.every, scores.numpy(),
+          src_ks.numpy() if src_ks is not None else np.empty((0, 0), np.int64),
+          src_b.numpy() if src_b is not None else np.empty(0, np.int64), cap or 0)
     counts.since = (counts.since + b) % counts.every
     return scores
 

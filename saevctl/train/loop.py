@@ -22,7 +22,7 @@ import saevctl
 from saevctl import atomic, dist, layout, lock
 from saevctl.config import resolve_device
 from saevctl.errors import OutputError, SaevctlError, TrainingError
-from saevctl.hardware import bf16_is_fast
+from saevctl.hardware import bf16_if_fast
 from saevctl.train import distributed, heap, optim, plots, state
 from saevctl.train.config import Config, RunSpec, expand, group_specs
 from saevctl.train.distributed import Place
@@ -257,13 +257,7 @@ def _train_run(cfg: Config, opener: Opener, device: str, place: Place, progress:
 def _use_bf16(cfg: Config, device: str) -> bool:
     """bfloat16 matmuls as asked, except on a CPU without AMX or AVX512-BF16: there torch emulates them, slower
     than float32 (#17), so the run trains in float32 and says so."""
-    if cfg.dtype != "bfloat16":
-        return False
-    if bf16_is_fast(device):
-        return True
-    log.warning("--dtype bfloat16: this CPU has no AMX or AVX512-BF16, where bfloat16 matmuls are slower than "
-                "float32; training in float32")
-    return False
+    return cfg.dtype == "bfloat16" and bf16_if_fast("--dtype bfloat16", device, "training")
 
 
 def _train(cfg: Config, data: Data, groups: list[SAEGroup], norm: tuple[torch.Tensor, torch.Tensor],

@@ -14,16 +14,17 @@ DEMO := demo-out
 # compileall does it on every core. Its exit status is ignored: a few files are not meant to compile under this
 # Python (torch's py312_intrinsics.py), which pip skips silently too.
 SITE = "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
+BYTECODE = $(BIN)/python -m compileall -q -j 0 $(SITE) >/dev/null 2>&1 || true
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q --no-compile -e .
-	$(BIN)/python -m compileall -q -j 0 $(SITE) >/dev/null 2>&1 || true
+	$(BYTECODE)
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q --no-compile -e '.[test]'
-	$(BIN)/python -m compileall -q -j 0 $(SITE) >/dev/null 2>&1 || true
+	$(BYTECODE)
 	touch $(TEST_STAMP)
 
 install: $(TEST_STAMP)

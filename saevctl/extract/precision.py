@@ -5,7 +5,6 @@ of a run is also run in float32 and the relative error of every stored layer is 
 from __future__ import annotations
 
 import contextlib
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ from saevctl import atomic
 from saevctl.hardware import bf16_if_fast, cpu_has_fast_bf16
 from saevctl.vit import Backbone
 
-log = logging.getLogger(__name__)
 COMPUTE_FILE = "compute.json"
 # Images of the first batch run twice (float32 and bfloat16) to measure the error: a few, so that the extra
 # float32 forward costs little even on a CPU, where it is about 3x a bfloat16 one.

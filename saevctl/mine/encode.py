@@ -50,26 +50,28 @@ def make_encoder(
     """
     if not USE_FUSED:
         return lambda x_bd, out=None: sae.encode(x_bd)
-    with torch.no_grad():
-        # x_norm = (x - mean) * scale; pre = (x_norm - b_dec) @ W + b_enc
-        #        = x @ (scale W) + (b_enc - (mean * scale + b_dec) @ W)
-        w_ds = (sae.W_enc * sae.act_scale).contiguous()
-        bias_s = sae.b_enc - (sae.act_mean * sae.act_scale + sae.b_dec) @ sae.W_enc
     low = compute == "bfloat16"
-    if low:
-        # Not folded: where a residual stream's mean is large against its spread (ViTs' massive activations), x
-        # rounded to bfloat16 before the mean is removed carries the mean's rounding error into every code, which
-        # the folded bias cannot cancel (tests/test_mine_scan.py plants a mean 800x the spread). So the input is
-        # normalised in float32, then rounded: pre = bf16((x - mean) * scale - b_dec) @ bf16(W) + bf16(b_enc).
-        w_ds, bias_s = sae.W_enc.detach().to(torch.bfloat16).contiguous(), sae.b_enc.detach().to(torch.bfloat16)
-    mean_d, scale, b_dec = sae.act_mean.detach(), sae.act_scale.detach(), sae.b_dec.detach()
+    with torch.no_grad():
+        if low:
+            # Not folded: where a residual stream's mean is large against its spread (ViTs' massive activations),
+            # x rounded to bfloat16 before the mean is removed carries the mean's rounding error into every code,
+            # which the folded bias cannot cancel (tests/test_mine_scan.py plants a mean 800x the spread). So the
+            # input is normalised in float32 (as SAE.encode does), then rounded:
+            # pre = bf16(normalize(x) - b_dec) @ bf16(W) + bf16(b_enc).
+            w_ds, bias_s = sae.W_enc.to(torch.bfloat16).contiguous(), sae.b_enc.to(torch.bfloat16)
+        else:
+            # x_norm = (x - mean) * scale; pre = (x_norm - b_dec) @ W + b_enc
+            #        = x @ (scale W) + (b_enc - (mean * scale + b_dec) @ W)
+            w_ds = (sae.W_enc * sae.act_scale).contiguous()
+            bias_s = sae.b_enc - (sae.act_mean * sae.act_scale + sae.b_dec) @ sae.W_enc
     activation, k, threshold = sae.cfg.activation, sae.cfg.k, float(sae.threshold)
     scratch: list[Tensor] = []  # bfloat16 pre-activations of the dense activations, reused across calls
 
     def gemm(x_bd: Tensor, out: Tensor | None) -> Tensor:
         """The pre-activations: into `out` in float32; in bfloat16 into `out`'s first half (a TopK SAE's, read
         only by its selection) or a reused buffer (dense codes, converted into `out` after)."""
-        x_bd = ((x_bd.float() - mean_d) * scale - b_dec).to(torch.bfloat16) if low else x_bd.to(w_ds.dtype)
+        with torch.no_grad():
+            x_bd = (sae.normalize(x_bd) - sae.b_dec).to(torch.bfloat16) if low else x_bd.to(w_ds.dtype)
         if out is None:
             return torch.addmm(bias_s, x_bd, w_ds)
         if not low:

@@ -335,7 +335,8 @@ def _precision(cfg: Config, sae: SAE, store: Store, layer: int, kind: str, devic
     --compute), with bfloat16's agreement with float32 measured on the store's first tokens."""
     if cfg.compute != "bfloat16" or not bf16_if_fast("--compute bfloat16", device, "mining"):
         return {"compute": "float32"}
-    arr = store.layer(layer).kind(kind).parts[0]
+    tokens = store.layer(layer).kind(kind)
+    arr = tokens.parts[0]
     per = -(-MEASURE_ROWS // max(1, math.prod(arr.shape[1:-1])))  # images holding the first MEASURE_ROWS tokens
-    x = from_numpy(np.array(arr[:per]), store.layer(layer).kind(kind).dtype).to(device)
+    x = from_numpy(np.array(arr[:per]), tokens.dtype).to(device)
     return agreement(sae, x.reshape(-1, sae.cfg.d)[:MEASURE_ROWS])

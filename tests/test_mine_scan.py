@@ -275,6 +275,10 @@ def test_bf16_encoder_rounds_only_the_gemm(activation: str, k: int) -> None:
         assert isinstance(sparse, TopKCodes)
         dense = torch.zeros(96, 256).scatter_(1, sparse.idx_tk, sparse.vals_tk)
         torch.testing.assert_close(dense, got, rtol=0, atol=0)
+    if activation != "topk":  # the scanner's form: the dense codes left in bfloat16, in `out`'s first half
+        for_scan = fast.make_encoder(sae, positive_only=True, compute="bfloat16")(x, out=buf)
+        assert for_scan.dtype == torch.bfloat16 and for_scan.data_ptr() == buf.data_ptr()
+        torch.testing.assert_close(for_scan.float().clamp_min(0), got, rtol=0, atol=0)
     fig = fast.agreement(sae, x)
     assert fig["compute"] == "bfloat16" and 0.95 <= fig["firing_kept"] <= 1
     assert fig["rel_error_shared"] < 0.02 and fig["rel_error_shared"] <= fig["rel_error_vs_float32"]
@@ -385,6 +389,23 @@ def test_negative_codes_count_as_zero(stream: tuple[torch.Tensor, list[int], int
     src_n, cap = torch.arange(n) % 2, 1 if capped else None
     with _switched(COMPILED=compiled):
         _assert_same_scanner(_feed(codes, cuts, k, cap=cap, src_n=src_n), _feed(pre, cuts, k, cap=cap, src_n=src_n))
+
+
+@settings(max_examples=30, deadline=None)
+@given(code_streams(), st.booleans(), st.booleans())
+def test_bf16_codes_scan_as_their_float32_values(stream: tuple[torch.Tensor, list[int], int], compiled: bool,
+                                                 capped: bool) -> None:
+    """mine --compute bfloat16 hands a dense SAE's pre-activations to the scanner in bfloat16 (the compiled scan
+    reads their bits): the very scanner their float32 values give, on both paths."""
+    codes, cuts, k = stream
+    n, p, s = codes.shape
+    g = torch.Generator().manual_seed(n * 5 + s)
+    pre = torch.where(codes > 0, codes, -torch.rand(codes.shape, generator=g)).to(torch.bfloat16)
+    src_n, cap = torch.arange(n) % 2, 1 if capped else None
+    with _switched(COMPILED=compiled):
+        assert FeatureScanner(s, k, p, "max", 3, keep_patches=True)._compiled(pre, torch.arange(n), None) == compiled
+        want = _feed(pre.float(), cuts, k, cap=cap, src_n=src_n)
+        _assert_same_scanner(want, _feed(pre, cuts, k, cap=cap, src_n=src_n))
 
 
 @pytest.mark.parametrize("chunk", [3, 20])

@@ -300,10 +300,10 @@ class FeatureScanner:
         self, codes_bps: Float[Tensor, "b p s"] | TopKCodes, ids_b: Int[Tensor, " b"],
         src_b: Int[Tensor, " b"] | None = None,
     ) -> None:
-        """Fold in one chunk: b images, p tokens each (p = 1 for CLS), s features; codes dense or as a TopK
-        encoder's (TopKCodes), a code firing where it is > 0 (every other value, a negative one too, counts as 0;
-        only the reference path with SPARSE_PATCHES off needs codes >= 0). `src_b`: each image's source photo (a
-        number), for max_per_source."""
+        """Fold in one chunk: b images, p tokens each (p = 1 for CLS), s features; codes dense (float32 or
+        bfloat16) or as a TopK encoder's (TopKCodes), a code firing where it is > 0 (every other value, a negative one
+        too, counts as 0; only the reference path with SPARSE_PATCHES off needs codes >= 0). `src_b`: each image's
+        source photo (a number), for max_per_source."""
         b, p, s = codes_bps.shape
         assert s == self.s
         if self._compiled(codes_bps, ids_b, src_b):
@@ -317,7 +317,9 @@ class FeatureScanner:
                                       self.hist_sb, self._hist_counts(p), self.threads, t.src_ks, src_b, t.cap)
             self.n_tokens += b * p
             self.n_images += b
-        else:
+        else:  # bfloat16 codes as their float32 values (exact)
+            if isinstance(codes_bps, Tensor) and codes_bps.dtype == torch.bfloat16:
+                codes_bps = codes_bps.float()
             scores_bs = self._update_torch(codes_bps, ids_b, src_b)
         vals_bn, feats_bn = scores_bs.topk(self.top_n, dim=1)
         self.image_top.append((ids_b.clone(), feats_bn.to(torch.int32), vals_bn.float()))
@@ -328,12 +330,14 @@ class FeatureScanner:
         return self._counts
 
     def _compiled(self, codes_bps: Tensor | TopKCodes, ids_b: Tensor, src_b: Tensor | None) -> bool:
-        """Whether a chunk goes to the compiled scan (saevctl.mine.scan_cpu): on a CPU, float32 codes (capped too,
-        with int64 sources)."""
+        """Whether a chunk goes to the compiled scan (saevctl.mine.scan_cpu): on a CPU, float32 codes or dense
+        bfloat16 ones (capped too, with int64 sources)."""
         t = self.topk
+        tk = isinstance(codes_bps, TopKCodes)
         codes = codes_bps.vals_tk if isinstance(codes_bps, TopKCodes) else codes_bps
         capped_ok = t.cap is None or (src_b is not None and src_b.dtype == torch.int64 and src_b.device.type == "cpu")
-        return (COMPILED and codes.device.type == "cpu" and codes.dtype == torch.float32 and capped_ok
+        dtype_ok = codes.dtype == torch.float32 or (codes.dtype == torch.bfloat16 and not tk)
+        return (COMPILED and codes.device.type == "cpu" and dtype_ok and capped_ok
                 and ids_b.dtype == torch.int64 and (t.patches_skp is None or t.patches_skp.dtype == torch.float16))
 
     def _update_torch(

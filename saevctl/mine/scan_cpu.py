@@ -2,11 +2,11 @@
 
 - `scan`: a whole chunk folded into a scanner's state, the features split among the threads. Each thread reads
   the chunk's codes once (dense codes a 64-code block at a time: one vector pass makes a 64-bit mask of its
-  positive codes, which are then visited by their bits; a TopK encoder's k codes per token directly) and, image by image, updates its features' statistics
-  and their top-k slots: an image whose score beats a feature's smallest slot takes that slot (with
-  --max-per-source, an image whose source already holds its cap of the feature's slots can only take that
-  source's weakest one), and its per-patch codes are written from the codes it just read. The same statistics
-  and exemplars as the torch code in scan.py (the reference: CUDA runs it); the float64 sums differ only in
+  positive codes, which are then visited by their bits; a TopK encoder's k codes per token directly) and, image
+  by image, updates its features' statistics and their top-k slots: an image whose score beats a feature's smallest
+  slot takes that slot (with --max-per-source, an image whose source already holds its cap of the feature's slots can
+  only take that source's weakest one), and its per-patch codes are written from the codes it just read. The same
+  statistics and exemplars as the torch code in scan.py (the reference: CUDA runs it); the float64 sums differ only in
   summation order, and among equal scores another row may be kept (tests/test_mine_scan.py).
 - `entering`: where the per-patch codes of the rows entering the torch path's top-k go, found in one pass over
   the chunk's firing codes; exactly what the torch code beside it finds, in the same order.
@@ -20,7 +20,7 @@ from numba import prange
 from numba.cpython.unsafe.numbers import trailing_zeros
 from torch import Tensor
 
-from saevctl.compiled import f16_bits, f32_bits, kernel, n_threads
+from saevctl.compiled import as_array, f16_bits, f32_bits, kernel, ld, n_threads
 
 
 @kernel()
@@ -80,10 +80,10 @@ def _positive_bits(x: np.ndarray) -> np.uint64:
     zero = np.float32(0.0)
     if x.shape[0] == BLOCK:
         for e in range(BLOCK):
-            m |= np.uint64(x[e] > zero) << np.uint64(e)
+            m |= np.uint64(ld(x, e) > zero) << np.uint64(e)
     else:
         for e in range(x.shape[0]):
-            m |= np.uint64(x[e] > zero) << np.uint64(e)
+            m |= np.uint64(ld(x, e) > zero) << np.uint64(e)
     return m
 
 
@@ -95,9 +95,9 @@ def _scan(
     lh: np.ndarray, since: int, flush: int, scores_bs: np.ndarray, src_ks: np.ndarray, src_b: np.ndarray, cap: int,
 ) -> None:
     """One chunk of b images x p tokens folded into a scanner's state, thread th owning a range of features.
-    Codes come dense ((b p, s) float32) or as a TopK encoder's ((b p, kc) values and features); the other pair is
-    empty. With `cap` > 0, at most `cap` of a feature's slots hold images of one source (src_b: each image's;
-    src_ks: each slot's, -1 when empty)."""
+    Codes come dense ((b p, s) float32, or bfloat16 bits) or as a TopK encoder's ((b p, kc) values and features);
+    the other pair is empty. With `cap` > 0, at most `cap` of a feature's slots hold images of one source (src_b: each
+    image's; src_ks: each slot's, -1 when empty)."""
     s = vals_ks.shape[1]
     per = ((s + nt - 1) // nt + 15) // 16 * 16  # ranges of whole cache lines of float32
     for th in prange(nt):
@@ -155,9 +155,9 @@ def _scan_range(
                     blk = row[q : q + BLOCK]
                     m = _positive_bits(blk)
                     while m:  # the firing codes, by their bits
-                        e = q + trailing_zeros(m)
+                        e = q + trailing_zeros(m)  # type: ignore[call-arg]
                         m &= m - np.uint64(1)
-                        v = row[e]
+                        v = ld(row, e)
                         n_t = _fire(e, v, lo, by_mean, edges, table, n_t, csum, vmax, lh, sc, touched)
                         if keep:
                             fj[n_e], ft[n_e], fv[n_e] = e, t0, v
@@ -296,12 +296,12 @@ def scan(
 ) -> Tensor:
     """Fold one chunk into a scanner's state in place (the arguments from `vals_ks` on are updated; `hist` holds
     the histogram once `counts.flush_into(hist)` has run), the features split among `threads` threads; returns
-    the images' scores (b, s). `codes`: dense (b p, s) float32, or a TopK encoder's (values, features), (b p, kc)
-    each. With `cap`, at most that many of a feature's exemplars per source (`src_b`: each image's source, int64;
-    `src_ks`: each slot's, updated)."""
+    the images' scores (b, s). `codes`: dense (b p, s) float32 or bfloat16, or a TopK encoder's (values,
+    features), (b p, kc) each. With `cap`, at most that many of a feature's exemplars per source (`src_b`: each
+    image's source, int64; `src_ks`: each slot's, updated)."""
     s = vals_ks.shape[1]
-    if isinstance(codes, Tensor):
-        dense, tk_vals, tk_idx = codes.float().numpy(), np.empty((0, 0), np.float32), np.empty((0, 0), np.int64)
+    if isinstance(codes, Tensor):  # dense float32, or bfloat16 as its bits (read through `ld`)
+        dense, tk_vals, tk_idx = as_array(codes), np.empty((0, 0), np.float32), np.empty((0, 0), np.int64)
     else:
         dense = np.empty((0, 0), np.float32)
         tk_vals, tk_idx = codes[0].float().numpy(), codes[1].numpy()

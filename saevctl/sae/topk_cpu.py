@@ -133,11 +133,12 @@ def _select_row(r: np.ndarray, k: int, ov: np.ndarray, oi: np.ndarray, cm: np.nd
     n = np.int64(0)  # typed int64 from the start: a literal 0 would compile the helpers for Literal[int](0) too
     for g in range(n_groups):
         if cm[g] >= t:
-            for j in range(g, n_groups * GROUP, n_groups):
-                if ld(r, j) >= t:
-                    cv[n] = ld(r, j)
-                    ci[n] = j
-                    n += 1
+            for u in range(GROUP):  # a fixed trip count (unrolled), each element written and kept by its 0/1
+                j = g + u * n_groups
+                v = ld(r, j)
+                cv[n] = v
+                ci[n] = j
+                n += v >= t
     for j in range(n_groups * GROUP, s):
         if ld(r, j) >= t:
             cv[n] = ld(r, j)

@@ -275,9 +275,10 @@ def test_bf16_encoder_rounds_only_the_gemm(activation: str, k: int) -> None:
         assert isinstance(sparse, TopKCodes)
         dense = torch.zeros(96, 256).scatter_(1, sparse.idx_tk, sparse.vals_tk)
         torch.testing.assert_close(dense, got, rtol=0, atol=0)
-    if activation != "topk":  # the scanner's form: the dense codes left in bfloat16, in `out`'s first half
+    if activation != "topk":  # the scanner's form: a ReLU SAE's pre-activations left in bfloat16, in `out`
         for_scan = fast.make_encoder(sae, positive_only=True, compute="bfloat16")(x, out=buf)
-        assert for_scan.dtype == torch.bfloat16 and for_scan.data_ptr() == buf.data_ptr()
+        assert for_scan.data_ptr() == buf.data_ptr()
+        assert for_scan.dtype == (torch.bfloat16 if activation == "relu" else torch.float32)
         torch.testing.assert_close(for_scan.float().clamp_min(0), got, rtol=0, atol=0)
     fig = fast.agreement(sae, x)
     assert fig["compute"] == "bfloat16" and 0.95 <= fig["firing_kept"] <= 1

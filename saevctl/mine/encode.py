@@ -46,9 +46,10 @@ def make_encoder(
     back as its pre-activations, the in-place ReLU pass (a read and a write of the whole chunk) skipped.
     `compute="bfloat16"`: the GEMM's inputs (normalised in float32 first), weights and bias rounded to bfloat16,
     its products summed in float32 and its output rounded to bfloat16 (mine --compute); the codes still come back
-    as float32, and a TopK SAE's selection is made on the bfloat16 pre-activations, without a float32 copy. With
-    `positive_only` and `out`, dense codes stay bfloat16 (in `out`'s first half): the scanner reads them so, half
-    the memory traffic of a float32 copy, and no pass to make one.
+    as float32, and a TopK SAE's selection is made on the bfloat16 pre-activations, without a float32 copy. A ReLU
+    SAE's codes with `positive_only` stay bfloat16 (in `out`'s first half where given): the scanner reads them so,
+    half the memory traffic of a float32 copy, and no pass to make one. (BatchTopK's are made float32 first: its
+    threshold is compared in float32, as SAE.encode compares it.)
     """
     if not USE_FUSED:
         return lambda x_bd, out=None: sae.encode(x_bd)
@@ -69,6 +70,7 @@ def make_encoder(
             w_ds = (sae.W_enc * sae.act_scale).contiguous()
             bias_s = sae.b_enc - (sae.act_mean * sae.act_scale + sae.b_dec) @ sae.W_enc
     activation, k, threshold = sae.cfg.activation, sae.cfg.k, float(sae.threshold)
+    keep_low = low and positive_only and activation == "relu"  # bfloat16 codes for the scanner, as they are
     scratch: list[Tensor] = []  # bfloat16 pre-activations of the dense activations, reused across calls
 
     def gemm(x_bd: Tensor, out: Tensor | None) -> Tensor:
@@ -85,7 +87,7 @@ def make_encoder(
         if out is None:
             return torch.mm(x_bp, w_ds)
         n = out.numel()
-        if (activation == "topk" or positive_only) and out.is_contiguous():
+        if (activation == "topk" or keep_low) and out.is_contiguous():
             dest = out.view(-1).view(torch.bfloat16)[:n].view(out.shape)
         else:
             if not scratch or scratch[0].numel() < n or scratch[0].device != out.device:
@@ -95,7 +97,7 @@ def make_encoder(
 
     def encode(x_bd: Float[Tensor, "b d"], out: Tensor | None = None) -> Float[Tensor, "b s"] | TopKCodes:
         pre_bs = gemm(x_bd, out)
-        if pre_bs.dtype != torch.float32 and activation != "topk" and not positive_only:
+        if pre_bs.dtype != torch.float32 and activation != "topk" and not keep_low:
             pre_bs = pre_bs.float() if out is None else out.copy_(pre_bs)  # dense codes come back in float32
         # Every nonlinearity in place, as SAE.activate computes it.
         if activation == "relu":

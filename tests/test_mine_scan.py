@@ -392,6 +392,24 @@ def test_negative_codes_count_as_zero(stream: tuple[torch.Tensor, list[int], int
         _assert_same_scanner(_feed(codes, cuts, k, cap=cap, src_n=src_n), _feed(pre, cuts, k, cap=cap, src_n=src_n))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_scan_reads_whole_64_code_blocks(dtype: torch.dtype) -> None:
+    """The compiled scan reads dense codes by 64-bit masks of 64-code blocks, and of the shorter block at the end
+    of each thread's features (code_streams' widths have only the latter): at 389 features, with firing codes at
+    every bit position, it equals the torch reference (float32), and bfloat16 codes give what their float32 values
+    give (the same path: bfloat16's many tied scores may keep other images than torch's merge)."""
+    g = torch.Generator().manual_seed(3)
+    n, p, s = 9, 7, 389
+    pre = torch.randn((n, p, s), generator=g) - 1.2
+    pre[0, 0, :] = torch.rand(s, generator=g) + 0.5  # every feature fires: every bit of every block set once
+    pre = pre.to(dtype)
+    with _switched(COMPILED=dtype == torch.bfloat16):
+        want = _feed(pre.float(), [4, 5], 3)
+    with _switched(COMPILED=True):
+        assert FeatureScanner(s, 3, p, "max", 3, keep_patches=True)._compiled(pre, torch.arange(n), None)
+        _assert_same_scanner(want, _feed(pre, [4, 5], 3), exact=dtype == torch.bfloat16)
+
+
 @settings(max_examples=30, deadline=None)
 @given(code_streams(), st.booleans(), st.booleans())
 def test_bf16_codes_scan_as_their_float32_values(stream: tuple[torch.Tensor, list[int], int], compiled: bool,

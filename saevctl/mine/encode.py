@@ -13,6 +13,7 @@ from torch import Tensor
 
 from saevctl.mine.scan import TopKCodes
 from saevctl.sae import SAE
+from saevctl.sae.fold import augmented
 from saevctl.sae.topk import row_topk
 
 # Switch: False makes mining call sae.encode itself (the plain reference version).
@@ -63,7 +64,7 @@ def make_encoder(
             # pre = bf16(normalize(x) - b_dec) @ bf16(W) + bf16(b_enc), the bias folded into the GEMM as a row of
             # weights against a column of ones: [x | 1] @ [W; b] (an addmm's bias pass over its bfloat16 output cost
             # 12% of the GEMM; the extra row costs ~1%).
-            w_ds = torch.cat([sae.W_enc, sae.b_enc[None]]).to(torch.bfloat16).contiguous()
+            w_ds = augmented(sae.W_enc, (sae.b_enc,), torch.bfloat16, dim=0)  # K = d + 1: as fast as d here
         else:
             # x_norm = (x - mean) * scale; pre = (x_norm - b_dec) @ W + b_enc
             #        = x @ (scale W) + (b_enc - (mean * scale + b_dec) @ W)
@@ -81,9 +82,7 @@ def make_encoder(
             x_bd = x_bd.to(w_ds.dtype)
             return torch.addmm(bias_s, x_bd, w_ds) if out is None else torch.addmm(bias_s, x_bd, w_ds, out=out)
         with torch.no_grad():
-            x_bp = torch.empty(len(x_bd), sae.cfg.d + 1, dtype=torch.bfloat16, device=x_bd.device)
-            x_bp[:, :-1] = sae.normalize(x_bd) - sae.b_dec
-            x_bp[:, -1] = 1
+            x_bp = augmented(sae.normalize(x_bd) - sae.b_dec, (1.0,), torch.bfloat16, dim=1)
         if out is None:
             return torch.mm(x_bp, w_ds)
         n = out.numel()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saevctl.sae.fold import augmented
 from saevctl.sae.topk import row_topk
 from saevctl.train import sparse_cpu
 from saevctl.train.step_ref import Hyper, StepOut, batch_topk, centered_sq_sum
@@ -48,22 +49,9 @@ run as fast as at K 768 (this CPU's AMX), at K 769 about 6% slower."""
 
 
 def _augmented(a: Tensor, extra: tuple[Tensor | float, ...], dtype: torch.dtype, dim: int) -> Tensor:
-    """`a` with `extra` slices appended along `dim` (each broadcast over it), zero-padded to a multiple of PAD.
-
-    Folding a bias (or a sum) into a GEMM: [x | 1] @ [W ; b] = x @ W + b without the (batch, latents) bias write
-    that addmm makes before its GEMM, and [g | c] @ [W | 1]^T adds the constant c; the padding costs ~2%."""
-    d = a.shape[dim]
-    shape = list(a.shape)
-    shape[dim] = -(-(d + len(extra)) // PAD) * PAD
-    out = a.new_empty(shape, dtype=dtype)
-    out.narrow(dim, 0, d).copy_(a)
-    for j, e in enumerate(extra):
-        if isinstance(e, Tensor):
-            out.select(dim, d + j).copy_(e)
-        else:
-            out.select(dim, d + j).fill_(e)
-    out.narrow(dim, d + len(extra), shape[dim] - d - len(extra)).zero_()
-    return out
+    """`fold.augmented` padded to a multiple of PAD: [x | 1] @ [W ; b] = x @ W + b without the (batch, latents) bias
+    write that addmm makes before its GEMM, and [g | c] @ [W | 1]^T adds the constant c; the padding costs ~2%."""
+    return augmented(a, extra, dtype, dim, PAD)
 
 
 def _encode(

@@ -34,11 +34,17 @@ def bf16_is_fast(device: str) -> bool:
     return not device.startswith("cpu") or cpu_has_fast_bf16()
 
 
+def runs_in(precision: str, device: str) -> str:
+    """The precision a run asked for `precision` works in on `device`: bfloat16 only where it is fast (the rule
+    `bf16_if_fast` applies), without its warning (to know, before a run, what it would record)."""
+    return precision if precision != "bfloat16" or bf16_is_fast(device) else "float32"
+
+
 def bf16_if_fast(flag: str, device: str, doing: str) -> bool:
     """Whether a bfloat16 request (`flag`: train --dtype, extract or mine --compute) runs in bfloat16 on `device`.
     Where bfloat16 matmuls would be emulated (a CPU without AMX or AVX512-BF16: slower than float32, #17) the work
     runs in float32 instead, and a warning says so."""
-    if bf16_is_fast(device):
+    if runs_in("bfloat16", device) == "bfloat16":
         return True
     log.warning("%s: this CPU has no AMX or AVX512-BF16, where bfloat16 matmuls are slower than float32; %s in "
                 "float32", flag, doing)

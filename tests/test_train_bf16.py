@@ -52,6 +52,19 @@ def test_extract_bf16_falls_back_like_training(caplog: pytest.LogCaptureFixture,
     assert precision.resolve_compute("auto", "cpu", "float16") == "float32"
 
 
+def test_what_a_precision_runs_in_follows_the_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hardware.runs_in says, before a run, the precision a request would work in (and record): eval reuses a
+    baseline index mined that way, so on a CPU without fast bfloat16 an SAE mined in bfloat16 elsewhere does not
+    have its baselines mined again at every run. It agrees with bf16_if_fast, which the runs themselves ask."""
+    assert hardware.runs_in("float32", "cpu") == "float32"
+    assert hardware.runs_in("bfloat16", "cuda") == "bfloat16"
+    assert hardware.runs_in("bfloat16", "cpu") == ("bfloat16" if cpu_has_fast_bf16() else "float32")
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
+    assert hardware.runs_in("bfloat16", "cpu") == "float32"
+    assert not hardware.bf16_if_fast("--compute bfloat16", "cpu", "mining")
+    assert hardware.runs_in("bfloat16", "cuda") == "bfloat16" and hardware.bf16_if_fast("--dtype", "cuda", "x")
+
+
 @pytest.mark.parametrize(("n", "dtype"), [(1024, "bfloat16"), (300, "bfloat16"), (512, "float32")])
 def test_firing_counts_are_exact(n: int, dtype: str) -> None:
     """Counts far above 256 (where bfloat16 stops holding integers) come out exact, in blocks or by a plain sum."""

@@ -20,6 +20,7 @@ from saevctl import atomic, layout, lock, workspace
 from saevctl.errors import CheckpointError, InputError
 from saevctl.eval import common, margins, nullsae, suite
 from saevctl.eval.config import BaselineOpts, BaselinesConfig, SuiteOpts
+from saevctl.hardware import runs_in
 from saevctl.sae.compat import check_compatible
 from saevctl.sae.model import SAE
 from saevctl.store import Store, open_store
@@ -203,8 +204,10 @@ def _labelled_index(b: Built, run: suite.Run, compute: Compute) -> Path:
     from saevctl.mine.label import run as label
 
     fpath = layout.sae_baseline_index_fpath(b.dpath)
+    # reused if mined as mine would mine it now: an SAE mined in bfloat16 elsewhere has its baselines mined in
+    # float32 on a CPU without fast bfloat16, and that index is kept, not mined again at every run
     if (fpath.is_file() and suite.coverage(fpath, b.dpath, 0.5)[0] is not None
-            and suite.mined_compute(fpath, b.dpath) == compute):
+            and suite.mined_compute(fpath, b.dpath) == runs_in(compute, run.device)):
         return fpath
     mine(MineConfig(sae=b.dpath, store=run.store, index=fpath, name=f"{b.kind}-baseline", set_defaults=False,
                     device=run.device, compute=compute),

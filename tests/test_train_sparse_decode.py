@@ -106,3 +106,33 @@ def test_encoder_input_is_x_minus_b_dec_and_the_centred_sum_of_squares(bf16: boo
     assert x_enc.dtype == torch.bfloat16 and x_enc.shape == (m, b, 48)
     assert torch.equal(x_enc[..., :d], centred.bfloat16())
     assert bool((x_enc[..., d] == 1).all()) and bool((x_enc[..., d + 1:] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_by_row_is_the_sorted_selection_up_to_order_within_a_row(dtype: torch.dtype) -> None:
+    """BatchTopK's CSR on a CPU (a counting sort) against the sort it replaced: the same rows and offsets, each
+    row's (col, value) pairs the same set, in the selection's order; the ReLU applied, NaN kept; empty rows."""
+    gen = torch.Generator().manual_seed(3)
+    b, s = 9, 40
+    flat = torch.randperm(b * s, generator=gen)[:70]
+    flat = flat[flat // s != 4]  # row 4 selects nothing
+    vals = torch.randn(len(flat), generator=gen).to(dtype)
+    vals[5] = float("nan")
+    rows, cols, got, offsets = sparse_cpu.by_row(flat, vals, b, s)
+    order = flat.sort().indices
+    ref_rows = flat[order] // s
+    assert torch.equal(rows, ref_rows)
+    counts = torch.bincount(ref_rows, minlength=b)
+    assert counts[4] == 0
+    assert torch.equal(offsets, torch.cumsum(counts, 0) - counts)
+    assert got.dtype == torch.float32
+    for r in range(b):
+        lo, hi = int(offsets[r]), int(offsets[r]) + int(counts[r])
+        mine = sorted(zip(cols[lo:hi].tolist(), got[lo:hi].tolist(), strict=True))
+        mask = flat // s == r
+        want = sorted(zip((flat[mask] % s).tolist(), torch.relu(vals[mask].float()).tolist(), strict=True))
+        assert [c for c, _ in mine] == [c for c, _ in want]
+        torch.testing.assert_close(torch.tensor([v for _, v in mine]), torch.tensor([v for _, v in want]),
+                                   rtol=0, atol=0, equal_nan=True)
+        # within a row, the given (selection) order
+        assert (cols[lo:hi] == flat[mask] % s).all()

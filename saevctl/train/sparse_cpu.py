@@ -20,7 +20,7 @@ import torch
 from numba import prange
 from torch import Tensor
 
-from saevctl.compiled import NAN_SAFE, as_array, kernel, ld2, n_threads, st2
+from saevctl.compiled import NAN_SAFE, as_array, kernel, ld, ld2, n_threads, st2
 
 
 @kernel(parallel=True, fastmath=NAN_SAFE)
@@ -145,6 +145,49 @@ def _latent_grads(
                 n += 1
         g_b_enc[c] += gb
         fired[c] += n
+
+
+@kernel()
+def _csr_by_row(flat: np.ndarray, vals: np.ndarray, s: int, rows: np.ndarray, cols: np.ndarray,
+                out_vals: np.ndarray, off: np.ndarray) -> None:
+    """A stable counting sort of flat indices (row * s + col) by row, the values after the ReLU (NaN kept)."""
+    b = off.shape[0] - 1
+    n = flat.shape[0]
+    row = np.empty(n, np.int64)
+    inv = 1.0 / s
+    off[:] = 0
+    for e in range(n):  # flat // s by a float64 multiply (exact after the correction), not a 64-bit division
+        f = flat[e]
+        r = np.int64(f * inv)
+        r -= r * s > f
+        r += (r + 1) * s <= f
+        row[e] = r
+        off[r + 1] += 1
+    for r in range(b):
+        off[r + 1] += off[r]
+    pos = off[:-1].copy()
+    zero = np.float32(0.0)
+    for e in range(n):
+        r = row[e]
+        q = pos[r]
+        pos[r] += 1
+        v = ld(vals, e)
+        rows[q] = r
+        cols[q] = flat[e] - r * s
+        out_vals[q] = zero if v < zero else v
+
+
+def by_row(flat: Tensor, vals: Tensor, b: int, s: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Entries of a (b, s) matrix given as flat indices and values (float32 or bfloat16), as `_select`'s
+    (rows, cols, vals after the ReLU in float32, offsets (b,)): rows ascending, each row's entries in their
+    given order. One counting sort, where a sort of the flat indices, its gather, a division and a bincount
+    took ~3 ms a BatchTopK step."""
+    n = len(flat)
+    rows, cols = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int64)
+    out_vals, off = torch.empty(n), torch.empty(b + 1, dtype=torch.int64)
+    _csr_by_row(flat.numpy(), as_array(vals.contiguous()), s, rows.numpy(), cols.numpy(), out_vals.numpy(),
+                off.numpy())
+    return rows, cols, out_vals, off[:-1]
 
 
 @kernel(parallel=True, fastmath=NAN_SAFE)

@@ -156,7 +156,8 @@ def _relu_step(
 
 
 def _select(pre_bs: Tensor, activation: str, k: int, comm: Comm | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Sparse codes as (rows, cols, vals, offsets), rows ascending; vals after the ReLU."""
+    """Sparse codes as (rows, cols, vals, offsets), rows ascending (within a row: columns ascending on CUDA, the
+    selection's order on a CPU); vals after the ReLU, in float32."""
     b, s = pre_bs.shape
     if activation == "topk":
         vals, cols = row_topk(pre_bs, k)
@@ -164,6 +165,8 @@ def _select(pre_bs: Tensor, activation: str, k: int, comm: Comm | None) -> tuple
         offsets = torch.arange(0, b * k, k, device=pre_bs.device)
         return rows, cols.flatten(), torch.relu(vals.flatten().float()), offsets
     vals, flat = batch_topk(pre_bs.flatten(), b * k, comm)
+    if not pre_bs.is_cuda:
+        return sparse_cpu.by_row(flat, vals, b, s)
     flat, order = flat.sort()
     rows, cols = flat // s, flat % s
     counts = torch.bincount(rows, minlength=b)
@@ -218,7 +221,10 @@ def _sparse_one(
     else:
         grads, recon, recon_sq, fired, aux = _sparse_torch(i, pre_bs, params, x_bd, x_c, dead_s, hp, comm,
                                                            (rows, cols, vals, offsets))
-    min_act = vals[vals > 0].min() if hp.activation == "batchtopk" and bool((vals > 0).any()) else x_bd.new_zeros(())
+    min_act = x_bd.new_zeros(())
+    if hp.activation == "batchtopk":  # the smallest code that fired (0 where none did), for the threshold's EMA
+        least = torch.where(vals > 0, vals, float("inf")).min()
+        min_act = least if bool(least.isfinite()) else min_act
     return grads, recon + aux, vals.sum() / len(x_bd), fired, aux, min_act, recon_sq
 
 

@@ -40,14 +40,18 @@ def _decode_rows(
         for r in range(th * per, min(b, (th + 1) * per)):
             acc[:] = bias
             lo, hi = off[r], off[r + 1]
-            for e in range(lo, hi - 1, 2):  # entries in pairs: two rows of W in flight (measured 1.3-1.6x)
-                v0, v1, c0, c1 = vals[e], vals[e + 1], cols[e], cols[e + 1]
+            e = lo
+            while e + 3 < hi:  # entries by fours: four rows of W in flight
+                v0, v1, v2, v3 = vals[e], vals[e + 1], vals[e + 2], vals[e + 3]
+                c0, c1, c2, c3 = cols[e], cols[e + 1], cols[e + 2], cols[e + 3]
                 for j in range(d):
-                    acc[j] += v0 * ld2(W, c0, j) + v1 * ld2(W, c1, j)
-            if (hi - lo) % 2:
-                v, c = vals[hi - 1], cols[hi - 1]
+                    acc[j] += (v0 * ld2(W, c0, j) + v1 * ld2(W, c1, j)) + (v2 * ld2(W, c2, j) + v3 * ld2(W, c3, j))
+                e += 4
+            while e < hi:
+                v, c = vals[e], cols[e]
                 for j in range(d):
                     acc[j] += v * ld2(W, c, j)
+                e += 1
             sq = zero
             for j in range(d):
                 er = acc[j] - target[r, j]
@@ -58,20 +62,27 @@ def _decode_rows(
             if keep:
                 x_hat[r, :] = acc
             row_sq[r] = sq
-            for e in range(lo, hi - 1, 2):
-                c0, c1 = cols[e], cols[e + 1]
-                s0, s1 = zero, zero
+            e = lo
+            while e + 3 < hi:
+                c0, c1, c2, c3 = cols[e], cols[e + 1], cols[e + 2], cols[e + 3]
+                s0, s1, s2, s3 = zero, zero, zero, zero
                 for j in range(d):
                     s0 += ld2(W, c0, j) * g[j]
                     s1 += ld2(W, c1, j) * g[j]
+                    s2 += ld2(W, c2, j) * g[j]
+                    s3 += ld2(W, c3, j) * g[j]
                 g_vals[e] = s0 if vals[e] > 0 else zero  # a code the ReLU zeroed has no gradient
                 g_vals[e + 1] = s1 if vals[e + 1] > 0 else zero
-            if (hi - lo) % 2:
-                c = cols[hi - 1]
+                g_vals[e + 2] = s2 if vals[e + 2] > 0 else zero
+                g_vals[e + 3] = s3 if vals[e + 3] > 0 else zero
+                e += 4
+            while e < hi:
+                c = cols[e]
                 s0 = zero
                 for j in range(d):
                     s0 += ld2(W, c, j) * g[j]
-                g_vals[hi - 1] = s0 if vals[hi - 1] > 0 else zero
+                g_vals[e] = s0 if vals[e] > 0 else zero
+                e += 1
 
 
 @kernel()

@@ -142,3 +142,27 @@ def test_a_kernel_leaves_torchs_thread_count_alone() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["1", "1"], out.stdout + out.stderr
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(1, 3000),
+    k_frac=st.floats(0.0, 1.0),
+    kind=st.sampled_from(["normal", "few", "signed_zeros", "narrow", "inf", "bf16"]),
+    seed=st.integers(0, 2**16),
+)
+def test_kth_largest_property(n: int, k_frac: float, kind: str, seed: int) -> None:
+    """The flat top-k's k-th value by histogram bins: the k-th of the sorted values, whatever the bins hold (one
+    value from bfloat16; many close float32 values in one bin; -0 and +0 in two; infinities)."""
+    g = torch.Generator().manual_seed(seed)
+    k = max(1, min(n, int(k_frac * n) + 1))
+    x = {
+        "normal": lambda: torch.randn(n, generator=g),
+        "few": lambda: torch.randint(-2, 3, (n,), generator=g).float(),
+        "signed_zeros": lambda: torch.randint(0, 2, (n,), generator=g).float() * -0.0,
+        "narrow": lambda: 1.0 + torch.rand(n, generator=g) * 1e-3,  # every value in one or two bins
+        "inf": lambda: torch.randn(n, generator=g).masked_fill(torch.rand(n, generator=g) < 0.3, float("-inf")),
+        "bf16": lambda: torch.randn(n, generator=g).bfloat16().float(),
+    }[kind]()
+    want = x.sort(descending=True).values[k - 1]
+    assert topk_cpu._kth_largest(x.numpy(), k) == want

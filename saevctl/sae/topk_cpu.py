@@ -19,7 +19,7 @@ import torch
 from numba import prange
 from torch import Tensor
 
-from saevctl.compiled import as_array, kernel, ld, n_threads
+from saevctl.compiled import as_array, f32_bits, kernel, ld, n_threads
 
 GROUP = 16  # elements per strided group: one AVX-512 float32 vector per group's slice, measured fastest
 SLACK = 1.5  # the bisection stops once the groups above the threshold are at most SLACK * k
@@ -351,18 +351,53 @@ def _flat(x: np.ndarray, k: int, nt: int) -> tuple[np.ndarray, np.ndarray, bool]
 
 
 @kernel()
+def _key16(v: np.float32) -> np.int64:
+    """The high 16 bits of v's order-preserving integer key (larger float, larger key; -0 just below +0): for a
+    value that came from bfloat16, a bin of its own."""
+    u = f32_bits(v)
+    key = ~u if u >> np.uint32(31) else u | np.uint32(0x80000000)
+    return np.int64(key >> np.uint32(16))
+
+
+@kernel()
+def _kth_largest(vals: np.ndarray, k: int) -> np.float32:
+    """The k-th largest of vals (no NaN; 0 < k <= len): a histogram of the 16-bit keys finds its bin, and a
+    quickselect runs among that bin's members only (values from bfloat16: one value, no quickselect)."""
+    n = vals.shape[0]
+    hist = np.zeros(1 << 16, np.int64)
+    for q in range(n):
+        hist[_key16(vals[q])] += 1
+    above, bin_ = 0, (1 << 16) - 1
+    while above + hist[bin_] < k:
+        above += hist[bin_]
+        bin_ -= 1
+    m = hist[bin_]
+    tv = np.empty(m, np.float32)
+    j = 0
+    for q in range(n):
+        if _key16(vals[q]) == bin_:
+            tv[j] = vals[q]
+            j += 1
+    lo, hi = _min_max(tv, m)
+    if lo == hi:
+        return lo
+    need = k - above
+    _top_front(tv, np.empty(m, np.int64), m, need)
+    kth = tv[0]
+    for q in range(1, need):
+        kth = min(kth, tv[q])
+    return kth
+
+
+@kernel()
 def _keep_in_order(vals: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """The k largest of vals (idx alongside): those above the k-th largest value in their given order, then the
     first that equal it. The candidates come block by block, nearly in index order, and so do the k kept: a
     caller's counting sort by row then writes nearly in sequence (after a quickselect's shuffle, its scattered
-    writes took ~0.6 ms more a BatchTopK step)."""
+    writes took ~0.6 ms more a BatchTopK step). The k-th value by a histogram (`_kth_largest`): a quickselect
+    over all the candidates took 6.8 ms of a 4,096 x 6,144 BatchTopK selection."""
     n = vals.shape[0]
-    tv = vals.copy()
-    ti = np.empty(n, np.int64)
-    _top_front(tv, ti, n, k)
-    kth = tv[0]
-    for q in range(1, k):
-        kth = min(kth, tv[q])
+    kth = _kth_largest(vals, k)
     ov = np.empty(k, np.float32)
     oi = np.empty(k, np.int64)
     m = 0

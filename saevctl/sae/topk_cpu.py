@@ -1,13 +1,20 @@
 """Compiled (numba) CPU kernels for `saevctl.sae.topk`: a per-row top-k and a batch-wide top-k that read each row
 once, in cache, instead of torch.topk's partial sort of a copy of every row.
 
-The selection, per row (the batch-wide one is the same over all rows at once):
+The selection, per row:
 - the row is split into G strided groups (column j in group j mod n_groups) and each group's maximum taken, a
   vectorised pass;
 - a threshold t is bisected on those maxima until at least k (and few more) groups have a maximum >= t: k such
   groups hold k distinct elements >= t, so every one of the row's k largest values is >= t;
 - the elements >= t of those groups (and of the columns past the last whole group) are the candidates, and a
   quickselect over them returns the k largest.
+The batch-wide selection (BatchTopK) over all rows at once:
+- a threshold t is estimated from a sample of the blocks (every 16th), aimed at about 1.25k elements >= t in all;
+- one pass over the blocks finds the elements >= t by 64-bit compare masks, in index order (and checks for NaN);
+  where they are fewer than k, the group maxima of every block give an exact threshold as above and the pass
+  runs again;
+- the k-th largest candidate is found by a histogram of 16-bit keys (a quickselect only within its bin), and the
+  k kept in index order.
 A row holding NaN is left to torch.topk (flagged back to the caller), so values match torch.topk's exactly.
 bfloat16 is read as its bits and widened element by element (exact; see saevctl.compiled).
 """

@@ -400,7 +400,7 @@ def _flat(x: np.ndarray, k: int, nt: int) -> tuple[np.ndarray, np.ndarray, bool]
 def _key16(v: np.float32) -> np.int64:
     """The high 16 bits of v's order-preserving integer key (larger float, larger key; -0 just below +0): for a
     value that came from bfloat16, a bin of its own."""
-    u = f32_bits(v)
+    u = f32_bits(v)  # type: ignore[call-arg, var-annotated]
     key = ~u if u >> np.uint32(31) else u | np.uint32(0x80000000)
     return np.int64(key >> np.uint32(16))
 
@@ -429,7 +429,7 @@ def _kth_largest(vals: np.ndarray, k: int) -> np.float32:
         return lo
     need = k - above
     _top_front(tv, np.empty(m, np.int64), m, need)
-    kth = tv[0]
+    kth = np.float32(tv[0])
     for q in range(1, need):
         kth = min(kth, tv[q])
     return kth

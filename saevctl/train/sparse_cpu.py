@@ -169,11 +169,11 @@ def _csr_by_row(flat: np.ndarray, vals: np.ndarray, s: int, rows: np.ndarray, co
     off[:] = 0
     for e in range(n):  # flat // s by a float64 multiply (exact after the correction), not a 64-bit division
         f = flat[e]
-        r = np.int64(f * inv)
-        r -= r * s > f
-        r += (r + 1) * s <= f
-        row[e] = r
-        off[r + 1] += 1
+        q = np.int64(f * inv)
+        q -= q * s > f
+        q += (q + 1) * s <= f
+        row[e] = q
+        off[q + 1] += 1
     for r in range(b):
         off[r + 1] += off[r]
     pos = off[:-1].copy()

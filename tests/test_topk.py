@@ -100,6 +100,10 @@ def test_flat_topk_when_the_sampled_blocks_mislead_the_estimate() -> None:
     z = torch.randn(n_blocks * block, generator=g)  # the k largest all in the tail past the last whole block
     z = torch.cat([z, torch.full((100,), 50.0) + torch.arange(100)])
     _check_flat(z, 100)
+    # the sampled blocks all NaN: the estimate has no elements to rank (the pass then finds the NaN: torch.topk)
+    w = torch.randn(n_blocks, block, generator=g)
+    w[0::2] = float("nan")
+    _check_flat(w, 1000)
 
 
 def test_flat_topk_nan_and_ties_as_torch() -> None:

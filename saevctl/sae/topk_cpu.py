@@ -321,6 +321,8 @@ def _estimate(x: np.ndarray, n_blocks: int, k: int) -> np.float32:
     n = 0
     for q in range(n_s):
         n += _n_at_least(x[q * step * blk:(q * step + 1) * blk], t)
+    if n < target:  # NaN in the sample (the caller's pass finds it) or maxima bisection could not split
+        return t
     vals = np.empty(n, np.float32)
     n = 0
     for q in range(n_s):

@@ -67,16 +67,18 @@ def test_stacked_sweep_equals_separate_runs() -> None:
         torch.testing.assert_close(together.params["W_enc"][i], g.params["W_enc"][0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("act,k", [("relu", 0), ("topk", 4)])
+@pytest.mark.parametrize("act,k", [("relu", 0), ("topk", 4), ("batchtopk", 4)])
 def test_bf16_path_is_close_to_fp32(act: str, k: int) -> None:
+    """Every gradient of the bfloat16 step within a few percent of the float32 step's (measured: at most 1% for
+    ReLU, 2% for TopK, 4% for BatchTopK, whose selection differs at near-ties)."""
     groups = [SAEGroup([RunSpec("a", act, S, 1e-3, 1e-2, k, ())], D, 0, 1 / 32, "cpu") for _ in range(2)]
     x = torch.randn(256, D, generator=torch.Generator().manual_seed(2))
     o32 = groups[0].compute(x, 1.0, 10**8, "fast", False)
     o16 = groups[1].compute(x, 1.0, 10**8, "fast", True)
     torch.testing.assert_close(o16.mse_m, o32.mse_m, rtol=3e-2, atol=1e-3)
-    g32, g16 = o32.grads["W_enc"], o16.grads["W_enc"]
-    cos = torch.nn.functional.cosine_similarity(g32.flatten(), g16.flatten(), dim=0)
-    assert cos > 0.97
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        g32, g16 = o32.grads[name], o16.grads[name]
+        assert float((g16 - g32).norm() / g32.norm()) < 0.08, name
 
 
 @pytest.mark.parametrize("impl", ["torch", "compiled"])

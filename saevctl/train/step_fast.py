@@ -56,23 +56,24 @@ def _augmented(a: Tensor, extra: tuple[Tensor | float, ...], dtype: torch.dtype,
 
 def _encode(
     x_c_mbd: Tensor, params: dict[str, Tensor], latent_rows: bool, bf16: bool, x_in: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """Pre-activations (m, b, s) in the compute dtype as [x_c | 1] @ [W_enc ; b_enc], and the left operand
-    ([x_c | 1], (m, b, P); x_c itself where the bias is not folded). `x_in`: that operand, already made
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Pre-activations (m, b, s) in the compute dtype as [x_c | 1] @ [W_enc ; b_enc], the left operand ([x_c | 1],
+    (m, b, P); x_c itself where the bias is not folded), and for bfloat16 TopK/BatchTopK the right one as latent
+    rows ([W_enc | b_enc], (m, s, P) bfloat16; else None). `x_in`: the left operand, already made
     (`sparse_cpu.encoder_input`).
 
     `latent_rows`: W_enc is stored (m, s, d) (TopK/BatchTopK) rather than (m, d, s) (ReLU)."""
     if latent_rows and not bf16:
         # float32 TopK: addmm's bias write measured cheaper than copying W_enc into the folded operand (the ReLU
         # step folds in float32 too: its [x_c | 1] also gives dL/db_enc in the gradient GEMM)
-        return _bmm(x_c_mbd, params["W_enc"].transpose(1, 2), params["b_enc"][:, None, :]), x_c_mbd
+        return _bmm(x_c_mbd, params["W_enc"].transpose(1, 2), params["b_enc"][:, None, :]), x_c_mbd, None
     cd = torch.bfloat16 if bf16 else torch.float32
     x_aug = _augmented(x_c_mbd, (1.0,), cd, dim=2) if x_in is None else x_in
     if latent_rows:
-        W_aug = _augmented(params["W_enc"], (params["b_enc"],), cd, dim=2).transpose(1, 2)
-    else:
-        W_aug = _augmented(params["W_enc"], (params["b_enc"],), cd, dim=1)
-    return _bmm(x_aug, W_aug), x_aug
+        W_rows = _augmented(params["W_enc"], (params["b_enc"],), cd, dim=2)
+        return _bmm(x_aug, W_rows.transpose(1, 2)), x_aug, W_rows
+    W_aug = _augmented(params["W_enc"], (params["b_enc"],), cd, dim=1)
+    return _bmm(x_aug, W_aug), x_aug, None
 
 
 # (loss_m, x_hat_mbd, grad_f, grad_W_dec, grad_b_dec)
@@ -134,7 +135,7 @@ def _relu_step(
 ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, Tensor, int]:
     """(grads, loss_m, x_hat, l1_m, fired, rows counted)."""
     d = x_bd.shape[1]
-    pre, x_aug = _encode(x_c, params, latent_rows=False, bf16=bf16)
+    pre, x_aug, _ = _encode(x_c, params, latent_rows=False, bf16=bf16)
     f = torch.relu_(pre)
     l1_grad_m = coef_m / len(x_bd)  # |f|' = 1 where f fires; fine in bfloat16 too (both terms scale with 1/batch)
     if len(hp.prefixes) > 1:
@@ -209,15 +210,16 @@ def _autograd_sparse(
 
 def _sparse_one(
     i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor, x_c: Tensor, x_enc: Tensor,
-    dead_s: Tensor | None, hp: Hyper, comm: Comm | None,
+    dead_s: Tensor | None, hp: Hyper, comm: Comm | None, W_low: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """SAE i of a TopK/BatchTopK group: (grads, loss, l1, fired, aux, min_act, squared error summed).
     x_c: x - b_dec (float32); x_enc: the encoder's input, x_c in its first d columns (bfloat16 and folded under
-    bf16 autocast: the compiled CPU passes gather it, in the encoder's precision)."""
+    bf16 autocast: the compiled CPU passes gather it, in the encoder's precision); W_low: the encoder's bfloat16
+    weights as latent rows ([W_enc | b_enc], (s, P)) where it ran in bfloat16."""
     rows, cols, vals, offsets = _select(pre_bs, hp.activation, hp.k, comm)
     if _compiled(x_bd, hp):
         grads, recon, recon_sq, fired, aux = _sparse_cpu(i, pre_bs, params, x_bd, x_enc, dead_s, hp, comm,
-                                                         (rows, cols, vals, offsets))
+                                                         (rows, cols, vals, offsets), W_low)
     else:
         grads, recon, recon_sq, fired, aux = _sparse_torch(i, pre_bs, params, x_bd, x_c, dead_s, hp, comm,
                                                            (rows, cols, vals, offsets))
@@ -245,10 +247,12 @@ def _n_dead(dead_s: Tensor | None, hp: Hyper) -> int:
 
 def _sparse_cpu(
     i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor, x_enc: Tensor, dead_s: Tensor | None,
-    hp: Hyper, comm: Comm | None, sel: Selected,
+    hp: Hyper, comm: Comm | None, sel: Selected, W_low: Tensor | None = None,
 ) -> SparseOut:
     """One prefix on a CPU: the compiled row and latent passes of `sparse_cpu`, AuxK's entries added into the
-    same gradients. bfloat16 gathers where the encoder ran in bfloat16."""
+    same gradients. bfloat16 gathers where the encoder ran in bfloat16, and dL/db_dec's encoder part (-dL/db_enc
+    @ W_enc) a bfloat16 product with the encoder's own bfloat16 weights `W_low`, as autocast's backward of the
+    encoder GEMM makes it (1.7 ms as a float32 GEMV inside the step, ~0.7 in bfloat16)."""
     rows, cols, vals, offsets = sel
     b, d = x_bd.shape
     s = pre_bs.shape[1]
@@ -272,7 +276,10 @@ def _sparse_cpu(
         aux = scale * a_sq
         sparse_cpu.weight_grads(a_rows, a_cols, a_vals, a_gv, a_g, x_enc, s,
                                 out=(g_W_dec, g_W_enc, g_b_enc, torch.zeros(s, dtype=torch.int64)))
-    g_b_dec = g_sum - g_b_enc @ params["W_enc"][i]  # W_enc rows: (s, d)
+    if W_low is None:
+        g_b_dec = g_sum - g_b_enc @ params["W_enc"][i]  # W_enc rows: (s, d)
+    else:
+        g_b_dec = g_sum - torch.mm(g_b_enc.to(W_low.dtype)[None], W_low[:, :d])[0].float()
     grads = {"W_enc": g_W_enc, "b_enc": g_b_enc, "W_dec": g_W_dec, "b_dec": g_b_dec}
     return grads, sq / x_bd.numel(), sq, fired.float(), aux
 
@@ -357,9 +364,10 @@ def step(
         aux_m = min_act = torch.zeros_like(loss_m)
         sq_m = (x_hat - x_bd).pow(2).sum((1, 2))
     else:
-        pre, x_enc = _encode(x_c, params, latent_rows=True, bf16=bf16, x_in=x_c if compiled else None)
+        pre, x_enc, W_low = _encode(x_c, params, latent_rows=True, bf16=bf16, x_in=x_c if compiled else None)
         per = [
-            _sparse_one(i, pre[i], params, x_bd, x_c[i], x_enc[i], None if dead_ms is None else dead_ms[i], hp, comm)
+            _sparse_one(i, pre[i], params, x_bd, x_c[i], x_enc[i], None if dead_ms is None else dead_ms[i], hp, comm,
+                        None if W_low is None else W_low[i])
             for i in range(len(pre))
         ]
         stack = _stack_view if len(per) == 1 else torch.stack

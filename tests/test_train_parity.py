@@ -138,35 +138,3 @@ def test_cuda_stacked_step_matches_cpu_reference(act: str, k: int) -> None:
     o_gpu = gpu.compute(x.cuda(), 1.0, 10**8, "fast", False)
     for name in o_cpu.grads:
         torch.testing.assert_close(o_gpu.grads[name].cpu(), o_cpu.grads[name], rtol=1e-3, atol=1e-4)
-
-
-@pytest.mark.parametrize("act", ["topk", "batchtopk"])
-@pytest.mark.parametrize("freeze", [False, True])
-def test_kept_bf16_weights_train_as_casting_them_each_step(act: str, freeze: bool) -> None:
-    """The bfloat16 step's weights written by the compiled Adam (SAEGroup keeps them) train bit for bit as casting
-    the float32 weights at every step; a write through torch (loading a checkpoint's state) is seen by the next
-    step."""
-    specs = [RunSpec("a", act, S, 1e-3, 1e-2, 4, ())]
-    kept, cast = (SAEGroup(specs, D, 0, 1 / 32, "cpu", freeze_decoder=freeze) for _ in range(2))
-    gen = torch.Generator().manual_seed(4)
-
-    def both(t: int | None) -> None:
-        x = torch.randn(B, D, generator=gen)
-        cast._low_stamp = None  # never trusted: this group casts at every step
-        outs = [g.compute(x, 1.0, 10**8, "fast", True) for g in (kept, cast)]
-        assert torch.equal(outs[0].loss_m, outs[1].loss_m)
-        if t is not None:
-            for g, o in zip((kept, cast), outs, strict=True):
-                g.apply(o, t, 1.0)
-
-    for t in range(4):
-        both(t)
-        assert kept._low_stamp is not None  # the kept weights are the ones the next step reads
-    for name in kept.params:
-        assert torch.equal(kept.params[name], cast.params[name]), name
-    state = SAEGroup(specs, D, 1, 1 / 32, "cpu", freeze_decoder=freeze).state_tensors("")  # other weights
-    for g in (kept, cast):
-        g.load_state_tensors(state, "")
-    for t in range(4, 6):  # the steps after it read the loaded weights, a frozen decoder's too
-        both(t)
-    both(None)

@@ -58,11 +58,6 @@ class SAEGroup:
             "window_counted": torch.zeros((), dtype=torch.int64, device=device),
             "counted": torch.zeros((), dtype=torch.int64, device=device),
         }
-        # the bfloat16 step's weights (step_fast.low_weights), written by the compiled Adam with each update; valid
-        # while the float32 weights' version counters are the ones recorded then (any torch write bumps them)
-        self._low: dict[str, Tensor] = {}
-        self._low_stamp: tuple[int, ...] | None = None
-        self._low_wanted = False
 
     @property
     def n(self) -> int:
@@ -86,14 +81,8 @@ class SAEGroup:
         coef_m = torch.tensor([sp.sparsity * coef_scale for sp in self.specs], device=x_bd.device)
         dead = None if self.hp.activation == "relu" else self.dead(dead_after)
         if impl == "reference":
-            self._low_wanted = False
             return step_ref.step(self.params, x_bd, coef_m, dead, self.hp, comm)
-        self._low_wanted = bf16 and step_fast.runs_compiled(x_bd, self.hp)
-        low = self._low if self._low_wanted and self._low_stamp == self._stamp() else None
-        return step_fast.step(self.params, x_bd, coef_m, dead, self.hp, bf16=bf16, comm=comm, low=low)
-
-    def _stamp(self) -> tuple[int, ...]:
-        return tuple(self.params[n]._version for n in ("W_enc", "b_enc", "W_dec"))
+        return step_fast.step(self.params, x_bd, coef_m, dead, self.hp, bf16=bf16, comm=comm)
 
     @torch.no_grad()
     def apply(self, out: StepOut, step: int, lr_scale: float, fused: bool = True) -> None:
@@ -102,19 +91,9 @@ class SAEGroup:
         if self.freeze_decoder:  # left out of the update: its Adam moments stay zero, its rows their random init
             params = {k: v for k, v in self.params.items() if k != "W_dec"}
         lrs = [sp.lr * lr_scale for sp in self.specs]
-        self._low_stamp = None
         if fused and self.params["W_dec"].device.type == "cpu":  # one compiled pass, the constraint inside it
-            keep = self._low_wanted
-            if keep and not self._low:
-                self._low = step_fast.low_weights(self.params)
             optim_cpu.adam_step(params, out.grads, self.moments, lrs, step,
-                                frozenset() if self.freeze_decoder else frozenset({"W_dec"}),
-                                {n: self._low[n] for n in ("W_enc", "W_dec") if n in params} if keep else None)
-            if keep:  # what Adam did not write: the bias column, and a frozen decoder
-                self._low["W_enc"][:, :, self.d].copy_(self.params["b_enc"])
-                if self.freeze_decoder:
-                    self._low["W_dec"].copy_(self.params["W_dec"])
-                self._low_stamp = self._stamp()
+                                frozenset() if self.freeze_decoder else frozenset({"W_dec"}))
         else:
             if not self.freeze_decoder:
                 optim.remove_parallel_grads(self.params["W_dec"], out.grads["W_dec"])

@@ -17,20 +17,17 @@ import torch
 from numba import prange
 from torch import Tensor
 
-from saevctl.compiled import NAN_SAFE, as_array, kernel, n_threads, st2
+from saevctl.compiled import NAN_SAFE, kernel, n_threads
 from saevctl.train.optim import BETAS, EPS, bias_corrections
 
 
 @kernel(parallel=True, fastmath=NAN_SAFE)
 def _adam_rows(
     p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, step_size: float, b1: float, b2: float,
-    inv_sqrt_c2: float, eps: float, unit: bool, low: np.ndarray,
+    inv_sqrt_c2: float, eps: float, unit: bool,
 ) -> None:
-    """Adam on each row of (n, d) p in place; `unit`: rows are unit decoder rows (see the module docstring).
-    `low`: bfloat16 bits (n, >= d), given rows: each updated row is also written there, rounded as
-    `Tensor.to(torch.bfloat16)` rounds (an empty array: none)."""
+    """Adam on each row of (n, d) p in place; `unit`: rows are unit decoder rows (see the module docstring)."""
     n, d = p.shape
-    keep = low.shape[0] > 0
     one = np.float32(1.0)
     a1, a2 = np.float32(1.0 - b1), np.float32(1.0 - b2)
     fb2, lr, isc, fe = np.float32(b2), np.float32(step_size), np.float32(inv_sqrt_c2), np.float32(eps)
@@ -54,31 +51,24 @@ def _adam_rows(
             inv = one / (nrm if nrm > 1e-12 else np.float32(1e-12))
             for j in range(d):
                 p[r, j] *= inv
-        if keep:
-            for j in range(d):
-                st2(low, r, j, p[r, j])
 
 
 def adam_step(
     params: dict[str, Tensor], grads: dict[str, Tensor], moments: dict[str, Tensor], lrs: list[float], step: int,
-    unit: frozenset[str] = frozenset(), low: dict[str, Tensor] | None = None,
+    unit: frozenset[str] = frozenset(),
 ) -> None:
     """`optim.adam_update` on float32 CPU tensors, with the decoder constraint of the tensors named in `unit`
     (stacked (m, s, d) decoders: `remove_parallel_grads` before the update, `normalize_rows` after) in the same
-    pass. `grads` of those tensors are not changed. `low`: bfloat16 tensors ((m, s, >= d), by parameter name)
-    that receive the updated rows of those parameters in the same pass (the bfloat16 step's weights: no separate
-    cast reads the float32 weights again)."""
+    pass. `grads` of those tensors are not changed."""
     b1, b2 = BETAS
     c1, c2 = bias_corrections(step)
     n_threads()
-    none = np.empty((0, 0), np.uint16)
     for name, p in params.items():
         g = grads[name].to(p.dtype)
         m, v = moments[f"m.{name}"], moments[f"v.{name}"]
         for i, lr in enumerate(lrs):
-            out = as_array(low[name][i]) if low is not None and name in low else none
             _adam_rows(_rows(p[i]), _rows(g[i]), _rows(m[i]), _rows(v[i]), lr / c1, b1, b2, 1 / math.sqrt(c2), EPS,
-                       name in unit, out)
+                       name in unit)
 
 
 def _rows(x: Tensor) -> np.ndarray:

@@ -54,23 +54,13 @@ def _augmented(a: Tensor, extra: tuple[Tensor | float, ...], dtype: torch.dtype,
     return augmented(a, extra, dtype, dim, PAD)
 
 
-def low_weights(params: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A TopK/BatchTopK group's weights as its bfloat16 step reads them: the encoder as latent rows [W_enc | b_enc
-    | 0 ...] (m, s, P) and the decoder (m, s, d), both bfloat16. Made once (`SAEGroup`); the compiled Adam then
-    writes each updated row into them (`optim_cpu.adam_step`), so a step does not cast the float32 weights again
-    (2.1 ms of a 6,144-wide step, read from memory)."""
-    return {"W_enc": _augmented(params["W_enc"], (params["b_enc"],), torch.bfloat16, dim=2),
-            "W_dec": params["W_dec"].to(torch.bfloat16)}
-
-
 def _encode(
-    x_c_mbd: Tensor, params: dict[str, Tensor], latent_rows: bool, bf16: bool, x_in: Tensor | None = None,
-    W_kept: Tensor | None = None,
+    x_c_mbd: Tensor, params: dict[str, Tensor], latent_rows: bool, bf16: bool, x_in: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Pre-activations (m, b, s) in the compute dtype as [x_c | 1] @ [W_enc ; b_enc], the left operand ([x_c | 1],
     (m, b, P); x_c itself where the bias is not folded), and for bfloat16 TopK/BatchTopK the right one as latent
     rows ([W_enc | b_enc], (m, s, P) bfloat16; else None). `x_in`: the left operand, already made
-    (`sparse_cpu.encoder_input`); `W_kept`: that right one, already made (`low_weights`, kept current by Adam).
+    (`sparse_cpu.encoder_input`).
 
     `latent_rows`: W_enc is stored (m, s, d) (TopK/BatchTopK) rather than (m, d, s) (ReLU)."""
     if latent_rows and not bf16:
@@ -80,7 +70,7 @@ def _encode(
     cd = torch.bfloat16 if bf16 else torch.float32
     x_aug = _augmented(x_c_mbd, (1.0,), cd, dim=2) if x_in is None else x_in
     if latent_rows:
-        W_rows = _augmented(params["W_enc"], (params["b_enc"],), cd, dim=2) if W_kept is None else W_kept
+        W_rows = _augmented(params["W_enc"], (params["b_enc"],), cd, dim=2)
         return _bmm(x_aug, W_rows.transpose(1, 2)), x_aug, W_rows
     W_aug = _augmented(params["W_enc"], (params["b_enc"],), cd, dim=1)
     return _bmm(x_aug, W_aug), x_aug, None
@@ -221,17 +211,15 @@ def _autograd_sparse(
 def _sparse_one(
     i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor, x_c: Tensor, x_enc: Tensor,
     dead_s: Tensor | None, hp: Hyper, comm: Comm | None, W_low: Tensor | None = None,
-    W_dec_low: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """SAE i of a TopK/BatchTopK group: (grads, loss, l1, fired, aux, min_act, squared error summed).
     x_c: x - b_dec (float32); x_enc: the encoder's input, x_c in its first d columns (bfloat16 and folded under
     bf16 autocast: the compiled CPU passes gather it, in the encoder's precision); W_low: the encoder's bfloat16
-    weights as latent rows ([W_enc | b_enc], (s, P)) where it ran in bfloat16; W_dec_low: the decoder in bfloat16,
-    already made."""
+    weights as latent rows ([W_enc | b_enc], (s, P)) where it ran in bfloat16."""
     rows, cols, vals, offsets = _select(pre_bs, hp.activation, hp.k, comm)
-    if runs_compiled(x_bd, hp):
+    if _compiled(x_bd, hp):
         grads, recon, recon_sq, fired, aux = _sparse_cpu(i, pre_bs, params, x_bd, x_enc, dead_s, hp, comm,
-                                                         (rows, cols, vals, offsets), W_low, W_dec_low)
+                                                         (rows, cols, vals, offsets), W_low)
     else:
         grads, recon, recon_sq, fired, aux = _sparse_torch(i, pre_bs, params, x_bd, x_c, dead_s, hp, comm,
                                                            (rows, cols, vals, offsets))
@@ -242,7 +230,7 @@ def _sparse_one(
     return grads, recon + aux, vals.sum() / len(x_bd), fired, aux, min_act, recon_sq
 
 
-def runs_compiled(x_bd: Tensor, hp: Hyper) -> bool:
+def _compiled(x_bd: Tensor, hp: Hyper) -> bool:
     """Whether a step runs the compiled CPU passes (`sparse_cpu`): a TopK/BatchTopK SAE without nested prefixes, on a
     CPU."""
     return hp.activation != "relu" and len(hp.prefixes) == 1 and not x_bd.is_cuda
@@ -259,19 +247,17 @@ def _n_dead(dead_s: Tensor | None, hp: Hyper) -> int:
 
 def _sparse_cpu(
     i: int, pre_bs: Tensor, params: dict[str, Tensor], x_bd: Tensor, x_enc: Tensor, dead_s: Tensor | None,
-    hp: Hyper, comm: Comm | None, sel: Selected, W_low: Tensor | None = None, W_dec_low: Tensor | None = None,
+    hp: Hyper, comm: Comm | None, sel: Selected, W_low: Tensor | None = None,
 ) -> SparseOut:
     """One prefix on a CPU: the compiled row and latent passes of `sparse_cpu`, AuxK's entries added into the
     same gradients. bfloat16 gathers where the encoder ran in bfloat16, and dL/db_dec's encoder part (-dL/db_enc
     @ W_enc) a bfloat16 product with the encoder's own bfloat16 weights `W_low`, as autocast's backward of the
-    encoder GEMM makes it (1.7 ms as a float32 GEMV inside the step, ~0.7 in bfloat16). `W_dec_low`: the
-    decoder in bfloat16, already made (`low_weights`)."""
+    encoder GEMM makes it (1.7 ms as a float32 GEMV inside the step, ~0.7 in bfloat16)."""
     rows, cols, vals, offsets = sel
     b, d = x_bd.shape
     s = pre_bs.shape[1]
     low = x_enc.dtype == torch.bfloat16
-    W_dec = params["W_dec"][i] if W_dec_low is None else W_dec_low
-    W_dec = W_dec.to(torch.bfloat16) if low else W_dec  # no copy where it is bfloat16 already
+    W_dec = params["W_dec"][i].to(torch.bfloat16) if low else params["W_dec"][i]
     g_dtype = torch.bfloat16 if low else torch.float32
     off = torch.cat([offsets, offsets.new_tensor([len(cols)])])
     n_dead = _n_dead(dead_s, hp)
@@ -363,11 +349,10 @@ def _stack_view(ts: list[Tensor]) -> Tensor:
 
 def step(
     params: dict[str, Tensor], x_bd: Tensor, coef_m: Tensor, dead_ms: Tensor | None, hp: Hyper, bf16: bool = False,
-    comm: Comm | None = None, low: dict[str, Tensor] | None = None,
+    comm: Comm | None = None,
 ) -> StepOut:
-    """`low`: the weights in bfloat16 as `low_weights` makes them, current (bfloat16 TopK/BatchTopK on a CPU)."""
     n_counted = len(x_bd)
-    compiled = runs_compiled(x_bd, hp)
+    compiled = _compiled(x_bd, hp)
     if compiled:  # x - b_dec in the encoder's dtype and layout, and the FVU's denominator, in one pass
         x_c, var = sparse_cpu.encoder_input(x_bd, params["b_dec"], bf16, PAD)
     else:
@@ -379,12 +364,10 @@ def step(
         aux_m = min_act = torch.zeros_like(loss_m)
         sq_m = (x_hat - x_bd).pow(2).sum((1, 2))
     else:
-        kept = low if bf16 and compiled else None
-        pre, x_enc, W_low = _encode(x_c, params, latent_rows=True, bf16=bf16, x_in=x_c if compiled else None,
-                                    W_kept=None if kept is None else kept["W_enc"])
+        pre, x_enc, W_low = _encode(x_c, params, latent_rows=True, bf16=bf16, x_in=x_c if compiled else None)
         per = [
             _sparse_one(i, pre[i], params, x_bd, x_c[i], x_enc[i], None if dead_ms is None else dead_ms[i], hp, comm,
-                        None if W_low is None else W_low[i], None if kept is None else kept["W_dec"][i])
+                        None if W_low is None else W_low[i])
             for i in range(len(pre))
         ]
         stack = _stack_view if len(per) == 1 else torch.stack

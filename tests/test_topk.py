@@ -170,3 +170,12 @@ def test_kth_largest_property(n: int, k_frac: float, kind: str, seed: int) -> No
     }[kind]()
     want = x.sort(descending=True).values[k - 1]
     assert topk_cpu._kth_largest(x.numpy(), k) == want
+
+
+@pytest.mark.parametrize("s", [80, 144, 6000])
+def test_rows_mostly_minus_inf(s: int) -> None:
+    """Rows of -inf but for two values (AuxK masks live latents so): the threshold bisected on the group maxima
+    stays -inf and every group is a candidate, whatever the group count's remainder."""
+    x = torch.full((64, s), float("-inf"))
+    x[:, 3], x[:, 7] = 1.0, 0.5
+    _check(x, max(1, s // 64))

@@ -162,8 +162,8 @@ def _select_row(r: np.ndarray, k: int, ov: np.ndarray, oi: np.ndarray, cm: np.nd
         for u in range(GROUP):
             st[i * GROUP + u] = ld(r, g + u * n_groups)
     end = -(-(ng * GROUP) // BITS) * BITS
-    for q in range(ng * GROUP, end):
-        st[q] = -np.inf
+    for q in range(ng * GROUP, end):  # padding no threshold keeps (t may be -inf: rows mostly -inf, as AuxK's)
+        st[q] = np.nan
     n = np.int64(0)  # typed int64 from the start: a literal 0 would compile the helpers for Literal[int](0) too
     for q in range(0, end, BITS):  # the staged elements >= t, by their bits
         mk = _at_least_bits(st[q : q + BITS], t)
